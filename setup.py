@@ -1,0 +1,38 @@
+"""valle_jax: a JAX/Flax reimplementation of VALL-E (mrq/vall-e, 2024-04)."""
+from setuptools import find_packages, setup
+
+# Exact pins for the libraries whose APIs move between releases (see docs/install.md).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record>=0.8.6",
+    # torch is pinned to the CPU build that lies on the project's machines; anything looser pulls a
+    # multi-GB CUDA build. On a GPU machine, install the torch you want first: pip keeps it.
+    "torch==2.13.0",
+    "encodec==0.1.1",
+    "phonemizer==3.4.0",
+    "ml-collections==1.1.0",
+    "tensorboard==2.21.0",
+    "tensorboardX>=2.6",
+    "soundfile>=0.12",
+    "scipy>=1.11",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+    "h5py>=3.10",
+    "absl-py>=2.0",
+]
+
+setup(
+    name="valle_jax",
+    version="0.1.0",
+    description="VALL-E neural-codec language model for zero-shot TTS in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["valle_jax", "valle_jax.*", "configs", "tools", "tools.*"]),
+    package_data={"valle_jax": ["data/*.json"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+)

@@ -1,0 +1,51 @@
+"""Atomic file output: write to a temp file beside the target, then rename over it.
+
+A killed process therefore leaves either the old file or the complete new one, never a
+partial file under the final name. Temp files are named `.<name>.<random>.tmp[<suffix>]`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yields a temp path to write; renames it to `path` if the block succeeds.
+
+    `suffix` ends the temp name, for libraries that infer the format from it (np.save appends
+    '.npy' to a name without it; soundfile reads the extension).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX + suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temps(root: str | os.PathLike) -> int:
+    """Deletes temp files a killed run left under `root`; returns how many."""
+    n = 0
+    for p in Path(root).rglob(f".*{TMP_SUFFIX}*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
