@@ -1,0 +1,88 @@
+"""The quick-start job (`make demo`): from nothing to batches, on a small built-in corpus.
+
+    python -m tools.demo [--out demo_out] [--voices 8] [--sentences 12]
+
+1. synthesise a multi-speaker corpus with espeak-ng (tools.make_demo_corpus);
+2. load EnCodec: the pretrained weights when they can be had, else a random codec built from the
+   corpus (said plainly: its audio is not speech);
+3. quantize, phonemize and pack it into a store;
+4. draw batches through the grain pipeline with configs/demo.py.
+Every step reuses what an earlier run finished, so running it again is quick.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tools import make_demo_corpus, pack, phonemize, quantize
+from tools.common import find_files, setup_logging
+from valle_jax.audio import load_audio
+
+BANNER = "=" * 78
+
+
+def step(title: str) -> float:
+    print(f"\n{BANNER}\n{title}\n{BANNER}", flush=True)
+    return time.perf_counter()
+
+
+def get_codec(out: Path, corpus: Path):
+    from valle_jax.codec import Codec, CodecUnavailable, build_random_codec
+
+    codec_dir = out / "codec"
+    if (codec_dir / "codec_info.json").exists():
+        print(f"reusing the random codec in {codec_dir}")
+        return Codec.load(codec_dir)
+    try:
+        codec = Codec.load(None)
+        print("using the pretrained EnCodec 24 kHz weights")
+        return codec
+    except CodecUnavailable as e:
+        print(f"pretrained EnCodec unavailable: {e}\n")
+    wavs = [load_audio(f) for f in find_files(corpus, (".wav",))[::6][:16]]
+    build_random_codec(wavs, codec_dir)
+    print(f"NOTE: built a RANDOM EnCodec in {codec_dir} (no network for the pretrained weights).\n"
+          "      Its codes are real and varied, but any audio decoded with it will NOT be speech.")
+    return Codec.load(codec_dir)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--voices", type=int, default=8)
+    p.add_argument("--sentences", type=int, default=12)
+    args = p.parse_args(argv)
+    setup_logging()
+    corpus, store = args.out / "corpus", args.out / "store"
+    t0 = time.perf_counter()
+
+    step(f"1/4 demo corpus: {args.voices} espeak-ng voices x {args.sentences} sentences -> {corpus}")
+    if make_demo_corpus.build(corpus, args.voices, args.sentences).finish():
+        return 1
+
+    step("2/4 quantize (EnCodec 24 kHz, 8 levels, 75 frames/s)")
+    codec = get_codec(args.out, corpus)
+    if quantize.quantize_dir(corpus, corpus, codec).finish():
+        return 1
+
+    step("3/4 phonemize (espeak-ng) and pack into a store")
+    if phonemize.phonemize_dir(corpus, corpus).finish():
+        return 1
+    if pack.pack([corpus], store, overwrite=True).finish():
+        return 1
+
+    step("4/4 draw batches through the grain pipeline (configs/demo.py)")
+    rc = subprocess.call([sys.executable, "-m", "tools.draw_batches", "--config", "configs/demo.py",
+                          f"--config.data.store={store}", "--batches", "16", "--alsologtostderr=false"])
+    if rc:
+        return rc
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s: corpus {corpus}, store {store}"
+          + ("\nreminder: the codec is RANDOM here; audio decoded from these codes is not speech" if codec.is_random else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and checks the system packages.
+#   bash tools/setup_env.sh [VENV_DIR]      (Makefile targets call this)
+set -euo pipefail
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup: Python 3.11 is required ($PYTHON is $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+# espeak-ng: the phonemizer backend and the demo/test speech source (a Debian package)
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing espeak-ng (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+  else
+    echo "setup: espeak-ng is missing. Install it, then rerun:  sudo apt-get install -y espeak-ng" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+# torch==2.13.0 resolves to the local CPU wheel on the project's machines (see docs/install.md).
+# pip's registry-location warnings are noise here; real errors still fail the command.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+# encodec imports torchaudio, whose PyPI build cannot load beside torch+cpu: valle_jax.codec
+# installs a stand-in for it at import time, so nothing is patched in the venv. Check it works:
+"$VENV/bin/python" -c "from valle_jax.codec import import_encodec; import_encodec()" 2>/dev/null
+echo "setup: $VENV ready"
