@@ -103,9 +103,9 @@ def hdf5_items(path: Path, kind: str, report: Report):
             except Exception as e:
                 report.fail(f"{path}:{kind}/{name}", str(e))
                 continue
-            speaker = str(g.attrs.get("speaker", rel.parent.name))
             _, group = speaker_and_group(rel)
-            yield str(rel), f"{group}_{speaker}" if "speaker" in g.attrs else speaker_and_group(rel)[0], group, codes, ids
+            speaker = str(g.attrs.get("speaker", rel.parent.name))  # the builder stores the dir name
+            yield str(rel), f"{group}_{speaker}", group, codes, ids
 
 
 def hdf5_symmap(path: Path) -> dict[str, int]:

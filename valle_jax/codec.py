@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -73,7 +74,9 @@ def import_encodec():
 
 def _new_model(pretrained: bool):
     encodec = import_encodec()
-    return encodec.EncodecModel.encodec_model_24khz(pretrained=pretrained)
+    with warnings.catch_warnings():  # encodec uses torch's old weight_norm API: noise for our users
+        warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+        return encodec.EncodecModel.encodec_model_24khz(pretrained=pretrained)
 
 
 def load_encodec_model(codec_dir: str | os.PathLike | None = None):

@@ -231,6 +231,10 @@ def make_dataset(store: Store | str, cfg: DataConfig, process_index: int = 0, pr
              len(plan.eligible.utts), len(plan.eligible.speaker_utts), plan.batches_per_epoch, plan.eligible.n_filtered)
     ds = grain.MapDataset.source(plan).map_with_index(BatchAssembler(store, plan))
     if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
+            flags.FLAGS.mark_as_parsed()
         # each worker builds whole batches; which worker builds a batch changes nothing in it
         return ds.to_iter_dataset().mp_prefetch(
             grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch)))
