@@ -38,7 +38,7 @@ def test_quantize_dir_with_bad_files_resume_and_any_format(corpus, codec, tmp_pa
     assert codes.shape == (num_frames(int(1.5 * 24000)), 8) and codes.dtype == np.int16
     for wav in find_files(audio / "en-us", (".wav",)):
         c = np.load(out / wav.relative_to(audio).with_suffix("").with_suffix(".codes.npy"))
-        assert c.shape == (num_frames(sf.info(str(wav)).frames)  # corpus audio is 24 kHz already, 8)
+        assert c.shape == (num_frames(sf.info(str(wav)).frames), 8)  # corpus audio is 24 kHz already
 
     # resume: finished files are skipped, not rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.codes.npy")}
