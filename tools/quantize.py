@@ -59,7 +59,8 @@ def save_codes(path: Path, codes: np.ndarray) -> None:
 
 def quantize_dir(audio_dir: Path, out_dir: Path, codec, batch_seconds: float = 60.0, progress: bool = True) -> Report:
     report = Report("quantize")
-    remove_stale_temps(out_dir) if out_dir.exists() else None
+    if out_dir.exists():
+        remove_stale_temps(out_dir)
     items = []
     for src in find_files(audio_dir, AUDIO_SUFFIXES):
         dst = with_suffix(out_dir / src.relative_to(audio_dir), CODES_SUFFIX)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from valle_jax.audio import FRAME_RATE
+
 SAMPLE_TYPES = ("path", "speaker", "group")
 
 
@@ -64,7 +66,7 @@ class DataConfig:
     @property
     def prompt_frames(self) -> int:
         """Prompt padding size: the longest prompt sampling can give (prompt_duration + 1 s)."""
-        return int(self.prompt_duration * 75) + 75
+        return int(self.prompt_duration * FRAME_RATE) + FRAME_RATE
 
 
 def _from_dict(cls, d: Any, **extra):

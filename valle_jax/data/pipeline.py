@@ -14,13 +14,13 @@ How it stays deterministic, resumable and fast:
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from valle_jax.audio import FRAME_RATE
 from valle_jax.config import DataConfig
 from valle_jax.data.store import Store
 
@@ -41,8 +41,27 @@ class Eligible:
     utts: np.ndarray  # int64[N]: store indices
     speaker_utts: tuple[np.ndarray, ...]  # per kept speaker: its eligible store indices
     group_speakers: tuple[np.ndarray, ...]  # per kept group: indices into speaker_utts
-    utt_speaker: dict  # store index -> position in speaker_utts
+    utt_speaker: np.ndarray  # int64[len(store)]: store index -> position in speaker_utts (-1: not kept)
     n_filtered: dict  # reason -> count of utterances dropped
+
+    def draw(self, rng: np.random.Generator, sample_type: str, n: int) -> np.ndarray:
+        """n store indices: uniform speaker (or group, then speaker), then a uniform utterance of it."""
+        if sample_type == "group":
+            groups = rng.integers(len(self.group_speakers), size=n)
+            members = np.concatenate(self.group_speakers)
+            speakers = members[_uniform_member(rng, groups, [len(g) for g in self.group_speakers])]
+        else:
+            speakers = rng.integers(len(self.speaker_utts), size=n)
+        flat = np.concatenate(self.speaker_utts)
+        return flat[_uniform_member(rng, speakers, [len(u) for u in self.speaker_utts])]
+
+
+def _uniform_member(rng: np.random.Generator, which: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """For each entry of `which`, a uniform position inside its list, as an index into the lists
+    concatenated (vectorised: one draw per entry, no Python loop)."""
+    sizes = np.asarray(sizes)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return offsets[which] + (rng.random(len(which)) * sizes[which]).astype(np.int64)
 
 
 def select(store: Store, cfg: DataConfig) -> Eligible:
@@ -69,7 +88,9 @@ def select(store: Store, cfg: DataConfig) -> Eligible:
     speaker_utts = tuple(utts[store.speaker[utts] == s] for s in speakers)
     spk_group = np.asarray([store.group[u[0]] for u in speaker_utts], np.int64)
     group_speakers = tuple(np.flatnonzero(spk_group == g) for g in np.unique(spk_group))
-    utt_speaker = {int(u): i for i, us in enumerate(speaker_utts) for u in us}
+    utt_speaker = np.full(n, -1, np.int64)
+    for i, us in enumerate(speaker_utts):
+        utt_speaker[us] = i
     return Eligible(utts, speaker_utts, group_speakers, utt_speaker, dropped)
 
 
@@ -100,6 +121,7 @@ class BatchPlan:
         self.shuffle, self.drop_remainder = shuffle, drop_remainder
         self.batches_per_epoch = n // cfg.batch_size if drop_remainder else -(-n // cfg.batch_size)
         self.num_epochs = num_epochs
+        self._epochs: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         if self.num_epochs is None:  # "forever": as many batches as an index can count
@@ -110,22 +132,19 @@ class BatchPlan:
         return (f"BatchPlan({self.store_repr}, {self.cfg}, host={self.process_index}/{self.process_count}, "
                 f"epochs={self.num_epochs}, shuffle={self.shuffle}, drop_remainder={self.drop_remainder})")
 
-    def _draw(self, rng: np.random.Generator) -> np.ndarray:
-        e, n = self.eligible, len(self.eligible.utts)
-        if self.cfg.sample_type == "path":
-            return rng.permutation(e.utts) if self.shuffle else e.utts
-        if self.cfg.sample_type == "speaker":
-            speakers = rng.integers(len(e.speaker_utts), size=n)
-        else:
-            groups = rng.integers(len(e.group_speakers), size=n)
-            speakers = np.array([e.group_speakers[g][rng.integers(len(e.group_speakers[g]))] for g in groups])
-        return np.array([e.speaker_utts[s][rng.integers(len(e.speaker_utts[s]))] for s in speakers])
-
-    @functools.lru_cache(maxsize=2)
     def epoch(self, epoch: int) -> np.ndarray:
         """int64[batches_per_epoch, batch_size]: store indices of every global batch (-1 = padding)."""
+        if epoch not in self._epochs:
+            self._epochs = {epoch: self._plan_epoch(epoch)}  # consumers move forward: keep one
+        return self._epochs[epoch]
+
+    def _plan_epoch(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, _PLAN_STREAM, epoch])
-        utts = self._draw(rng)
+        e = self.eligible
+        if self.cfg.sample_type == "path":
+            utts = rng.permutation(e.utts) if self.shuffle else e.utts
+        else:
+            utts = e.draw(rng, self.cfg.sample_type, len(e.utts))
         # group rows of one bucket together (stable sort keeps the random order inside a bucket)
         key = self.text_bucket[utts] * len(self.cfg.resp_buckets) + self.resp_bucket[utts]
         utts = utts[np.argsort(key, kind="stable")]
@@ -167,7 +186,7 @@ class BatchAssembler:
         cfg = self.cfg
         if rng.random() >= cfg.random_utterance:
             return target[: cfg.prompt_frames]  # the target itself (capped to the prompt size)
-        trim = max(1, int(cfg.prompt_duration * 75) + int(rng.integers(-75, 76)))
+        trim = max(1, int(cfg.prompt_duration * FRAME_RATE) + int(rng.integers(-FRAME_RATE, FRAME_RATE + 1)))
         same = self.eligible.speaker_utts[self.eligible.utt_speaker[utt]]
         others = same[same != utt]
         choices = others if len(others) else same  # the target itself only when nothing else exists
