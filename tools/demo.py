@@ -29,9 +29,11 @@ def step(title: str) -> float:
     return time.perf_counter()
 
 
-def get_codec(out: Path, corpus: Path):
+def get_codec(out: Path, corpus: Path, codec_dir: Path | None = None):
     from valle_jax.codec import Codec, CodecUnavailable, build_random_codec
 
+    if codec_dir is not None:
+        return Codec.load(codec_dir)
     codec_dir = out / "codec"
     if (codec_dir / "codec_info.json").exists():
         print(f"reusing the random codec in {codec_dir}")
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--voices", type=int, default=8)
     p.add_argument("--sentences", type=int, default=12)
+    p.add_argument("--codec-dir", type=Path, default=None,
+                   help="EnCodec weights folder (default: pretrained if reachable, else a random codec)")
     args = p.parse_args(argv)
     setup_logging()
     corpus, store = args.out / "corpus", args.out / "store"
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
         return 1
 
     step("2/4 quantize (EnCodec 24 kHz, 8 levels, 75 frames/s)")
-    codec = get_codec(args.out, corpus)
+    codec = get_codec(args.out, corpus, args.codec_dir)
     if quantize.quantize_dir(corpus, corpus, codec).finish():
         return 1
 
