@@ -81,3 +81,84 @@ def _from_dict(cls, d: Any, **extra):
 def data_config(config) -> DataConfig:
     """DataConfig from a full config (its `data` section; the top-level `seed` seeds the data)."""
     return _from_dict(DataConfig, config.data, seed=int(config.get("seed", 0)))
+
+
+ARCHS = ("transformer", "llama")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The AR+NAR VALL-E (reference version 3) and its backbone. Hashable: a jit static argument."""
+
+    arch: str = "llama"
+    d_model: int = 1024
+    n_heads: int = 16
+    n_layers: int = 12
+    n_kv_heads: int = 0  # 0: as many as n_heads (multi-head); fewer: grouped-query attention (llama)
+    ffn_mult: int = 4
+    n_tokens: int = 1024  # codes per RVQ level; also the text table's rows; the stop token is n_tokens
+    n_prom_levels: int = 8
+    n_resp_levels: int = 8
+    n_langs: int = 1
+    version: int = 3  # 3: the reference; 4 adds learned per-level scalar weights to the code embeddings
+    norm_eps: float = 0.0  # 0: the arch's own (transformer LayerNorm 1e-5, llama RMSNorm 1e-6)
+    rope_theta: float = 10_000.0
+    bidirectional_nar: bool = False  # False: causal attention at every level, as the reference
+    dropout: float = 0.1  # applied only when a dropout key is given (training)
+    dtype: str = "float32"  # compute dtype of matmuls; parameters, norms, softmax and loss stay float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
+        if self.arch == "transformer" and self.kv_heads != self.n_heads:
+            raise ConfigError("grouped-query attention (model.n_kv_heads) is a llama option")
+        if self.version not in (3, 4):
+            raise ConfigError(f"model.version must be 3 or 4, got {self.version}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def eps(self) -> float:
+        return self.norm_eps or (1e-5 if self.arch == "transformer" else 1e-6)
+
+    @property
+    def stop_token(self) -> int:
+        return self.n_tokens
+
+    @property
+    def n_classes(self) -> int:
+        return self.n_tokens + 1
+
+
+SIZES = {  # SPEC §2.2: (d_model, n_heads, n_layers)
+    "tiny": (48, 4, 2),  # the golden files' size
+    "quarter": (256, 4, 12),
+    "half": (512, 8, 12),
+    "full": (1024, 16, 12),
+    "double": (1024, 16, 24),
+}
+
+
+def model_config(config) -> ModelConfig:
+    """ModelConfig from a full config's `model` section; `size` fills d_model/n_heads/n_layers."""
+    d = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
+    size = d.pop("size", "")
+    if size:
+        if size not in SIZES:
+            raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {size!r}")
+        d.update(zip(("d_model", "n_heads", "n_layers"), SIZES[size]))
+    return _from_dict(ModelConfig, d)

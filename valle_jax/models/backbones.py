@@ -1,0 +1,156 @@
+"""The two backbones, each a stack of identical layers stored with a leading "layers" axis and run
+with `lax.scan` (compile time does not grow with depth; the KV cache carries a layer axis too).
+
+transformer (SPEC §3.1): pre-LayerNorm, fused qkv without bias, exact GELU FFN with biases, outputs
+multiplied by the validity mask after every sub-layer, no final norm. Positions are added to the
+embeddings by the caller (sinusoidal).
+llama (SPEC §3.3): RMSNorm, q/k/v/o without biases, rotate-half RoPE, gated GELU FFN, final RMSNorm;
+grouped-query attention when n_kv_heads < n_heads.
+
+`__call__(x, positions, valid, causal, cache=None, dropout_key=None)`: `cache=None` is teacher
+forcing over the given sequence; with a cache (see `init_cache`) the new positions are written at
+slot `cache["index"]` and attend to everything cached so far.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from valle_jax.config import ModelConfig
+from valle_jax.models import layers as L
+
+Array = jax.Array
+normal = jax.nn.initializers.normal
+ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache of `length` slots: k, v [layers, B, K, G, Dh], key positions, validity."""
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.zeros((batch, length), jnp.int32), "valid": jnp.zeros((batch, length), bool),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def _mm(x: Array, w: Array, spec: str, dtype) -> Array:
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class Backbone(nnx.Module):
+    """Shared scan/cache plumbing; subclasses define `layer` and their stacked parameters."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def final(self, x: Array) -> Array:
+        return x
+
+    def __call__(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, causal_B: Array,
+                 cache: dict | None = None, dropout_key: Array | None = None):
+        cfg = self.cfg
+        if cache is None:
+            k_pos, k_valid = positions_BS, valid_BS
+            kv_in = None
+        else:
+            idx = cache["index"]
+            k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BS.astype(jnp.int32), idx, axis=1)
+            k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BS, idx, axis=1)
+            kv_in = (cache["k"], cache["v"])
+        mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
+        n = cfg.n_layers
+        keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
+
+        def step(x, xs):
+            p, kv, key = xs
+            x, kv = self.layer(p, x, positions_BS, valid_BS, mask, kv, None if cache is None else cache["index"], key)
+            return x, kv
+
+        if cfg.remat:
+            step = jax.checkpoint(step)
+        layer_params = {name: v[...] for name, v in vars(self).items()
+                        if isinstance(v, nnx.Param) and v.logical_axes[0] == "layers"}
+        x, kv_out = jax.lax.scan(step, x_BSD.astype(jnp.float32), (layer_params, kv_in, keys), length=n)
+        new_cache = None
+        if cache is not None:
+            s = x_BSD.shape[1]
+            new_cache = {"k": kv_out[0], "v": kv_out[1], "pos": k_pos, "valid": k_valid, "index": cache["index"] + s}
+        return self.final(x), new_cache
+
+    def _kv(self, k, v, kv, index):
+        """Keys/values to attend to: this sequence's, or the cache with this step written in."""
+        if kv is None:
+            return k, v, None
+        ck, cv = L.update_cache(kv[0], kv[1], k, v, index)
+        return ck, cv, (ck, cv)
+
+
+class TransformerBackbone(Backbone):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg)
+        n, d, h, dh, f = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.ffn_mult * cfg.d_model
+        lin = L.torch_linear_init
+        self.attn_norm_scale = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.attn_norm_bias = L.param(rngs, zeros, (n, d), ("layers", "embed"))
+        self.qkv = L.param(rngs, lin(d), (n, d, 3, h, dh), ("layers", "embed", None, "heads", "head_dim"))
+        self.out = L.param(rngs, lin(d), (n, h, dh, d), ("layers", "heads", "head_dim", "embed"))
+        self.out_bias = L.param(rngs, lin(d), (n, d), ("layers", "embed"))
+        self.ffn_norm_scale = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.ffn_norm_bias = L.param(rngs, zeros, (n, d), ("layers", "embed"))
+        self.ffn_in = L.param(rngs, lin(d), (n, d, f), ("layers", "embed", "mlp"))
+        self.ffn_in_bias = L.param(rngs, lin(d), (n, f), ("layers", "mlp"))
+        self.ffn_out = L.param(rngs, lin(f), (n, f, d), ("layers", "mlp", "embed"))
+        self.ffn_out_bias = L.param(rngs, lin(f), (n, d), ("layers", "embed"))
+
+    def layer(self, p, x, positions, valid, mask, kv, index, key):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        m = valid[..., None].astype(jnp.float32)
+        keys = jax.random.split(key, 3) if key is not None else (None, None, None)
+        h = L.layer_norm(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.eps) * m
+        qkv = _mm(h, p["qkv"], "bsd,dthk->bsthk", dt)
+        k, v, kv = self._kv(qkv[:, :, 1].astype(dt), qkv[:, :, 2].astype(dt), kv, index)
+        o = L.attend(qkv[:, :, 0].astype(dt), k, v, mask)
+        o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
+        x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
+        h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
+        f = jax.nn.gelu(_mm(h, p["ffn_in"], "bsd,df->bsf", dt) + p["ffn_in_bias"], approximate=False)
+        f = _mm(L.dropout(f, cfg.dropout, keys[1]), p["ffn_out"], "bsf,fd->bsd", dt) + p["ffn_out_bias"]
+        return (x + L.dropout(f, cfg.dropout, keys[2])) * m, kv
+
+
+class LlamaBackbone(Backbone):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg)
+        n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        f = cfg.ffn_mult * d
+        init = normal(0.02)  # HF Llama's initializer_range
+        self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.q = L.param(rngs, init, (n, d, h, dh), ("layers", "embed", "heads", "head_dim"))
+        self.k = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o = L.param(rngs, init, (n, h, dh, d), ("layers", "heads", "head_dim", "embed"))
+        self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.gate = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
+        self.up = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
+        self.down = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
+        self.final_norm = L.param(rngs, ones, (d,), ("embed",))
+
+    def layer(self, p, x, positions, valid, mask, kv, index, key):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        h = L.rms_norm(x, p["attn_norm"], cfg.eps)
+        q = L.rope(_mm(h, p["q"], "bsd,dhk->bshk", dt), positions, cfg.rope_theta)
+        k = L.rope(_mm(h, p["k"], "bsd,dgk->bsgk", dt), positions, cfg.rope_theta)
+        v = _mm(h, p["v"], "bsd,dgk->bsgk", dt)
+        k, v, kv = self._kv(k.astype(dt), v.astype(dt), kv, index)
+        o = L.attend(q.astype(dt), k, v, mask, cfg.dropout, key)  # HF applies attention_dropout to probs
+        x = x + _mm(o, p["o"], "bshk,hkd->bsd", dt)
+        h = L.rms_norm(x, p["mlp_norm"], cfg.eps)
+        ff = jax.nn.gelu(_mm(h, p["gate"], "bsd,df->bsf", dt), approximate=False) * _mm(h, p["up"], "bsd,df->bsf", dt)
+        return x + _mm(ff, p["down"], "bsf,fd->bsd", dt), kv
+
+    def final(self, x):
+        return L.rms_norm(x, self.final_norm[...], self.cfg.eps)
+
+
+def make_backbone(cfg: ModelConfig, rngs: nnx.Rngs) -> Backbone:
+    return {"transformer": TransformerBackbone, "llama": LlamaBackbone}[cfg.arch](cfg, rngs)

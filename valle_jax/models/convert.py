@@ -1,0 +1,157 @@
+"""Reference (mrq/vall-e, PyTorch) state dicts <-> valle_jax parameters, in plain numpy.
+
+`infer_config` reads what the shapes tell (arch, width, depth, vocabularies, levels, version, GQA)
+and needs the head count, which they do not; `from_reference` maps every key, checking names and
+shapes, and raises one ConversionError listing every missing, unexpected and mis-shaped key.
+PyTorch Linear weights are (out, in); ours are (in, out), with heads split out.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+
+from valle_jax.config import ModelConfig
+
+UNUSED = ("tasks_emb.weight", "model.embed_tokens.weight")  # held by the reference, never used
+PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # SPEC §2.2
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unwraps `{"module": ...}` exports and renames legacy `retnet.` prefixes to `model.`."""
+    if "module" in state and isinstance(state["module"], Mapping):
+        state = state["module"]
+    return {("model." + k[len("retnet."):] if k.startswith("retnet.") else k): np.asarray(v) for k, v in state.items()}
+
+
+def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **overrides) -> ModelConfig:
+    state = normalise_keys(state)
+    if "sep" not in state or "text_emb.weight" not in state:
+        raise ConversionError("not a reference AR+NAR state dict: 'sep' and 'text_emb.weight' are missing")
+    d = state["sep"].shape[0]
+    if any(k.startswith("blocks.") for k in state):
+        arch, pat = "transformer", r"blocks\.(\d+)\."
+    elif any(k.startswith("model.layers.") and ".self_attn." in k for k in state):
+        arch, pat = "llama", r"model\.layers\.(\d+)\."
+    else:
+        raise ConversionError("cannot tell the backbone: expected 'blocks.*' (transformer) or "
+                              "'model.layers.*.self_attn.*' (llama) keys (retnet is not supported yet)")
+    n_layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(pat, k)))
+    if heads is None:
+        if d not in PRESET_HEADS:
+            raise ConversionError(f"the state dict does not say how many attention heads d_model={d} uses: "
+                                  f"pass --heads (the reference's presets use {PRESET_HEADS})")
+        heads = PRESET_HEADS[d]
+    if d % heads:
+        raise ConversionError(f"--heads {heads} does not divide d_model {d}")
+    kv_heads = 0
+    if arch == "llama":
+        kv_heads = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // (d // heads)
+        kv_heads = 0 if kv_heads == heads else kv_heads
+    cfg = dict(
+        arch=arch, d_model=d, n_heads=heads, n_layers=n_layers, n_kv_heads=kv_heads,
+        ffn_mult=(state["blocks.0.ffn.block.0.weight"] if arch == "transformer"
+                  else state["model.layers.0.mlp.gate_proj.weight"]).shape[0] // d,
+        n_tokens=state["text_emb.weight"].shape[0],
+        n_prom_levels=sum(1 for k in state if re.fullmatch(r"proms_emb\.embeddings\.\d+\.weight", k)),
+        n_resp_levels=sum(1 for k in state if re.fullmatch(r"resps_emb\.embeddings\.\d+\.weight", k)),
+        n_langs=state["langs_emb.weight"].shape[0] if "langs_emb.weight" in state else 1,
+        version=4 if "proms_emb.weight.0" in state else 3)
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key the reference state dict holds for `cfg` (the unused tables aside), with shape."""
+    d, v, f, n = cfg.d_model, cfg.n_tokens, cfg.ffn_mult * cfg.d_model, cfg.n_layers
+    keys = {"sep": (d,), "text_emb.weight": (v, d), "langs_emb.weight": (cfg.n_langs, d),
+            "classifier.weight": (cfg.n_classes, d), "classifier.bias": (cfg.n_classes,),
+            "resps_emb.embeddings.0.weight": (v + 1, d)}
+    keys.update({f"proms_emb.embeddings.{k}.weight": (v, d) for k in range(cfg.n_prom_levels)})
+    keys.update({f"resps_emb.embeddings.{k}.weight": (v, d) for k in range(1, cfg.n_resp_levels)})
+    if cfg.version >= 4:
+        keys.update({f"proms_emb.weight.{k}": (1,) for k in range(cfg.n_prom_levels)})
+        keys.update({f"resps_emb.weight.{k}": (1,) for k in range(cfg.n_resp_levels)})
+    for i in range(n):
+        if cfg.arch == "transformer":
+            b = f"blocks.{i}."
+            keys.update({b + "attn.norm.weight": (d,), b + "attn.norm.bias": (d,), b + "attn.block.to_qkv.weight": (3 * d, d),
+                         b + "attn.block.to_out.weight": (d, d), b + "attn.block.to_out.bias": (d,),
+                         b + "ffn.norm.weight": (d,), b + "ffn.norm.bias": (d,), b + "ffn.block.0.weight": (f, d),
+                         b + "ffn.block.0.bias": (f,), b + "ffn.block.3.weight": (d, f), b + "ffn.block.3.bias": (d,)})
+        else:
+            b, kvd = f"model.layers.{i}.", cfg.kv_heads * cfg.head_dim
+            keys.update({b + "self_attn.q_proj.weight": (d, d), b + "self_attn.k_proj.weight": (kvd, d),
+                         b + "self_attn.v_proj.weight": (kvd, d), b + "self_attn.o_proj.weight": (d, d),
+                         b + "mlp.gate_proj.weight": (f, d), b + "mlp.up_proj.weight": (f, d),
+                         b + "mlp.down_proj.weight": (d, f), b + "input_layernorm.weight": (d,),
+                         b + "post_attention_layernorm.weight": (d,)})
+    if cfg.arch == "llama":
+        keys["model.norm.weight"] = (d,)
+    return keys
+
+
+def check_keys(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
+    expected = reference_layout(cfg)
+    ignorable = set(UNUSED) | {k for k in state if k.endswith(("rotary_emb.inv_freq", "sin_emb.omega"))}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - ignorable)
+    misshaped = sorted(f"{k}: {tuple(state[k].shape)}, expected {expected[k]}"
+                       for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or misshaped:
+        parts = [f"{len(missing)} missing: {missing}" if missing else "",
+                 f"{len(unexpected)} unexpected: {unexpected}" if unexpected else "",
+                 f"{len(misshaped)} mis-shaped: {misshaped}" if misshaped else ""]
+        raise ConversionError(f"the state dict does not fit a {cfg.arch} model with d_model={cfg.d_model}, "
+                              f"{cfg.n_layers} layers, {cfg.n_heads} heads; " + "; ".join(p for p in parts if p))
+
+
+def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
+    """Reference state dict -> the nested dict of float32 arrays of `nnx.state(VALLE(cfg), nnx.Param)`."""
+    s = normalise_keys(state)
+    check_keys(s, cfg)
+    f32 = lambda k: np.asarray(s[k], np.float32)  # noqa: E731
+    d, h, g, dh, n = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers
+    out = {
+        "text_emb": f32("text_emb.weight"), "lang_emb": f32("langs_emb.weight"), "sep": f32("sep"),
+        "prom_emb": np.stack([f32(f"proms_emb.embeddings.{k}.weight") for k in range(cfg.n_prom_levels)]),
+        "resp_emb_ar": f32("resps_emb.embeddings.0.weight"),
+        "resp_emb_nar": np.stack([f32(f"resps_emb.embeddings.{k}.weight") for k in range(1, cfg.n_resp_levels)]),
+        "classifier": f32("classifier.weight").T.copy(), "classifier_bias": f32("classifier.bias"),
+    }
+    if cfg.version >= 4:
+        out["prom_level_w"] = np.concatenate([f32(f"proms_emb.weight.{k}") for k in range(cfg.n_prom_levels)])
+        out["resp_level_w"] = np.concatenate([f32(f"resps_emb.weight.{k}") for k in range(cfg.n_resp_levels)])
+
+    def stack(fmt, fn=lambda w: w):
+        return np.stack([fn(f32(fmt.format(i=i))) for i in range(n)])
+
+    if cfg.arch == "transformer":
+        b = "blocks.{i}."
+        out["backbone"] = {
+            "attn_norm_scale": stack(b + "attn.norm.weight"), "attn_norm_bias": stack(b + "attn.norm.bias"),
+            "qkv": stack(b + "attn.block.to_qkv.weight", lambda w: w.T.reshape(d, 3, h, dh)),
+            "out": stack(b + "attn.block.to_out.weight", lambda w: w.T.reshape(h, dh, d)),
+            "out_bias": stack(b + "attn.block.to_out.bias"),
+            "ffn_norm_scale": stack(b + "ffn.norm.weight"), "ffn_norm_bias": stack(b + "ffn.norm.bias"),
+            "ffn_in": stack(b + "ffn.block.0.weight", lambda w: w.T), "ffn_in_bias": stack(b + "ffn.block.0.bias"),
+            "ffn_out": stack(b + "ffn.block.3.weight", lambda w: w.T), "ffn_out_bias": stack(b + "ffn.block.3.bias"),
+        }
+    else:
+        b = "model.layers.{i}."
+        out["backbone"] = {
+            "attn_norm": stack(b + "input_layernorm.weight"),
+            "q": stack(b + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, dh)),
+            "k": stack(b + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, g, dh)),
+            "v": stack(b + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, g, dh)),
+            "o": stack(b + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, dh, d)),
+            "mlp_norm": stack(b + "post_attention_layernorm.weight"),
+            "gate": stack(b + "mlp.gate_proj.weight", lambda w: w.T), "up": stack(b + "mlp.up_proj.weight", lambda w: w.T),
+            "down": stack(b + "mlp.down_proj.weight", lambda w: w.T), "final_norm": f32("model.norm.weight"),
+        }
+    return out

@@ -1,0 +1,91 @@
+"""Pure-jnp building blocks shared by the backbones: norms, positions, attention with a KV cache.
+
+Shapes: B batch, S sequence (query) positions, K key positions, H heads, G kv heads, Dh head width.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+NEG_INF = float(jnp.finfo(jnp.float32).min)  # the reference fills masked scores with -max_float
+
+
+def param(rngs: nnx.Rngs, init, shape, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A float32 parameter carrying logical axis names (the training issue maps them to a mesh)."""
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+def torch_linear_init(fan_in: int):
+    """PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps) * scale
+
+
+def sinusoidal(positions_BS: Array, d: int) -> Array:
+    """The transformer backbone's absolute encoding: all sines, then all cosines (not interleaved)."""
+    half = d // 2
+    omega = jnp.exp(-math.log(1e4) * jnp.arange(half, dtype=jnp.float32) / half)
+    ang = positions_BS.astype(jnp.float32)[..., None] * omega
+    return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], -1)
+
+
+def rope(x_BSHD: Array, positions_BS: Array, theta: float) -> Array:
+    """HF Llama rotary embedding, rotate-half convention."""
+    dh = x_BSHD.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
+    ang = positions_BS.astype(jnp.float32)[..., None] * inv_freq  # [B, S, Dh/2]
+    ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+    x = x_BSHD.astype(jnp.float32)
+    rotated = jnp.concatenate([-x[..., dh // 2:], x[..., : dh // 2]], -1)
+    return (x * jnp.cos(ang) + rotated * jnp.sin(ang)).astype(x_BSHD.dtype)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B: Array) -> Array:
+    """bool[B, 1, S, K]: key valid, and (for causal rows) key position <= query position."""
+    causal = k_pos_BK[:, None, :] <= q_pos_BS[:, :, None]
+    allowed = k_valid_BK[:, None, :] & (causal | ~causal_B[:, None, None])
+    return allowed[:, None]
+
+
+def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropout_rate: float = 0.0,
+           dropout_key: Array | None = None) -> Array:
+    """Softmax attention (float32 softmax); grouped-query when G < H. Returns [B, S, H, Dh]."""
+    b, s, h, dh = q_BSHD.shape
+    g = k_BKGD.shape[2]
+    q = q_BSHD.reshape(b, s, g, h // g, dh)
+    scores = jnp.einsum("bsgrd,bkgd->bgrsk", q, k_BKGD, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(mask_B1SK[:, :, None], scores, NEG_INF)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key)
+    out = jnp.einsum("bgrsk,bkgd->bsgrd", probs.astype(v_BKGD.dtype), v_BKGD, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, dh)
+
+
+def update_cache(cache_k: Array, cache_v: Array, k: Array, v: Array, index: Array) -> tuple[Array, Array]:
+    """Writes this step's keys/values at slot `index` (a scalar): an in-place update when donated."""
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+    return cache_k, cache_v
