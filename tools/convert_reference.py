@@ -1,0 +1,73 @@
+"""Converts a reference (mrq/vall-e) AR+NAR checkpoint into a valle_jax model directory.
+
+    python -m tools.convert_reference SRC --out DIR [--arch transformer|llama] [--heads H] [--overwrite]
+
+SRC: the reference's exported `fp32.pth` ({"module", "stats", "userdata": {"symmap"}}), a bare state
+dict `.pth`, or an `.npz` of named arrays. Shapes give the backbone, width, depth, vocabularies,
+levels and version; the head count is not in the weights: pass --heads unless the width is one of
+the reference presets (256 -> 4, 512 -> 8, 1024 -> 16). Legacy `retnet.` prefixes are renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def read_source(path: Path) -> tuple[dict, dict, dict]:
+    """(state dict of numpy arrays, symmap or {}, stats or {}) from a .pth or .npz file."""
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}, {}, {}
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    symmap, stats = {}, {}
+    if isinstance(obj, dict) and "module" in obj:
+        symmap = (obj.get("userdata") or {}).get("symmap") or {}
+        stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in (obj.get("stats") or {}).items()
+                 if isinstance(v, (int, float)) or hasattr(v, "item")}
+        obj = obj["module"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return {k: v.float().numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in obj.items()}, symmap, stats
+
+
+def convert(src: Path, out: Path, heads: int | None = None, arch: str | None = None, overwrite: bool = False):
+    from valle_jax.checkpointing import save_model
+    from valle_jax.data.text import reference_symmap
+    from valle_jax.models.convert import ConversionError, from_reference, infer_config
+
+    state, symmap, stats = read_source(src)
+    cfg = infer_config(state, heads)
+    if arch and arch != cfg.arch:
+        raise ConversionError(f"--arch {arch}, but the keys are those of a {cfg.arch} model")
+    params = from_reference(state, cfg)
+    return save_model(out, cfg, params, symmap or reference_symmap(), stats, overwrite), cfg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.convert_reference", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", type=Path, help="fp32.pth, a state dict .pth, or an .npz of named arrays")
+    p.add_argument("--out", type=Path, required=True, help="model directory to create")
+    p.add_argument("--arch", choices=("transformer", "llama"), default=None, help="check the backbone is this one")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (not recorded in the weights)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    from valle_jax.checkpointing import CheckpointError
+    from valle_jax.models.convert import ConversionError
+
+    try:
+        out, cfg = convert(args.src, args.out, args.heads, args.arch, args.overwrite)
+    except (ConversionError, CheckpointError, FileExistsError, ValueError, OSError) as e:
+        print(f"convert_reference: {e}", file=sys.stderr)
+        return 2
+    print(f"convert_reference: {args.src} -> {out} ({cfg.arch}, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+          f"{cfg.n_layers} layers, version {cfg.version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

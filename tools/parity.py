@@ -1,0 +1,124 @@
+"""Checks valle_jax against the reference's golden outputs (../shared/golden format).
+
+    python -m tools.parity GOLDEN_DIR --arch transformer|llama [--heads H] [--tolerance 1e-4]
+
+Converts GOLDEN_DIR/{arch}_weights.npz, then runs every case found: `inputs.npz` with
+`{arch}_outputs.npz` (levels 0, 1 and 7) and `inputs_batch2.npz` with `{arch}_outputs_batch2.npz`
+(a padded two-sample batch at mixed levels). Prints the largest absolute logit error and the loss
+error per case and exits 1 if any exceeds the tolerance (float32), or if a target vector differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class CaseResult:
+    name: str
+    logit_err: float
+    loss_err: float
+    acc_err: float
+    targets_exact: bool
+
+    def ok(self, tol: float) -> bool:
+        return self.logit_err <= tol and self.loss_err <= tol and self.targets_exact
+
+    def line(self) -> str:
+        return (f"{self.name:8s} max |logit err| {self.logit_err:.2e}   loss err {self.loss_err:.2e}   "
+                f"top-10 acc err {self.acc_err:.2e}   targets {'exact' if self.targets_exact else 'DIFFER'}")
+
+
+def load_golden_model(golden: Path, arch: str, heads: int | None = None):
+    from flax import nnx
+
+    from valle_jax.checkpointing import set_params
+    from valle_jax.models import VALLE
+    from valle_jax.models.convert import from_reference, infer_config
+
+    with np.load(golden / f"{arch}_weights.npz") as z:
+        state = {k: z[k] for k in z.files}
+    cfg_file = golden / f"{arch}_config.json"
+    if heads is None and cfg_file.exists():
+        heads = json.loads(cfg_file.read_text()).get("constructor_kwargs", {}).get("n_heads")
+    cfg = infer_config(state, heads)
+    model = VALLE(cfg, rngs=nnx.Rngs(0))
+    set_params(model, from_reference(state, cfg))
+    return model, cfg
+
+
+def run_case(model, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, ref_targets) -> CaseResult:
+    """ref_logits: per-sample arrays of their valid rows; ref_targets: the concatenated loss targets
+    in the reference's order (AR rows shifted, so one fewer than their logits rows)."""
+    import jax.numpy as jnp
+
+    from valle_jax.models import loss_and_metrics, targets
+
+    lv = jnp.asarray(levels, jnp.int32)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    logits, valid = model(jb, lv)
+    t, _ = targets(jb, lv, cfg.stop_token)
+    loss, m = loss_and_metrics(logits, t, lv, cfg.n_resp_levels)
+    logits, t = np.asarray(logits), np.asarray(t)
+    err = max(float(np.abs(logits[i, : len(r)] - r).max()) for i, r in enumerate(ref_logits))
+    ours = np.concatenate([t[i, : len(r) - (levels[i] == 0)] for i, r in enumerate(ref_logits)])
+    return CaseResult(name, err, abs(float(loss) - float(ref_loss)), abs(float(m["acc_top10"]) - float(ref_acc)),
+                      ours.shape == ref_targets.shape and bool((ours == ref_targets).all()))
+
+
+def cases(golden: Path, arch: str):
+    """Yields (name, batch, levels, ref_logits list, loss, acc, targets) for every case present."""
+    from valle_jax.data.batch import pad_batch
+
+    single, single_out = golden / "inputs.npz", golden / f"{arch}_outputs.npz"
+    if single.exists() and single_out.exists():
+        inp, out = np.load(single), np.load(single_out)
+        for tag in sorted({m.group(1) for k in out.files if (m := re.match(r"logits_(.+)", k))}):
+            level = int(re.search(r"(\d+)$", tag).group(1))
+            batch = pad_batch([inp["text"]], [int(inp["lang"][0])], [inp["prompt"]], [inp["response"]])
+            yield (tag, batch, [level], [out[f"logits_{tag}"]], out[f"loss_{tag}"], out[f"acc_top10_{tag}"],
+                   out[f"loss_target_{tag}"])
+    pair, pair_out = golden / "inputs_batch2.npz", golden / f"{arch}_outputs_batch2.npz"
+    if pair.exists() and pair_out.exists():
+        inp, out = np.load(pair), np.load(pair_out)
+        n = sum(1 for k in inp.files if re.fullmatch(r"text_b\d+", k))
+        levels = [int(x) for x in out["quant_levels"]]
+        lang = int(inp["lang"][0])
+        batch = pad_batch([inp[f"text_b{i}"] for i in range(n)], [lang] * n, [inp[f"prompt_b{i}"] for i in range(n)],
+                          [inp[f"response_b{i}"] for i in range(n)])
+        yield ("batch2", batch, levels, [out[f"logits_b{i}"] for i in range(n)], out["loss"], out["acc_top10"],
+               out["loss_target"])
+
+
+def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]:
+    model, cfg = load_golden_model(golden, arch, heads)
+    return [run_case(model, cfg, *c) for c in cases(golden, arch)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("golden", type=Path)
+    p.add_argument("--arch", required=True, choices=("transformer", "llama"))
+    p.add_argument("--heads", type=int, default=None, help="default: the golden config's n_heads")
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    args = p.parse_args(argv)
+    results = check(args.golden, args.arch, args.heads)
+    if not results:
+        print(f"parity: no cases for {args.arch} in {args.golden}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"{args.arch} {r.line()}")
+    bad = [r.name for r in results if not r.ok(args.tolerance)]
+    print(f"parity {args.arch}: {len(results) - len(bad)}/{len(results)} cases within {args.tolerance:g}"
+          + (f"; FAILED: {bad}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

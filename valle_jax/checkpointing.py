@@ -1,0 +1,102 @@
+"""Model checkpoints on disk (the only module that imports orbax).
+
+A model directory holds:
+    config.json   {"format": "valle_jax.model", "version": 1, "model": ModelConfig fields, "stats": {...}}
+    symmap.json   the phoneme symbol map the model was trained with
+    params/       the parameters (orbax), nested exactly as nnx.state(VALLE(cfg), nnx.Param)
+It is written into a temp directory and renamed into place, so a killed save leaves no half model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from valle_jax.config import ModelConfig
+
+FORMAT, VERSION = "valle_jax.model", 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def params_of(model) -> dict:
+    """The model's parameters as a nested dict of arrays."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def set_params(model, params: Mapping) -> None:
+    """Loads a nested dict of arrays into `model`, checking structure and shapes first."""
+    state = nnx.state(model, nnx.Param)
+    own = state.to_pure_dict()
+    own_flat = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(own)[0]}
+    new_flat = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if own_flat != new_flat:
+        missing, extra = sorted(set(own_flat) - set(new_flat)), sorted(set(new_flat) - set(own_flat))
+        bad = sorted(k for k in set(own_flat) & set(new_flat) if own_flat[k] != new_flat[k])
+        raise CheckpointError(f"parameters do not fit the model: missing {missing}, unexpected {extra}, "
+                              f"mis-shaped {[(k, new_flat[k], own_flat[k]) for k in bad]}")
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
+    nnx.update(model, state)
+
+
+def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping, symmap: Mapping[str, int],
+               stats: Mapping | None = None, overwrite: bool = False) -> Path:
+    import orbax.checkpoint as ocp
+
+    out = Path(directory).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", jax.tree.map(np.asarray, dict(params)))
+        ckptr.wait_until_finished()
+        (tmp / "config.json").write_text(json.dumps(
+            {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg), "stats": dict(stats or {})}, indent=1))
+        (tmp / "symmap.json").write_text(json.dumps(dict(symmap), ensure_ascii=False))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
+    path = Path(directory)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} is not a valle_jax model directory (no config.json)")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{VERSION}")
+    return ModelConfig(**meta["model"]), json.loads((path / "symmap.json").read_text("utf-8")), meta.get("stats", {})
+
+
+def load_model(directory: str | os.PathLike, **overrides):
+    """(model, config, symmap) from a model directory; `overrides` change runtime fields (dtype, ...)."""
+    import orbax.checkpoint as ocp
+
+    from valle_jax.models import VALLE
+
+    cfg, symmap, _ = read_config(directory)
+    cfg = dataclasses.replace(cfg, **overrides)
+    abstract = nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0)))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract))
+    params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params", target)
+    model = VALLE(cfg, rngs=nnx.Rngs(0))
+    set_params(model, params)
+    return model, cfg, symmap
