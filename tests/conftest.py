@@ -4,7 +4,9 @@ XLA_FLAGS must be set before JAX starts its backend: 8 fake CPU devices for shar
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests are dominated by compile time of tiny programs: a cheaper XLA backend pass halves it.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                                   "--xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402

@@ -13,10 +13,10 @@ from flax import nnx
 
 from conftest import GOLDEN_DIR
 from tools import parity
-from valle_jax.checkpointing import load_model, params_of, save_model, set_params
+from valle_jax.checkpointing import load_model, model_with_params, params_of, save_model
 from valle_jax.config import SIZES, ModelConfig
 from valle_jax.data.batch import pad_batch
-from valle_jax.models import VALLE, loss_and_metrics, targets
+from valle_jax.models import VALLE, init_model, jit_forward, jit_method, loss_and_metrics, targets
 from valle_jax.models.convert import ConversionError, from_reference, infer_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,17 +89,16 @@ def test_pth_conversion_round_trip(tmp_path):
     golden_model, _ = parity.load_golden_model(GOLDEN_DIR, "transformer")
     b = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(0), [(12, 30, 40)], n_tokens=1024).items()}
     lv = jnp.array([3])
-    assert np.array_equal(np.asarray(model(b, lv)[0]), np.asarray(golden_model(b, lv)[0]))
+    assert np.array_equal(np.asarray(jit_forward(model)(b, lv)[0]), np.asarray(jit_forward(golden_model)(b, lv)[0]))
 
 
 def test_converter_lists_every_bad_key():
     cfg = tiny("transformer")
-    model = VALLE(cfg, rngs=nnx.Rngs(0))
     from valle_jax.models.convert import reference_layout
 
     state = {k: np.zeros(s, np.float32) for k, s in reference_layout(cfg).items()}
-    assert infer_config(state, heads=4) == dataclasses.replace(cfg, dropout=cfg.dropout)
-    set_params(model, from_reference(state, cfg))
+    assert infer_config(state, heads=4) == cfg
+    model_with_params(cfg, from_reference(state, cfg))
     broken = dict(state)
     del broken["blocks.1.attn.norm.bias"]
     broken["blocks.0.ffn.block.0.bias"] = np.zeros(7, np.float32)
@@ -119,13 +118,13 @@ def test_converter_lists_every_bad_key():
 def test_causality_by_gradients(arch):
     for bidirectional in (False, True):
         cfg = tiny(arch, bidirectional_nar=bidirectional)
-        model = VALLE(cfg, rngs=nnx.Rngs(1))
+        model = init_model(cfg, 1)
         s, i = 24, 10
         x = jax.random.normal(jax.random.key(0), (2, s, cfg.d_model))
         pos = jnp.broadcast_to(jnp.arange(s), (2, s))
         valid = jnp.ones((2, s), bool)
         levels = jnp.array([0, 3])
-        grad = jax.grad(lambda x: model.run(x, pos, valid, levels)[0][:, i].sum())(x)
+        grad = jit_method(model, lambda m, x: jax.grad(lambda x: m.run(x, pos, valid, levels)[0][:, i].sum())(x))(x)
         future = jnp.abs(grad[:, i + 1:]).sum((1, 2))
         past = jnp.abs(grad[:, :i + 1]).sum((1, 2))
         assert future[0] == 0 and past[0] > 0  # the AR row is causal
@@ -135,15 +134,16 @@ def test_causality_by_gradients(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padding_invariance(arch):
     cfg = tiny(arch)
-    model = VALLE(cfg, rngs=nnx.Rngs(2))
+    model = init_model(cfg, 2)
     rng = np.random.default_rng(0)
     short = random_batch(rng, [(7, 9, 11)])
     long = random_batch(rng, [(15, 20, 30)])
     both = pad_batch([short["text"][0], long["text"][0]], [0, 0], [short["prompt"][0], long["prompt"][0]],
                      [short["resp"][0], long["resp"][0]])
+    forward = jit_forward(model)
     for level in (0, 2):
-        alone, valid = model({k: jnp.asarray(v) for k, v in short.items()}, jnp.array([level]))
-        batched, bvalid = model({k: jnp.asarray(v) for k, v in both.items()}, jnp.array([level, 5]))
+        alone, valid = forward({k: jnp.asarray(v) for k, v in short.items()}, jnp.array([level]))
+        batched, bvalid = forward({k: jnp.asarray(v) for k, v in both.items()}, jnp.array([level, 5]))
         n = int(valid[0].sum())
         assert int(bvalid[0].sum()) == n == 7 + 9 + 11 + 4 + (level == 0)
         np.testing.assert_allclose(np.asarray(batched[0, :n]), np.asarray(alone[0, :n]), atol=1e-5)
@@ -180,17 +180,17 @@ def test_per_level_training_is_one_compile_and_matches_golden():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv_cache_matches_teacher_forcing(arch):
     cfg = tiny(arch, n_kv_heads=2 if arch == "llama" else 0)
-    model = VALLE(cfg, rngs=nnx.Rngs(3))
+    model = init_model(cfg, 3)
     b = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(1), [(6, 8, 10), (9, 5, 7)]).items()}
     levels = jnp.array([0, 0])
-    x, valid = model.embed(b, levels)
+    x, valid = jit_method(model, lambda m, b: m.embed(b, levels))(b)
     s = x.shape[1]
     pos = jnp.broadcast_to(jnp.arange(s), valid.shape)
-    full, _, _ = model.run(x, pos, valid, levels)
+    full = jit_method(model, lambda m, x: m.run(x, pos, valid, levels)[0])(x)
     prefix = 12
     cache = model.init_cache(2, s)
-    step = jax.jit(lambda x, p, v, c: model.run(x, p, v, levels, cache=c))
-    first, _, cache = model.run(x[:, :prefix], pos[:, :prefix], valid[:, :prefix], levels, cache=cache)
+    step = jit_method(model, lambda m, x, p, v, c: m.run(x, p, v, levels, cache=c))
+    first, _, cache = step(x[:, :prefix], pos[:, :prefix], valid[:, :prefix], cache)
     outs = [first]
     for t in range(prefix, s):
         o, _, cache = step(x[:, t:t + 1], pos[:, t:t + 1], valid[:, t:t + 1], cache)
@@ -232,7 +232,7 @@ def test_golden_tiny_counts():
 
 def test_every_parameter_has_logical_axes():
     for arch in ARCHS:
-        model = VALLE(tiny(arch, version=4), rngs=nnx.Rngs(0))
+        model = init_model(tiny(arch, version=4), 0)
         for path, var in nnx.iter_graph(model):
             if isinstance(var, nnx.Param):
                 assert len(var.logical_axes) == var[...].ndim, path
@@ -241,34 +241,29 @@ def test_every_parameter_has_logical_axes():
 def test_bf16_compute_remat_and_dropout():
     b = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(2), [(6, 8, 10)]).items()}
     lv = jnp.array([0])
-    ref_model = VALLE(tiny("llama"), rngs=nnx.Rngs(4))
-    ref, _ = ref_model(b, lv)
-    bf16 = VALLE(tiny("llama", dtype="bfloat16"), rngs=nnx.Rngs(4))
-    low, _ = bf16(b, lv)
+    ref, _ = jit_forward(init_model(tiny("llama"), 4))(b, lv)
+    low, _ = jit_forward(init_model(tiny("llama", dtype="bfloat16"), 4))(b, lv)
     assert low.dtype == jnp.float32 and float(jnp.abs(low - ref).max()) < 0.1
 
     def grads(cfg):
-        model = VALLE(cfg, rngs=nnx.Rngs(4))
-        graph, state = nnx.split(model)
+        graph, state = nnx.split(init_model(cfg, 4))
 
         def loss(state):
-            m = nnx.merge(graph, state)
-            logits, _ = m(b, lv)
+            logits, _ = nnx.merge(graph, state)(b, lv)
             return loss_and_metrics(logits, targets(b, lv, cfg.stop_token)[0], lv)[0]
-        return jax.grad(loss)(state)
+        return jax.jit(jax.grad(loss))(state)
 
     g1, g2 = grads(tiny("transformer")), grads(tiny("transformer", remat=True))
     jax.tree.map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6), g1, g2)
-    drop_model = VALLE(tiny("transformer"), rngs=nnx.Rngs(4))
-    d1, _ = drop_model(b, lv, dropout_key=jax.random.key(0))
-    d2, _ = drop_model(b, lv, dropout_key=jax.random.key(1))
-    det, _ = drop_model(b, lv)
+    drop = jit_method(init_model(tiny("transformer"), 4), lambda m, key: m(b, lv, dropout_key=key)[0])
+    d1, d2 = drop(jax.random.key(0)), drop(jax.random.key(1))
+    det, _ = jit_forward(init_model(tiny("transformer"), 4))(b, lv)
     assert not np.allclose(np.asarray(d1), np.asarray(d2)) and not np.allclose(np.asarray(d1), np.asarray(det))
 
 
 def test_save_and_load_model(tmp_path):
     cfg = tiny("llama", version=4)
-    model = VALLE(cfg, rngs=nnx.Rngs(5))
+    model = init_model(cfg, 5)
     save_model(tmp_path / "m", cfg, params_of(model), {"a": 1})
     loaded, cfg2, symmap = load_model(tmp_path / "m")
     assert cfg2 == cfg and symmap == {"a": 1}

@@ -36,10 +36,7 @@ class CaseResult:
 
 
 def load_golden_model(golden: Path, arch: str, heads: int | None = None):
-    from flax import nnx
-
-    from valle_jax.checkpointing import set_params
-    from valle_jax.models import VALLE
+    from valle_jax.checkpointing import model_with_params
     from valle_jax.models.convert import from_reference, infer_config
 
     with np.load(golden / f"{arch}_weights.npz") as z:
@@ -48,12 +45,10 @@ def load_golden_model(golden: Path, arch: str, heads: int | None = None):
     if heads is None and cfg_file.exists():
         heads = json.loads(cfg_file.read_text()).get("constructor_kwargs", {}).get("n_heads")
     cfg = infer_config(state, heads)
-    model = VALLE(cfg, rngs=nnx.Rngs(0))
-    set_params(model, from_reference(state, cfg))
-    return model, cfg
+    return model_with_params(cfg, from_reference(state, cfg)), cfg
 
 
-def run_case(model, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, ref_targets) -> CaseResult:
+def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, ref_targets) -> CaseResult:
     """ref_logits: per-sample arrays of their valid rows; ref_targets: the concatenated loss targets
     in the reference's order (AR rows shifted, so one fewer than their logits rows)."""
     import jax.numpy as jnp
@@ -62,7 +57,7 @@ def run_case(model, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, ref
 
     lv = jnp.asarray(levels, jnp.int32)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    logits, valid = model(jb, lv)
+    logits, valid = forward(jb, lv)
     t, _ = targets(jb, lv, cfg.stop_token)
     loss, m = loss_and_metrics(logits, t, lv, cfg.n_resp_levels)
     logits, t = np.asarray(logits), np.asarray(t)
@@ -97,8 +92,11 @@ def cases(golden: Path, arch: str):
 
 
 def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]:
+    from valle_jax.models import jit_forward
+
     model, cfg = load_golden_model(golden, arch, heads)
-    return [run_case(model, cfg, *c) for c in cases(golden, arch)]
+    forward = jit_forward(model)
+    return [run_case(forward, cfg, *c) for c in cases(golden, arch)]
 
 
 def main(argv=None) -> int:

@@ -32,22 +32,29 @@ class CheckpointError(ValueError):
 
 def params_of(model) -> dict:
     """The model's parameters as a nested dict of arrays."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def set_params(model, params: Mapping) -> None:
-    """Loads a nested dict of arrays into `model`, checking structure and shapes first."""
-    state = nnx.state(model, nnx.Param)
-    own = state.to_pure_dict()
-    own_flat = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(own)[0]}
+def check_params(cfg: ModelConfig, params: Mapping) -> None:
+    """Raises CheckpointError unless `params` has exactly the structure and shapes of VALLE(cfg)."""
+    from valle_jax.models import VALLE
+
+    own = params_of(nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0))))
+    own_flat = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(own)[0]}
     new_flat = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     if own_flat != new_flat:
         missing, extra = sorted(set(own_flat) - set(new_flat)), sorted(set(new_flat) - set(own_flat))
         bad = sorted(k for k in set(own_flat) & set(new_flat) if own_flat[k] != new_flat[k])
         raise CheckpointError(f"parameters do not fit the model: missing {missing}, unexpected {extra}, "
                               f"mis-shaped {[(k, new_flat[k], own_flat[k]) for k in bad]}")
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
-    nnx.update(model, state)
+
+
+def model_with_params(cfg: ModelConfig, params: Mapping):
+    """A VALLE(cfg) holding `params`, checked for structure and shapes."""
+    from valle_jax.models import model_from_params
+
+    check_params(cfg, params)
+    return model_from_params(cfg, params)
 
 
 def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping, symmap: Mapping[str, int],
@@ -97,6 +104,4 @@ def load_model(directory: str | os.PathLike, **overrides):
     abstract = nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0)))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract))
     params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params", target)
-    model = VALLE(cfg, rngs=nnx.Rngs(0))
-    set_params(model, params)
-    return model, cfg, symmap
+    return model_with_params(cfg, params), cfg, symmap

@@ -173,3 +173,30 @@ def loss_and_metrics(logits_BSV: Array, targets_BS: Array, level_B: Array, n_lev
     metrics = {"loss": loss, "acc_top10": acc, "tokens": scored.sum(),
                "loss_per_level": level_nll / jnp.maximum(level_n, 1), "tokens_per_level": level_n}
     return loss, metrics
+
+
+def jit_method(model: VALLE, fn):
+    """`fn(model, *args)` as one jitted function of the model's split state (no eager NNX ops)."""
+    graph, state = nnx.split(model)
+    jitted = jax.jit(lambda state, *args: fn(nnx.merge(graph, state), *args))
+    return lambda *args: jitted(state, *args)
+
+
+def jit_forward(model: VALLE):
+    """`model(batch, levels)`, jitted (for tools and evaluation)."""
+    return jit_method(model, lambda m, batch, levels: m(batch, levels))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> VALLE:
+    """A randomly initialised model, its initialisers run as one compiled function (eager NNX
+    construction compiles every initializer call separately)."""
+    graph, _ = nnx.split(nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.split(VALLE(cfg, rngs=nnx.Rngs(seed)))[1])()
+    return nnx.merge(graph, state)
+
+
+def model_from_params(cfg: ModelConfig, params) -> VALLE:
+    """A model holding `params` (nested dict of arrays), without running any initializer."""
+    graph, state = nnx.split(nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
+    return nnx.merge(graph, state)
