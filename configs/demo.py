@@ -14,4 +14,5 @@ def get_config():
     c.data.duration_range = (0.5, 12.0)  # seconds
     c.data.text_buckets = (48, 96, 160)  # phoneme ids
     c.data.resp_buckets = (225, 375, 600, 900)  # frames
+    c.model.size = "tiny"
     return c

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from configs import base, demo, tiny
-from valle_jax.config import data_config
+from configs import base, demo, preset, tiny
+from valle_jax.config import ConfigError, data_config, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,9 +16,22 @@ def test_presets_build_valid_data_configs(preset):
     assert cfg.batch_size >= 1 and cfg.prompt_frames == int(cfg.prompt_duration * 75) + 75
 
 
+@pytest.mark.parametrize("name", ["transformer-quarter", "llama-half", "llama-double"])
+def test_model_presets(name):
+    cfg = model_config(preset.get_config(name))
+    arch, size = name.split("-")
+    assert cfg.arch == arch and (cfg.d_model, cfg.n_heads, cfg.n_layers) == {
+        "quarter": (256, 4, 12), "half": (512, 8, 12), "double": (1024, 16, 24)}[size]
+    assert model_config(tiny.get_config()).d_model == 48
+    c = base.get_config()
+    c.model.size = "huge"
+    with pytest.raises(ConfigError, match="model.size"):
+        model_config(c)
+
+
 def test_every_base_key_has_a_unit_comment():
     for line in (ROOT / "configs" / "base.py").read_text().splitlines():
-        if line.strip().startswith(("c.", "d.")) and "=" in line and "ConfigDict()" not in line:
+        if line.strip().startswith(("c.", "d.", "m.")) and "=" in line and "ConfigDict()" not in line:
             assert "#" in line, f"no unit/meaning comment: {line.strip()}"
 
 
