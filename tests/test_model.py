@@ -271,3 +271,32 @@ def test_save_and_load_model(tmp_path):
                  params_of(model), params_of(loaded))
     with pytest.raises(FileExistsError):
         save_model(tmp_path / "m", cfg, params_of(model), {})
+
+
+def test_level_draws_are_traced_and_follow_the_distribution():
+    key = jax.random.key(0)
+    from valle_jax.models import draw_levels
+
+    uniform = np.asarray(jax.jit(lambda k: draw_levels(k, 8000))(key))
+    counts = np.bincount(uniform, minlength=8)
+    assert counts.min() > 850 and counts.max() < 1150  # 1000 expected each
+    ar_heavy = np.asarray(draw_levels(key, 8000, probs=[0.5] + [0.5 / 7] * 7))
+    assert 0.46 < (ar_heavy == 0).mean() < 0.54
+
+
+@needs_golden
+def test_reference_fp32_export_converts_with_its_symmap(tmp_path):
+    import torch
+
+    with np.load(GOLDEN_DIR / "llama_weights.npz") as z:
+        module = {k: torch.from_numpy(z[k]) for k in z.files}
+    symmap = {"<s>": 1, "</s>": 2, " ": 3, "x": 4}
+    torch.save({"module": module, "stats": {"global_step": 1234}, "userdata": {"symmap": symmap}}, tmp_path / "fp32.pth")
+    run = subprocess.run([sys.executable, "-m", "tools.convert_reference", str(tmp_path / "fp32.pth"), "--out",
+                          str(tmp_path / "m"), "--heads", "4", "--arch", "llama"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    model, cfg, got_symmap = load_model(tmp_path / "m")
+    assert got_symmap == symmap and cfg.arch == "llama"
+    wrong = subprocess.run([sys.executable, "-m", "tools.convert_reference", str(tmp_path / "fp32.pth"), "--out",
+                            str(tmp_path / "m2"), "--heads", "4", "--arch", "transformer"], cwd=ROOT, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "keys are those of a llama model" in wrong.stderr
