@@ -150,3 +150,16 @@ def test_config_validation_names_the_key():
         DataConfig(sample_type="speakers")
     with pytest.raises(ConfigError, match="data.resp_buckets"):
         DataConfig(resp_buckets=(300, 150))
+
+
+def test_dropped_remainder_is_not_biased_to_long_utterances(data_cfg):
+    frames = np.sort(Store(data_cfg.store).frames)
+    buckets = tuple(sorted({int(frames[4]), int(frames[9]), int(frames[14]), int(frames[-1])}))
+    # 20 utterances in 4 response buckets, batches of 3: 2 left out per epoch
+    cfg = dataclasses.replace(data_cfg, batch_size=3, resp_buckets=buckets)
+    plan = BatchPlan(Store(cfg.store), cfg)
+    key = plan.text_bucket * len(cfg.resp_buckets) + plan.resp_bucket
+    left_out = [set(range(20)) - set(plan.epoch(e).ravel().tolist()) for e in range(30)]
+    assert all(len(x) == 2 for x in left_out)
+    # the left-out utterances come from every bucket, not only the longest one
+    assert {int(key[u]) for x in left_out for u in x} == set(np.unique(key).tolist())

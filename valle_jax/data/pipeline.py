@@ -145,13 +145,14 @@ class BatchPlan:
             utts = rng.permutation(e.utts) if self.shuffle else e.utts
         else:
             utts = e.draw(rng, self.cfg.sample_type, len(e.utts))
+        b = self.cfg.batch_size
+        # drop the remainder while the order is still random, so long utterances are not the ones
+        # always left out
+        utts = utts[: self.batches_per_epoch * b]
         # group rows of one bucket together (stable sort keeps the random order inside a bucket)
         key = self.text_bucket[utts] * len(self.cfg.resp_buckets) + self.resp_bucket[utts]
         utts = utts[np.argsort(key, kind="stable")]
-        b = self.cfg.batch_size
-        if self.drop_remainder:
-            utts = utts[: self.batches_per_epoch * b]
-        else:
+        if not self.drop_remainder:
             utts = np.concatenate([utts, np.full(self.batches_per_epoch * b - len(utts), -1)])
         batches = utts.reshape(self.batches_per_epoch, b)
         return rng.permutation(batches) if self.shuffle else batches
