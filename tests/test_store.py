@@ -130,3 +130,14 @@ def test_phonemize_cli(tmp_path):
     assert T.parse_phn_txt((tmp_path / "a" / "x.phn.txt").read_text()) == T.Phonemizer().tokens(["Hello, world!"])[0]
     again = phonemize.phonemize_dir(tmp_path, tmp_path, progress=False)
     assert again.skipped == 1 and again.done == 0
+
+
+def test_stale_temp_files_and_directories_are_removed(tmp_path):
+    from valle_jax.atomic import remove_stale_temps, temp_dir_beside
+
+    (tmp_path / ".a.npy.x1.tmp.npy").write_bytes(b"partial")
+    half_store = temp_dir_beside(tmp_path / "store")
+    (half_store / "shard").write_bytes(b"partial")
+    (tmp_path / "keep.npy").write_bytes(b"ok")
+    assert remove_stale_temps(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.npy"]

@@ -24,9 +24,8 @@ from valle_jax.audio import load_audio
 BANNER = "=" * 78
 
 
-def step(title: str) -> float:
+def step(title: str) -> None:
     print(f"\n{BANNER}\n{title}\n{BANNER}", flush=True)
-    return time.perf_counter()
 
 
 def get_codec(out: Path, corpus: Path, codec_dir: Path | None = None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,29 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new temp directory next to `path` (same filesystem, so `publish_dir` can rename it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+
+
+def publish_dir(tmp: Path, path: str | os.PathLike) -> Path:
+    """Renames the finished temp directory `tmp` to `path`, replacing an existing one: the old one
+    is moved aside first, so `path` is always either the old or the new complete directory."""
+    path = Path(path)
+    os.chmod(tmp, 0o755)  # mkdtemp made it private; these are ordinary shared outputs
+    if path.exists():
+        old = path.with_name(f".{path.name}.old{TMP_SUFFIX}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -45,7 +69,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def remove_stale_temps(root: str | os.PathLike) -> int:
     """Deletes temp files a killed run left under `root`; returns how many."""
     n = 0
-    for p in Path(root).rglob(f".*{TMP_SUFFIX}*"):
-        p.unlink(missing_ok=True)
+    for p in list(Path(root).rglob(f".*{TMP_SUFFIX}*")):
+        if p.is_dir():  # a half-written store or model directory
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         n += 1
     return n

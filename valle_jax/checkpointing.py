@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from valle_jax.atomic import publish_dir, temp_dir_beside
 from valle_jax.config import ModelConfig
 
 FORMAT, VERSION = "valle_jax.model", 1
@@ -64,8 +64,7 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping, 
     out = Path(directory).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", jax.tree.map(np.asarray, dict(params)))
@@ -73,13 +72,9 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping, 
         (tmp / "config.json").write_text(json.dumps(
             {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg), "stats": dict(stats or {})}, indent=1))
         (tmp / "symmap.json").write_text(json.dumps(dict(symmap), ensure_ascii=False))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        return publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
@@ -97,11 +92,12 @@ def load_model(directory: str | os.PathLike, **overrides):
     """(model, config, symmap) from a model directory; `overrides` change runtime fields (dtype, ...)."""
     import orbax.checkpoint as ocp
 
-    from valle_jax.models import VALLE
+    from valle_jax.models import VALLE, model_from_params
 
     cfg, symmap, _ = read_config(directory)
     cfg = dataclasses.replace(cfg, **overrides)
     abstract = nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0)))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract))
+    # restoring into `target` already checks the structure and shapes against the config
     params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params", target)
-    return model_with_params(cfg, params), cfg, symmap
+    return model_from_params(cfg, params), cfg, symmap

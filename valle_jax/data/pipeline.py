@@ -22,6 +22,7 @@ import numpy as np
 
 from valle_jax.audio import FRAME_RATE
 from valle_jax.config import DataConfig
+from valle_jax.data.batch import pad_batch
 from valle_jax.data.store import Store
 
 log = logging.getLogger(__name__)
@@ -206,30 +207,21 @@ class BatchAssembler:
         live = rows[valid]
         tb = cfg.text_buckets[int(self.text_bucket[live].max())] if len(live) else cfg.text_buckets[0]
         rb = cfg.resp_buckets[int(self.resp_bucket[live].max())] if len(live) else cfg.resp_buckets[0]
-        q = self.store.n_levels
-        out = {
-            "text": np.zeros((b, tb), np.int32), "text_len": np.zeros(b, np.int32),
-            "lang": np.zeros(b, np.int32),
-            "prompt": np.zeros((b, cfg.prompt_frames, cfg.prompt_levels), np.int16),
-            "prompt_len": np.zeros(b, np.int32),
-            "resp": np.zeros((b, rb, q), np.int16), "resp_len": np.zeros(b, np.int32),
-            "utt": np.where(valid, rows, -1).astype(np.int32),
-            "speaker": np.zeros(b, np.int32), "row_valid": valid,
-        }
+        texts, langs, prompts, resps, speakers = [], [], [], [], []
         for i, utt in enumerate(rows):
-            if utt < 0:
-                continue
-            rng = np.random.default_rng([cfg.seed, _ROW_STREAM, int(k), self.row_offset + i])
-            codes, text = self.store.read(utt)
-            prompt = self.prompt(int(utt), codes, rng)[:, : cfg.prompt_levels]
-            out["text"][i, : len(text)] = text
-            out["text_len"][i] = len(text)
-            out["lang"][i] = self.store.lang[utt]
-            out["prompt"][i, : len(prompt)] = prompt
-            out["prompt_len"][i] = len(prompt)
-            out["resp"][i, : len(codes)] = codes
-            out["resp_len"][i] = len(codes)
-            out["speaker"][i] = self.store.speaker[utt]
+            if utt < 0:  # a padding row: empty segments
+                codes, text = np.zeros((0, self.store.n_levels), np.int16), np.zeros(0, np.int16)
+                prompt, lang, speaker = codes[:, : cfg.prompt_levels], 0, 0
+            else:
+                rng = np.random.default_rng([cfg.seed, _ROW_STREAM, int(k), self.row_offset + i])
+                codes, text = self.store.read(utt)
+                prompt = self.prompt(int(utt), codes, rng)[:, : cfg.prompt_levels]
+                lang, speaker = self.store.lang[utt], self.store.speaker[utt]
+            texts.append(text), langs.append(lang), prompts.append(prompt), resps.append(codes)
+            speakers.append(speaker)
+        out = pad_batch(texts, langs, prompts, resps, text_cap=tb, prompt_cap=cfg.prompt_frames, resp_cap=rb)
+        out.update(utt=np.where(valid, rows, -1).astype(np.int32), speaker=np.asarray(speakers, np.int32),
+                   row_valid=valid)
         return out
 
 

@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from valle_jax.atomic import publish_dir, temp_dir_beside
 from valle_jax.audio import FRAME_RATE
 
 FORMAT = "valle_jax.store"
@@ -70,8 +70,7 @@ class StoreWriter:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        self._tmp = temp_dir_beside(self.out_dir)
         self.symmap = dict(symmap)
         self.lang_symmap = dict(lang_symmap)
         self.records_per_shard = records_per_shard
@@ -121,16 +120,7 @@ class StoreWriter:
                  "symmap": self.symmap, "lang_symmap": self.lang_symmap, "shards": self.shards,
                  "columns": self.columns}
         (self._tmp / INDEX_NAME).write_text(json.dumps(index, ensure_ascii=False))
-        os.chmod(self._tmp, 0o755)  # mkdtemp made it private; a store is ordinary shared data
-        if self.out_dir.exists():  # overwrite: move the old store aside first, drop it after
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out_dir, old)
-            os.replace(self._tmp, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self._tmp, self.out_dir)
-        return self.out_dir
+        return publish_dir(self._tmp, self.out_dir)
 
     def abort(self) -> None:
         if self._writer is not None:
