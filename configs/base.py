@@ -46,4 +46,46 @@ def get_config() -> ml_collections.ConfigDict:
     m.dropout = 0.1  # probability, training only
     m.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (parameters stay float32)
     m.remat = False  # recompute layer activations in the backward pass (saves memory)
+    m.attention = "dense"  # "dense" | "blocked": query blocks with recomputation, no [B,H,S,S] kept for backward
+
+    # ---- mesh: how devices are laid out and what is sharded over them ----
+    h = c.mesh = ml_collections.ConfigDict()
+    h.shape = (-1, 1, 1)  # devices along (data, fsdp, tensor); one -1 takes the rest
+    # logical axis -> mesh axes ("" = replicated; "a,b" = both). A dimension that a mesh axis size
+    # does not divide stays replicated. "batch" shards the data over the data-parallel axes.
+    h.rules = (("batch", "data,fsdp"), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
+               ("kv_heads", "tensor"), ("mlp", "tensor"), ("layers", ""), ("head_dim", ""))
+
+    # ---- optim: optax optimizer, schedule, clipping, accumulation, freezing (SPEC §7.2) ----
+    o = c.optim = ml_collections.ConfigDict()
+    o.name = "adamw"  # "adamw" | "prodigy" | "sgd"
+    o.learning_rate = 3.25e-4  # peak LR (prodigy: its lr multiplier, normally 1.0)
+    o.b1 = 0.9  # adamw / prodigy first-moment decay
+    o.b2 = 0.96  # adamw / prodigy second-moment decay (the reference's 0.96)
+    o.eps = 1e-7  # adamw / prodigy epsilon
+    o.weight_decay = 0.01  # decoupled weight decay (adamw, prodigy)
+    o.d_coef = 1.0  # prodigy: D-estimate coefficient (the reference passes its learning_rate here)
+    o.momentum = 0.0  # sgd momentum (0 = plain SGD)
+    o.schedule = "constant"  # "constant" | "cosine" (warmup + cosine) | "linear" (warmup + linear decay)
+    o.warmup_steps = 0  # optimizer steps of linear warmup from 0
+    o.decay_steps = 0  # optimizer steps of decay after warmup (0 = until train.steps)
+    o.end_lr_ratio = 0.0  # final LR as a fraction of the peak (cosine / linear)
+    o.clip_norm = 100.0  # global gradient-norm clip (0 = off); the reference's gradient_clipping
+    o.grad_accum = 1  # batches accumulated into one optimizer step
+    o.frozen = ()  # regexes over parameter paths ("backbone/q", "text_emb"): never updated
+    o.embeddings = ""  # model dir or reference .pth whose *_emb tables are injected and frozen (SPEC §7.8)
+
+    # ---- train: the loop, checkpoints, logging ----
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 100_000  # optimizer steps in total
+    t.log_every = 10  # optimizer steps between console/TensorBoard lines
+    t.save_every = 100  # optimizer steps between checkpoints (async)
+    t.keep = 4  # checkpoints kept (the newest ones)
+    t.eval_every = 250  # optimizer steps between validation passes (0 = never)
+    t.eval_batches = 8  # validation batches per pass
+    t.eval_store = ""  # validation store (default: data.store, read in order)
+    t.level_probs = ()  # per-level training probabilities (empty = uniform over 8 levels, SPEC §2.6)
+    t.nonfinite = "stop"  # non-finite loss or gradient: "stop" (the bad update is never applied) | "skip"
+    t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = known device table, CPU measured)
+    t.export_on_quit = False  # also export the model when `quit` or a signal stops training
     return c

@@ -13,26 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
-
-def read_source(path: Path) -> tuple[dict, dict, dict]:
-    """(state dict of numpy arrays, symmap or {}, stats or {}) from a .pth or .npz file."""
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}, {}, {}
-    import torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    symmap, stats = {}, {}
-    if isinstance(obj, dict) and "module" in obj:
-        symmap = (obj.get("userdata") or {}).get("symmap") or {}
-        stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in (obj.get("stats") or {}).items()
-                 if isinstance(v, (int, float)) or hasattr(v, "item")}
-        obj = obj["module"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return {k: v.float().numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in obj.items()}, symmap, stats
+from valle_jax.models.convert import read_source
 
 
 def convert(src: Path, out: Path, heads: int | None = None, arch: str | None = None, overwrite: bool = False):

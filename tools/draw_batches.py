@@ -7,7 +7,6 @@ Any config key can be overridden on the command line; a misspelt key is an error
 from __future__ import annotations
 
 import collections
-import sys
 import time
 
 from absl import app, flags

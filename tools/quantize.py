@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("audio_dir", type=Path, help="folder searched recursively for audio files")
     p.add_argument("--out", type=Path, default=None, help="output root (default: beside the audio)")
     p.add_argument("--codec-dir", type=Path, default=None,
-                   help=f"folder holding encodec_24khz-d7cc33bc.th (default: the encodec package's pretrained loader)")
+                   help="folder holding encodec_24khz-d7cc33bc.th (default: the encodec package's pretrained loader)")
     p.add_argument("--bandwidth", type=float, default=6.0, help="kbps: 1.5, 3, 6 (8 levels, default), 12, 24")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     p.add_argument("--batch-seconds", type=float, default=60.0,

@@ -85,6 +85,7 @@ def data_config(config) -> DataConfig:
 
 ARCHS = ("transformer", "llama")
 DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("dense", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +109,13 @@ class ModelConfig:
     dropout: float = 0.1  # applied only when a dropout key is given (training)
     dtype: str = "float32"  # compute dtype of matmuls; parameters, norms, softmax and loss stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass
+    attention: str = "dense"  # teacher-forced attention: "dense" | "blocked" (query blocks, no S x S residuals)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ConfigError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.d_model % self.n_heads:
@@ -162,3 +166,102 @@ def model_config(config) -> ModelConfig:
             raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {size!r}")
         d.update(zip(("d_model", "n_heads", "n_layers"), SIZES[size]))
     return _from_dict(ModelConfig, d)
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    shape: tuple[int, int, int] = (-1, 1, 1)
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self):
+        shape = tuple(int(x) for x in self.shape)
+        if len(shape) != len(MESH_AXES) or any(x == 0 or x < -1 for x in shape) or shape.count(-1) > 1:
+            raise ConfigError(f"mesh.shape must be 3 sizes for {MESH_AXES}, positive or one -1, got {self.shape}")
+        rules = []
+        for rule in self.rules:
+            if len(rule) != 2:
+                raise ConfigError(f"mesh.rules entries are (logical axis, mesh axes), got {rule!r}")
+            name, axes = rule
+            axes = tuple(a for a in (axes.split(",") if isinstance(axes, str) else axes) if a)
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad:
+                raise ConfigError(f"mesh.rules[{name!r}] names unknown mesh axes {bad}; the axes are {MESH_AXES}")
+            rules.append((str(name), axes))
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "rules", tuple(rules))
+
+
+def mesh_config(config) -> MeshConfig:
+    return _from_dict(MeshConfig, config.mesh)
+
+
+OPTIMIZERS = ("adamw", "prodigy", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    learning_rate: float = 3.25e-4
+    b1: float = 0.9
+    b2: float = 0.96
+    eps: float = 1e-7
+    weight_decay: float = 0.01
+    d_coef: float = 1.0
+    momentum: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    end_lr_ratio: float = 0.0
+    clip_norm: float = 100.0
+    grad_accum: int = 1
+    frozen: tuple[str, ...] = ()
+    embeddings: str = ""
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.learning_rate <= 0 or self.grad_accum < 1 or self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.learning_rate must be > 0, optim.grad_accum >= 1, warmup/decay steps >= 0")
+        object.__setattr__(self, "frozen", tuple(self.frozen))
+
+
+def optim_config(config) -> OptimConfig:
+    return _from_dict(OptimConfig, config.optim)
+
+
+NONFINITE = ("stop", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100_000
+    log_every: int = 10
+    save_every: int = 100
+    keep: int = 4
+    eval_every: int = 250
+    eval_batches: int = 8
+    eval_store: str = ""
+    level_probs: tuple[float, ...] = ()
+    nonfinite: str = "stop"
+    peak_flops: float = 0.0
+    export_on_quit: bool = False
+
+    def __post_init__(self):
+        if self.nonfinite not in NONFINITE:
+            raise ConfigError(f"train.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        if self.steps < 1 or self.log_every < 1 or self.save_every < 1 or self.keep < 1:
+            raise ConfigError("train.steps, train.log_every, train.save_every and train.keep must be >= 1")
+        probs = tuple(float(p) for p in self.level_probs)
+        if probs and (any(p < 0 for p in probs) or sum(probs) <= 0):
+            raise ConfigError(f"train.level_probs must be non-negative with a positive sum, got {probs}")
+        object.__setattr__(self, "level_probs", probs)
+
+
+def train_config(config) -> TrainConfig:
+    return _from_dict(TrainConfig, config.train)

@@ -202,7 +202,7 @@ class BatchAssembler:
         return np.concatenate(parts)[:trim]
 
     def __call__(self, k: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-        cfg, b = self.cfg, len(rows)
+        cfg = self.cfg
         valid = rows >= 0
         live = rows[valid]
         tb = cfg.text_buckets[int(self.text_bucket[live].max())] if len(live) else cfg.text_buckets[0]

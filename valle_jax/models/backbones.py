@@ -19,6 +19,7 @@ from flax import nnx
 
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
+from valle_jax.models.attention import flash_attend
 
 Array = jax.Array
 normal = jax.nn.initializers.normal
@@ -57,13 +58,20 @@ class Backbone(nnx.Module):
             k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BS.astype(jnp.int32), idx, axis=1)
             k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BS, idx, axis=1)
             kv_in = (cache["k"], cache["v"])
-        mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
+        if cache is None and cfg.attention == "blocked":
+            def attend(q, k, v, rate, key):
+                return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key)
+        else:
+            mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
+
+            def attend(q, k, v, rate, key):
+                return L.attend(q, k, v, mask, rate, key)
         n = cfg.n_layers
         keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
 
         def step(x, xs):
             p, kv, key = xs
-            x, kv = self.layer(p, x, positions_BS, valid_BS, mask, kv, None if cache is None else cache["index"], key)
+            x, kv = self.layer(p, x, positions_BS, valid_BS, attend, kv, None if cache is None else cache["index"], key)
             return x, kv
 
         if cfg.remat:
@@ -102,14 +110,14 @@ class TransformerBackbone(Backbone):
         self.ffn_out = L.param(rngs, lin(f), (n, f, d), ("layers", "mlp", "embed"))
         self.ffn_out_bias = L.param(rngs, lin(f), (n, d), ("layers", "embed"))
 
-    def layer(self, p, x, positions, valid, mask, kv, index, key):
+    def layer(self, p, x, positions, valid, attend, kv, index, key):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         m = valid[..., None].astype(jnp.float32)
         keys = jax.random.split(key, 3) if key is not None else (None, None, None)
         h = L.layer_norm(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.eps) * m
         qkv = _mm(h, p["qkv"], "bsd,dthk->bsthk", dt)
         k, v, kv = self._kv(qkv[:, :, 1].astype(dt), qkv[:, :, 2].astype(dt), kv, index)
-        o = L.attend(qkv[:, :, 0].astype(dt), k, v, mask)
+        o = attend(qkv[:, :, 0].astype(dt), k, v, 0.0, None)  # no dropout on probabilities (SPEC §3.1)
         o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
         x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
         h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
@@ -135,14 +143,14 @@ class LlamaBackbone(Backbone):
         self.down = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
         self.final_norm = L.param(rngs, ones, (d,), ("embed",))
 
-    def layer(self, p, x, positions, valid, mask, kv, index, key):
+    def layer(self, p, x, positions, valid, attend, kv, index, key):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         h = L.rms_norm(x, p["attn_norm"], cfg.eps)
         q = L.rope(_mm(h, p["q"], "bsd,dhk->bshk", dt), positions, cfg.rope_theta)
         k = L.rope(_mm(h, p["k"], "bsd,dgk->bsgk", dt), positions, cfg.rope_theta)
         v = _mm(h, p["v"], "bsd,dgk->bsgk", dt)
         k, v, kv = self._kv(k.astype(dt), v.astype(dt), kv, index)
-        o = L.attend(q.astype(dt), k, v, mask, cfg.dropout, key)  # HF applies attention_dropout to probs
+        o = attend(q.astype(dt), k, v, cfg.dropout, key)  # HF applies attention_dropout to probs
         x = x + _mm(o, p["o"], "bshk,hkd->bsd", dt)
         h = L.rms_norm(x, p["mlp_norm"], cfg.eps)
         ff = jax.nn.gelu(_mm(h, p["gate"], "bsd,df->bsf", dt), approximate=False) * _mm(h, p["up"], "bsd,df->bsf", dt)

@@ -8,6 +8,7 @@ PyTorch Linear weights are (out, in); ours are (in, out), with heads split out.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -20,6 +21,25 @@ PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # SPEC §2.2
 
 class ConversionError(ValueError):
     pass
+
+
+def read_source(path: Path) -> tuple[dict, dict, dict]:
+    """(state dict of numpy arrays, symmap or {}, stats or {}) from a .pth or .npz file."""
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}, {}, {}
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    symmap, stats = {}, {}
+    if isinstance(obj, dict) and "module" in obj:
+        symmap = (obj.get("userdata") or {}).get("symmap") or {}
+        stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in (obj.get("stats") or {}).items()
+                 if isinstance(v, (int, float)) or hasattr(v, "item")}
+        obj = obj["module"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return {k: v.float().numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in obj.items()}, symmap, stats
 
 
 def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,4 +174,47 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
             "gate": stack(b + "mlp.gate_proj.weight", lambda w: w.T), "up": stack(b + "mlp.up_proj.weight", lambda w: w.T),
             "down": stack(b + "mlp.down_proj.weight", lambda w: w.T), "final_norm": f32("model.norm.weight"),
         }
+    return out
+
+
+def to_reference(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """valle_jax parameters -> the reference's state dict (the inverse of `from_reference`; the
+    unused tables the reference holds are not written, and its non-strict loading ignores that)."""
+    p = {k: v for k, v in params.items()}
+    bb = {k: np.asarray(v, np.float32) for k, v in p["backbone"].items()}
+    a = lambda k: np.asarray(p[k], np.float32)  # noqa: E731
+    d, n = cfg.d_model, cfg.n_layers
+    out = {"text_emb.weight": a("text_emb"), "langs_emb.weight": a("lang_emb"), "sep": a("sep"),
+           "resps_emb.embeddings.0.weight": a("resp_emb_ar"),
+           "classifier.weight": a("classifier").T.copy(), "classifier.bias": a("classifier_bias")}
+    out.update({f"proms_emb.embeddings.{k}.weight": a("prom_emb")[k] for k in range(cfg.n_prom_levels)})
+    out.update({f"resps_emb.embeddings.{k}.weight": a("resp_emb_nar")[k - 1] for k in range(1, cfg.n_resp_levels)})
+    if cfg.version >= 4:
+        out.update({f"proms_emb.weight.{k}": a("prom_level_w")[k:k + 1] for k in range(cfg.n_prom_levels)})
+        out.update({f"resps_emb.weight.{k}": a("resp_level_w")[k:k + 1] for k in range(cfg.n_resp_levels)})
+    t = lambda w: np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T) if w.ndim > 2 else np.ascontiguousarray(w.T)  # noqa: E731
+    for i in range(n):
+        if cfg.arch == "transformer":
+            b = f"blocks.{i}."
+            out.update({
+                b + "attn.norm.weight": bb["attn_norm_scale"][i], b + "attn.norm.bias": bb["attn_norm_bias"][i],
+                b + "attn.block.to_qkv.weight": np.ascontiguousarray(bb["qkv"][i].reshape(d, -1).T),
+                b + "attn.block.to_out.weight": np.ascontiguousarray(bb["out"][i].reshape(-1, d).T),
+                b + "attn.block.to_out.bias": bb["out_bias"][i],
+                b + "ffn.norm.weight": bb["ffn_norm_scale"][i], b + "ffn.norm.bias": bb["ffn_norm_bias"][i],
+                b + "ffn.block.0.weight": t(bb["ffn_in"][i]), b + "ffn.block.0.bias": bb["ffn_in_bias"][i],
+                b + "ffn.block.3.weight": t(bb["ffn_out"][i]), b + "ffn.block.3.bias": bb["ffn_out_bias"][i]})
+        else:
+            b = f"model.layers.{i}."
+            out.update({
+                b + "input_layernorm.weight": bb["attn_norm"][i],
+                b + "self_attn.q_proj.weight": np.ascontiguousarray(bb["q"][i].reshape(d, -1).T),
+                b + "self_attn.k_proj.weight": np.ascontiguousarray(bb["k"][i].reshape(d, -1).T),
+                b + "self_attn.v_proj.weight": np.ascontiguousarray(bb["v"][i].reshape(d, -1).T),
+                b + "self_attn.o_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
+                b + "post_attention_layernorm.weight": bb["mlp_norm"][i],
+                b + "mlp.gate_proj.weight": t(bb["gate"][i]), b + "mlp.up_proj.weight": t(bb["up"][i]),
+                b + "mlp.down_proj.weight": t(bb["down"][i])})
+    if cfg.arch == "llama":
+        out["model.norm.weight"] = bb["final_norm"]
     return out

@@ -1,0 +1,224 @@
+"""Training pieces in one process on 8 fake CPU devices: sharding rules, sharded == single-device
+steps, optimizers and schedules, frozen parameters, the non-finite guard, blocked attention,
+console commands, reference export."""
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from tests.conftest import GOLDEN_DIR
+from valle_jax.config import ConfigError, MeshConfig, OptimConfig, model_config
+
+# a small fixed-shape training setup over the test store: one text and one response bucket
+TEST_OVERRIDES = {
+    "data.batch_size": 8, "data.text_buckets": (64,), "data.resp_buckets": (320,), "data.prompt_duration": 1.0,
+    "data.duration_range": (0.5, 4.2), "data.sample_type": "path", "train.eval_every": 0, "train.peak_flops": 1e12,
+}
+
+
+def test_config(store_path, **more):
+    c = tiny.get_config()
+    for key, value in {**TEST_OVERRIDES, "data.store": str(store_path), **more}.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+def make_trainer(cfg, workdir, devices=None):
+    from valle_jax.training.loop import Trainer
+
+    return Trainer(cfg, workdir, commands="off", devices=devices)
+
+
+def run_steps(trainer, n):
+    state, data_state, _ = trainer.restore_or_init()
+    it = trainer._iterator(data_state)
+    losses = []
+    for _ in range(n):
+        batch = trainer._global_batch(next(it))
+        state, m = trainer._train_step(state, batch, np.float32(1.0))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def test_mesh_shape_and_rules():
+    from valle_jax.training.sharding import make_mesh, param_shardings, resolve_shape, spec_for
+    from valle_jax.training.step import abstract_model
+    from configs import base
+    from valle_jax.config import mesh_config
+
+    assert resolve_shape((-1, 2, 1), 8) == (4, 2, 1)
+    with pytest.raises(ConfigError, match="needs 12 devices"):
+        resolve_shape((3, 2, 2), 8)
+    with pytest.raises(ConfigError, match="unknown mesh axes"):
+        MeshConfig(rules=(("embed", "fsdq"),))
+    mcfg = mesh_config(base.get_config()).__class__(shape=(2, 2, 2), rules=mesh_config(base.get_config()).rules)
+    mesh = make_mesh(mcfg)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    cfg = model_config(tiny.get_config())
+    sh = param_shardings(abstract_model(cfg), mesh, mcfg)
+    P = jax.sharding.PartitionSpec
+    assert sh["backbone"]["q"].spec == P(None, "fsdp", "tensor", None)  # layers, embed, heads, head_dim
+    assert sh["backbone"]["down"].spec == P(None, "tensor", "fsdp")  # layers, mlp, embed
+    assert sh["text_emb"].spec == P("tensor", "fsdp")  # vocab 1024, embed
+    assert sh["classifier"].spec == P("fsdp", None)  # 1025 classes: not divisible, replicated
+    assert sh["lang_emb"].spec == P(None, "fsdp")
+    # a mesh axis is used once per array even if two logical axes map to it
+    assert spec_for((4, 4), ("embed", "mlp"), {"embed": ("fsdp",), "mlp": ("fsdp",)}, mesh) == P("fsdp", None)
+
+
+@pytest.mark.needs_espeak
+def test_sharded_step_equals_single_device_step(store_path, tmp_path):
+    cfg8 = test_config(store_path)
+    cfg8.mesh.shape = (2, 2, 2)
+    cfg1 = test_config(store_path)
+    cfg1.mesh.shape = (1, 1, 1)
+    t8 = make_trainer(cfg8, tmp_path / "eight")
+    t1 = make_trainer(cfg1, tmp_path / "one", devices=jax.devices()[:1])
+    s8, l8 = run_steps(t8, 3)
+    s1, l1 = run_steps(t1, 3)
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    assert l8[2] != l8[0]
+    q = s8["params"]["backbone"]["q"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 24, 2, 12)
+    mu = jax.tree.leaves(s8["opt_state"], is_leaf=lambda x: hasattr(x, "sharding"))
+    assert any(getattr(x, "sharding", None) == q.sharding and x.shape == q.shape for x in mu), \
+        "the optimizer's moments of q are sharded like q"
+    for a, b in zip(jax.tree.leaves(s8["params"]), jax.tree.leaves(s1["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    t8.checkpoints.close(), t1.checkpoints.close()
+
+
+@pytest.mark.needs_espeak
+def test_frozen_parameters_and_nonfinite_guard(store_path, tmp_path):
+    cfg = test_config(store_path, **{"optim.frozen": (r"^text_emb$", r"backbone/q$")})
+    t = make_trainer(cfg, tmp_path / "run")
+    state, _, _ = t.restore_or_init()
+    before = jax.device_get(state["params"])
+    it = t._iterator(None)
+    batch = t._global_batch(next(it))
+    state, m = t._train_step(state, batch, np.float32(1.0))
+    after = jax.device_get(state["params"])
+    np.testing.assert_array_equal(after["text_emb"], before["text_emb"])
+    np.testing.assert_array_equal(after["backbone"]["q"], before["backbone"]["q"])
+    assert not np.array_equal(after["backbone"]["k"], before["backbone"]["k"])
+    assert bool(m["finite"])
+    # a NaN in the parameters makes the loss NaN: the update is not applied and `finite` says so
+    poisoned = dict(state["params"], sep=state["params"]["sep"] * jnp.nan)
+    state2 = {**state, "params": poisoned}
+    kept = jax.device_get(poisoned["backbone"]["k"])
+    state3, m = t._train_step(state2, t._global_batch(next(it)), np.float32(1.0))
+    assert not bool(m["finite"])
+    np.testing.assert_array_equal(jax.device_get(state3["params"]["backbone"]["k"]), kept)
+    assert int(state3["step"]) == 2
+    with pytest.raises(ConfigError, match="match no parameter"):
+        make_trainer(test_config(store_path, **{"optim.frozen": ("no_such_param",)}), tmp_path / "bad")
+    t.checkpoints.close()
+
+
+def test_schedules_and_optimizers():
+    from valle_jax.training.optim import make_optimizer, make_schedule
+
+    cos = make_schedule(OptimConfig(learning_rate=1.0, schedule="cosine", warmup_steps=10, end_lr_ratio=0.1), 110)
+    assert float(cos(0)) == 0.0 and float(cos(5)) == pytest.approx(0.5) and float(cos(10)) == pytest.approx(1.0)
+    assert float(cos(60)) == pytest.approx(0.55, abs=1e-6) and float(cos(110)) == pytest.approx(0.1)
+    lin = make_schedule(OptimConfig(learning_rate=2.0, schedule="linear", warmup_steps=4, decay_steps=10), 100)
+    assert float(lin(2)) == pytest.approx(1.0) and float(lin(9)) == pytest.approx(1.0) and float(lin(14)) == 0.0
+    assert float(make_schedule(OptimConfig(learning_rate=3.0), 10)(7)) == 3.0
+    params = {"w": jnp.ones((3,)), "b": jnp.ones((2,))}
+    grads = {"w": jnp.full((3,), 0.5), "b": jnp.full((2,), 0.5)}
+    for name in ("adamw", "prodigy", "sgd"):
+        tx, _, _ = make_optimizer(OptimConfig(name=name, learning_rate=0.1 if name != "prodigy" else 1.0), params, 10)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates)), name
+    # accumulation: no update until the k-th batch, then one
+    tx, _, _ = make_optimizer(OptimConfig(name="sgd", learning_rate=1.0, grad_accum=2, clip_norm=0), params, 10)
+    st = tx.init(params)
+    u1, st = tx.update(grads, st, params)
+    u2, st = tx.update(grads, st, params)
+    assert float(jnp.abs(u1["w"]).max()) == 0.0 and float(u2["w"][0]) == pytest.approx(-0.5)
+    # clipping by global norm
+    tx, _, _ = make_optimizer(OptimConfig(name="sgd", learning_rate=1.0, clip_norm=0.1), params, 10)
+    u, _ = tx.update(grads, tx.init(params), params)
+    assert float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(u)))) == pytest.approx(0.1, rel=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_blocked_attention_matches_dense_and_its_own_autodiff(rate):
+    from valle_jax.models import layers as L
+    from valle_jax.models.attention import _forward, flash_attend
+
+    b, s, h, g, d = 2, 37, 4, 2, 8
+    k = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(k[0], (b, s, h, d))
+    kk, v = jax.random.normal(k[1], (b, s, g, d)), jax.random.normal(k[2], (b, s, g, d))
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    valid = pos < jnp.array([[s], [25]])
+    causal = jnp.array([True, False])
+    w = jax.random.normal(k[3], (b, s, h, d))
+    if rate == 0.0:  # exactly the dense attention, values and gradients
+        dense = lambda q, kk, v: L.attend(q, kk, v, L.attention_mask(pos, pos, valid, causal))  # noqa: E731
+        blocked = lambda q, kk, v: flash_attend(q, kk, v, pos, pos, valid, causal, block=8)  # noqa: E731
+        np.testing.assert_allclose(blocked(q, kk, v), dense(q, kk, v), atol=1e-5)
+        gd = jax.grad(lambda *a: (dense(*a) * w).sum(), argnums=(0, 1, 2))(q, kk, v)
+        gb = jax.grad(lambda *a: (blocked(*a) * w).sum(), argnums=(0, 1, 2))(q, kk, v)
+        for x, y in zip(gb, gd):
+            np.testing.assert_allclose(x, y, atol=1e-4)
+    # the custom backward equals autodiff through the forward scan (dropout mask regenerated alike)
+    qg = q.reshape(b, s, g, h // g, d).transpose(0, 2, 3, 1, 4)
+    kt, vv = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    wg = w.reshape(b, s, g, h // g, d).transpose(0, 2, 3, 1, 4)
+    seed = jnp.uint32(12345)
+    from valle_jax.models.attention import _flash
+
+    custom = jax.grad(lambda *a: (_flash(*a, pos, pos, valid, causal, seed, rate, 8) * wg).sum(), argnums=(0, 1, 2))
+    auto = jax.grad(lambda *a: (_forward(*a, pos, pos, valid, causal, seed, rate, 8)[0] * wg).sum(), argnums=(0, 1, 2))
+    for x, y in zip(custom(qg, kt, vv), auto(qg, kt, vv)):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_console_commands():
+    from valle_jax.training.control import Command, CommandReader, parse
+
+    assert parse("lr 1e-4") == Command("lr", 1e-4)
+    assert parse("  SAVE ") == Command("save")
+    assert parse("lr") is None and parse("lr -1") is None and parse("dance") is None and parse("") is None
+    stream = io.StringIO("save\nbogus\nlr 0.5\nquit\n")
+    assert not CommandReader(stream).enabled  # not a terminal: never read
+    reader = CommandReader(stream, enabled=True)
+    import time
+
+    deadline = time.time() + 5
+    got = []
+    while len(got) < 3 and time.time() < deadline:
+        got += reader.poll()
+        time.sleep(0.01)
+    assert got == [Command("save"), Command("lr", 0.5), Command("quit")]
+    closed = io.StringIO("")
+    closed.close()
+    assert not CommandReader(closed).enabled  # a closed stdin is not an error
+
+
+@pytest.mark.skipif(not (GOLDEN_DIR / "llama_weights.npz").exists(), reason=f"golden files not found in {GOLDEN_DIR}")
+@pytest.mark.parametrize("arch", ["transformer", "llama"])
+def test_reference_export_round_trip(arch):
+    from valle_jax.models.convert import from_reference, infer_config, normalise_keys, to_reference
+
+    state = normalise_keys(dict(np.load(GOLDEN_DIR / f"{arch}_weights.npz")))
+    cfg = infer_config(state, heads=4)
+    back = to_reference(from_reference(state, cfg), cfg)
+    assert set(back) == set(state) - {"tasks_emb.weight", "model.embed_tokens.weight"}
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, state[k], err_msg=k)
+
+
+def test_environment_has_eight_devices():
+    assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")

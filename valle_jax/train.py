@@ -1,0 +1,73 @@
+"""Trains the AR+NAR VALL-E from a packed store, resuming from WORKDIR automatically.
+
+    python -m valle_jax.train --config configs/<preset>.py --workdir DIR [--config.x=y ...]
+
+Multi-host (TPU pod slices, several GPU nodes): pass --distributed (or set VALLE_JAX_DISTRIBUTED=1)
+on every host; on TPU jax finds the coordinator itself, elsewhere give --coordinator_address,
+--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+Exit status: 0 done or stopped cleanly (SIGTERM, SIGINT, `quit`), 3 non-finite loss, 1 bad config.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, TensorBoard, exports")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", os.environ.get("VALLE_JAX_DISTRIBUTED", "") not in ("", "0"),
+                                 "call jax.distributed.initialize() (multi-host)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (not needed on TPU)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (not needed on TPU)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (not needed on TPU)")
+_COMMANDS = flags.DEFINE_enum("commands", "auto", ["auto", "on", "off"],
+                              "read save/quit/export/eval/lr commands from stdin: auto = when it is a terminal")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def setup_logging(workdir: Path, primary: bool) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(workdir / "log.txt", encoding="utf-8")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    workdir = Path(_WORKDIR.value)
+    setup_logging(workdir, jax.process_index() == 0)
+    from valle_jax.config import ConfigError
+    from valle_jax.data.store import StoreError
+    from valle_jax.training.loop import Trainer
+
+    try:
+        trainer = Trainer(_CONFIG.value, workdir, commands=_COMMANDS.value)
+    except (ConfigError, StoreError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        return 1
+    return trainer.run()
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

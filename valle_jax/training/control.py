@@ -1,0 +1,131 @@
+"""Stopping and steering a run: SIGTERM/SIGINT requests, and console commands (SPEC §7.4).
+
+Commands, one per line on stdin: save | quit | export | eval | lr VALUE | help. stdin is read by a
+daemon thread only when it is a terminal (or when asked), so a closed, redirected or non-terminal
+stdin never blocks or breaks training. With several processes, process 0's commands and everyone's
+stop requests are shared at each sync point (multihost_utils), so all hosts act together.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("save", "quit", "export", "eval", "lr", "help")
+HELP = "commands: save | quit | export | eval | lr VALUE (set the learning rate from now on) | help"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    value: float = 0.0
+
+
+def parse(line: str) -> Command | None:
+    """A Command, or None after logging why the line is not one."""
+    words = line.strip().split()
+    if not words:
+        return None
+    name = words[0].lower()
+    if name not in COMMANDS:
+        log.warning("unknown command %r; %s", line.strip(), HELP)
+        return None
+    if name == "lr":
+        try:
+            value = float(words[1])
+            if not value > 0:
+                raise ValueError
+        except (IndexError, ValueError):
+            log.warning("`lr` needs a positive number, e.g. `lr 1e-4`; got %r", line.strip())
+            return None
+        return Command("lr", value)
+    return Command(name)
+
+
+class CommandReader:
+    def __init__(self, stream=None, enabled: bool | None = None):
+        stream = sys.stdin if stream is None else stream
+        if enabled is None:
+            try:
+                enabled = stream is not None and stream.isatty()
+            except (ValueError, OSError):  # closed stream
+                enabled = False
+        self.queue: queue.Queue[Command] = queue.Queue()
+        self.enabled = bool(enabled)
+        if self.enabled:
+            threading.Thread(target=self._read, args=(stream,), daemon=True, name="stdin-commands").start()
+
+    def _read(self, stream) -> None:
+        try:
+            for line in stream:
+                cmd = parse(line)
+                if cmd is not None and cmd.name == "help":
+                    log.info(HELP)
+                elif cmd is not None:
+                    self.queue.put(cmd)
+        except (ValueError, OSError):  # stdin closed under us: just stop reading
+            pass
+
+    def poll(self) -> list[Command]:
+        out = []
+        while True:
+            try:
+                out.append(self.queue.get_nowait())
+            except queue.Empty:
+                return out
+
+
+class StopRequest:
+    """Set by SIGTERM or SIGINT; the loop finishes its step, saves and exits. A second SIGINT
+    interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: finishing this step, saving, then exiting (Ctrl-C again to abort)",
+                    signal.Signals(signum).name)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+_CODES = {name: i + 1 for i, name in enumerate(COMMANDS)}
+
+
+def agree(stop: bool, commands: list[Command]) -> tuple[bool, list[Command]]:
+    """Across processes: stop if any process wants to; process 0's commands (one per sync) for all."""
+    import jax
+
+    if jax.process_count() == 1:
+        return stop, commands
+    from jax.experimental import multihost_utils
+
+    first = commands[0] if commands else None
+    mine = np.array([float(stop), _CODES[first.name] if first else 0, first.value if first else 0.0], np.float64)
+    rows = np.asarray(multihost_utils.process_allgather(mine))
+    any_stop = bool(rows[:, 0].max() > 0)
+    code, value = int(rows[0, 1]), float(rows[0, 2])
+    names = {v: k for k, v in _CODES.items()}
+    return any_stop, ([Command(names[code], value)] if code else [])

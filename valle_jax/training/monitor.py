@@ -1,0 +1,111 @@
+"""What a run reports: TensorBoard events, a metrics.jsonl the plot command reads, console lines,
+and the device peak that MFU is measured against. Only process 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# dense bf16 peak FLOP/s per device (vendor figures; the MFU denominator when train.peak_flops is 0)
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100": 312e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12}
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of a square matmul on the default device, best of `reps` (what this machine can do)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def device_peak_flops(configured: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from)."""
+    if configured > 0:
+        return configured, "train.peak_flops"
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops, f"{kind} bf16 spec"
+    return measure_matmul_peak(), f"measured float32 matmul on {kind}"
+
+
+class MetricsWriter:
+    """TensorBoard scalars under WORKDIR/tb and one JSON object per line in WORKDIR/metrics.jsonl."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        self.jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"), flush_secs=10)
+            self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **{k: _plain(v) for k, v in scalars.items()}}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _plain(v):
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, m = divmod(s, 3600)
+    m, s = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def console_line(step: int, total: int, m: dict) -> str:
+    parts = [f"step {step}/{total}", f"loss {m['train/loss']:.4f}", f"acc {m['train/acc_top10']:.3f}",
+             f"lr {m['train/lr']:.3g}", f"gnorm {m['train/grad_norm']:.3g}",
+             f"{m['perf/tokens_per_s'] / 1e3:.1f}k tok/s", f"{m['perf/step_time_s']:.3f} s/step"]
+    if "perf/mfu" in m:
+        parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+    parts.append(f"ETA {format_duration(m['perf/step_time_s'] * (total - step))}")
+    return " | ".join(parts)
+
+
+class Averager:
+    """Host-side sums of per-step metrics between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.n, self.sums, self.last = 0, {}, {}
+
+    def add(self, metrics: dict) -> None:
+        self.n += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + np.asarray(v, np.float64)
+        self.last = metrics
+
+    def mean(self, k: str):
+        return self.sums[k] / max(self.n, 1)

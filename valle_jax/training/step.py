@@ -1,0 +1,99 @@
+"""The training state and the jitted train / eval steps.
+
+State is a plain pytree, so orbax saves it and jit shards it without NNX in the way:
+    {"params": nested dict (float32 master weights), "opt_state": optax state,
+     "step": int32 micro-steps taken, "rng": uint32[2] base key}
+The model's graph is split once; each step merges it with the params being differentiated. The
+step's randomness (training levels, dropout) is folded from the base key and the step number, so a
+resumed run draws exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from valle_jax.config import ModelConfig
+from valle_jax.models.valle import IGNORE, VALLE, draw_levels, loss_and_metrics, targets
+
+Array = jax.Array
+DEVICE_KEYS = ("text", "text_len", "lang", "prompt", "prompt_len", "resp", "resp_len", "row_valid")
+
+
+def abstract_model(cfg: ModelConfig) -> VALLE:
+    return nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0)))
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+    """Freshly initialised parameters (call under jit with out_shardings to create them sharded)."""
+    return nnx.to_pure_dict(nnx.state(VALLE(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def batch_loss(graph, params: dict, batch: dict, key: Array, cfg: ModelConfig, level_probs, train: bool):
+    """(loss, metrics) of one batch with levels drawn from `key` (dropout only when training)."""
+    model = nnx.merge(graph, params)
+    level_key, dropout_key = jax.random.split(key)
+    b = batch["text"].shape[0]
+    levels = draw_levels(level_key, b, level_probs or None, cfg.n_resp_levels)
+    logits, valid = model(batch, levels, dropout_key if (train and cfg.dropout > 0) else None)
+    t, _ = targets(batch, levels, cfg.stop_token)
+    t = jnp.where(batch["row_valid"][:, None], t, IGNORE)  # padding rows (evaluation) score nothing
+    loss, metrics = loss_and_metrics(logits, t, levels, cfg.n_resp_levels)
+    rows = batch["row_valid"]
+    metrics["positions"] = (valid & rows[:, None]).sum()  # sequence positions the model processed
+    # the reference's tokens_processed: text + response lengths
+    metrics["ref_tokens"] = jnp.where(rows, batch["text_len"] + batch["resp_len"], 0).sum()
+    return loss, metrics
+
+
+def make_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs=()) -> Callable:
+    """step(state, batch, lr_scale) -> (state, metrics). An update whose loss or gradient is not
+    finite is not applied (parameters and optimizer state stay as they were); `finite` says so."""
+
+    def step(state: dict, batch: dict, lr_scale: Array):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        (loss, metrics), grads = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
+            graph, state["params"], batch, key, cfg, level_probs, True)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + 1, "rng": state["rng"]}
+        metrics.update(grad_norm=grad_norm, finite=finite)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graph, cfg: ModelConfig, level_probs=()) -> Callable:
+    """eval_step(params, batch, key) -> summed metrics (nll sum, scored tokens, top-10 hits, per level)."""
+
+    def eval_step(params: dict, batch: dict, key: Array):
+        loss, m = batch_loss(graph, params, batch, key, cfg, level_probs, False)
+        n = m["tokens"].astype(jnp.float32)
+        return {"nll": loss * n, "tokens": n, "top10": m["acc_top10"] * n,
+                "nll_per_level": m["loss_per_level"] * m["tokens_per_level"], "tokens_per_level": m["tokens_per_level"]}
+
+    return eval_step
+
+
+def train_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward; matmuls and attention
+    scores/values over the full padded sequence; remat recomputation is not counted)."""
+    d, f, n, s = cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.n_layers, seq
+    kv = cfg.kv_heads * cfg.head_dim
+    if cfg.arch == "transformer":
+        per_layer = 3 * d * d + d * d + 2 * d * f
+    else:
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f
+    tokens = batch_size * s
+    forward = 2 * tokens * (n * per_layer + d * cfg.n_classes) + n * 4 * batch_size * s * s * d
+    return 3.0 * forward
+
+
