@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "tqdm>=4.66",
     "h5py>=3.10",
+    "matplotlib>=3.8",  # python -m valle_jax.plot
     "absl-py>=2.0",
 ]
 

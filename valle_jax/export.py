@@ -89,7 +89,15 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None, fm
         params, meta, step = ckpts.restore_params(step, target)
     finally:
         ckpts.close()
-    return export(params, cfg, symmap, dict(meta.get("stats", {})), out, fmt, overwrite), step
+    return export(params, cfg, symmap, run_stats(meta), out, fmt, overwrite), step
+
+
+def run_stats(meta: Mapping) -> dict:
+    """Training statistics for an export, under our names and the reference's (SPEC §7.8)."""
+    stats = dict(meta.get("stats", {}))
+    stats.update(step=meta["step"], global_step=meta["step"], micro_step=meta.get("micro_step", meta["step"]),
+                 global_samples=stats.get("samples", 0))
+    return stats
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", os.environ.get("VALLE_JAX_DISTRI
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (not needed on TPU)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (not needed on TPU)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (not needed on TPU)")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "valle_jax" / "xla")),
+    "persistent XLA compilation cache directory (a resumed run skips compiling); empty = off")
 _COMMANDS = flags.DEFINE_enum("commands", "auto", ["auto", "on", "off"],
                               "read save/quit/export/eval/lr commands from stdin: auto = when it is a terminal")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -52,6 +55,9 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if _DISTRIBUTED.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
@@ -70,4 +76,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    from valle_jax.runtime import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc("valle_jax.train")  # before JAX allocates anything (see valle_jax/runtime.py)
     app.run(lambda argv: sys.exit(main(argv)))

@@ -23,7 +23,7 @@ from valle_jax.config import (ConfigError, data_config, mesh_config, model_confi
                               train_config)
 from valle_jax.data.pipeline import make_iterator
 from valle_jax.data.store import Store
-from valle_jax.export import RUN_FILE, export
+from valle_jax.export import RUN_FILE, export, run_stats
 from valle_jax.models.valle import seq_len
 from valle_jax.training import control, monitor, sharding
 from valle_jax.training.checkpoint import Checkpoints, abstract_like
@@ -323,7 +323,7 @@ class Trainer:
     def _export(self, state: dict, step: int) -> None:
         params = self._gather_params(state["params"])
         if self.primary:
-            out = export(params, self.model_cfg, self.store.symmap, {**self.stats, "step": step},
+            out = export(params, self.model_cfg, self.store.symmap, run_stats(self._meta(step)),
                          self.workdir / "export", overwrite=True)
             log.info("exported step %d to %s", step, out)
 

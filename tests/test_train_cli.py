@@ -1,0 +1,282 @@
+"""`python -m valle_jax.train` end to end, as subprocesses on 8 fake CPU devices: outputs, resume
+after SIGKILL == uninterrupted, SIGTERM saves, restore onto another mesh, console commands, two
+processes == one, torn checkpoints ignored, export and plot of a real run, overfitting."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_training import TEST_OVERRIDES
+
+pytestmark = pytest.mark.needs_espeak
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+def overrides(store, **more) -> list[str]:
+    items = {**TEST_OVERRIDES, "data.store": str(store), "train.steps": STEPS, "train.log_every": 1,
+             "train.save_every": 2, "train.keep": 10, **more}
+    return [f"--config.{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.setdefault("JAX_PLATFORMS", "cpu")
+    # these runs take many steps: full XLA optimisation (conftest's cheaper passes suit one-off programs)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def train_cmd(workdir, store, *extra, **more):
+    return [sys.executable, "-m", "valle_jax.train", "--config", "configs/tiny.py", f"--workdir={workdir}",
+            "--commands=off", *overrides(store, **more), *extra]
+
+
+def run_train(workdir, store, env, *extra, timeout=400, **more):
+    p = subprocess.run(train_cmd(workdir, store, *extra, **more), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (the latest line for a step wins, as after a resume)."""
+    out = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def final_params(workdir, step):
+    from valle_jax.training.checkpoint import Checkpoints
+
+    c = Checkpoints(Path(workdir) / "checkpoints", async_save=False)
+    try:
+        params, _, _ = c.restore_params(step)
+    finally:
+        c.close()
+    import jax
+
+    return {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def start(cmd, env, log_path, **kw):
+    """A background run whose stderr goes to a file (a pipe nobody reads would fill and block it)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
+                            text=True, **kw)
+    proc.log_path = log_path
+    return proc
+
+
+def finish(proc, timeout=300) -> str:
+    proc.wait(timeout=timeout)
+    return Path(proc.log_path).read_text()
+
+
+def wait_for(predicate, proc, timeout=300, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}: "
+                                 f"{Path(proc.log_path).read_text()[-3000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finished_checkpoints(workdir):
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists()) \
+        if d.exists() else []
+
+
+@pytest.fixture(scope="session")
+def straight(store_path, env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    p = run_train(workdir, store_path, env)
+    return workdir, p.stderr
+
+
+def test_run_outputs_export_and_plot(straight, tmp_path):
+    workdir, log = straight
+    assert "compiled the train step for text 64, prompt 150, response 320" in log
+    assert log.count("compiled the train step") == 1  # one bucket, one compile
+    assert f"finished {STEPS} steps" in log
+    assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+    assert finished_checkpoints(workdir) == [2, 4, 6, 8]
+    line = next(ln for ln in log.splitlines() if f"step {STEPS}/{STEPS}" in ln)
+    for part in ("loss", "acc", "lr", "tok/s", "s/step", "MFU", "ETA"):
+        assert part in line
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    for tag in ("train/loss", "train/acc_top10", "train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/mfu",
+                "perf/step_time_s", "train/loss_level0"):
+        assert tag in ea.Tags()["scalars"], tag
+    assert len(ea.Scalars("train/loss")) == STEPS
+    assert (workdir / "log.txt").read_text().count("step ") >= STEPS
+
+    from valle_jax.checkpointing import load_model
+    from valle_jax.export import main as export_main
+
+    assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "model")]) == 0
+    model, cfg, symmap = load_model(tmp_path / "model")
+    assert cfg.d_model == 48 and len(symmap) > 100
+    params8 = final_params(workdir, STEPS)
+    from valle_jax.checkpointing import params_of
+    np.testing.assert_array_equal(np.asarray(params_of(model)["sep"]), params8["sep"])
+    assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "fp32.pth"), "--step", "4"]) == 0
+    import torch
+
+    from valle_jax.models.convert import from_reference, infer_config
+
+    ref = torch.load(tmp_path / "fp32.pth", weights_only=True)
+    assert ref["userdata"]["symmap"] == symmap and ref["stats"]["step"] == 4
+    state = {k: v.numpy() for k, v in ref["module"].items()}
+    back = from_reference(state, infer_config(state, heads=4))
+    np.testing.assert_array_equal(back["sep"], final_params(workdir, 4)["sep"])
+    assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "model")]) == 1  # exists: refused
+
+    from valle_jax.plot import main as plot_main
+
+    assert plot_main(["--workdir", str(workdir), "--ys", "loss,acc,lr", "--out", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_main(["--workdir", str(workdir), "--xs", "tokens", "--ys", "nope", "--out", str(tmp_path / "n.png")]) == 1
+
+
+def test_sigkill_then_resume_equals_uninterrupted(straight, store_path, env, tmp_path):
+    ref_dir, _ = straight
+    workdir = tmp_path / "killed"
+    proc = start(train_cmd(workdir, store_path), env, tmp_path / "killed.log")
+    wait_for(lambda: finished_checkpoints(workdir), proc, what="a first checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = finished_checkpoints(workdir)
+    assert done and done[-1] < STEPS, "the kill came too late to test anything"
+    p = run_train(workdir, store_path, env)
+    assert f"resumed from step {done[-1]}" in p.stderr
+    ref, got = losses(ref_dir), losses(workdir)
+    assert sorted(got) == sorted(ref)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=1e-6)
+    a, b = final_params(ref_dir, STEPS), final_params(workdir, STEPS)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_sigterm_saves_and_resumes_onto_another_mesh(straight, store_path, env, tmp_path):
+    ref_dir, _ = straight
+    workdir = tmp_path / "term"
+    proc = start(train_cmd(workdir, store_path, **{"train.steps": 1000, "train.save_every": 1000}), env,
+                 tmp_path / "term.log")
+    wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 2, proc, what="step 2")
+    proc.send_signal(signal.SIGTERM)
+    err = finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = finished_checkpoints(workdir)
+    assert len(stopped) == 1 and 2 <= stopped[0] < STEPS, (stopped, err[-2000:])
+    assert f"stopped at step {stopped[0]} (checkpoint saved)" in err
+    # resume on a (2, 2, 2) mesh: parameters and optimizer state are resharded on restore
+    p = run_train(workdir, store_path, env, "--config.mesh.shape=(2,2,2)")
+    assert f"resumed from step {stopped[0]}" in p.stderr and "'data': 2, 'fsdp': 2, 'tensor': 2" in p.stderr
+    ref, got = losses(ref_dir), losses(workdir)
+    steps = sorted(got)
+    assert steps == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-4)
+    a, b = final_params(ref_dir, STEPS), final_params(workdir, STEPS)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_torn_checkpoint_is_never_restored(straight, store_path, env, tmp_path):
+    import shutil
+
+    ref_dir, _ = straight
+    workdir = tmp_path / "torn"
+    shutil.copytree(ref_dir, workdir)
+    for step in (6, 8):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    # what a save killed half-way leaves: orbax's temporary directory, and a step dir without its commit
+    torn = workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ref_dir / "checkpoints" / "6", torn)
+    (torn / "params" / "garbage").write_bytes(b"\0" * 10)
+    p = run_train(workdir, store_path, env)
+    assert "resumed from step 4" in p.stderr
+    assert not torn.exists()
+    np.testing.assert_allclose(losses(workdir)[STEPS], losses(ref_dir)[STEPS], rtol=1e-6)
+
+
+def test_console_commands_drive_the_run(store_path, env, tmp_path):
+    workdir = tmp_path / "cmds"
+    cmd = [c if c != "--commands=off" else "--commands=on" for c in train_cmd(workdir, store_path, **{"train.steps": 1000})]
+    proc = start(cmd, env, tmp_path / "cmds.log", stdin=subprocess.PIPE)
+    wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 1, proc, what="step 1")
+    proc.stdin.write("lr 0.01\nexport\nnonsense\n")
+    proc.stdin.flush()
+    wait_for(lambda: (workdir / "export" / "config.json").exists(), proc, what="the export")
+    proc.stdin.write("quit\n")
+    proc.stdin.close()
+    err = finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "command: lr 0.01" in err and "unknown command 'nonsense'" in err and "command: quit" in err
+    lrs = [json.loads(ln)["train/lr"] for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(3.25e-4) and lrs[-1] == pytest.approx(0.01)
+    assert finished_checkpoints(workdir), "quit saves a checkpoint"
+
+
+def test_two_processes_match_one(straight, store_path, env, tmp_path):
+    import portpicker
+
+    ref_dir, _ = straight
+    port = portpicker.pick_unused_port()
+    e = dict(env, XLA_FLAGS=env.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4"))
+    workdir = tmp_path / "two"
+    procs = [start(train_cmd(workdir, store_path, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                             "--num_processes=2", f"--process_id={i}", **{"train.steps": 3}), e, tmp_path / f"p{i}.log")
+             for i in range(2)]
+    errs = [finish(p, 400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "over 8 devices (2 processes)" in errs[0]
+    ref, got = losses(ref_dir), losses(workdir)
+    assert sorted(got) == [1, 2, 3]
+    np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [ref[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_small_model_overfits_a_small_subset(prepared, env, tmp_path):
+    """8 utterances of 2 speakers, the whole subset in every batch: the model must memorise them."""
+    import shutil
+
+    from tools import pack
+
+    subset = tmp_path / "subset"
+    speakers = sorted(p for p in prepared.iterdir() if p.is_dir())[:2]
+    for spk in speakers:
+        shutil.copytree(spk, subset / spk.name, ignore=lambda d, names: [n for n in names if "_004." in n])
+    assert pack.pack([subset], tmp_path / "store", progress=False).finish() == 0
+    workdir = tmp_path / "overfit"
+    one_device = dict(env, XLA_FLAGS=env.get("XLA_FLAGS", "").replace("device_count=8", "device_count=1"))
+    run_train(workdir, tmp_path / "store", one_device, timeout=600, **{
+        "train.steps": OVERFIT_STEPS, "train.log_every": 10, "train.save_every": 1000, "optim.learning_rate": 3e-3,
+        "optim.warmup_steps": 10, "model.dropout": 0.0, "model.size": "", "model.d_model": 128, "model.n_heads": 4,
+        "model.n_layers": 2})
+    rows = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert last["train/acc_top10"] > 0.9, last
+    assert last["train/loss_level0"] < 0.5 * first["train/loss_level0"], (first, last)
+
+
+OVERFIT_STEPS = 150
