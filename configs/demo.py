@@ -1,6 +1,6 @@
-"""Quick-start preset (`make demo`): the demo corpus built by tools.demo.
+"""Quick-start preset (`make demo`): the tiny model on the demo corpus built by tools.demo.
 
-    python -m tools.draw_batches --config configs/demo.py --config.data.store=demo_out/store
+    python -m valle_jax.train --config configs/demo.py --workdir demo_out/run
 """
 from configs import base
 
@@ -15,4 +15,11 @@ def get_config():
     c.data.text_buckets = (48, 96, 160)  # phoneme ids
     c.data.resp_buckets = (225, 375, 600, 900)  # frames
     c.model.size = "tiny"
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 20  # optimizer steps
+    c.train.steps = 200  # a few minutes on a laptop CPU
+    c.train.log_every = 20
+    c.train.save_every = 100
+    c.train.eval_every = 100
+    c.train.eval_batches = 2
     return c

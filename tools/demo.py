@@ -6,8 +6,9 @@
 2. load EnCodec: the pretrained weights when they can be had, else a random codec built from the
    corpus (said plainly: its audio is not speech);
 3. quantize, phonemize and pack it into a store;
-4. draw batches through the grain pipeline with configs/demo.py.
-Every step reuses what an earlier run finished, so running it again is quick.
+4. draw batches through the grain pipeline with configs/demo.py;
+5. train the tiny demo model on it for a few minutes (python -m valle_jax.train), then plot its loss.
+Every step reuses what an earlier run finished (training resumes), so running it again is quick.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--voices", type=int, default=8)
     p.add_argument("--sentences", type=int, default=12)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py's)")
     p.add_argument("--codec-dir", type=Path, default=None,
                    help="EnCodec weights folder (default: pretrained if reachable, else a random codec)")
     args = p.parse_args(argv)
@@ -62,27 +64,44 @@ def main(argv=None) -> int:
     corpus, store = args.out / "corpus", args.out / "store"
     t0 = time.perf_counter()
 
-    step(f"1/4 demo corpus: {args.voices} espeak-ng voices x {args.sentences} sentences -> {corpus}")
+    step(f"1/5 demo corpus: {args.voices} espeak-ng voices x {args.sentences} sentences -> {corpus}")
     if make_demo_corpus.build(corpus, args.voices, args.sentences).finish():
         return 1
 
-    step("2/4 quantize (EnCodec 24 kHz, 8 levels, 75 frames/s)")
+    step("2/5 quantize (EnCodec 24 kHz, 8 levels, 75 frames/s)")
     codec = get_codec(args.out, corpus, args.codec_dir)
     if quantize.quantize_dir(corpus, corpus, codec).finish():
         return 1
 
-    step("3/4 phonemize (espeak-ng) and pack into a store")
+    step("3/5 phonemize (espeak-ng) and pack into a store")
     if phonemize.phonemize_dir(corpus, corpus).finish():
         return 1
     if pack.pack([corpus], store, overwrite=True).finish():
         return 1
 
-    step("4/4 draw batches through the grain pipeline (configs/demo.py)")
+    step("4/5 draw batches through the grain pipeline (configs/demo.py)")
     rc = subprocess.call([sys.executable, "-m", "tools.draw_batches", "--config", "configs/demo.py",
                           f"--config.data.store={store}", "--batches", "16", "--alsologtostderr=false"])
     if rc:
         return rc
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s: corpus {corpus}, store {store}"
+
+    run = args.out / "run"
+    step(f"5/5 train the tiny model (python -m valle_jax.train --config configs/demo.py --workdir {run})")
+    train = [sys.executable, "-m", "valle_jax.train", "--config", "configs/demo.py", f"--workdir={run}",
+             f"--config.data.store={store}", "--commands=off"]
+    if args.steps is not None:
+        train.append(f"--config.train.steps={args.steps}")
+    rc = subprocess.call(train)
+    if rc:
+        return rc
+    from valle_jax.plot import plot
+
+    png = plot(run, run / "loss.png", ys=("loss", "acc", "val_loss"), smooth=2.0)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s: corpus {corpus}, store {store}, run {run}\n"
+          f"  loss plot:    {png}\n"
+          f"  TensorBoard:  .venv/bin/tensorboard --logdir {run / 'tb'}\n"
+          f"  metrics:      {run / 'metrics.jsonl'} (python -m valle_jax.plot --workdir {run} --ys loss,acc --out FILE.png)\n"
+          f"  export:       python -m valle_jax.export --workdir {run} --out {args.out / 'model'}"
           + ("\nreminder: the codec is RANDOM here; audio decoded from these codes is not speech" if codec.is_random else ""))
     return 0
 

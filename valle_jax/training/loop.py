@@ -219,7 +219,7 @@ class Trainer:
                     self._command(cmd, state, it, step)
                     if cmd.name == "quit":
                         stop.signal = stop.signal or -2
-                if cfg.eval_every and step % cfg.eval_every == 0:
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     self.evaluate(state["params"], step)
                 if step % cfg.save_every == 0 or step == cfg.steps or stop:
                     if pending is not None:

@@ -1,0 +1,5 @@
+import sys
+
+from tools.tpu.pod import main
+
+sys.exit(main())
