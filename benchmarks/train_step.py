@@ -1,0 +1,140 @@
+"""Training-step speed and memory: tokens/s, step time, peak memory, MFU and compile time per size.
+
+    python benchmarks/train_step.py [--sizes tiny,quarter,half] [--arch llama] [--batch 8]
+        [--shape 6s|reference] [--dtype float32] [--attention dense|blocked] [--remat] [--steps 4]
+        [--devices-overhead] [--no-tcmalloc]
+
+Shapes: "6s" = 6 s of response audio per sample (450 frames), a 3 s prompt (225 frames) and 72
+phonemes; "reference" = text 60, prompt 225, response 375, the shapes at which the PyTorch reference
+was timed (half llama, batch 8: 15.3 s per step, 11.8 GB peak on this 2-core machine).
+Each configuration runs in a fresh process (so peak memory is its own: the process's max RSS,
+which on CPU holds parameters, optimizer state, activations and XLA's buffers). MFU is model FLOPs
+(valle_jax.training.step.train_flops) per second over a float32 2048x2048 matmul peak measured in
+the same process. --devices-overhead also times tiny on 8 fake devices (data parallel) against 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {"6s": (72, 225, 450), "reference": (60, 225, 375)}
+
+
+def child(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from valle_jax.config import SIZES, ModelConfig, OptimConfig
+    from valle_jax.training.monitor import measure_matmul_peak
+    from valle_jax.training.optim import make_optimizer
+    from valle_jax.training.sharding import make_mesh
+    from valle_jax.config import MeshConfig
+    from valle_jax.training.step import abstract_model, init_params, make_train_step, train_flops
+
+    d, h, n = SIZES[args.size]
+    cfg = ModelConfig(arch=args.arch, d_model=d, n_heads=h, n_layers=n, dtype=args.dtype, remat=args.remat,
+                      attention=args.attention)
+    t_len, p_len, r_len = SHAPES[args.shape]
+    b = args.batch
+    rng = np.random.default_rng(0)
+    batch = {"text": rng.integers(3, 200, (b, t_len)).astype(np.int32), "text_len": np.full(b, t_len, np.int32),
+             "lang": np.zeros(b, np.int32), "prompt": rng.integers(0, 1024, (b, p_len, 8)).astype(np.int16),
+             "prompt_len": np.full(b, p_len, np.int32), "resp": rng.integers(0, 1024, (b, r_len, 8)).astype(np.int16),
+             "resp_len": np.full(b, r_len, np.int32), "row_valid": np.ones(b, bool)}
+    mesh = make_mesh(MeshConfig(shape=(-1, 1, 1)))
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+    graph = nnx.graphdef(abstract_model(cfg))
+    params = jax.jit(lambda: init_params(cfg, 0))()
+    tx, _, _ = make_optimizer(OptimConfig(), params, 1000)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    step = jax.jit(make_train_step(graph, cfg, tx), donate_argnums=(0,))
+    lr = np.float32(1.0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, lr).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = compiled(state, batch, lr)
+    jax.block_until_ready(m["loss"])
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch, lr)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    seq = t_len + p_len + r_len + 5
+    flops = train_flops(cfg, b, seq)
+    peak = measure_matmul_peak()
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return {"size": args.size, "arch": args.arch, "devices": jax.device_count(), "params_M": n_params / 1e6,
+            "shape": [t_len, p_len, r_len], "batch": b, "compile_s": compile_s, "step_s": step_s,
+            "steps": [round(t, 3) for t in times], "tokens_per_s": b * seq / step_s, "model_tflop": flops / 1e12,
+            "achieved_gflops": flops / step_s / 1e9, "matmul_peak_gflops": peak / 1e9,
+            "mfu": flops / step_s / (peak * jax.device_count()),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "loss": float(m["loss"]), "dtype": args.dtype, "remat": args.remat, "attention": args.attention}
+
+
+def spawn(args, size: str, devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if not args.no_tcmalloc:
+        from valle_jax.runtime import find_tcmalloc
+
+        lib = find_tcmalloc()
+        if lib:
+            env["LD_PRELOAD"] = lib
+    cmd = [sys.executable, __file__, "--child", "--size", size, "--arch", args.arch, "--batch", str(args.batch),
+           "--shape", args.shape, "--dtype", args.dtype, "--attention", args.attention, "--steps", str(args.steps)]
+    if args.remat:
+        cmd.append("--remat")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{size} on {devices} device(s) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="tiny,quarter,half")
+    p.add_argument("--size", default="tiny", help=argparse.SUPPRESS)
+    p.add_argument("--arch", default="llama", choices=("llama", "transformer"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--shape", default="6s", choices=sorted(SHAPES))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--attention", default="dense", choices=("dense", "blocked"))
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--steps", type=int, default=4, help="timed steps after a warm-up step")
+    p.add_argument("--devices-overhead", action="store_true")
+    p.add_argument("--no-tcmalloc", action="store_true", help="run with glibc malloc (see valle_jax/runtime.py)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    print(f"{'size':8} {'params':>8} {'shape':>14} {'compile':>8} {'step':>8} {'tok/s':>8} {'GFLOP/s':>8} "
+          f"{'peak':>8} {'MFU':>6} {'RSS GB':>7}")
+    for size in args.sizes.split(","):
+        r = spawn(args, size, 1)
+        print(f"{size:8} {r['params_M']:7.1f}M {str(tuple(r['shape'])):>14} {r['compile_s']:7.1f}s {r['step_s']:7.2f}s "
+              f"{r['tokens_per_s']:8.0f} {r['achieved_gflops']:8.1f} {r['matmul_peak_gflops']:8.1f} "
+              f"{100 * r['mfu']:5.1f}% {r['peak_rss_gb']:7.2f}", flush=True)
+        print("  " + json.dumps(r), flush=True)
+    if args.devices_overhead:
+        one, eight = spawn(args, "tiny", 1), spawn(args, "tiny", 8)
+        print(f"8 fake devices vs 1 (tiny, batch {args.batch}): step {eight['step_s']:.3f} s vs {one['step_s']:.3f} s, "
+              f"overhead ratio {eight['step_s'] / one['step_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
