@@ -8,7 +8,8 @@ Shapes: "6s" = 6 s of response audio per sample (450 frames), a 3 s prompt (225 
 phonemes; "reference" = text 60, prompt 225, response 375, the shapes at which the PyTorch reference
 was timed (half llama, batch 8: 15.3 s per step, 11.8 GB peak on this 2-core machine).
 Each configuration runs in a fresh process (so peak memory is its own: the process's max RSS,
-which on CPU holds parameters, optimizer state, activations and XLA's buffers). MFU is model FLOPs
+which on CPU holds parameters, optimizer state, activations and XLA's buffers) and XLA's own
+account of the step's buffers (arguments + outputs + temporaries). MFU is model FLOPs
 (valle_jax.training.step.train_flops) per second over a float32 2048x2048 matmul peak measured in
 the same process. --devices-overhead also times tiny on 8 fake devices (data parallel) against 1.
 """
@@ -62,6 +63,9 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, lr).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla_gb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+              - mem.alias_size_in_bytes) / 2 ** 30 if mem is not None else float("nan")
     state, m = compiled(state, batch, lr)
     jax.block_until_ready(m["loss"])
     times = []
@@ -80,7 +84,7 @@ def child(args) -> dict:
             "steps": [round(t, 3) for t in times], "tokens_per_s": b * seq / step_s, "model_tflop": flops / 1e12,
             "achieved_gflops": flops / step_s / 1e9, "matmul_peak_gflops": peak / 1e9,
             "mfu": flops / step_s / (peak * jax.device_count()),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "xla_step_gb": xla_gb,
             "loss": float(m["loss"]), "dtype": args.dtype, "remat": args.remat, "attention": args.attention}
 
 
@@ -123,12 +127,12 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     print(f"{'size':8} {'params':>8} {'shape':>14} {'compile':>8} {'step':>8} {'tok/s':>8} {'GFLOP/s':>8} "
-          f"{'peak':>8} {'MFU':>6} {'RSS GB':>7}")
+          f"{'peak':>8} {'MFU':>6} {'RSS GB':>7} {'XLA GB':>7}")
     for size in args.sizes.split(","):
         r = spawn(args, size, 1)
         print(f"{size:8} {r['params_M']:7.1f}M {str(tuple(r['shape'])):>14} {r['compile_s']:7.1f}s {r['step_s']:7.2f}s "
               f"{r['tokens_per_s']:8.0f} {r['achieved_gflops']:8.1f} {r['matmul_peak_gflops']:8.1f} "
-              f"{100 * r['mfu']:5.1f}% {r['peak_rss_gb']:7.2f}", flush=True)
+              f"{100 * r['mfu']:5.1f}% {r['peak_rss_gb']:7.2f} {r['xla_step_gb']:7.2f}", flush=True)
         print("  " + json.dumps(r), flush=True)
     if args.devices_overhead:
         one, eight = spawn(args, "tiny", 1), spawn(args, "tiny", 8)

@@ -225,7 +225,7 @@ def test_console_commands_drive_the_run(store_path, env, tmp_path):
     cmd = [c if c != "--commands=off" else "--commands=on" for c in train_cmd(workdir, store_path, **{"train.steps": 1000})]
     proc = start(cmd, env, tmp_path / "cmds.log", stdin=subprocess.PIPE)
     wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 1, proc, what="step 1")
-    proc.stdin.write("lr 0.01\nexport\nnonsense\n")
+    proc.stdin.write("lr 0.01\nexport\nnonsense\neval\n")
     proc.stdin.flush()
     wait_for(lambda: (workdir / "export" / "config.json").exists(), proc, what="the export")
     proc.stdin.write("quit\n")
@@ -233,6 +233,7 @@ def test_console_commands_drive_the_run(store_path, env, tmp_path):
     err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "command: lr 0.01" in err and "unknown command 'nonsense'" in err and "command: quit" in err
+    assert "eval at step" in err
     lrs = [json.loads(ln)["train/lr"] for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] == pytest.approx(3.25e-4) and lrs[-1] == pytest.approx(0.01)
     assert finished_checkpoints(workdir), "quit saves a checkpoint"

@@ -124,6 +124,45 @@ def test_frozen_parameters_and_nonfinite_guard(store_path, tmp_path):
     t.checkpoints.close()
 
 
+@pytest.mark.needs_espeak
+def test_embedding_injection_replaces_and_freezes_the_tables(store_path, tmp_path):
+    from valle_jax.checkpointing import params_of, save_model
+    from valle_jax.models import init_model
+
+    cfg = model_config(test_config(store_path))
+    donor = jax.device_get(params_of(init_model(cfg, seed=7)))
+    save_model(tmp_path / "donor", cfg, donor, {"a": 1})
+    t = make_trainer(test_config(store_path, **{"optim.embeddings": str(tmp_path / "donor")}), tmp_path / "run")
+    assert sorted(t.injected) == ["lang_emb", "prom_emb", "resp_emb_ar", "resp_emb_nar", "text_emb"]
+    state, _ = run_steps(t, 2)
+    got = jax.device_get(state["params"])
+    for k in t.injected:
+        np.testing.assert_array_equal(got[k], donor[k], err_msg=k)  # injected, then never updated
+    assert not np.array_equal(got["sep"], donor["sep"]) and not np.array_equal(got["classifier"], donor["classifier"])
+    t.checkpoints.close()
+    bad = model_config(test_config(store_path, **{"model.size": "", "model.d_model": 64}))
+    save_model(tmp_path / "wide", bad, jax.device_get(params_of(init_model(bad, seed=1))), {"a": 1})
+    with pytest.raises(ConfigError, match="do not fit"):
+        make_trainer(test_config(store_path, **{"optim.embeddings": str(tmp_path / "wide")}), tmp_path / "run2")
+
+
+@pytest.mark.needs_espeak
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips(store_path, tmp_path, caplog, mode):
+    """A learning rate of 1e30 blows the parameters up after one step; the loss then is not finite."""
+    cfg = test_config(store_path, **{"optim.learning_rate": 1e30, "optim.clip_norm": 0.0, "train.steps": 4,
+                                     "train.save_every": 1, "train.log_every": 1, "train.nonfinite": mode})
+    t = make_trainer(cfg, tmp_path / mode)
+    with caplog.at_level("INFO"):
+        rc = t.run()
+    if mode == "stop":
+        assert rc == 3
+        assert "non-finite loss" in caplog.text and "last good checkpoint" in caplog.text
+        assert t.checkpoints.all_steps() and max(t.checkpoints.all_steps()) < 4
+    else:
+        assert rc == 0 and "update skipped" in caplog.text and "finished 4 steps" in caplog.text
+
+
 def test_schedules_and_optimizers():
     from valle_jax.training.optim import make_optimizer, make_schedule
 
