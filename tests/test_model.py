@@ -1,5 +1,4 @@
 """The model: golden parity, converter, causality, padding invariance, traced levels, KV cache, sizes."""
-import dataclasses
 import shutil
 import subprocess
 import sys
