@@ -42,7 +42,7 @@ def child(args) -> dict:
 
     d, h, n = SIZES[args.size]
     cfg = ModelConfig(arch=args.arch, d_model=d, n_heads=h, n_layers=n, dtype=args.dtype, remat=args.remat,
-                      attention=args.attention)
+                      attention=args.attention, scan_unroll=args.scan_unroll)
     t_len, p_len, r_len = SHAPES[args.shape]
     b = args.batch
     rng = np.random.default_rng(0)
@@ -85,7 +85,8 @@ def child(args) -> dict:
             "achieved_gflops": flops / step_s / 1e9, "matmul_peak_gflops": peak / 1e9,
             "mfu": flops / step_s / (peak * jax.device_count()),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "xla_step_gb": xla_gb,
-            "loss": float(m["loss"]), "dtype": args.dtype, "remat": args.remat, "attention": args.attention}
+            "loss": float(m["loss"]), "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
+            "scan_unroll": args.scan_unroll}
 
 
 def spawn(args, size: str, devices: int) -> dict:
@@ -99,7 +100,8 @@ def spawn(args, size: str, devices: int) -> dict:
         if lib:
             env["LD_PRELOAD"] = lib
     cmd = [sys.executable, __file__, "--child", "--size", size, "--arch", args.arch, "--batch", str(args.batch),
-           "--shape", args.shape, "--dtype", args.dtype, "--attention", args.attention, "--steps", str(args.steps)]
+           "--shape", args.shape, "--dtype", args.dtype, "--attention", args.attention, "--steps", str(args.steps),
+           "--scan-unroll", str(args.scan_unroll)]
     if args.remat:
         cmd.append("--remat")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="dense", choices=("dense", "blocked"))
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--scan-unroll", type=int, default=0, help="layers per scan iteration (0 = fully unrolled)")
     p.add_argument("--steps", type=int, default=4, help="timed steps after a warm-up step")
     p.add_argument("--devices-overhead", action="store_true")
     p.add_argument("--no-tcmalloc", action="store_true", help="run with glibc malloc (see valle_jax/runtime.py)")

@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.dropout = 0.1  # probability, training only
     m.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (parameters stay float32)
     m.remat = False  # recompute layer activations in the backward pass (saves memory)
+    m.scan_unroll = 0  # layers per scan iteration; 0 = fully unrolled (faster, less memory; 1 = compile once per layer)
     m.attention = "dense"  # "dense" | "blocked": query blocks with recomputation, no [B,H,S,S] kept for backward
 
     # ---- mesh: how devices are laid out and what is sharded over them ----

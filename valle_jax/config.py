@@ -110,10 +110,13 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls; parameters, norms, softmax and loss stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass
     attention: str = "dense"  # teacher-forced attention: "dense" | "blocked" (query blocks, no S x S residuals)
+    scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = all (fully unrolled)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ConfigError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.scan_unroll < 0:
+            raise ConfigError(f"model.scan_unroll must be >= 0 (0 = fully unrolled), got {self.scan_unroll}")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.dtype not in DTYPES:
