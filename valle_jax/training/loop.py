@@ -183,7 +183,7 @@ class Trainer:
         it = self._iterator(data_state)
         self._log_setup(state, step)
         averager = monitor.Averager()
-        pending = None  # (step, metrics on device, flops) of the last dispatched step, fetched a step late
+        pending = None  # (step, metrics on device) of the last dispatched batch, fetched one batch late
         last_saved = step
         t_interval, flops_interval, steps_interval = time.perf_counter(), 0.0, 0
         multi = jax.process_count() > 1
