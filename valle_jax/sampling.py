@@ -1,0 +1,113 @@
+"""Token samplers (SPEC §5), pure jnp and per row: every setting is an array with one value per
+batch row, so changing it between calls never recompiles, and rows of one batch may differ.
+
+Order of operations (the reference's `Base.sample`): repetition penalty -> length penalty ->
+top-k / top-p / min-p -> temperature (dynamic when min_temperature differs) -> draw. Temperature 0
+is greedy (the reference divides by zero there).
+
+Penalties are sign-aware by default: a positive logit is divided by the penalty, a negative one
+multiplied, so a penalty never makes a token more likely. `sign_aware=False` is the reference's
+variant (always divide), kept for comparison (docs/deviations.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+NEG_INF = -jnp.inf
+
+
+def _penalise(logits: Array, penalty: Array, sign_aware: bool) -> Array:
+    if sign_aware:
+        return jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return logits / penalty
+
+
+def repetition_penalty(logits_BV: Array, history_BT: Array, history_valid_BT: Array, factor_B: Array,
+                       decay_B: Array, sign_aware: bool = True) -> Array:
+    """Each token already in the row's history is penalised once, by factor * distance^decay, where
+    distance is 1 for the most recent position of the history, 2 for the one before, ... and the
+    token's most recent occurrence counts (the reference's one_time walk from the end)."""
+    b, v = logits_BV.shape
+    t = history_BT.shape[1]
+    last = jnp.max(jnp.where(history_valid_BT, jnp.arange(t)[None, :], -1), axis=1)  # [B]
+    distance = (last[:, None] - jnp.arange(t)[None, :] + 1).astype(jnp.float32)
+    distance = jnp.where(history_valid_BT, distance, jnp.inf)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], history_BT.shape)
+    nearest_BV = jnp.full((b, v), jnp.inf).at[rows, jnp.clip(history_BT, 0, v - 1)].min(distance)
+    seen = jnp.isfinite(nearest_BV)
+    penalty = factor_B[:, None] * jnp.where(seen, nearest_BV, 1.0) ** decay_B[:, None]
+    apply = seen & (factor_B[:, None] != 1.0)
+    return jnp.where(apply, _penalise(logits_BV, penalty, sign_aware), logits_BV)
+
+
+def length_penalty(logits_BV: Array, length_B: Array, factor_B: Array, stop_token: int,
+                   sign_aware: bool = True) -> Array:
+    """The stop token's logit penalised by (length + 1)^factor (factor 0: off)."""
+    penalty = (length_B.astype(jnp.float32) + 1.0) ** factor_B
+    stop = logits_BV[:, stop_token]
+    new = jnp.where(factor_B != 0, _penalise(stop, penalty, sign_aware), stop)
+    return logits_BV.at[:, stop_token].set(new)
+
+
+def top_k(logits_BV: Array, k_B: Array) -> Array:
+    """Keeps logits >= the k-th largest of the row (ties kept); k <= 0: off."""
+    v = logits_BV.shape[1]
+    sorted_desc = -jnp.sort(-logits_BV, axis=-1)
+    kth = jnp.take_along_axis(sorted_desc, (jnp.clip(k_B, 1, v) - 1)[:, None], axis=-1)
+    return jnp.where((k_B[:, None] > 0) & (logits_BV < kth), NEG_INF, logits_BV)
+
+
+def top_p(logits_BV: Array, p_B: Array) -> Array:
+    """Keeps the smallest set of most likely tokens whose probability reaches p (the first token that
+    crosses p is kept, the top token always); p >= 1: off."""
+    sorted_desc = -jnp.sort(-logits_BV, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+    remove = jnp.concatenate([jnp.zeros_like(cum[:, :1], bool), cum[:, :-1] > p_B[:, None]], axis=-1)
+    threshold = jnp.min(jnp.where(remove, jnp.inf, sorted_desc), axis=-1, keepdims=True)
+    return jnp.where((p_B[:, None] < 1.0) & (logits_BV < threshold), NEG_INF, logits_BV)
+
+
+def min_p(logits_BV: Array, p_B: Array) -> Array:
+    """Keeps tokens whose probability is at least p times the top token's; p <= 0: off."""
+    logp = jax.nn.log_softmax(logits_BV, axis=-1)
+    cut = jnp.max(logp, axis=-1, keepdims=True) + jnp.log(jnp.maximum(p_B[:, None], 1e-30))
+    return jnp.where((p_B[:, None] > 0) & (logp < cut), NEG_INF, logits_BV)
+
+
+def temperature_of(logits_BV: Array, temperature_B: Array, min_temperature_B: Array) -> Array:
+    """The temperature per row: dynamic (SPEC §5.5: towards min_temperature when the top token is
+    likely) when it differs from temperature by 0.001 or more, else temperature."""
+    p_max = 1.0 / jnp.sum(jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)), axis=-1)
+    dynamic = temperature_B - (temperature_B - min_temperature_B) / (1.0 + jnp.exp(-10.0 * (p_max - 0.5)))
+    return jnp.where(jnp.abs(temperature_B - min_temperature_B) >= 0.001, dynamic, temperature_B)
+
+
+def sample(key: Array, logits_BV: Array, *, temperature_B: Array, min_temperature_B: Array | None = None,
+           top_k_B: Array | None = None, top_p_B: Array | None = None, min_p_B: Array | None = None,
+           history_BT: Array | None = None, history_valid_BT: Array | None = None,
+           repetition_penalty_B: Array | None = None, repetition_decay_B: Array | None = None,
+           length_B: Array | None = None, length_penalty_B: Array | None = None, stop_token: int | None = None,
+           sign_aware: bool = True) -> Array:
+    """One token per row (int32[B]). Rows with temperature 0 take the argmax of the filtered logits."""
+    b = logits_BV.shape[0]
+    x = logits_BV.astype(jnp.float32)
+    if repetition_penalty_B is not None and history_BT is not None:
+        decay = repetition_decay_B if repetition_decay_B is not None else jnp.zeros((b,), jnp.float32)
+        valid = history_valid_BT if history_valid_BT is not None else jnp.ones(history_BT.shape, bool)
+        x = repetition_penalty(x, history_BT, valid, repetition_penalty_B, decay, sign_aware)
+    if length_penalty_B is not None and length_B is not None and stop_token is not None:
+        x = length_penalty(x, length_B, length_penalty_B, stop_token, sign_aware)
+    if top_k_B is not None:
+        x = top_k(x, top_k_B)
+    if top_p_B is not None:
+        x = top_p(x, top_p_B)
+    if min_p_B is not None:
+        x = min_p(x, min_p_B)
+    t_min = temperature_B if min_temperature_B is None else jnp.where(min_temperature_B < 0, temperature_B,
+                                                                      min_temperature_B)
+    temp = temperature_of(x, temperature_B, t_min)
+    greedy = jnp.argmax(x, axis=-1)
+    drawn = jax.random.categorical(key, x / jnp.where(temp > 0, temp, 1.0)[:, None], axis=-1)
+    return jnp.where(temperature_B > 0, drawn, greedy).astype(jnp.int32)
