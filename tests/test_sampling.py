@@ -86,3 +86,29 @@ def test_greedy_rows_seeded_draws_and_per_row_settings(logits):
     f(jax.random.key(0), logits, t, jnp.array([1, 2, 3, 4]))
     f(jax.random.key(0), logits, t * 0.5, jnp.array([4, 3, 2, 1]))
     assert f._cache_size() == 1
+
+
+def test_mirostat_tracks_its_target_surprise():
+    zipf = -1.2 * jnp.log(jnp.arange(1, 1025, dtype=jnp.float32))  # a Zipfian distribution over 1024 codes
+    logits = jnp.stack([zipf, zipf])
+    tau, eta = jnp.array([3.0, 5.0]), jnp.array([0.1, 0.1])
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    mu = S.mirostat_init(tau)
+    np.testing.assert_allclose(mu, [6.0, 10.0])
+    surprises = []
+    for key in jax.random.split(jax.random.key(0), 400):
+        tok, mu = S.mirostat(key, logits, mu, tau, eta)
+        surprises.append(-np.log2(probs[np.arange(2), np.asarray(tok)]))
+    mean = np.mean(surprises[100:], axis=0)
+    np.testing.assert_allclose(mean, [3.0, 5.0], atol=0.6)  # each row tracks its own tau
+
+
+def test_repetition_aware_sampling_escapes_loops():
+    logits = jnp.array([[5.0, 4.0, 3.0] + [0.0] * (V - 3)] * 2)
+    history = jnp.array([[0] * 10, list(range(3, 13))])  # row 0 repeats token 0, row 1 does not
+    valid = jnp.ones_like(history, bool)
+    keys = jax.random.split(jax.random.key(2), 300)
+    draws = np.asarray(jax.vmap(lambda k: S.repetition_aware(
+        k, logits, history, valid, top_p_B=jnp.array([0.5, 0.5]), temperature_B=jnp.array([1.0, 1.0])))(keys))
+    assert set(draws[:, 1]) == {0}  # the nucleus is token 0 alone, and it has not been repeated
+    assert len(set(draws[:, 0])) > 2  # row 0 looped on token 0: drawn from the whole distribution

@@ -111,3 +111,49 @@ def sample(key: Array, logits_BV: Array, *, temperature_B: Array, min_temperatur
     greedy = jnp.argmax(x, axis=-1)
     drawn = jax.random.categorical(key, x / jnp.where(temp > 0, temp, 1.0)[:, None], axis=-1)
     return jnp.where(temperature_B > 0, drawn, greedy).astype(jnp.int32)
+
+
+def mirostat_init(tau_B: Array) -> Array:
+    """The starting surprise budget mu per row: 2 tau, as in the Mirostat paper (the reference's
+    2 eta is a bug, SPEC §5.8)."""
+    return 2.0 * tau_B
+
+
+def mirostat(key: Array, logits_BV: Array, mu_B: Array, tau_B: Array, eta_B: Array) -> tuple[Array, Array]:
+    """Mirostat v1 (SPEC §5.8) with per-row state: (tokens int32[B], new mu[B]). The Zipf exponent is
+    estimated from the 101 largest probabilities; k tokens are kept so that the expected surprise
+    is mu; mu then moves by eta times the error against the target surprise tau."""
+    b, v = logits_BV.shape
+    order = jnp.argsort(-logits_BV, axis=-1)
+    sorted_desc = jnp.take_along_axis(logits_BV, order, axis=-1)
+    p = jax.nn.softmax(sorted_desc, axis=-1)
+    m = min(100, v - 1)
+    i = jnp.arange(m, dtype=jnp.float32)
+    ln_t = jnp.log((i + 2) / (i + 1))
+    ln_b = jnp.log(jnp.maximum(p[:, :m], 1e-30) / jnp.maximum(p[:, 1:m + 1], 1e-30))
+    s = jnp.sum(ln_b * ln_t, axis=-1) / jnp.sum(ln_t ** 2)
+    eps = jnp.maximum(s - 1.0, 1e-6)
+    k = jnp.round(((eps * 2.0 ** mu_B) / (1.0 - v ** (-eps))) ** (1.0 / jnp.maximum(s, 1e-6))) + 1
+    k = jnp.clip(jnp.nan_to_num(k, nan=v, posinf=v), 1, v).astype(jnp.int32)
+    masked = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_desc, NEG_INF)
+    idx = jax.random.categorical(key, masked, axis=-1)
+    surprise = -jnp.log2(jnp.take_along_axis(p, idx[:, None], axis=-1)[:, 0])
+    tokens = jnp.take_along_axis(order, idx[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), mu_B - eta_B * (surprise - tau_B)
+
+
+def repetition_aware(key: Array, logits_BV: Array, history_BT: Array, history_valid_BT: Array, *,
+                     top_p_B: Array, temperature_B: Array, window: int = 10, threshold_B: Array | None = None) -> Array:
+    """VALL-E 2's repetition-aware sampling: draw from the nucleus; if that token fills at least
+    `threshold` of the last `window` valid history tokens, draw again from the whole distribution
+    (which breaks the loops nucleus sampling falls into)."""
+    b, t = history_BT.shape
+    k_nuc, k_full = jax.random.split(key)
+    scaled = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    nucleus = jax.random.categorical(k_nuc, top_p(scaled, top_p_B), axis=-1)
+    full = jax.random.categorical(k_full, scaled, axis=-1)
+    last = jnp.max(jnp.where(history_valid_BT, jnp.arange(t)[None, :], -1), axis=1)
+    recent = history_valid_BT & (jnp.arange(t)[None, :] > (last - window)[:, None])
+    ratio = jnp.sum(recent & (history_BT == nucleus[:, None]), axis=-1) / window
+    thr = threshold_B if threshold_B is not None else jnp.full((b,), 0.1)
+    return jnp.where(ratio >= thr, full, nucleus).astype(jnp.int32)
