@@ -57,7 +57,6 @@ def export(params: Mapping, cfg: ModelConfig, symmap: Mapping, stats: Mapping, o
     out = Path(out)
     if fmt == "auto":
         fmt = "reference" if out.suffix == ".pth" else "valle_jax"
-    params = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in params.items()}
     params = _to_numpy(params)
     if fmt == "reference":
         return write_reference(out, params, cfg, symmap, stats, overwrite)

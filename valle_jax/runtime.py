@@ -29,8 +29,8 @@ def reexec_with_tcmalloc(module: str) -> None:
     """Replaces this process by `python -m module <same args>` with TCMalloc preloaded, if useful."""
     if os.environ.get("VALLE_JAX_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
-    if "jax" in sys.modules and getattr(sys.modules["jax"], "_src", None) is not None and _backend_started():
-        return  # too late to swap allocators safely
+    if "jax" in sys.modules:
+        return  # called too late: keep the allocator the process started with
     lib = find_tcmalloc()
     if lib is None:
         return
@@ -38,11 +38,3 @@ def reexec_with_tcmalloc(module: str) -> None:
     sys.stdout.flush(), sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
-
-def _backend_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-
-        return bool(getattr(xla_bridge, "_backends", {}))
-    except Exception:  # noqa: BLE001 - internal API; assume started to stay safe
-        return True

@@ -99,13 +99,12 @@ class Averager:
         self.reset()
 
     def reset(self):
-        self.n, self.sums, self.last = 0, {}, {}
+        self.n, self.sums = 0, {}
 
     def add(self, metrics: dict) -> None:
         self.n += 1
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + np.asarray(v, np.float64)
-        self.last = metrics
 
     def mean(self, k: str):
         return self.sums[k] / max(self.n, 1)
