@@ -24,22 +24,33 @@ def _penalise(logits: Array, penalty: Array, sign_aware: bool) -> Array:
     return logits / penalty
 
 
-def repetition_penalty(logits_BV: Array, history_BT: Array, history_valid_BT: Array, factor_B: Array,
-                       decay_B: Array, sign_aware: bool = True) -> Array:
-    """Each token already in the row's history is penalised once, by factor * distance^decay, where
-    distance is 1 for the most recent position of the history, 2 for the one before, ... and the
-    token's most recent occurrence counts (the reference's one_time walk from the end)."""
-    b, v = logits_BV.shape
-    t = history_BT.shape[1]
+def repetition_factors(history_BT: Array, history_valid_BT: Array, factor_B: Array, decay_B: Array,
+                       vocab: int) -> tuple[Array, Array]:
+    """(penalty [B, V], applies [B, V]) for a row's history: each token already in it is penalised
+    once, by factor * distance^decay, where distance is 1 for the most recent position of the
+    history, 2 for the one before, ... and the token's most recent occurrence counts (the
+    reference's one_time walk from the end). Separate from applying it so that one history can
+    penalise many rows (the NAR's frames all share the previous level's codes)."""
+    b, t = history_BT.shape
     last = jnp.max(jnp.where(history_valid_BT, jnp.arange(t)[None, :], -1), axis=1)  # [B]
     distance = (last[:, None] - jnp.arange(t)[None, :] + 1).astype(jnp.float32)
     distance = jnp.where(history_valid_BT, distance, jnp.inf)
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], history_BT.shape)
-    nearest_BV = jnp.full((b, v), jnp.inf).at[rows, jnp.clip(history_BT, 0, v - 1)].min(distance)
+    nearest_BV = jnp.full((b, vocab), jnp.inf).at[rows, jnp.clip(history_BT, 0, vocab - 1)].min(distance)
     seen = jnp.isfinite(nearest_BV)
     penalty = factor_B[:, None] * jnp.where(seen, nearest_BV, 1.0) ** decay_B[:, None]
-    apply = seen & (factor_B[:, None] != 1.0)
-    return jnp.where(apply, _penalise(logits_BV, penalty, sign_aware), logits_BV)
+    return penalty, seen & (factor_B[:, None] != 1.0)
+
+
+def apply_penalty(logits: Array, penalty: Array, applies: Array, sign_aware: bool = True) -> Array:
+    return jnp.where(applies, _penalise(logits, penalty, sign_aware), logits)
+
+
+def repetition_penalty(logits_BV: Array, history_BT: Array, history_valid_BT: Array, factor_B: Array,
+                       decay_B: Array, sign_aware: bool = True) -> Array:
+    """`repetition_factors` applied to the row's own logits."""
+    penalty, applies = repetition_factors(history_BT, history_valid_BT, factor_B, decay_B, logits_BV.shape[1])
+    return apply_penalty(logits_BV, penalty, applies, sign_aware)
 
 
 def length_penalty(logits_BV: Array, length_B: Array, factor_B: Array, stop_token: int,
@@ -84,13 +95,13 @@ def temperature_of(logits_BV: Array, temperature_B: Array, min_temperature_B: Ar
     return jnp.where(jnp.abs(temperature_B - min_temperature_B) >= 0.001, dynamic, temperature_B)
 
 
-def sample(key: Array, logits_BV: Array, *, temperature_B: Array, min_temperature_B: Array | None = None,
-           top_k_B: Array | None = None, top_p_B: Array | None = None, min_p_B: Array | None = None,
-           history_BT: Array | None = None, history_valid_BT: Array | None = None,
-           repetition_penalty_B: Array | None = None, repetition_decay_B: Array | None = None,
-           length_B: Array | None = None, length_penalty_B: Array | None = None, stop_token: int | None = None,
-           sign_aware: bool = True) -> Array:
-    """One token per row (int32[B]). Rows with temperature 0 take the argmax of the filtered logits."""
+def filter_logits(logits_BV: Array, *, top_k_B: Array | None = None, top_p_B: Array | None = None,
+                  min_p_B: Array | None = None, history_BT: Array | None = None,
+                  history_valid_BT: Array | None = None, repetition_penalty_B: Array | None = None,
+                  repetition_decay_B: Array | None = None, length_B: Array | None = None,
+                  length_penalty_B: Array | None = None, stop_token: int | None = None,
+                  sign_aware: bool = True) -> Array:
+    """Penalties then truncation (SPEC §5.1 steps 4-6), in float32; filtered tokens become -inf."""
     b = logits_BV.shape[0]
     x = logits_BV.astype(jnp.float32)
     if repetition_penalty_B is not None and history_BT is not None:
@@ -105,12 +116,28 @@ def sample(key: Array, logits_BV: Array, *, temperature_B: Array, min_temperatur
         x = top_p(x, top_p_B)
     if min_p_B is not None:
         x = min_p(x, min_p_B)
+    return x
+
+
+def effective_temperature(x_BV: Array, temperature_B: Array, min_temperature_B: Array | None) -> Array:
+    """The temperature each row is drawn at: min_temperature < 0 means "as temperature" (SPEC §5.1)."""
     t_min = temperature_B if min_temperature_B is None else jnp.where(min_temperature_B < 0, temperature_B,
                                                                       min_temperature_B)
-    temp = temperature_of(x, temperature_B, t_min)
-    greedy = jnp.argmax(x, axis=-1)
-    drawn = jax.random.categorical(key, x / jnp.where(temp > 0, temp, 1.0)[:, None], axis=-1)
+    return temperature_of(x_BV, temperature_B, t_min)
+
+
+def draw(key: Array, x_BV: Array, temperature_B: Array, min_temperature_B: Array | None = None) -> Array:
+    """One token per row from filtered logits; rows with temperature 0 take the argmax."""
+    temp = effective_temperature(x_BV, temperature_B, min_temperature_B)
+    greedy = jnp.argmax(x_BV, axis=-1)
+    drawn = jax.random.categorical(key, x_BV / jnp.where(temp > 0, temp, 1.0)[:, None], axis=-1)
     return jnp.where(temperature_B > 0, drawn, greedy).astype(jnp.int32)
+
+
+def sample(key: Array, logits_BV: Array, *, temperature_B: Array, min_temperature_B: Array | None = None,
+           **filters) -> Array:
+    """One token per row (int32[B]): `filter_logits(logits, **filters)`, then `draw`."""
+    return draw(key, filter_logits(logits_BV, **filters), temperature_B, min_temperature_B)
 
 
 def mirostat_init(tau_B: Array) -> Array:

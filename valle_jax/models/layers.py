@@ -101,8 +101,10 @@ def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropou
     return out.reshape(b, s, h, dh)
 
 
-def update_cache(cache_k: Array, cache_v: Array, k: Array, v: Array, index: Array) -> tuple[Array, Array]:
-    """Writes this step's keys/values at slot `index` (a scalar): an in-place update when donated."""
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+def update_cache(cache_k: Array, cache_v: Array, k: Array, v: Array, layer: Array, index: Array) -> tuple[Array, Array]:
+    """Writes layer `layer`'s new keys/values [B, S, G, Dh] at slot `index` of the stacked cache
+    [layers, B, K, G, Dh] (scalars): an in-place update when the cache is a loop carry or donated."""
+    at = (layer, 0, index, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
     return cache_k, cache_v

@@ -35,16 +35,28 @@ def layout(batch: dict, level_B: Array) -> tuple[Array, Array]:
     """For each packed position, its index into the concatenated segment sources
     [text (T) | sep (1) | lang (1) | prompt (P) | response with stop slot (R + 1)], and validity.
     """
-    t_cap, p_cap = batch["text"].shape[1], batch["prompt"].shape[1]
-    tl, pl = batch["text_len"][:, None], batch["prompt_len"][:, None]
-    rl = batch["resp_len"][:, None] + (level_B[:, None] == 0)  # the AR input carries a stop row
-    s = jnp.arange(seq_len(batch))[None, :]
+    rl = batch["resp_len"] + (level_B == 0)  # the AR input carries a stop row
+    return segment_index(batch["text_len"], batch["prompt_len"], rl, batch["text"].shape[1],
+                         batch["prompt"].shape[1], seq_len(batch))
+
+
+def segment_index(text_len_B: Array, prompt_len_B: Array, resp_rows_B: Array, t_cap: int, p_cap: int,
+                  s_len: int) -> tuple[Array, Array]:
+    """`layout` from lengths: each row's segments packed contiguously into `s_len` positions.
+    With `resp_rows_B` = 0 it lays out the prefix `[text | sep | lang | sep | prompt | sep]` alone."""
+    tl, pl, rl = text_len_B[:, None], prompt_len_B[:, None], resp_rows_B[:, None]
+    s = jnp.arange(s_len)[None, :]
     p0, r0 = tl + 3, tl + pl + 4  # first prompt and first response position
     sep = t_cap
     idx = jnp.select(
         [s < tl, s == tl, s == tl + 1, s == tl + 2, s < p0 + pl, s == p0 + pl, s < r0 + rl],
         [s, sep, t_cap + 1, sep, t_cap + 2 + (s - p0), sep, t_cap + 2 + p_cap + (s - r0)], 0)
     return idx, s < r0 + rl
+
+
+def prefix_len(text_len_B: Array, prompt_len_B: Array) -> Array:
+    """Positions before the first response frame: text + prompt + 2 separators, lang, separator."""
+    return text_len_B + prompt_len_B + 4
 
 
 def targets(batch: dict, level_B: Array, stop_token: int) -> tuple[Array, Array]:
@@ -106,6 +118,27 @@ class VALLE(nnx.Module):
         nar = sum(jnp.where((k < level_B)[:, None, None], w[k + 1] * tables[k][codes[..., k]], 0.0)
                   for k in range(min(cfg.n_resp_levels - 1, codes.shape[-1])))
         return jnp.where((level_B == 0)[:, None, None], ar, nar)
+
+    def embed_prefix(self, text_BT: Array, text_len_B: Array, lang_B: Array, prompt_BPQ: Array,
+                     prompt_len_B: Array) -> tuple[Array, Array]:
+        """(x [B, T + P + 4, D], valid) of `[text | sep | lang | sep | prompt | sep]` alone: with causal
+        attention these positions do not depend on the response, so decoding computes them once."""
+        b, t_cap = text_BT.shape
+        sources = jnp.concatenate([
+            self.text_emb[...][text_BT],
+            jnp.broadcast_to(self.sep[...], (b, 1, self.cfg.d_model)),
+            self.lang_emb[...][lang_B][:, None],
+            self.embed_prompt(prompt_BPQ)], axis=1)
+        idx, valid = segment_index(text_len_B, prompt_len_B, jnp.zeros_like(text_len_B), t_cap,
+                                   prompt_BPQ.shape[1], t_cap + prompt_BPQ.shape[1] + 4)
+        x = jnp.take_along_axis(sources, idx[..., None], axis=1)
+        return jnp.where(valid[..., None], x.astype(jnp.float32), 0.0), valid
+
+    def embed_frames(self, codes_BRQ: Array, level_B: Array) -> Array:
+        """[B, R, D] response inputs without a stop row: level 0 embeds the AR tokens codes[..., 0]
+        (the stop token included), level l > 0 the sum of levels 0..l-1 (the NAR input)."""
+        r = codes_BRQ.shape[1]
+        return self.embed_response(codes_BRQ, jnp.full(level_B.shape, r), level_B)[:, :r]
 
     def embed(self, batch: dict, level_B: Array) -> tuple[Array, Array]:
         """(x [B, S, D] packed input sequence, valid [B, S])."""

@@ -1,0 +1,218 @@
+"""Decoding: cached == uncached == teacher forcing, chunking, batching, seeds, early exit, beam
+search, mirostat, rolling context and the NAR levels."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from valle_jax import decoding as D
+from valle_jax.config import ModelConfig
+from valle_jax.models import init_model
+
+STOP = 1024
+
+
+def tiny(arch="transformer", **kw):
+    return ModelConfig(arch=arch, d_model=48, n_heads=4, n_layers=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(tiny(), 0)
+
+
+@pytest.fixture(scope="module")
+def decoder(model):
+    return D.Decoder(model)
+
+
+def utterances(seed=0, sizes=((12, 40), (20, 70), (7, 25))):
+    rng = np.random.default_rng(seed)
+    texts = [list(rng.integers(1, 200, t)) for t, _ in sizes]
+    prompts = [rng.integers(0, 1024, (p, 8)) for _, p in sizes]
+    return texts, prompts
+
+
+def inputs_of(texts, prompts, **caps):
+    return D.make_inputs(texts, prompts, [0] * len(texts), 8, **caps)
+
+
+GREEDY = D.Settings(max_ar_steps=40, ar_temp=0.0, nar_temp=0.0)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "llama"])
+def test_cached_equals_uncached_recomputation(arch):
+    cfg = tiny(arch, n_kv_heads=2 if arch == "llama" else 0)
+    dec = D.Decoder(init_model(cfg, 1))
+    inputs = inputs_of(*utterances(1))
+    cached = dec.ar(inputs, GREEDY, keep_logits=True)
+    full = dec.ar(inputs, GREEDY, cached=False, keep_logits=True)
+    np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
+    steps = GREEDY.max_ar_steps
+    np.testing.assert_allclose(np.asarray(cached.logits)[:, :steps], np.asarray(full.logits)[:, :steps], atol=1e-5)
+
+
+def test_ar_logits_equal_teacher_forcing(model, decoder):
+    """Each step's logits are the training forward's logits for the generated prefix."""
+    texts, prompts = utterances(2)
+    inputs = inputs_of(texts, prompts)
+    out = decoder.ar(inputs, dataclasses.replace(GREEDY, ar_temp=1.0, seed=3), keep_logits=True)
+    length = np.asarray(out.length)
+    r = int(length.max())
+    batch = {"text": jnp.asarray(inputs.text), "text_len": jnp.asarray(inputs.text_len), "lang": jnp.asarray(inputs.lang),
+             "prompt": jnp.asarray(inputs.prompt), "prompt_len": jnp.asarray(inputs.prompt_len),
+             "resp": jnp.asarray(np.asarray(out.tokens)[:, :r, None]), "resp_len": jnp.asarray(length)}
+    logits, _ = model(batch, jnp.zeros((3,), jnp.int32))
+    plen = np.asarray(inputs.text_len) + np.asarray(inputs.prompt_len) + 4
+    for i in range(3):
+        n = length[i] + bool(out.stopped[i])  # the logits that chose frames 0..len (and the stop)
+        tf = np.asarray(logits)[i, plen[i] - 1: plen[i] - 1 + n]
+        np.testing.assert_allclose(np.asarray(out.logits)[i, :n], tf, atol=2e-5)
+
+
+def test_chunk_sizes_give_identical_results(model):
+    inputs = inputs_of(*utterances(3))
+    settings = dataclasses.replace(GREEDY, ar_temp=1.0, top_k=50, seed=7)
+    runs = [D.Decoder(model, chunk=c).ar(inputs, settings) for c in (1, 5, 8)]
+    steps = settings.max_ar_steps
+    for r in runs[1:]:
+        np.testing.assert_array_equal(np.asarray(r.length), np.asarray(runs[0].length))
+        np.testing.assert_array_equal(np.asarray(r.tokens)[:, :steps], np.asarray(runs[0].tokens)[:, :steps])
+
+
+def test_batched_equals_one_by_one(decoder):
+    texts, prompts = utterances(4)
+    together = decoder.generate(inputs_of(texts, prompts), GREEDY)
+    for i in range(len(texts)):
+        alone = decoder.generate(inputs_of([texts[i]], [prompts[i]]), GREEDY)
+        np.testing.assert_array_equal(alone.codes[0], together.codes[i])
+
+
+def test_seeded_sampling_is_reproducible(decoder):
+    inputs = inputs_of(*utterances(5))
+    s = D.Settings(max_ar_steps=30, seed=11)
+    a, b = decoder.generate(inputs, s), decoder.generate(inputs, s)
+    c = decoder.generate(inputs, dataclasses.replace(s, seed=12))
+    assert all(np.array_equal(x, y) for x, y in zip(a.codes, b.codes))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.codes, c.codes))
+
+
+def test_per_row_step_limits_and_stop_flags(decoder):
+    inputs = inputs_of(*utterances(6))
+    knobs = D.Knobs.of(GREEDY, 3)._replace(max_steps=np.array([5, 17, 40], np.int32))
+    out = decoder.ar(inputs, GREEDY, knobs=knobs)
+    np.testing.assert_array_equal(np.asarray(out.length), [5, 17, 40])  # this random model never stops
+    assert not np.asarray(out.stopped).any()
+
+
+def _constant_step(logits_V, stop_at=None):
+    """A step_fn whose state counts its calls; its logits force the stop token from step `stop_at`."""
+    def step(count, tok, t):
+        logits = jnp.broadcast_to(logits_V, (tok.shape[0], logits_V.shape[0]))
+        if stop_at is not None:
+            logits = jnp.where(t + 1 >= stop_at, jnp.where(jnp.arange(logits_V.shape[0]) == STOP, 50.0, -50.0), logits)
+        return logits, count + 1
+    return step
+
+
+def test_early_exit_stops_the_loop():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=STOP + 1), jnp.float32).at[STOP].set(-1e9)
+    knobs = D.Knobs.of(D.Settings(max_ar_steps=600, ar_temp=0.0), 2)
+    out = jax.jit(lambda: D.ar_loop(jnp.tile(logits, (2, 1)), _constant_step(logits, stop_at=3), jnp.zeros((), jnp.int32),
+                                    knobs, jax.random.key(0), n_slots=600, stop=STOP, chunk=8))()
+    np.testing.assert_array_equal(np.asarray(out.length), [3, 3])
+    assert np.asarray(out.stopped).all()
+    assert int(out.state) == 8  # one chunk of steps ran, not 600
+
+
+def test_beam_search_beats_greedy_on_a_constructed_case():
+    """Token 0 is likelier first (0.6), but every continuation after it is flat; token 1 (0.4) is
+    followed by the stop token with 0.99. Greedy takes 0 and pays for it; beam search finds 1, stop."""
+    v = STOP + 1
+    first = np.full(v, -1e9, np.float32)
+    first[[0, 1]] = np.log([0.6, 0.4])
+    after0 = np.full(v, -1e9, np.float32)
+    after0[:8] = np.log(1 / 8)
+    after1 = np.full(v, -1e9, np.float32)
+    after1[[STOP, 2]] = np.log([0.99, 0.01])
+    table = jnp.asarray(np.stack([after0, after1, after0] + [after0] * 5))
+
+    def step(prev, tok, t):
+        return table[jnp.clip(tok, 0, 7)], tok
+
+    def reorder(state, rows):
+        return state[rows]
+
+    settings = D.Settings(max_ar_steps=6, ar_temp=1.0, beam_width=3)
+    knobs = D.Knobs.of(settings, 3)
+    out, score = jax.jit(lambda: D.beam_loop(jnp.tile(jnp.asarray(first), (3, 1)), step, reorder,
+                                             jnp.zeros((3,), jnp.int32), knobs, width=3, n_slots=8, stop=STOP, chunk=4))()
+    greedy = D.ar_loop(jnp.asarray(first)[None], step, jnp.zeros((1,), jnp.int32), D.Knobs.of(
+        dataclasses.replace(settings, beam_width=0, ar_temp=0.0), 1), jax.random.key(0), n_slots=8, stop=STOP, chunk=4)
+    g = np.asarray(greedy.tokens[0])
+    logp = jax.nn.log_softmax(jnp.asarray(first))[g[0]] + sum(
+        jax.nn.log_softmax(table[min(g[i - 1], 7)])[g[i]] for i in range(1, 6))
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0, :2], [1, STOP])
+    assert int(out.length[0]) == 1 and int(greedy.length[0]) == 6
+    assert float(score[0]) == pytest.approx(np.log(0.4 * 0.99), abs=1e-4)
+    assert float(score[0]) > float(logp) + 5
+
+
+def test_mirostat_tracks_tau():
+    v = STOP + 1
+    logits = jnp.asarray(-1.1 * np.log(np.arange(1, v + 1)), jnp.float32).at[STOP].set(-1e9)  # Zipf-like
+    settings = D.Settings(max_ar_steps=400, mirostat_tau=4.0, mirostat_eta=0.1)
+    out = jax.jit(lambda: D.ar_loop(logits[None], _constant_step(logits), jnp.zeros((), jnp.int32),
+                                    D.Knobs.of(settings, 1), jax.random.key(1), n_slots=400, stop=STOP,
+                                    chunk=8, mode="mirostat"))()
+    logp2 = np.asarray(jax.nn.log_softmax(logits)) / np.log(2)
+    surprise = -logp2[np.asarray(out.tokens[0])]
+    assert abs(surprise[100:].mean() - 4.0) < 0.5, surprise[100:].mean()
+
+
+def test_rolling_context_keeps_a_window(decoder):
+    inputs = inputs_of(*utterances(7))
+    windowed = decoder.ar(inputs, dataclasses.replace(GREEDY, max_ar_context=6))
+    sp = inputs.text.shape[1] + inputs.prompt.shape[1] + 4
+    cache, _ = windowed.state
+    assert (np.asarray(cache["valid"])[:, sp:].sum(axis=1) == 6).all()
+    wide = decoder.ar(inputs, dataclasses.replace(GREEDY, max_ar_context=10_000))
+    plain = decoder.ar(inputs, GREEDY)
+    np.testing.assert_array_equal(np.asarray(wide.tokens), np.asarray(plain.tokens))
+    assert not np.array_equal(np.asarray(windowed.tokens), np.asarray(plain.tokens))
+
+
+def test_nar_reuses_the_prefix_and_never_samples_stop(model, decoder):
+    inputs = inputs_of(*utterances(8))
+    ar = decoder.ar(inputs, GREEDY)
+    # a stop-loving classifier: the NAR must still never emit the stop token
+    params = jax.tree.map(lambda x: x, decoder.params)
+    params["classifier_bias"] = params["classifier_bias"].at[STOP].add(100.0)
+    settings = dataclasses.replace(GREEDY, nar_temp=1.0)
+    knobs = D.Knobs.of(settings, 3, ar=False)
+    r = int(np.asarray(ar.length).max())
+    key = jax.random.key(0)
+    with_cache = decoder._nar(params, inputs, ar.state[0], ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), key,
+                              sign_aware=True)
+    full = decoder._nar(params, inputs, None, ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), key, sign_aware=True)
+    np.testing.assert_array_equal(np.asarray(with_cache), np.asarray(full))
+    codes = np.asarray(with_cache)
+    assert codes.max() < STOP and (codes[:, :, 1:] != 0).any()
+
+
+def test_nar_level_count(decoder):
+    inputs = inputs_of(*utterances(9))
+    for levels, expect in ((3, 4), (0, 8)):  # 0 means every level, as in the reference
+        out = decoder.generate(inputs, dataclasses.replace(GREEDY, max_nar_levels=levels))
+        assert all(c.shape == (40, expect) for c in out.codes)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(D.DecodeError, match="top_p"):
+        D.Settings(top_p=0.0)
+    with pytest.raises(D.DecodeError, match="beam search and mirostat"):
+        D.Settings(beam_width=4, mirostat_tau=3.0)
+    with pytest.raises(D.DecodeError, match="prompt 0"):
+        D.make_inputs([[1, 2]], [np.zeros((10, 4))], [0], 8)

@@ -1,0 +1,477 @@
+"""Decoding: one prefill, a KV-cached AR loop on device, the NAR levels in one jitted loop.
+
+    decoder = Decoder(model)
+    out = decoder.generate(inputs, settings)   # inputs: text ids and prompt codes per utterance
+
+The AR is `lax.scan` chunks of single-token steps inside a `lax.while_loop` that exits once every row
+has produced the stop token (or its step limit): sampling happens inside the loop, so no token
+makes a host round trip. Text, prompt and step limit are padded to buckets, and every per-call
+value (temperatures, penalties, limits) is an array with one value per row, so a compile serves a
+whole bucket and batch size.
+
+With causal attention (the reference's model) the prefix `[text | sep | lang | sep | prompt | sep]`
+does not depend on the response: its keys and values are computed once, and the AR and every NAR
+level attend to them from the cache; a NAR level only computes the response positions. With
+`bidirectional_nar` the NAR reruns the whole sequence instead.
+
+Samplers (valle_jax.sampling): temperature (0: greedy), dynamic temperature, top-k, top-p, min-p,
+repetition and length penalties, mirostat, VALL-E 2's repetition-aware sampling, and a real beam
+search whose beams reorder the cache. The stop token is banned in NAR passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from valle_jax import sampling as S
+from valle_jax.models.valle import VALLE, prefix_len
+
+Array = jax.Array
+NEG_INF = -jnp.inf
+
+TEXT_BUCKETS = (32, 64, 128, 256, 512, 1024)  # phoneme ids, <s> and </s> included
+PROMPT_BUCKETS = (75, 150, 225, 300, 450, 600, 900, 1350, 1800)  # frames (75 per second)
+STEP_BUCKETS = (75, 150, 300, 450, 600, 900, 1350, 1800, 2700)  # AR steps / response frames
+MODES = ("sample", "mirostat", "repetition_aware", "beam")
+
+
+class DecodeError(ValueError):
+    """Settings or inputs decoding cannot use."""
+
+
+def bucket(n: int, sizes: Sequence[int]) -> int:
+    """The smallest size >= n; past the largest, n rounded up to a multiple of the largest."""
+    for s in sizes:
+        if n <= s:
+            return s
+    return -(-n // sizes[-1]) * sizes[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one synthesis call asks for. Defaults are the reference CLI's (SPEC §4.8)."""
+
+    max_ar_steps: int = 450  # frames of level 0 at most (75 per second)
+    max_nar_levels: int = 7  # NAR levels after the AR; 0 means all, as in the reference
+    max_ar_context: int = -1  # > 0: the AR attends to the prefix and only its last N frames
+    ar_temp: float = 1.0  # 0: greedy
+    min_ar_temp: float = -1.0  # >= 0 and != ar_temp: dynamic temperature; < 0: off
+    nar_temp: float = 1.0
+    min_nar_temp: float = -1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    repetition_penalty_decay: float = 0.0
+    length_penalty: float = 0.0  # 0: off (AR only)
+    beam_width: int = 0  # > 1: beam search (AR)
+    mirostat_tau: float = 0.0  # > 0: mirostat (AR)
+    mirostat_eta: float = 0.0
+    repetition_aware: bool = False  # VALL-E 2 repetition-aware sampling (AR)
+    ras_window: int = 10
+    ras_threshold: float = 0.1
+    sign_aware_penalties: bool = True  # False: the reference's sign-blind division
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.max_ar_steps >= 1, f"max_ar_steps must be >= 1, got {self.max_ar_steps}"),
+            (0 <= self.max_nar_levels, f"max_nar_levels must be >= 0, got {self.max_nar_levels}"),
+            (self.ar_temp >= 0 and self.nar_temp >= 0, "temperatures must be >= 0 (0 = greedy)"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.beam_width >= 0, f"beam_width must be >= 0, got {self.beam_width}"),
+            (self.mirostat_tau >= 0, f"mirostat_tau must be >= 0, got {self.mirostat_tau}"),
+            (not (self.beam_width > 1 and self.mirostat_tau > 0), "beam search and mirostat cannot be combined"),
+            (not (self.beam_width > 1 and self.repetition_aware), "beam search and repetition-aware sampling cannot be combined"),
+            (not (self.mirostat_tau > 0 and self.repetition_aware), "mirostat and repetition-aware sampling cannot be combined"),
+            (self.ras_window >= 1, f"ras_window must be >= 1, got {self.ras_window}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DecodeError(message)
+
+    @property
+    def mode(self) -> str:
+        if self.beam_width > 1:
+            return "beam"
+        if self.mirostat_tau > 0:
+            return "mirostat"
+        return "repetition_aware" if self.repetition_aware else "sample"
+
+    def nar_levels(self, n_resp_levels: int) -> int:
+        top = n_resp_levels - 1
+        return top if self.max_nar_levels == 0 else min(self.max_nar_levels, top)
+
+
+class Knobs(NamedTuple):
+    """Per-row sampler values (arrays [B]): traced, so changing them never recompiles."""
+
+    temp: Array
+    min_temp: Array
+    top_k: Array
+    top_p: Array
+    min_p: Array
+    rep: Array
+    rep_decay: Array
+    length_penalty: Array
+    tau: Array
+    eta: Array
+    ras_threshold: Array
+    max_steps: Array
+    context: Array
+
+    @classmethod
+    def of(cls, s: Settings, batch: int, ar: bool = True) -> "Knobs":
+        f = lambda v: np.full((batch,), v, np.float32)  # noqa: E731
+        i = lambda v: np.full((batch,), v, np.int32)  # noqa: E731
+        return cls(f(s.ar_temp if ar else s.nar_temp), f(s.min_ar_temp if ar else s.min_nar_temp), i(s.top_k),
+                   f(s.top_p), f(s.min_p), f(s.repetition_penalty), f(s.repetition_penalty_decay),
+                   f(s.length_penalty if ar else 0.0), f(s.mirostat_tau), f(s.mirostat_eta), f(s.ras_threshold),
+                   i(s.max_ar_steps), i(s.max_ar_context))
+
+
+class Inputs(NamedTuple):
+    """A padded batch of utterances to synthesise (numpy or jax arrays)."""
+
+    text: Array  # int32 [B, Tcap]: <s> phonemes </s>, right-padded
+    text_len: Array  # int32 [B]
+    lang: Array  # int32 [B]
+    prompt: Array  # int16/int32 [B, Pcap, Q]: reference codes, right-padded
+    prompt_len: Array  # int32 [B]
+
+
+def make_inputs(texts: Sequence[Sequence[int]], prompts: Sequence[np.ndarray], langs: Sequence[int],
+                n_prom_levels: int, text_cap: int | None = None, prompt_cap: int | None = None) -> Inputs:
+    """Pads utterances to the text and prompt buckets (or the given caps)."""
+    if not texts or len(texts) != len(prompts) or len(texts) != len(langs):
+        raise DecodeError(f"need as many texts, prompts and languages (got {len(texts)}, {len(prompts)}, {len(langs)})")
+    b = len(texts)
+    t_cap = text_cap or bucket(max(len(t) for t in texts), TEXT_BUCKETS)
+    p_cap = prompt_cap or bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
+    text = np.zeros((b, t_cap), np.int32)
+    prompt = np.zeros((b, p_cap, n_prom_levels), np.int32)
+    for i, (t, p) in enumerate(zip(texts, prompts)):
+        p = np.asarray(p)
+        if p.ndim != 2 or p.shape[1] < n_prom_levels or len(p) == 0:
+            raise DecodeError(f"prompt {i}: expected codes [frames, >= {n_prom_levels}], got shape {p.shape}")
+        if len(t) > t_cap or len(p) > p_cap:
+            raise DecodeError(f"utterance {i} does not fit the caps ({len(t)} > {t_cap} or {len(p)} > {p_cap})")
+        text[i, : len(t)] = t
+        prompt[i, : len(p)] = p[:, :n_prom_levels]
+    return Inputs(text, np.array([len(t) for t in texts], np.int32), np.asarray(langs, np.int32), prompt,
+                  np.array([len(p) for p in prompts], np.int32))
+
+
+# ---- the sampling of one AR step ---------------------------------------------------------------
+
+def _filtered(logits_BV: Array, knobs: Knobs, history_BN: Array, t: Array, stop: int, sign_aware: bool,
+              top_p: bool = True) -> Array:
+    n = history_BN.shape[1]
+    return S.filter_logits(
+        logits_BV, top_k_B=knobs.top_k, top_p_B=knobs.top_p if top_p else None, min_p_B=knobs.min_p,
+        history_BT=history_BN, history_valid_BT=jnp.broadcast_to(jnp.arange(n) < t, history_BN.shape),
+        repetition_penalty_B=knobs.rep, repetition_decay_B=knobs.rep_decay,
+        length_B=jnp.full(logits_BV.shape[:1], t), length_penalty_B=knobs.length_penalty, stop_token=stop,
+        sign_aware=sign_aware)
+
+
+def _pick(mode: str, key: Array, logits_BV: Array, knobs: Knobs, history_BN: Array, t: Array, mu_B: Array,
+          stop: int, sign_aware: bool, ras_window: int) -> tuple[Array, Array]:
+    """(token [B], new mirostat mu [B]) for step t, after every penalty and filter."""
+    if mode == "repetition_aware":
+        x = _filtered(logits_BV, knobs, history_BN, t, stop, sign_aware, top_p=False)
+        n = history_BN.shape[1]
+        tok = S.repetition_aware(key, x, history_BN, jnp.broadcast_to(jnp.arange(n) < t, history_BN.shape),
+                                 top_p_B=knobs.top_p, temperature_B=knobs.temp, window=ras_window,
+                                 threshold_B=knobs.ras_threshold)
+        return tok, mu_B
+    x = _filtered(logits_BV, knobs, history_BN, t, stop, sign_aware)
+    if mode == "mirostat":
+        temp = S.effective_temperature(x, knobs.temp, knobs.min_temp)
+        return S.mirostat(key, x / jnp.where(temp > 0, temp, 1.0)[:, None], mu_B, knobs.tau, knobs.eta)
+    return S.draw(key, x, knobs.temp, knobs.min_temp), mu_B
+
+
+# ---- the AR loops, generic over the model step ---------------------------------------------------
+# step_fn(state, token_B, t) -> (logits of the next token [B, V], state): feeds the token generated
+# at step t (response frame t). The loops know nothing else about the model, so tests can drive
+# them with constructed distributions.
+
+class ArResult(NamedTuple):
+    tokens: Array  # int32 [B, N]: level-0 codes, the stop token from each row's end on
+    length: Array  # int32 [B]: frames before the stop (or the step limit)
+    stopped: Array  # bool [B]: the row produced the stop token (False: it hit its step limit)
+    state: object  # the model state after the last step (the KV cache)
+    logits: Array | None  # float32 [B, N, V]: each step's raw logits (when asked for)
+
+
+def ar_loop(first_logits_BV: Array, step_fn: Callable, state, knobs: Knobs, key: Array, *, n_slots: int,
+            stop: int, mode: str = "sample", chunk: int = 8, sign_aware: bool = True, ras_window: int = 10,
+            keep_logits: bool = False) -> ArResult:
+    """Samples up to `n_slots` tokens per row; exits when every row is done. `n_slots` must be a
+    multiple of `chunk` (the steps one while-loop iteration scans)."""
+    b, v = first_logits_BV.shape
+    assert n_slots % chunk == 0, (n_slots, chunk)
+    knobs = jax.tree.map(jnp.asarray, knobs)
+
+    def one(carry, _):
+        t, logits, tokens, done, mu, state, kept = carry
+        tok, new_mu = _pick(mode, jax.random.fold_in(key, t), logits, knobs, tokens, t, mu, stop, sign_aware, ras_window)
+        tok = jnp.where(done, stop, tok)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)
+        if keep_logits:
+            kept = jax.lax.dynamic_update_slice_in_dim(kept, logits[:, None], t, axis=1)
+        mu = jnp.where(done, mu, new_mu)
+        done = done | (tok == stop) | (t + 1 >= knobs.max_steps)
+        logits, state = step_fn(state, tok, t)
+        return (t + 1, logits, tokens, done, mu, state, kept), None
+
+    def chunk_body(carry):
+        return jax.lax.scan(one, carry, None, length=chunk)[0]
+
+    def running(carry):
+        return (carry[0] < n_slots) & ~jnp.all(carry[3])
+
+    tokens = jnp.full((b, n_slots), stop, jnp.int32)
+    kept = jnp.zeros((b, n_slots, v), jnp.float32) if keep_logits else jnp.zeros((), jnp.float32)
+    carry = (jnp.zeros((), jnp.int32), first_logits_BV.astype(jnp.float32), tokens, jnp.zeros((b,), bool),
+             S.mirostat_init(knobs.tau), state, kept)
+    _, _, tokens, _, _, state, kept = jax.lax.while_loop(running, chunk_body, carry)
+    is_stop = tokens == stop
+    stopped = jnp.any(is_stop & (jnp.arange(n_slots)[None, :] < knobs.max_steps[:, None]), axis=1)
+    length = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), n_slots).astype(jnp.int32)
+    return ArResult(tokens, length, stopped, state, kept if keep_logits else None)
+
+
+def beam_loop(first_logits_BV: Array, step_fn: Callable, reorder_fn: Callable, state, knobs: Knobs, *,
+              width: int, n_slots: int, stop: int, chunk: int = 8, sign_aware: bool = True) -> tuple[ArResult, Array]:
+    """Beam search over B utterances x `width` beams (rows b * width + w of `state`, which
+    `reorder_fn(state, rows)` gathers). A beam's score is the sum of its tokens' log-probabilities
+    (after penalties, filters and temperature; temperature 0 counts as 1); a finished beam keeps its
+    score. Returns each utterance's best beam and its score."""
+    bw, v = first_logits_BV.shape
+    b = bw // width
+    assert n_slots % chunk == 0
+    knobs = jax.tree.map(jnp.asarray, knobs)
+
+    def one(carry, _):
+        t, logits, tokens, done, score, state = carry
+        x = _filtered(logits, knobs, tokens, t, stop, sign_aware)
+        temp = S.effective_temperature(x, knobs.temp, knobs.min_temp)
+        logp = jax.nn.log_softmax(x / jnp.where(temp > 0, temp, 1.0)[:, None], axis=-1)
+        finished = jnp.where(jnp.arange(v)[None, :] == stop, 0.0, NEG_INF)  # a done beam only "stays"
+        logp = jnp.where(done[:, None], finished, logp)
+        cand = (score[:, None] + logp).reshape(b, width * v)
+        best, idx = jax.lax.top_k(cand, width)  # [b, width]
+        rows = (jnp.arange(b)[:, None] * width + idx // v).reshape(-1)
+        tok = (idx % v).reshape(-1).astype(jnp.int32)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens[rows], tok[:, None], t, axis=1)
+        done = done[rows] | (tok == stop) | (t + 1 >= knobs.max_steps)
+        logits, state = step_fn(reorder_fn(state, rows), tok, t)
+        return (t + 1, logits, tokens, done, best.reshape(-1), state), None
+
+    def running(carry):
+        return (carry[0] < n_slots) & ~jnp.all(carry[3])
+
+    # all beams start identical: only beam 0 may expand at the first step, or they would stay copies
+    score = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF), b)
+    carry = (jnp.zeros((), jnp.int32), first_logits_BV.astype(jnp.float32), jnp.full((bw, n_slots), stop, jnp.int32),
+             jnp.zeros((bw,), bool), score, state)
+    _, _, tokens, _, score, state = jax.lax.while_loop(running, lambda c: jax.lax.scan(one, c, None, length=chunk)[0], carry)
+    best_rows = jnp.arange(b) * width + jnp.argmax(score.reshape(b, width), axis=1)
+    tokens = tokens[best_rows]
+    is_stop = tokens == stop
+    max_steps = knobs.max_steps[best_rows]
+    stopped = jnp.any(is_stop & (jnp.arange(n_slots)[None, :] < max_steps[:, None]), axis=1)
+    length = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), n_slots).astype(jnp.int32)
+    return ArResult(tokens, length, stopped, reorder_fn(state, best_rows), None), score[best_rows]
+
+
+# ---- the model side ------------------------------------------------------------------------------
+
+def _prefill(model: VALLE, inputs: Inputs, capacity: int) -> tuple[Array, dict, Array]:
+    """(logits for response frame 0 [B, V], cache holding the prefix, prefix length [B])."""
+    x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
+    b, sp = valid.shape
+    cache = model.init_cache(b, capacity, jnp.dtype(model.cfg.dtype))
+    level = jnp.zeros((b,), jnp.int32)
+    logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache)
+    plen = prefix_len(inputs.text_len, inputs.prompt_len)
+    return logits[jnp.arange(b), plen - 1], cache, plen
+
+
+def _cached_step(model: VALLE, sp: int, context_B: Array):
+    """step_fn over the KV cache: token t sits at cache slot sp + t, position prefix_len + t."""
+    def step(state, tok_B, t):
+        cache, plen = state
+        b = tok_B.shape[0]
+        # rolling context: the frame that falls out of the window is masked from here on
+        old = t - context_B
+        slot = jnp.where((context_B > 0) & (old >= 0), sp + old, cache["valid"].shape[1])  # past the end: no-op
+        cache = dict(cache, valid=cache["valid"].at[jnp.arange(b), slot].set(False, mode="drop"))
+        level = jnp.zeros((b,), jnp.int32)
+        x = model.embed_frames(tok_B[:, None, None], level)
+        logits, _, cache = model.run(x, (plen + t)[:, None], jnp.ones((b, 1), bool), level, cache)
+        return logits[:, 0], (cache, plen)
+    return step
+
+
+def _uncached_step(model: VALLE, x_prefix: Array, valid_prefix: Array, n_slots: int):
+    """step_fn without a cache (the reference's way): the whole sequence, prefix and every frame
+    so far, runs through the model at each step; frames are kept in a fixed-size buffer."""
+    b, sp = valid_prefix.shape
+
+    def step(state, tok_B, t):
+        frames, plen = state
+        frames = jax.lax.dynamic_update_slice_in_dim(frames, tok_B[:, None], t, axis=1)
+        level = jnp.zeros((b,), jnp.int32)
+        x = jnp.concatenate([x_prefix, model.embed_frames(frames[..., None], level)], axis=1)
+        slots = jnp.arange(n_slots)[None, :]
+        valid = jnp.concatenate([valid_prefix, jnp.broadcast_to(slots <= t, (b, n_slots))], axis=1)
+        pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(sp), (b, sp)), plen[:, None] + slots], axis=1)
+        logits, _, _ = model.run(x, pos, valid, level)
+        return jax.lax.dynamic_index_in_dim(logits, sp + t, axis=1, keepdims=False), (frames, plen)
+    return step
+
+
+def _reorder(state, rows):
+    cache, plen = state
+    cache = dict(cache, k=cache["k"][:, rows], v=cache["v"][:, rows], pos=cache["pos"][rows], valid=cache["valid"][rows])
+    return cache, plen[rows]
+
+
+def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int, chunk: int, mode: str,
+        width: int, sign_aware: bool, ras_window: int, cached: bool, keep_logits: bool):
+    model = nnx.merge(graph, params)
+    stop = model.cfg.stop_token
+    sp = inputs.text.shape[1] + inputs.prompt.shape[1] + 4
+    if not cached:
+        x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
+        plen = prefix_len(inputs.text_len, inputs.prompt_len)
+        b = valid.shape[0]
+        logits, _, _ = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, jnp.zeros((b,), jnp.int32))
+        first = logits[jnp.arange(b), plen - 1]
+        state = (jnp.full((b, n_slots), stop, jnp.int32), plen)
+        return ar_loop(first, _uncached_step(model, x, valid, n_slots), state, knobs, key, n_slots=n_slots, stop=stop,
+                       mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window, keep_logits=keep_logits)
+    first, cache, plen = _prefill(model, inputs, sp + n_slots)
+    if mode == "beam":
+        rows = jnp.repeat(jnp.arange(first.shape[0]), width)
+        cache, plen = _reorder((cache, plen), rows)
+        knobs = jax.tree.map(lambda a: a[rows], knobs)
+        result, _ = beam_loop(first[rows], _cached_step(model, sp, knobs.context), _reorder, (cache, plen), knobs,
+                              width=width, n_slots=n_slots, stop=stop, chunk=chunk, sign_aware=sign_aware)
+        return result
+    return ar_loop(first, _cached_step(model, sp, knobs.context), (cache, plen), knobs, key, n_slots=n_slots,
+                   stop=stop, mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window,
+                   keep_logits=keep_logits)
+
+
+def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, length_B: Array, knobs: Knobs,
+         n_levels: Array, key: Array, *, sign_aware: bool):
+    """Levels 1..n_levels (a traced count) of the response, each from the levels below it."""
+    model = nnx.merge(graph, params)
+    cfg = model.cfg
+    b, r = level0_BR.shape
+    sp = inputs.text.shape[1] + inputs.prompt.shape[1] + 4
+    plen = prefix_len(inputs.text_len, inputs.prompt_len)
+    frame_valid = jnp.arange(r)[None, :] < length_B[:, None]
+    positions = plen[:, None] + jnp.arange(r)[None, :]
+    codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, level0_BR, 0))
+    if cache is not None:  # the prefix's keys/values, response slots cleared
+        cache = {"k": cache["k"][:, :, : sp + r], "v": cache["v"][:, :, : sp + r], "pos": cache["pos"][:, : sp + r],
+                 "valid": cache["valid"][:, : sp + r] & (jnp.arange(sp + r) < sp)[None, :],
+                 "index": jnp.asarray(sp, jnp.int32)}
+
+    def level_logits(level_B, codes):
+        if cache is not None:
+            x = model.embed_frames(codes, level_B)
+            logits, _, _ = model.run(x, positions, frame_valid, level_B, cache)
+            return logits
+        batch = {"text": inputs.text, "text_len": inputs.text_len, "lang": inputs.lang, "prompt": inputs.prompt,
+                 "prompt_len": inputs.prompt_len, "resp": codes, "resp_len": length_B}
+        logits, _ = model(batch, level_B)  # the whole sequence: bidirectional NAR attends to the response
+        return jnp.take_along_axis(logits, positions[..., None], axis=1)
+
+    def body(level, codes):
+        logits = level_logits(jnp.full((b,), level), codes)
+        logits = logits.at[..., cfg.stop_token].set(NEG_INF)  # a NAR pass never ends the utterance
+        prev = jax.lax.dynamic_index_in_dim(codes, level - 1, axis=2, keepdims=False)
+        penalty, applies = S.repetition_factors(prev, frame_valid, knobs.rep, knobs.rep_decay, logits.shape[-1])
+        x = S.apply_penalty(logits, penalty[:, None], applies[:, None], sign_aware)
+        rows = lambda a: jnp.repeat(a, r)  # noqa: E731
+        tok = S.sample(jax.random.fold_in(key, level), x.reshape(b * r, -1), temperature_B=rows(knobs.temp),
+                       min_temperature_B=rows(knobs.min_temp), top_k_B=rows(knobs.top_k), top_p_B=rows(knobs.top_p),
+                       min_p_B=rows(knobs.min_p)).reshape(b, r)
+        tok = jnp.where(frame_valid, tok, 0)
+        return jax.lax.dynamic_update_slice_in_dim(codes, tok[..., None], level, axis=2)
+
+    return jax.lax.fori_loop(1, n_levels + 1, body, codes)
+
+
+class Output(NamedTuple):
+    codes: list[np.ndarray]  # int32 [frames, 1 + levels] per utterance
+    stopped: np.ndarray  # bool [B]: the AR produced a stop token (False: it ran to max_ar_steps)
+
+
+class Decoder:
+    """Jitted decoding for one model: compiled once per (batch, text, prompt, step) bucket and mode.
+    With `dtype="bfloat16"` the weights are stored in bfloat16 (half the bytes to stream per step)."""
+
+    def __init__(self, model: VALLE, chunk: int = 8):
+        self.cfg = model.cfg
+        self.chunk = chunk
+        self.graph, params = nnx.split(model)
+        if self.cfg.dtype == "bfloat16":  # matrices and tables; norms and biases stay float32
+            params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+        self.params = params
+        self._ar = jax.jit(functools.partial(_ar, self.graph), static_argnames=(
+            "n_slots", "chunk", "mode", "width", "sign_aware", "ras_window", "cached", "keep_logits"))
+        self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware",))
+
+    def n_slots(self, max_steps: int) -> int:
+        return -(-bucket(max_steps, STEP_BUCKETS) // self.chunk) * self.chunk
+
+    def ar(self, inputs: Inputs, settings: Settings, *, cached: bool = True, keep_logits: bool = False,
+           knobs: Knobs | None = None) -> ArResult:
+        b = len(inputs.text_len)
+        knobs = knobs if knobs is not None else Knobs.of(settings, b)
+        n_slots = self.n_slots(int(np.max(knobs.max_steps)))
+        return self._ar(self.params, inputs, knobs, jax.random.key(settings.seed), n_slots=n_slots, chunk=self.chunk,
+                        mode=settings.mode, width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,
+                        ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits)
+
+    def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
+        """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""
+        b = len(inputs.text_len)
+        n_slots = ar.tokens.shape[1]
+        r = min(bucket(max(int(np.max(ar.length)), 1), STEP_BUCKETS), n_slots)
+        reuse = not self.cfg.bidirectional_nar
+        cache = ar.state[0] if reuse else None
+        key = jax.random.fold_in(jax.random.key(settings.seed), 1)
+        return self._nar(self.params, inputs, cache, ar.tokens[:, :r], jnp.minimum(ar.length, r),
+                         Knobs.of(settings, b, ar=False), jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
+                         key, sign_aware=settings.sign_aware_penalties)
+
+    def generate(self, inputs: Inputs, settings: Settings) -> Output:
+        ar = self.ar(inputs, settings)
+        length, stopped = np.asarray(ar.length), np.asarray(ar.stopped)
+        if int(length.max()) == 0:
+            codes = np.zeros((len(length), 0, self.cfg.n_resp_levels), np.int32)
+        else:
+            codes = np.asarray(self.nar(inputs, ar, settings))
+        levels = 1 + settings.nar_levels(self.cfg.n_resp_levels)
+        return Output([codes[i, : length[i], :levels] for i in range(len(length))], stopped)
+
+
+__all__ = ["Decoder", "Settings", "Knobs", "Inputs", "Output", "ArResult", "make_inputs", "ar_loop", "beam_loop",
+           "bucket", "DecodeError", "TEXT_BUCKETS", "PROMPT_BUCKETS", "STEP_BUCKETS", "MODES"]
