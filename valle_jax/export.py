@@ -69,14 +69,14 @@ def _to_numpy(tree):
     return np.asarray(tree)
 
 
-def export_run(workdir: str | Path, out: str | Path, step: int | None = None, fmt: str = "auto",
-               overwrite: bool = False) -> tuple[Path, int]:
-    """Exports checkpoint `step` (default: the latest complete one) of a training workdir."""
+def run_params(workdir: str | Path, step: int | None = None) -> tuple[dict, ModelConfig, dict, dict, int]:
+    """(params, model config, symmap, stats, step) of checkpoint `step` (default: the latest
+    complete one) of a training workdir, on the first device."""
     import jax
 
+    from valle_jax.checkpointing import params_of
     from valle_jax.training.checkpoint import Checkpoints
     from valle_jax.training.step import abstract_model
-    from valle_jax.checkpointing import params_of
 
     workdir = Path(workdir)
     cfg, symmap, _ = read_run(workdir)
@@ -88,7 +88,14 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None, fm
         params, meta, step = ckpts.restore_params(step, target)
     finally:
         ckpts.close()
-    return export(params, cfg, symmap, run_stats(meta), out, fmt, overwrite), step
+    return params, cfg, symmap, run_stats(meta), step
+
+
+def export_run(workdir: str | Path, out: str | Path, step: int | None = None, fmt: str = "auto",
+               overwrite: bool = False) -> tuple[Path, int]:
+    """Exports checkpoint `step` (default: the latest complete one) of a training workdir."""
+    params, cfg, symmap, stats, step = run_params(workdir, step)
+    return export(params, cfg, symmap, stats, out, fmt, overwrite), step
 
 
 def run_stats(meta: Mapping) -> dict:

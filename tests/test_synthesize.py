@@ -1,0 +1,138 @@
+"""Synthesis end to end: the TTS API and `python -m valle_jax.synthesize` with a tiny random model
+and a random codec, the checkpoint formats it reads, and the error cases."""
+import numpy as np
+import pytest
+import soundfile as sf
+from flax import nnx
+
+from valle_jax import synthesize
+from valle_jax.audio import HOP_LENGTH, SAMPLE_RATE, AudioError
+from valle_jax.config import ModelConfig
+from valle_jax.data.text import TextError, reference_symmap
+
+pytestmark = pytest.mark.needs_espeak
+STEPS = 12  # the random model never stops: every utterance runs to max_ar_steps
+GREEDY = dict(ar_temp=0.0, nar_temp=0.0, max_ar_steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from valle_jax.checkpointing import params_of, save_model
+    from valle_jax.models import init_model
+
+    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(out, cfg, params_of(init_model(cfg, 0)), reference_symmap())
+    return out
+
+
+@pytest.fixture(scope="module")
+def tts(model_dir, codec_dir):
+    from valle_jax import TTS
+
+    return TTS.load(model_dir, codec_dir=codec_dir)
+
+
+@pytest.fixture(scope="module")
+def voice_wav(corpus):
+    return sorted(corpus.rglob("*.wav"))[0]
+
+
+def test_api_synthesize_returns_24khz_audio_of_the_generated_length(tts, voice_wav):
+    with pytest.warns(UserWarning, match="max_ar_steps=12 without a stop token"):
+        wav = tts.synthesize("Hello there.", str(voice_wav), **GREEDY)
+    assert wav.dtype == np.float32 and wav.shape == (STEPS * HOP_LENGTH,) and np.isfinite(wav).all()
+    with pytest.warns(UserWarning):
+        two = tts.synthesize("Hello there.\n\nGood night.", str(voice_wav), **GREEDY)
+    assert two.shape == (2 * STEPS * HOP_LENGTH,)  # lines concatenated, blank lines skipped
+    np.testing.assert_array_equal(two[: len(wav)], wav)
+
+
+def test_api_batch_equals_one_by_one_and_prompts_are_reusable(tts, voice_wav, corpus):
+    other = sorted(corpus.rglob("*.wav"))[-1]
+    voice = tts.prompt(str(voice_wav), input_prompt_length=1.0)
+    assert len(voice.codes) == 75 and voice.codes.shape[1] == 8
+    texts = ["One small step.", "A much longer sentence to synthesise here.", "Three."]
+    refs = [voice, str(other), voice]
+    with pytest.warns(UserWarning):
+        together = tts.generate_codes(texts, refs, batch_size=2, input_prompt_length=1.0, **GREEDY)
+        alone = [tts.generate_codes([t], [r], input_prompt_length=1.0, **GREEDY)[0] for t, r in zip(texts, refs)]
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
+    assert together[0].shape == (STEPS, 8)
+
+
+def test_reference_checkpoint_and_model_dir_give_the_same_speech(tts, model_dir, codec_dir, voice_wav, tmp_path):
+    from valle_jax import TTS
+    from valle_jax.checkpointing import params_of
+    from valle_jax.export import write_reference
+
+    params = params_of(nnx.merge(tts.decoder.graph, tts.decoder.params))
+    pth = write_reference(tmp_path / "fp32.pth", params, tts.cfg, tts.symmap, {})
+    other = TTS.load(pth, codec_dir=codec_dir, heads=4)
+    with pytest.warns(UserWarning):
+        a = tts.generate_codes(["Good morning."], [str(voice_wav)], **GREEDY)[0]
+        b = other.generate_codes(["Good morning."], [str(voice_wav)], **GREEDY)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cli_writes_a_wav_of_the_expected_length(model_dir, codec_dir, voice_wav, tmp_path, capsys):
+    out = tmp_path / "out.wav"
+    rc = synthesize.main(["Hello world.", str(voice_wav), "--out", str(out), "--checkpoint", str(model_dir),
+                          "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS), "--max-nar-levels", "3",
+                          "--top-k", "20", "--seed", "1"])
+    assert rc == 0
+    wav, sr = sf.read(out)
+    assert sr == SAMPLE_RATE and len(wav) == STEPS * HOP_LENGTH
+    err = capsys.readouterr().err
+    assert "without a stop token" in err and "randomly initialised" in err
+
+
+def test_cli_text_file_writes_one_wav_per_line(model_dir, codec_dir, voice_wav, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\n\nSecond line here.\nThird.\n")
+    out = tmp_path / "wavs"
+    rc = synthesize.main([str(voice_wav), "--text-file", str(lines), "--out", str(out), "--checkpoint", str(model_dir),
+                          "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS), "--batch-size", "2",
+                          "--beam-width", "2"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0002.wav", "0003.wav"]
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("empty", "empty text"), ("language", "not supported"), ("missing", "not found"),
+    ("corrupt", "cannot read audio"), ("silent", "silent"), ("flags", "top_p")])
+def test_cli_errors_are_specific(case, expect, model_dir, codec_dir, voice_wav, tmp_path, capsys):
+    ref, text, extra = str(voice_wav), "Hello.", []
+    if case == "empty":
+        text = "  \n "
+    elif case == "language":
+        extra = ["--language", "xx"]
+    elif case == "missing":
+        ref = str(tmp_path / "nope.wav")
+    elif case == "corrupt":
+        ref = tmp_path / "bad.wav"
+        ref.write_bytes(b"RIFF not really a wav file")
+    elif case == "silent":
+        ref = tmp_path / "silent.wav"
+        sf.write(ref, np.zeros(24000, np.float32), SAMPLE_RATE)
+    elif case == "flags":
+        extra = ["--top-p", "0"]
+    out = tmp_path / "out.wav"
+    rc = synthesize.main([text, str(ref), "--out", str(out), "--checkpoint", str(model_dir), "--codec-dir",
+                          str(codec_dir), "--max-ar-steps", "4", *extra])
+    assert rc == 2 and expect in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_symbols_and_untrained_languages_are_named(tts, voice_wav):
+    from valle_jax import TTS
+
+    model = nnx.merge(tts.decoder.graph, tts.decoder.params)
+    small = TTS(model, tts.cfg, {k: v for k, v in tts.symmap.items() if k not in ("ð", "ɛ")}, tts.codec_dir)
+    with pytest.raises(TextError, match="not in the symbol map.*ð"):
+        small.text_ids("Then the weather.")
+    with pytest.raises(TextError, match="not supported by this model"):
+        tts.language_id("ja")  # a one-language model
+    with pytest.raises(AudioError, match="reference codes"):
+        tts.prompt(np.zeros((10, 2), np.int16))

@@ -1,0 +1,142 @@
+"""Text to speech from the command line.
+
+    python -m valle_jax.synthesize TEXT REFERENCE[;REFERENCE...] --out OUT.wav --checkpoint PATH [flags]
+    python -m valle_jax.synthesize REFERENCE --text-file LINES.txt --out OUT_DIR --checkpoint PATH [flags]
+
+PATH is a model directory (valle_jax.export, tools.convert_reference), a training directory (its
+latest checkpoint) or a reference checkpoint (.pth). The sampling flags are the reference's
+(SPEC §4.8), with the same defaults. A multi-line TEXT is synthesised line by line and the lines
+are concatenated into OUT.wav; --text-file writes one wav per line (0001.wav, ...) into OUT_DIR,
+decoding --batch-size lines together. Files are written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from valle_jax.audio import SAMPLE_RATE
+
+# flag -> (Settings field, type, help); defaults come from Settings itself
+SAMPLING_FLAGS = {
+    "--max-ar-steps": ("max_ar_steps", int, "AR frames at most (75 per second)"),
+    "--max-nar-levels": ("max_nar_levels", int, "NAR levels after the AR (0: all, as the reference)"),
+    "--max-ar-context": ("max_ar_context", int, "> 0: the AR sees only its last N frames"),
+    "--ar-temp": ("ar_temp", float, "AR temperature (0: greedy)"),
+    "--nar-temp": ("nar_temp", float, "NAR temperature (0: greedy)"),
+    "--min-ar-temp": ("min_ar_temp", float, ">= 0: dynamic AR temperature down to this"),
+    "--min-nar-temp": ("min_nar_temp", float, ">= 0: dynamic NAR temperature down to this"),
+    "--top-p": ("top_p", float, "nucleus sampling (1: off)"),
+    "--top-k": ("top_k", int, "top-k sampling (0: off)"),
+    "--min-p": ("min_p", float, "min-p sampling (0: off)"),
+    "--repetition-penalty": ("repetition_penalty", float, "(1: off)"),
+    "--repetition-penalty-decay": ("repetition_penalty_decay", float, "penalty grows with distance^decay"),
+    "--length-penalty": ("length_penalty", float, "penalises stopping early (0: off)"),
+    "--beam-width": ("beam_width", int, "> 1: beam search for the AR"),
+    "--mirostat-tau": ("mirostat_tau", float, "> 0: mirostat for the AR, target surprise in bits"),
+    "--mirostat-eta": ("mirostat_eta", float, "mirostat learning rate"),
+    "--ras-window": ("ras_window", int, "repetition-aware sampling window (frames)"),
+    "--ras-threshold": ("ras_threshold", float, "repetition-aware sampling threshold"),
+    "--seed": ("seed", int, "random seed"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    from valle_jax.decoding import Settings
+
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="python -m valle_jax.synthesize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("positional", nargs="+", metavar="TEXT REFERENCE",
+                   help="the text and the reference audio (';'-separated files); with --text-file only REFERENCE")
+    p.add_argument("--out", "--out-path", dest="out", type=Path, required=True,
+                   help="output wav (or directory, with --text-file)")
+    p.add_argument("--checkpoint", "--ar-ckpt", dest="checkpoint", type=Path, required=True,
+                   help="model directory, training directory or reference .pth")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a training directory (default: latest)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads of a reference .pth whose width is not a reference preset")
+    p.add_argument("--codec-dir", type=Path, default=None,
+                   help="EnCodec weights folder (default: the encodec package's pretrained weights)")
+    p.add_argument("--text-file", type=Path, default=None, help="one utterance per line, one wav each")
+    p.add_argument("--batch-size", type=int, default=8, help="utterances decoded together")
+    p.add_argument("--language", default="en")
+    p.add_argument("--input-prompt-length", type=float, default=3.0, help="seconds of reference kept (0: all)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute and weight dtype")
+    for flag, (field, typ, text) in SAMPLING_FLAGS.items():
+        p.add_argument(flag, dest=field, type=typ, default=getattr(defaults, field),
+                       help=f"{text} (default {getattr(defaults, field)})")
+    p.add_argument("--repetition-aware", action="store_true", help="VALL-E 2 repetition-aware sampling (AR)")
+    p.add_argument("--sign-blind-penalties", action="store_true",
+                   help="the reference's penalties, which can make negative logits likelier")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores the warning machinery for in-process callers
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr, flush=True)
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from valle_jax.audio import AudioError, write_wav
+    from valle_jax.checkpointing import CheckpointError
+    from valle_jax.codec import CodecUnavailable
+    from valle_jax.data.text import TextError
+    from valle_jax.decoding import DecodeError
+    from valle_jax.models.convert import ConversionError
+    from valle_jax.tts import TTS
+
+    if args.text_file is not None:
+        if len(args.positional) != 1:
+            print("error: with --text-file give only REFERENCE", file=sys.stderr)
+            return 2
+        reference = args.positional[0]
+    elif len(args.positional) != 2:
+        print("error: expected TEXT REFERENCE", file=sys.stderr)
+        return 2
+    else:
+        text, reference = args.positional
+    sampling = {field: getattr(args, field) for field, _, _ in SAMPLING_FLAGS.values()}
+    sampling.update(repetition_aware=args.repetition_aware, sign_aware_penalties=not args.sign_blind_penalties)
+    try:
+        if args.text_file is not None:
+            lines = [line.strip() for line in args.text_file.read_text("utf-8").splitlines()]
+            lines = [line for line in lines if line]
+            if not lines:
+                raise TextError(f"{args.text_file}: no text")
+        t0 = time.perf_counter()
+        tts = TTS.load(args.checkpoint, codec_dir=args.codec_dir, dtype=args.dtype, step=args.step, heads=args.heads)
+        voice = tts.prompt(reference, args.input_prompt_length)
+        print(f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "
+              f"voice {voice.seconds:.2f} s", flush=True)
+        t1 = time.perf_counter()
+        if args.text_file is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            wavs = tts.synthesize_batch(lines, [voice] * len(lines), language=args.language, input_prompt_length=0.0,
+                                        batch_size=args.batch_size, **sampling)
+            outs = [args.out / f"{i + 1:04d}.wav" for i in range(len(lines))]
+        else:
+            wavs = [tts.synthesize(text, voice, language=args.language, batch_size=args.batch_size, **sampling)]
+            outs = [args.out]
+        seconds = time.perf_counter() - t1
+        for path, wav in zip(outs, wavs):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_wav(path, wav)
+        audio = sum(len(w) for w in wavs) / SAMPLE_RATE
+        print(f"wrote {len(outs)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s "
+              f"(load {t1 - t0:.1f} s; real-time factor {seconds / max(audio, 1e-9):.2f}): "
+              f"{outs[0] if len(outs) == 1 else args.out}")
+        return 0
+    except (TextError, AudioError, DecodeError, CheckpointError, ConversionError, CodecUnavailable, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

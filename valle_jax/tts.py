@@ -1,0 +1,215 @@
+"""The Python API for synthesis.
+
+    from valle_jax import TTS
+    tts = TTS.load("models/ar+nar-llama", codec_dir=None)        # or a training workdir, or a reference .pth
+    wav = tts.synthesize("Hello there.", "voice.wav", ar_temp=0.9, nar_temp=0.5)   # float32, 24 kHz
+    voice = tts.prompt(["a.wav", "b.wav"])                          # encode a voice once, reuse it
+    wavs = tts.synthesize_batch(["One.", "Two."], [voice, voice], top_k=50)
+
+Sampling keywords are the fields of `valle_jax.decoding.Settings` (the reference CLI's flags).
+Text is phonemised with espeak-ng; references are read, mixed to mono, resampled to 24 kHz,
+EnCodec-encoded, concatenated in time (several files) and cut to their first
+`input_prompt_length` seconds (0: whole). Utterances of a batch are decoded together, sorted by
+length so that padding stays small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from valle_jax.audio import FRAME_RATE, AudioError, is_silent, load_audio
+from valle_jax.config import ModelConfig
+from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode
+
+log = logging.getLogger(__name__)
+
+
+class MaxStepsWarning(UserWarning):
+    """The AR reached max_ar_steps without producing the stop token: the audio may be cut off."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A voice: reference codes int16 [frames, levels], already trimmed."""
+
+    codes: np.ndarray
+    sources: tuple[str, ...] = ()
+
+    @property
+    def seconds(self) -> float:
+        return len(self.codes) / FRAME_RATE
+
+
+Reference = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Prompt, np.ndarray]
+
+
+def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None = None, heads: int | None = None):
+    """(model, config, symmap) from a model directory (export / convert_reference), a training
+    workdir (its latest checkpoint, or `step`) or a reference checkpoint file (.pth / .npz, whose
+    head count is inferred for the reference's sizes, else taken from `heads`)."""
+    from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
+    from valle_jax.export import RUN_FILE, run_params
+
+    path = Path(path)
+    over = {"dtype": dtype} if dtype else {}
+    if (path / "config.json").is_file():
+        return load_model(path, **over)
+    if (path / RUN_FILE).is_file():
+        params, cfg, symmap, _, step = run_params(path, step)
+        cfg = dataclasses.replace(cfg, **over)
+        log.info("loaded step %d of the training run %s", step, path)
+        return model_with_params(cfg, params), cfg, symmap
+    if path.is_file() and path.suffix in (".pth", ".pt", ".npz"):
+        from valle_jax.data.text import reference_symmap
+        from valle_jax.models.convert import from_reference, infer_config, read_source
+
+        state, symmap, _ = read_source(path)
+        cfg = infer_config(state, heads, **over)
+        return model_with_params(cfg, from_reference(state, cfg)), cfg, symmap or reference_symmap()
+    raise CheckpointError(f"{path}: not a model directory (config.json), a training directory ({RUN_FILE}) "
+                          "or a reference checkpoint (.pth / .npz)")
+
+
+def settings_of(**sampling):
+    from valle_jax.decoding import DecodeError, Settings
+
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(sampling) - names)
+    if unknown:
+        raise DecodeError(f"unknown sampling settings {unknown}; known: {sorted(names)}")
+    return Settings(**sampling)
+
+
+class TTS:
+    def __init__(self, model, cfg: ModelConfig, symmap: dict, codec_dir: str | os.PathLike | None = None,
+                 chunk: int = 8):
+        from valle_jax.decoding import Decoder
+
+        self.cfg, self.symmap = cfg, dict(symmap)
+        self.decoder = Decoder(model, chunk=chunk)
+        self.codec_dir = codec_dir
+        self._codec = None
+        self._phonemizers: dict[str, Phonemizer] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, codec_dir: str | os.PathLike | None = None, dtype: str | None = None,
+             step: int | None = None, heads: int | None = None) -> "TTS":
+        model, cfg, symmap = load_any(path, dtype, step, heads)
+        return cls(model, cfg, symmap, codec_dir)
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            from valle_jax.codec import Codec
+
+            self._codec = Codec.load(self.codec_dir)
+            if self._codec.is_random:
+                warnings.warn(f"the codec in {self.codec_dir} is randomly initialised: its audio is not speech")
+        return self._codec
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def text_ids(self, text: str, language: str = "en") -> list[int]:
+        """`<s> phonemes </s>` ids of one line of text."""
+        if not text.strip():
+            raise TextError("empty text: nothing to synthesise")
+        if language not in self._phonemizers:
+            self._phonemizers[language] = Phonemizer(language)
+        return encode(self._phonemizers[language].tokens([text])[0], self.symmap)
+
+    def language_id(self, language: str) -> int:
+        lang = LANG_SYMMAP.get(language)
+        if lang is None or lang >= self.cfg.n_langs:
+            known = [k for k, v in LANG_SYMMAP.items() if v < self.cfg.n_langs]
+            raise TextError(f"language {language!r} is not supported by this model (it knows {known})")
+        return lang
+
+    def prompt(self, references: Reference, input_prompt_length: float = 3.0) -> Prompt:
+        """A voice from one or more audio files (or `a.wav;b.wav`), codes [frames, levels] (used
+        as they are), or a Prompt; trimmed to its first `input_prompt_length` seconds (0: whole)."""
+        if isinstance(references, Prompt):
+            codes, sources = references.codes, references.sources
+        elif isinstance(references, np.ndarray):
+            codes, sources = references, ()
+        else:
+            paths = ([p for p in str(references).split(";") if p] if isinstance(references, (str, os.PathLike))
+                     else [str(p) for p in references])
+            if not paths:
+                raise AudioError("no reference audio given")
+            wavs = []
+            for p in paths:
+                if not Path(p).is_file():
+                    raise AudioError(f"{p}: reference audio not found")
+                wav = load_audio(p)
+                if is_silent(wav):
+                    raise AudioError(f"{p}: reference audio is silent")
+                wavs.append(wav)
+            codes, sources = np.concatenate(self.codec.encode_batch(wavs), axis=0), tuple(paths)
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] < self.cfg.n_prom_levels or len(codes) == 0:
+            raise AudioError(f"reference codes must be [frames, >= {self.cfg.n_prom_levels}], got {codes.shape}")
+        if input_prompt_length > 0:
+            codes = codes[: max(1, int(FRAME_RATE * input_prompt_length))]
+        return Prompt(codes[:, : self.cfg.n_prom_levels].astype(np.int16), sources)
+
+    # ---- synthesis ----------------------------------------------------------------------------
+    def generate_codes(self, texts: Sequence[str], references: Sequence[Reference], *, language: str = "en",
+                       input_prompt_length: float = 3.0, batch_size: int = 8, **sampling) -> list[np.ndarray]:
+        """Codes int32 [frames, levels] per text; one reference per text."""
+        from valle_jax.decoding import DecodeError, make_inputs
+
+        settings = settings_of(**sampling)
+        if len(texts) != len(references):
+            raise DecodeError(f"{len(texts)} texts but {len(references)} references")
+        if batch_size < 1:
+            raise DecodeError(f"batch_size must be >= 1, got {batch_size}")
+        lang = self.language_id(language)
+        ids = [self.text_ids(t, language) for t in texts]
+        voices: dict = {}  # a voice used by many texts is encoded once
+        prompts = []
+        for r in references:
+            key = str(r) if isinstance(r, (str, os.PathLike)) else id(r)
+            if key not in voices:
+                voices[key] = self.prompt(r, input_prompt_length)
+            prompts.append(voices[key])
+        order = sorted(range(len(texts)), key=lambda i: (len(ids[i]), len(prompts[i].codes)))
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start: start + batch_size]
+            inputs = make_inputs([ids[i] for i in rows], [prompts[i].codes for i in rows], [lang] * len(rows),
+                                 self.cfg.n_prom_levels)
+            result = self.decoder.generate(inputs, dataclasses.replace(settings, seed=settings.seed + start))
+            for j, i in enumerate(rows):
+                out[i] = result.codes[j]
+                if not result.stopped[j]:
+                    warnings.warn(f"utterance {i} ({texts[i][:40]!r}) reached max_ar_steps={settings.max_ar_steps} "
+                                  "without a stop token: its audio may be cut off (raise --max-ar-steps)",
+                                  MaxStepsWarning, stacklevel=2)
+        return out  # type: ignore[return-value]
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes [frames, levels] -> float32 waveform at 24 kHz."""
+        if len(codes) == 0:
+            return np.zeros((0,), np.float32)
+        return self.codec.decode(codes)
+
+    def synthesize_batch(self, texts: Sequence[str], references: Sequence[Reference], **kwargs) -> list[np.ndarray]:
+        return [self.decode(c) for c in self.generate_codes(texts, references, **kwargs)]
+
+    def synthesize(self, text: str, reference: Reference, **kwargs) -> np.ndarray:
+        """One waveform; a multi-line text is synthesised line by line (as one batch) and the
+        lines are concatenated in order."""
+        lines = [line for line in text.split("\n") if line.strip()]
+        if not lines:
+            raise TextError("empty text: nothing to synthesise")
+        voice = self.prompt(reference, kwargs.pop("input_prompt_length", 3.0))
+        wavs = self.synthesize_batch(lines, [voice] * len(lines), input_prompt_length=0.0, **kwargs)
+        return np.concatenate(wavs) if len(wavs) > 1 else wavs[0]
+
+
+__all__ = ["TTS", "Prompt", "MaxStepsWarning", "load_any"]
