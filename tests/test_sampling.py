@@ -112,3 +112,12 @@ def test_repetition_aware_sampling_escapes_loops():
         k, logits, history, valid, top_p_B=jnp.array([0.5, 0.5]), temperature_B=jnp.array([1.0, 1.0])))(keys))
     assert set(draws[:, 1]) == {0}  # the nucleus is token 0 alone, and it has not been repeated
     assert len(set(draws[:, 0])) > 2  # row 0 looped on token 0: drawn from the whole distribution
+
+
+def test_categorical_draws_the_softmax_distribution_and_never_a_filtered_token():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0]]))  # -inf where p = 0
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draws = np.asarray(jax.vmap(lambda k: S.categorical(k, logits))(keys))
+    freq = np.bincount(draws[:, 0], minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2, 0.0], atol=0.03)
+    assert (draws[:, 1] == 3).all()

@@ -298,18 +298,18 @@ def beam_loop(first_logits_BV: Array, step_fn: Callable, reorder_fn: Callable, s
 
 # ---- the model side ------------------------------------------------------------------------------
 
-def _prefill(model: VALLE, inputs: Inputs, capacity: int) -> tuple[Array, dict, Array]:
+def _prefill(model: VALLE, inputs: Inputs, capacity: int, layers: list[dict]) -> tuple[Array, dict, Array]:
     """(logits for response frame 0 [B, V], cache holding the prefix, prefix length [B])."""
     x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
     b, sp = valid.shape
     cache = model.init_cache(b, capacity, jnp.dtype(model.cfg.dtype))
     level = jnp.zeros((b,), jnp.int32)
-    logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache)
+    logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache, layers=layers)
     plen = prefix_len(inputs.text_len, inputs.prompt_len)
     return logits[jnp.arange(b), plen - 1], cache, plen
 
 
-def _cached_step(model: VALLE, sp: int, context_B: Array):
+def _cached_step(model: VALLE, sp: int, context_B: Array, layers: list[dict]):
     """step_fn over the KV cache: token t sits at cache slot sp + t, position prefix_len + t."""
     def step(state, tok_B, t):
         cache, plen = state
@@ -320,7 +320,7 @@ def _cached_step(model: VALLE, sp: int, context_B: Array):
         cache = dict(cache, valid=cache["valid"].at[jnp.arange(b), slot].set(False, mode="drop"))
         level = jnp.zeros((b,), jnp.int32)
         x = model.embed_frames(tok_B[:, None, None], level)
-        logits, _, cache = model.run(x, (plen + t)[:, None], jnp.ones((b, 1), bool), level, cache)
+        logits, _, cache = model.run(x, (plen + t)[:, None], jnp.ones((b, 1), bool), level, cache, layers=layers)
         return logits[:, 0], (cache, plen)
     return step
 
@@ -345,7 +345,8 @@ def _uncached_step(model: VALLE, x_prefix: Array, valid_prefix: Array, n_slots: 
 
 def _reorder(state, rows):
     cache, plen = state
-    cache = dict(cache, k=cache["k"][:, rows], v=cache["v"][:, rows], pos=cache["pos"][rows], valid=cache["valid"][rows])
+    cache = dict(cache, k=tuple(k[rows] for k in cache["k"]), v=tuple(v[rows] for v in cache["v"]),
+                 pos=cache["pos"][rows], valid=cache["valid"][rows])
     return cache, plen[rows]
 
 
@@ -363,15 +364,16 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
         state = (jnp.full((b, n_slots), stop, jnp.int32), plen)
         return ar_loop(first, _uncached_step(model, x, valid, n_slots), state, knobs, key, n_slots=n_slots, stop=stop,
                        mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window, keep_logits=keep_logits)
-    first, cache, plen = _prefill(model, inputs, sp + n_slots)
+    layers = model.backbone.unstack()  # sliced once, outside the loop
+    first, cache, plen = _prefill(model, inputs, sp + n_slots, layers)
     if mode == "beam":
         rows = jnp.repeat(jnp.arange(first.shape[0]), width)
         cache, plen = _reorder((cache, plen), rows)
         knobs = jax.tree.map(lambda a: a[rows], knobs)
-        result, _ = beam_loop(first[rows], _cached_step(model, sp, knobs.context), _reorder, (cache, plen), knobs,
+        result, _ = beam_loop(first[rows], _cached_step(model, sp, knobs.context, layers), _reorder, (cache, plen), knobs,
                               width=width, n_slots=n_slots, stop=stop, chunk=chunk, sign_aware=sign_aware)
         return result
-    return ar_loop(first, _cached_step(model, sp, knobs.context), (cache, plen), knobs, key, n_slots=n_slots,
+    return ar_loop(first, _cached_step(model, sp, knobs.context, layers), (cache, plen), knobs, key, n_slots=n_slots,
                    stop=stop, mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window,
                    keep_logits=keep_logits)
 
@@ -387,15 +389,17 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
     frame_valid = jnp.arange(r)[None, :] < length_B[:, None]
     positions = plen[:, None] + jnp.arange(r)[None, :]
     codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, level0_BR, 0))
+    layers = model.backbone.unstack()
     if cache is not None:  # the prefix's keys/values, response slots cleared
-        cache = {"k": cache["k"][:, :, : sp + r], "v": cache["v"][:, :, : sp + r], "pos": cache["pos"][:, : sp + r],
+        cache = {"k": tuple(k[..., : sp + r] for k in cache["k"]), "v": tuple(v[:, :, : sp + r] for v in cache["v"]),
+                 "pos": cache["pos"][:, : sp + r],
                  "valid": cache["valid"][:, : sp + r] & (jnp.arange(sp + r) < sp)[None, :],
                  "index": jnp.asarray(sp, jnp.int32)}
 
     def level_logits(level_B, codes):
         if cache is not None:
             x = model.embed_frames(codes, level_B)
-            logits, _, _ = model.run(x, positions, frame_valid, level_B, cache)
+            logits, _, _ = model.run(x, positions, frame_valid, level_B, cache, layers=layers)
             return logits
         batch = {"text": inputs.text, "text_len": inputs.text_len, "lang": inputs.lang, "prompt": inputs.prompt,
                  "prompt_len": inputs.prompt_len, "resp": codes, "resp_len": length_B}
@@ -442,10 +446,12 @@ class Decoder:
         return -(-bucket(max_steps, STEP_BUCKETS) // self.chunk) * self.chunk
 
     def ar(self, inputs: Inputs, settings: Settings, *, cached: bool = True, keep_logits: bool = False,
-           knobs: Knobs | None = None) -> ArResult:
+           knobs: Knobs | None = None, n_slots: int | None = None) -> ArResult:
+        """Level 0. `knobs` overrides the per-row values `settings` gives; `n_slots` the step
+        bucket (a multiple of the chunk)."""
         b = len(inputs.text_len)
         knobs = knobs if knobs is not None else Knobs.of(settings, b)
-        n_slots = self.n_slots(int(np.max(knobs.max_steps)))
+        n_slots = n_slots or self.n_slots(int(np.max(knobs.max_steps)))
         return self._ar(self.params, inputs, knobs, jax.random.key(settings.seed), n_slots=n_slots, chunk=self.chunk,
                         mode=settings.mode, width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,
                         ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits)

@@ -95,6 +95,12 @@ def temperature_of(logits_BV: Array, temperature_B: Array, min_temperature_B: Ar
     return jnp.where(jnp.abs(temperature_B - min_temperature_B) >= 0.001, dynamic, temperature_B)
 
 
+def _when(active: Array, fn, x: Array) -> Array:
+    """fn(x) if any row asks for it, else x unchanged: a filter that no row uses costs nothing
+    (lax.cond runs one branch), and the choice stays a traced value (no recompile)."""
+    return jax.lax.cond(jnp.any(active), fn, lambda x: x, x)
+
+
 def filter_logits(logits_BV: Array, *, top_k_B: Array | None = None, top_p_B: Array | None = None,
                   min_p_B: Array | None = None, history_BT: Array | None = None,
                   history_valid_BT: Array | None = None, repetition_penalty_B: Array | None = None,
@@ -107,16 +113,28 @@ def filter_logits(logits_BV: Array, *, top_k_B: Array | None = None, top_p_B: Ar
     if repetition_penalty_B is not None and history_BT is not None:
         decay = repetition_decay_B if repetition_decay_B is not None else jnp.zeros((b,), jnp.float32)
         valid = history_valid_BT if history_valid_BT is not None else jnp.ones(history_BT.shape, bool)
-        x = repetition_penalty(x, history_BT, valid, repetition_penalty_B, decay, sign_aware)
+        x = _when(repetition_penalty_B != 1.0, lambda x: repetition_penalty(
+            x, history_BT, valid, repetition_penalty_B, decay, sign_aware), x)
     if length_penalty_B is not None and length_B is not None and stop_token is not None:
         x = length_penalty(x, length_B, length_penalty_B, stop_token, sign_aware)
     if top_k_B is not None:
-        x = top_k(x, top_k_B)
+        x = _when(top_k_B > 0, lambda x: top_k(x, top_k_B), x)
     if top_p_B is not None:
-        x = top_p(x, top_p_B)
+        x = _when(top_p_B < 1.0, lambda x: top_p(x, top_p_B), x)
     if min_p_B is not None:
-        x = min_p(x, min_p_B)
+        x = _when(min_p_B > 0, lambda x: min_p(x, min_p_B), x)
     return x
+
+
+def categorical(key: Array, logits_BV: Array) -> Array:
+    """One draw per row from softmax(logits) by inverting the CDF with one uniform per row:
+    jax.random.categorical draws a Gumbel variate per vocabulary entry, which on CPU costs more
+    than the rest of a small model's decoding step. -inf logits are never drawn."""
+    probs = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    u = 1.0 - jax.random.uniform(key, (logits_BV.shape[0], 1))  # (0, 1]: a zero-probability head is skipped
+    idx = jnp.sum(cum < u * cum[:, -1:], axis=-1)
+    return jnp.minimum(idx, logits_BV.shape[1] - 1).astype(jnp.int32)
 
 
 def effective_temperature(x_BV: Array, temperature_B: Array, min_temperature_B: Array | None) -> Array:
@@ -130,7 +148,7 @@ def draw(key: Array, x_BV: Array, temperature_B: Array, min_temperature_B: Array
     """One token per row from filtered logits; rows with temperature 0 take the argmax."""
     temp = effective_temperature(x_BV, temperature_B, min_temperature_B)
     greedy = jnp.argmax(x_BV, axis=-1)
-    drawn = jax.random.categorical(key, x_BV / jnp.where(temp > 0, temp, 1.0)[:, None], axis=-1)
+    drawn = categorical(key, x_BV / jnp.where(temp > 0, temp, 1.0)[:, None])
     return jnp.where(temperature_B > 0, drawn, greedy).astype(jnp.int32)
 
 
@@ -163,7 +181,7 @@ def mirostat(key: Array, logits_BV: Array, mu_B: Array, tau_B: Array, eta_B: Arr
     k = jnp.round(((eps * 2.0 ** mu_B) / (1.0 - v ** (-eps))) ** (1.0 / jnp.maximum(s, 1e-6))) + 1
     k = jnp.clip(jnp.nan_to_num(k, nan=v, posinf=v), 1, v).astype(jnp.int32)
     masked = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_desc, NEG_INF)
-    idx = jax.random.categorical(key, masked, axis=-1)
+    idx = categorical(key, masked)
     surprise = -jnp.log2(jnp.take_along_axis(p, idx[:, None], axis=-1)[:, 0])
     tokens = jnp.take_along_axis(order, idx[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), mu_B - eta_B * (surprise - tau_B)
@@ -177,8 +195,8 @@ def repetition_aware(key: Array, logits_BV: Array, history_BT: Array, history_va
     b, t = history_BT.shape
     k_nuc, k_full = jax.random.split(key)
     scaled = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-    nucleus = jax.random.categorical(k_nuc, top_p(scaled, top_p_B), axis=-1)
-    full = jax.random.categorical(k_full, scaled, axis=-1)
+    nucleus = categorical(k_nuc, top_p(scaled, top_p_B))
+    full = categorical(k_full, scaled)
     last = jnp.max(jnp.where(history_valid_BT, jnp.arange(t)[None, :], -1), axis=1)
     recent = history_valid_BT & (jnp.arange(t)[None, :] > (last - window)[:, None])
     ratio = jnp.sum(recent & (history_BT == nucleus[:, None]), axis=-1) / window

@@ -29,9 +29,13 @@ ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache of `length` slots: k, v [layers, B, K, G, Dh], key positions, validity."""
-    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+    """An empty KV cache of `length` slots: k, v (one [B, G, K, Dh] buffer per layer: the layout
+    the attention contractions read without transposing), key positions, validity, and the slot
+    the next positions are written at."""
+    k_shape = (batch, cfg.kv_heads, cfg.head_dim, length)
+    v_shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+    return {"k": tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
+            "v": tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
             "pos": jnp.zeros((batch, length), jnp.int32), "valid": jnp.zeros((batch, length), bool),
             "index": jnp.zeros((), jnp.int32)}
 
@@ -50,24 +54,8 @@ class Backbone(nnx.Module):
         return x
 
     def __call__(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, causal_B: Array,
-                 cache: dict | None = None, dropout_key: Array | None = None):
+                 cache: dict | None = None, dropout_key: Array | None = None, layers: list[dict] | None = None):
         cfg = self.cfg
-        if cache is None:
-            k_pos, k_valid = positions_BS, valid_BS
-            kv_in = None
-        else:
-            idx = cache["index"]
-            k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BS.astype(jnp.int32), idx, axis=1)
-            k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BS, idx, axis=1)
-            kv_in = (cache["k"], cache["v"])
-        if cache is None and cfg.attention == "blocked":
-            def attend(q, k, v, rate, key):
-                return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key)
-        else:
-            mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
-
-            def attend(q, k, v, rate, key):
-                return L.attend(q, k, v, mask, rate, key)
         n = cfg.n_layers
         keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
         layer_params = {name: v[...] for name, v in vars(self).items()
@@ -77,9 +65,18 @@ class Backbone(nnx.Module):
         unroll = n if cfg.scan_unroll == 0 else min(cfg.scan_unroll, n)
         x = x_BSD.astype(jnp.float32)
         if cache is None:
+            if cfg.attention == "blocked":
+                def attend(q, k, v, rate, key):
+                    return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key)
+            else:
+                mask = L.attention_mask(positions_BS, positions_BS, valid_BS, causal_B)
+
+                def attend(q, k, v, rate, key):
+                    return L.attend(q, k, v, mask, rate, key)
+
             def step(x, xs):
                 p, key = xs
-                x, _ = self.layer(p, x, positions_BS, valid_BS, attend, None, None, key)
+                x, _ = self.layer(p, x, positions_BS, valid_BS, attend, key)
                 return x, None
 
             if cfg.remat:
@@ -87,27 +84,33 @@ class Backbone(nnx.Module):
             x, _ = jax.lax.scan(step, x, (layer_params, keys), length=n, unroll=unroll)
             return self.final(x), None
 
-        # the whole cache rides in the carry and each layer writes its slice in place: as scanned
-        # inputs/outputs, XLA would rebuild (copy) the full cache at every decoding step
-        def cached_step(carry, xs):
-            x, ck, cv = carry
-            p, i, key = xs
-            x, (ck, cv) = self.layer(p, x, positions_BS, valid_BS, attend, (ck, cv, i), cache["index"], key)
-            return (x, ck, cv), None
+        # With a cache (decoding), the layers run as a Python loop over per-layer parameters and
+        # per-layer cache buffers, so that inside a decoding loop no array is sliced or rebuilt: a
+        # stacked cache made XLA copy all of it at every step, and slicing stacked weights copied
+        # them (quarter preset, batch 1: ~3x the step time; benchmarks/decode.py). Pass `layers`
+        # (from `unstack`, computed once outside the loop) to keep the slicing out of the loop too.
+        # Each layer attends to its cached keys/values and to the new positions' own; the cache is
+        # written after the layer, in place.
+        layers = layers if layers is not None else self.unstack()
+        idx = cache["index"]
+        k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BS.astype(jnp.int32), idx, axis=1)
+        k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BS, idx, axis=1)
+        mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
+        ks, vs = list(cache["k"]), list(cache["v"])
+        for i, p in enumerate(layers):
+            def attend(q, k, v, rate, key, i=i):
+                ks[i], vs[i] = L.update_cache(ks[i], vs[i], k, v, idx)
+                return L.attend_cache(q, ks[i], vs[i], mask)
 
-        (x, ck, cv), _ = jax.lax.scan(cached_step, (x, cache["k"], cache["v"]), (layer_params, jnp.arange(n), keys),
-                                      length=n, unroll=unroll)
-        new_cache = {"k": ck, "v": cv, "pos": k_pos, "valid": k_valid, "index": cache["index"] + x_BSD.shape[1]}
+            x, _ = self.layer(p, x, positions_BS, valid_BS, attend, None if keys is None else keys[i])
+        new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": k_pos, "valid": k_valid, "index": idx + x_BSD.shape[1]}
         return self.final(x), new_cache
 
-    def _kv(self, k, v, kv, index):
-        """Keys/values to attend to: this sequence's, or layer i's cache with these positions
-        written at slot `index` (kv = (all layers' keys, values, i); returns the updated stacks)."""
-        if kv is None:
-            return k, v, None
-        ck, cv, i = kv
-        ck, cv = L.update_cache(ck, cv, k, v, i, index)
-        return ck[i], cv[i], (ck, cv)
+    def unstack(self) -> list[dict]:
+        """The stacked layer parameters as one dict per layer (for decoding loops)."""
+        stacked = {name: v[...] for name, v in vars(self).items()
+                   if isinstance(v, nnx.Param) and v.logical_axes[0] == "layers"}
+        return [{k: a[i] for k, a in stacked.items()} for i in range(self.cfg.n_layers)]
 
 
 class TransformerBackbone(Backbone):
@@ -127,20 +130,21 @@ class TransformerBackbone(Backbone):
         self.ffn_out = L.param(rngs, lin(f), (n, f, d), ("layers", "mlp", "embed"))
         self.ffn_out_bias = L.param(rngs, lin(f), (n, d), ("layers", "embed"))
 
-    def layer(self, p, x, positions, valid, attend, kv, index, key):
+    def layer(self, p, x, positions, valid, attend, key):
+        """(new x, this layer's (keys, values) of the positions, for a KV cache)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         m = valid[..., None].astype(jnp.float32)
         keys = jax.random.split(key, 3) if key is not None else (None, None, None)
         h = L.layer_norm(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.eps) * m
         qkv = _mm(h, p["qkv"], "bsd,dthk->bsthk", dt)
-        k, v, kv = self._kv(qkv[:, :, 1].astype(dt), qkv[:, :, 2].astype(dt), kv, index)
+        k, v = qkv[:, :, 1].astype(dt), qkv[:, :, 2].astype(dt)
         o = attend(qkv[:, :, 0].astype(dt), k, v, 0.0, None)  # no dropout on probabilities (SPEC §3.1)
         o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
         x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
         h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
         f = jax.nn.gelu(_mm(h, p["ffn_in"], "bsd,df->bsf", dt) + p["ffn_in_bias"], approximate=False)
         f = _mm(L.dropout(f, cfg.dropout, keys[1]), p["ffn_out"], "bsf,fd->bsd", dt) + p["ffn_out_bias"]
-        return (x + L.dropout(f, cfg.dropout, keys[2])) * m, kv
+        return (x + L.dropout(f, cfg.dropout, keys[2])) * m, (k, v)
 
 
 class LlamaBackbone(Backbone):
@@ -160,18 +164,19 @@ class LlamaBackbone(Backbone):
         self.down = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
         self.final_norm = L.param(rngs, ones, (d,), ("embed",))
 
-    def layer(self, p, x, positions, valid, attend, kv, index, key):
+    def layer(self, p, x, positions, valid, attend, key):
+        """(new x, this layer's (keys, values) of the positions, for a KV cache)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         h = L.rms_norm(x, p["attn_norm"], cfg.eps)
         q = L.rope(_mm(h, p["q"], "bsd,dhk->bshk", dt), positions, cfg.rope_theta)
         k = L.rope(_mm(h, p["k"], "bsd,dgk->bsgk", dt), positions, cfg.rope_theta)
         v = _mm(h, p["v"], "bsd,dgk->bsgk", dt)
-        k, v, kv = self._kv(k.astype(dt), v.astype(dt), kv, index)
+        k, v = k.astype(dt), v.astype(dt)
         o = attend(q.astype(dt), k, v, cfg.dropout, key)  # HF applies attention_dropout to probs
         x = x + _mm(o, p["o"], "bshk,hkd->bsd", dt)
         h = L.rms_norm(x, p["mlp_norm"], cfg.eps)
         ff = jax.nn.gelu(_mm(h, p["gate"], "bsd,df->bsf", dt), approximate=False) * _mm(h, p["up"], "bsd,df->bsf", dt)
-        return x + _mm(ff, p["down"], "bsf,fd->bsd", dt), kv
+        return x + _mm(ff, p["down"], "bsf,fd->bsd", dt), (k, v)
 
     def final(self, x):
         return L.rms_norm(x, self.final_norm[...], self.cfg.eps)

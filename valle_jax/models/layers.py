@@ -101,10 +101,21 @@ def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropou
     return out.reshape(b, s, h, dh)
 
 
-def update_cache(cache_k: Array, cache_v: Array, k: Array, v: Array, layer: Array, index: Array) -> tuple[Array, Array]:
-    """Writes layer `layer`'s new keys/values [B, S, G, Dh] at slot `index` of the stacked cache
-    [layers, B, K, G, Dh] (scalars): an in-place update when the cache is a loop carry or donated."""
-    at = (layer, 0, index, 0, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+def attend_cache(q_BSHD: Array, ck_BGDK: Array, cv_BGKD: Array, mask_B1SK: Array) -> Array:
+    """`attend` over a cache whose keys are laid out [B, G, Dh, K] and values [B, G, K, Dh]: both
+    contractions are then plain matrix products that XLA's CPU dot reads without transposing."""
+    b, s, h, dh = q_BSHD.shape
+    g = ck_BGDK.shape[1]
+    q = q_BSHD.reshape(b, s, g, h // g, dh)
+    scores = jnp.einsum("bsgrd,bgdk->bgrsk", q, ck_BGDK.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
+    probs = jax.nn.softmax(jnp.where(mask_B1SK[:, :, None], scores, NEG_INF), axis=-1)
+    out = jnp.einsum("bgrsk,bgkd->bsgrd", probs.astype(cv_BGKD.dtype), cv_BGKD, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, dh)
+
+
+def update_cache(cache_k: Array, cache_v: Array, k_BSGD: Array, v_BSGD: Array, index: Array) -> tuple[Array, Array]:
+    """Writes new keys/values at slot `index` (a scalar) of one layer's cache (keys [B, G, Dh, K],
+    values [B, G, K, Dh]): an in-place update when the cache is a loop carry or donated."""
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BSGD.transpose(0, 2, 3, 1).astype(cache_k.dtype), index, axis=3)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BSGD.transpose(0, 2, 1, 3).astype(cache_v.dtype), index, axis=2)
     return cache_k, cache_v

@@ -159,11 +159,13 @@ class VALLE(nnx.Module):
         return (level_B == 0) | (not self.cfg.bidirectional_nar)
 
     def run(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, level_B: Array, cache=None,
-            dropout_key=None) -> tuple[Array, Array, dict | None]:
-        """Backbone + classifier on embedded positions: (logits f32 [B, S, V], hidden, new cache)."""
+            dropout_key=None, layers: list[dict] | None = None) -> tuple[Array, Array, dict | None]:
+        """Backbone + classifier on embedded positions: (logits f32 [B, S, V], hidden, new cache).
+        `layers`: the backbone's per-layer parameters (`backbone.unstack()`) for cached decoding."""
         if self.cfg.arch == "transformer":
             x_BSD = x_BSD + L.sinusoidal(positions_BS, self.cfg.d_model)
-        hidden, cache = self.backbone(x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key)
+        hidden, cache = self.backbone(x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key,
+                                      layers)
         dt = jnp.dtype(self.cfg.dtype)
         logits = jnp.einsum("bsd,dv->bsv", hidden.astype(dt), self.classifier[...].astype(dt),
                             preferred_element_type=jnp.float32) + self.classifier_bias[...]
