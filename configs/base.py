@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every = 250  # optimizer steps between validation passes (0 = never)
     t.eval_batches = 8  # validation batches per pass
     t.eval_store = ""  # validation store (default: data.store, read in order)
+    t.eval_audio = 0  # validation utterances synthesised per pass into WORKDIR/samples/STEP/ (0 = none)
+    t.eval_audio_steps = 450  # AR frames at most per synthesised sample (75 per second)
+    t.eval_codec_dir = ""  # EnCodec weights folder for the samples ("" = the pretrained weights)
     t.level_probs = ()  # per-level training probabilities (empty = uniform over 8 levels, SPEC §2.6)
     t.nonfinite = "stop"  # non-finite loss or gradient: "stop" (the bad update is never applied) | "skip"
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = known device table, CPU measured)

@@ -22,4 +22,5 @@ def get_config():
     c.train.save_every = 100
     c.train.eval_every = 100
     c.train.eval_batches = 2
+    c.train.eval_audio = 2  # synthesised validation samples in demo_out/run/samples/STEP/
     return c

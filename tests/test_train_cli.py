@@ -104,9 +104,11 @@ def finished_checkpoints(workdir):
 
 
 @pytest.fixture(scope="session")
-def straight(store_path, env, tmp_path_factory):
+def straight(store_path, codec_dir, env, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    p = run_train(workdir, store_path, env)
+    p = run_train(workdir, store_path, env, **{"train.eval_every": STEPS, "train.eval_batches": 1,
+                                               "train.eval_audio": 2, "train.eval_audio_steps": 16,
+                                               "train.eval_codec_dir": str(codec_dir)})
     return workdir, p.stderr
 
 
@@ -128,6 +130,10 @@ def test_run_outputs_export_and_plot(straight, tmp_path):
                 "perf/step_time_s", "train/loss_level0"):
         assert tag in ea.Tags()["scalars"], tag
     assert len(ea.Scalars("train/loss")) == STEPS
+    # the final evaluation synthesised two validation utterances with the trained parameters
+    assert "eval audio at step 8: 2 samples" in log
+    names = sorted(p.name for p in (workdir / "samples" / "00000008").iterdir())
+    assert names == [f"{i}_{kind}.wav" for i in range(2) for kind in ("hyp", "prompt", "ref")]
     assert (workdir / "log.txt").read_text().count("step ") >= STEPS
 
     from valle_jax.checkpointing import load_model

@@ -112,6 +112,18 @@ def synthesize(exe: str, spec, text: str) -> np.ndarray:
     return resample(wav, sr, SAMPLE_RATE)
 
 
+HELD_OUT_TEXT = "A quiet voice read the old letter aloud, one line at a time."
+
+
+def held_out_voice(path: Path, voices: int, text: str = HELD_OUT_TEXT) -> Path:
+    """A reference recording of a voice the corpus of `voices` speakers does not hold (the next
+    spec in the list), saying a sentence the corpus does not hold either. Kept if it exists."""
+    if not path.exists():
+        spec = speaker_specs(voices + 1)[voices]
+        write_wav(path, synthesize(check_espeak([spec]), spec, text))
+    return path
+
+
 def build(out_dir: Path, voices: int, sentences: int, jobs: int | None = None) -> Report:
     specs = speaker_specs(voices)
     exe = check_espeak(specs)

@@ -250,6 +250,9 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 8
     eval_store: str = ""
+    eval_audio: int = 0
+    eval_audio_steps: int = 450
+    eval_codec_dir: str = ""
     level_probs: tuple[float, ...] = ()
     nonfinite: str = "stop"
     peak_flops: float = 0.0

@@ -12,7 +12,6 @@ decoding --batch-size lines together. Files are written atomically.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import warnings

@@ -24,7 +24,7 @@ from valle_jax.config import (ConfigError, data_config, mesh_config, model_confi
 from valle_jax.data.pipeline import make_iterator
 from valle_jax.data.store import Store
 from valle_jax.export import RUN_FILE, export, run_stats
-from valle_jax.models.valle import seq_len
+from valle_jax.models.valle import model_from_params, seq_len
 from valle_jax.training import control, monitor, sharding
 from valle_jax.training.checkpoint import Checkpoints, abstract_like
 from valle_jax.training.inject import load_embeddings
@@ -88,6 +88,7 @@ class Trainer:
         self.compiled: dict[tuple, object] = {}
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.train_cfg.keep)
         self.writer = monitor.MetricsWriter(self.workdir, enabled=self.primary)
+        self._codec = self._decoder = None  # for evaluation audio, made on first use
         self.peak_flops, self.peak_source = monitor.device_peak_flops(self.train_cfg.peak_flops)
         self.commands = control.CommandReader(enabled={"on": True, "off": False, "auto": None}[commands]) \
             if self.primary else control.CommandReader(enabled=False)
@@ -345,9 +346,10 @@ class Trainer:
         cfg = dataclasses.replace(self.data_cfg, store=self.train_cfg.eval_store or self.data_cfg.store, num_workers=0)
         it = make_iterator(cfg.store, cfg, process_index=jax.process_index(), process_count=jax.process_count(),
                            num_epochs=1, shuffle=False, drop_remainder=False)
-        sums = None
+        sums, first = None, None
         t0 = time.perf_counter()
         for i, local in zip(range(self.train_cfg.eval_batches), it):
+            first = local if first is None else first
             key = jax.random.key_data(jax.random.fold_in(jax.random.key(int(self.config.seed) + 2), i))
             out = self._eval_step(params, self._global_batch(local), key)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
@@ -362,7 +364,42 @@ class Trainer:
         self.writer.write(step, scalars)
         log.info("eval at step %d: loss %.4f, top-10 accuracy %.3f (%.1f s)", step, scalars["val/loss"],
                  scalars["val/acc_top10"], time.perf_counter() - t0)
+        if self.train_cfg.eval_audio > 0:
+            self._eval_audio(params, first, step)
         return scalars
+
+    def _eval_audio(self, params: dict, batch: dict, step: int) -> None:
+        """Synthesises the first `train.eval_audio` validation utterances (their text and prompt)
+        with the current parameters, and writes hypothesis, reference and prompt wavs (SPEC §7.6)."""
+        params = self._gather_params(params)  # every process takes part; the primary writes
+        if not self.primary:
+            return
+        from valle_jax.audio import write_wav
+        from valle_jax.codec import Codec
+        from valle_jax.decoding import Decoder, Inputs, Settings
+
+        t0 = time.perf_counter()
+        try:
+            if self._codec is None:
+                self._codec = Codec.load(self.train_cfg.eval_codec_dir or None)
+        except Exception as e:  # no codec: say so once and keep training
+            log.warning("eval audio disabled: %s", e)
+            self.train_cfg = dataclasses.replace(self.train_cfg, eval_audio=0)
+            return
+        if self._decoder is None:
+            self._decoder = Decoder(model_from_params(dataclasses.replace(self.model_cfg, dtype="float32"), params))
+        else:
+            self._decoder.params = nnx.state(model_from_params(self._decoder.cfg, params))
+        n = min(self.train_cfg.eval_audio, len(batch["text_len"]))
+        inputs = Inputs(*(np.asarray(batch[k][:n]) for k in ("text", "text_len", "lang", "prompt", "prompt_len")))
+        out = self._decoder.generate(inputs, Settings(max_ar_steps=self.train_cfg.eval_audio_steps, ar_temp=0.95,
+                                                      nar_temp=0.5, seed=step))
+        folder = self.workdir / "samples" / f"{step:08d}"
+        for i, codes in enumerate(out.codes):
+            write_wav(folder / f"{i}_hyp.wav", self._codec.decode(codes) if len(codes) else np.zeros(1, np.float32))
+            write_wav(folder / f"{i}_ref.wav", self._codec.decode(batch["resp"][i, : batch["resp_len"][i]]))
+            write_wav(folder / f"{i}_prompt.wav", self._codec.decode(batch["prompt"][i, : batch["prompt_len"][i]]))
+        log.info("eval audio at step %d: %d samples in %s (%.1f s)", step, n, folder, time.perf_counter() - t0)
 
 
 def train(config, workdir: str | Path, commands: str = "auto") -> int:
