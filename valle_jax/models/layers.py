@@ -81,6 +81,15 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
     return jnp.where(keep_mask(key, x.shape, 1.0 - rate), x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def cpu_safe(*arrays: Array) -> tuple[Array, ...]:
+    """bfloat16 operands of the attention's batched contractions as float32 on CPU: XLA's CPU
+    runtime has no batched bf16 x bf16 -> f32 dot ("Unsupported element type for DotThunk") once the
+    batch has more than one row. Other backends keep bfloat16."""
+    if jax.default_backend() != "cpu":
+        return arrays
+    return tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in arrays)
+
+
 def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B: Array) -> Array:
     """bool[B, 1, S, K]: key valid, and (for causal rows) key position <= query position."""
     causal = k_pos_BK[:, None, :] <= q_pos_BS[:, :, None]
@@ -91,6 +100,7 @@ def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B
 def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropout_rate: float = 0.0,
            dropout_key: Array | None = None) -> Array:
     """Softmax attention (float32 softmax); grouped-query when G < H. Returns [B, S, H, Dh]."""
+    q_BSHD, k_BKGD, v_BKGD = cpu_safe(q_BSHD, k_BKGD, v_BKGD)
     b, s, h, dh = q_BSHD.shape
     g = k_BKGD.shape[2]
     q = q_BSHD.reshape(b, s, g, h // g, dh)
@@ -104,6 +114,7 @@ def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropou
 def attend_cache(q_BSHD: Array, ck_BGDK: Array, cv_BGKD: Array, mask_B1SK: Array) -> Array:
     """`attend` over a cache whose keys are laid out [B, G, Dh, K] and values [B, G, K, Dh]: both
     contractions are then plain matrix products that XLA's CPU dot reads without transposing."""
+    q_BSHD, ck_BGDK, cv_BGKD = cpu_safe(q_BSHD, ck_BGDK, cv_BGKD)
     b, s, h, dh = q_BSHD.shape
     g = ck_BGDK.shape[1]
     q = q_BSHD.reshape(b, s, g, h // g, dh)
