@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_wav(path, wav)
         audio = sum(len(w) for w in wavs) / SAMPLE_RATE
-        print(f"wrote {len(outs)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s "
+        print(f"wrote {len(outs)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s including compilation "
               f"(load {t1 - t0:.1f} s; real-time factor {seconds / max(audio, 1e-9):.2f}): "
               f"{outs[0] if len(outs) == 1 else args.out}")
         return 0
