@@ -96,7 +96,25 @@ def test_cli_text_file_writes_one_wav_per_line(model_dir, codec_dir, voice_wav, 
                           "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS), "--batch-size", "2",
                           "--beam-width", "2"])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0002.wav", "0003.wav"]
+    assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0003.wav", "0004.wav"]  # by line number
+
+
+def test_cli_text_file_skips_a_bad_line_and_keeps_the_rest(model_dir, codec_dir, voice_wav, tmp_path, capsys):
+    from valle_jax.checkpointing import read_config, save_model
+    from valle_jax.tts import load_any
+
+    model, cfg, symmap = load_any(model_dir)
+    lacking = tmp_path / "lacking"  # the same model, its symbol map without "ð"
+    save_model(lacking, cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {k: v for k, v in symmap.items() if k != "ð"})
+    assert "ð" not in read_config(lacking)[1]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Hello.\nThen the weather.\nGood.\n")
+    out = tmp_path / "wavs"
+    rc = synthesize.main([str(voice_wav), "--text-file", str(lines), "--out", str(out), "--checkpoint", str(lacking),
+                          "--codec-dir", str(codec_dir), "--max-ar-steps", "4"])
+    assert rc == 1
+    assert "line 2: phoneme symbols not in the symbol map: ['ð']" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0003.wav"]
 
 
 @pytest.mark.parametrize("case,expect", [

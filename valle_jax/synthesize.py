@@ -6,8 +6,9 @@
 PATH is a model directory (valle_jax.export, tools.convert_reference), a training directory (its
 latest checkpoint) or a reference checkpoint (.pth). The sampling flags are the reference's
 (SPEC §4.8), with the same defaults. A multi-line TEXT is synthesised line by line and the lines
-are concatenated into OUT.wav; --text-file writes one wav per line (0001.wav, ...) into OUT_DIR,
-decoding --batch-size lines together. Files are written atomically.
+are concatenated into OUT.wav; --text-file writes one wav per non-empty line, named by its line
+number (0001.wav, ...), into OUT_DIR, decoding --batch-size lines together; a line that cannot be
+phonemised is reported and skipped (exit status 1). Files are written atomically.
 """
 from __future__ import annotations
 
@@ -104,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
     sampling = {field: getattr(args, field) for field, _, _ in SAMPLING_FLAGS.values()}
     sampling.update(repetition_aware=args.repetition_aware, sign_aware_penalties=not args.sign_blind_penalties)
     try:
-        if args.text_file is not None:
-            lines = [line.strip() for line in args.text_file.read_text("utf-8").splitlines()]
-            lines = [line for line in lines if line]
+        if args.text_file is not None:  # (line number, text) of the non-empty lines
+            lines = [(n, line.strip()) for n, line in enumerate(args.text_file.read_text("utf-8").splitlines(), 1)
+                     if line.strip()]
             if not lines:
                 raise TextError(f"{args.text_file}: no text")
         t0 = time.perf_counter()
@@ -115,11 +116,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "
               f"voice {voice.seconds:.2f} s", flush=True)
         t1 = time.perf_counter()
+        skipped = 0
         if args.text_file is not None:
+            good = []
+            for n, line in lines:  # a line that cannot be phonemised is reported and skipped
+                try:
+                    tts.text_ids(line, args.language)
+                    good.append((n, line))
+                except TextError as e:
+                    print(f"error: {args.text_file} line {n}: {e} (skipped)", file=sys.stderr)
+            skipped = len(lines) - len(good)
+            if not good:
+                raise TextError(f"{args.text_file}: no line could be synthesised")
             args.out.mkdir(parents=True, exist_ok=True)
-            wavs = tts.synthesize_batch(lines, [voice] * len(lines), language=args.language, input_prompt_length=0.0,
-                                        batch_size=args.batch_size, **sampling)
-            outs = [args.out / f"{i + 1:04d}.wav" for i in range(len(lines))]
+            wavs = tts.synthesize_batch([line for _, line in good], [voice] * len(good), language=args.language,
+                                        input_prompt_length=0.0, batch_size=args.batch_size, **sampling)
+            outs = [args.out / f"{n:04d}.wav" for n, _ in good]  # named by line number
         else:
             wavs = [tts.synthesize(text, voice, language=args.language, batch_size=args.batch_size, **sampling)]
             outs = [args.out]
@@ -130,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
         audio = sum(len(w) for w in wavs) / SAMPLE_RATE
         print(f"wrote {len(outs)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s including compilation "
               f"(load {t1 - t0:.1f} s; real-time factor {seconds / max(audio, 1e-9):.2f}): "
-              f"{outs[0] if len(outs) == 1 else args.out}")
-        return 0
+              f"{outs[0] if len(outs) == 1 and args.text_file is None else args.out}"
+              + (f"; {skipped} line(s) skipped" if skipped else ""))
+        return 1 if skipped else 0
     except (TextError, AudioError, DecodeError, CheckpointError, ConversionError, CodecUnavailable, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
