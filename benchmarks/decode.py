@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
+
+from child import run_child
 
 
 def measure_bandwidth(mb: int = 512) -> float:
@@ -112,21 +111,9 @@ def child(args) -> dict:
 
 
 def spawn(args, size: str) -> dict:
-    env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    if not args.no_tcmalloc:
-        from valle_jax.runtime import find_tcmalloc
-
-        lib = find_tcmalloc()
-        if lib:
-            env["LD_PRELOAD"] = lib
-    cmd = [sys.executable, __file__, "--child", "--size", size, "--arch", args.arch, "--dtype", args.dtype,
-           "--batches", ",".join(map(str, args.batches)), "--prompt-seconds", str(args.prompt_seconds),
-           "--audio-seconds", str(args.audio_seconds)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"{size} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_child(__file__, ["--size", size, "--arch", args.arch, "--dtype", args.dtype, "--batches",
+                                ",".join(map(str, args.batches)), "--prompt-seconds", str(args.prompt_seconds),
+                                "--audio-seconds", str(args.audio_seconds)], size, tcmalloc=not args.no_tcmalloc)
 
 
 def main() -> None:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from child import run_child
 
 SHAPES = {"6s": (72, 225, 450), "reference": (60, 225, 375)}
 
@@ -90,24 +89,11 @@ def child(args) -> dict:
 
 
 def spawn(args, size: str, devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    if not args.no_tcmalloc:
-        from valle_jax.runtime import find_tcmalloc
-
-        lib = find_tcmalloc()
-        if lib:
-            env["LD_PRELOAD"] = lib
-    cmd = [sys.executable, __file__, "--child", "--size", size, "--arch", args.arch, "--batch", str(args.batch),
-           "--shape", args.shape, "--dtype", args.dtype, "--attention", args.attention, "--steps", str(args.steps),
-           "--scan-unroll", str(args.scan_unroll)]
+    cmd = ["--size", size, "--arch", args.arch, "--batch", str(args.batch), "--shape", args.shape, "--dtype", args.dtype,
+           "--attention", args.attention, "--steps", str(args.steps), "--scan-unroll", str(args.scan_unroll)]
     if args.remat:
         cmd.append("--remat")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{size} on {devices} device(s) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, cmd, f"{size} on {devices} device(s)", devices, not args.no_tcmalloc)
 
 
 def main() -> None:

@@ -38,7 +38,6 @@ NEG_INF = -jnp.inf
 TEXT_BUCKETS = (32, 64, 128, 256, 512, 1024)  # phoneme ids, <s> and </s> included
 PROMPT_BUCKETS = (75, 150, 225, 300, 450, 600, 900, 1350, 1800)  # frames (75 per second)
 STEP_BUCKETS = (75, 150, 300, 450, 600, 900, 1350, 1800, 2700)  # AR steps / response frames
-MODES = ("sample", "mirostat", "repetition_aware", "beam")
 
 
 class DecodeError(ValueError):
@@ -173,12 +172,16 @@ def make_inputs(texts: Sequence[Sequence[int]], prompts: Sequence[np.ndarray], l
 
 # ---- the sampling of one AR step ---------------------------------------------------------------
 
+def _generated(history_BN: Array, t: Array) -> Array:
+    """Which slots of the token history hold generated tokens before step t."""
+    return jnp.broadcast_to(jnp.arange(history_BN.shape[1]) < t, history_BN.shape)
+
+
 def _filtered(logits_BV: Array, knobs: Knobs, history_BN: Array, t: Array, stop: int, sign_aware: bool,
               top_p: bool = True) -> Array:
-    n = history_BN.shape[1]
     return S.filter_logits(
         logits_BV, top_k_B=knobs.top_k, top_p_B=knobs.top_p if top_p else None, min_p_B=knobs.min_p,
-        history_BT=history_BN, history_valid_BT=jnp.broadcast_to(jnp.arange(n) < t, history_BN.shape),
+        history_BT=history_BN, history_valid_BT=_generated(history_BN, t),
         repetition_penalty_B=knobs.rep, repetition_decay_B=knobs.rep_decay,
         length_B=jnp.full(logits_BV.shape[:1], t), length_penalty_B=knobs.length_penalty, stop_token=stop,
         sign_aware=sign_aware)
@@ -189,15 +192,13 @@ def _pick(mode: str, key: Array, logits_BV: Array, knobs: Knobs, history_BN: Arr
     """(token [B], new mirostat mu [B]) for step t, after every penalty and filter."""
     if mode == "repetition_aware":
         x = _filtered(logits_BV, knobs, history_BN, t, stop, sign_aware, top_p=False)
-        n = history_BN.shape[1]
-        tok = S.repetition_aware(key, x, history_BN, jnp.broadcast_to(jnp.arange(n) < t, history_BN.shape),
+        tok = S.repetition_aware(key, x, history_BN, _generated(history_BN, t),
                                  top_p_B=knobs.top_p, temperature_B=knobs.temp, window=ras_window,
                                  threshold_B=knobs.ras_threshold)
         return tok, mu_B
     x = _filtered(logits_BV, knobs, history_BN, t, stop, sign_aware)
     if mode == "mirostat":
-        temp = S.effective_temperature(x, knobs.temp, knobs.min_temp)
-        return S.mirostat(key, x / jnp.where(temp > 0, temp, 1.0)[:, None], mu_B, knobs.tau, knobs.eta)
+        return S.mirostat(key, S.scale_by_temperature(x, knobs.temp, knobs.min_temp), mu_B, knobs.tau, knobs.eta)
     return S.draw(key, x, knobs.temp, knobs.min_temp), mu_B
 
 
@@ -246,10 +247,17 @@ def ar_loop(first_logits_BV: Array, step_fn: Callable, state, knobs: Knobs, key:
     carry = (jnp.zeros((), jnp.int32), first_logits_BV.astype(jnp.float32), tokens, jnp.zeros((b,), bool),
              S.mirostat_init(knobs.tau), state, kept)
     _, _, tokens, _, _, state, kept = jax.lax.while_loop(running, chunk_body, carry)
-    is_stop = tokens == stop
-    stopped = jnp.any(is_stop & (jnp.arange(n_slots)[None, :] < knobs.max_steps[:, None]), axis=1)
-    length = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), n_slots).astype(jnp.int32)
-    return ArResult(tokens, length, stopped, state, kept if keep_logits else None)
+    return ArResult(tokens, *_ends(tokens, knobs.max_steps, stop), state, kept if keep_logits else None)
+
+
+def _ends(tokens_BN: Array, max_steps_B: Array, stop: int) -> tuple[Array, Array]:
+    """(length [B]: frames before the first stop, stopped [B]: a real stop token came before the
+    step limit; past a row's end the loops write stop tokens that do not count)."""
+    n = tokens_BN.shape[1]
+    is_stop = tokens_BN == stop
+    stopped = jnp.any(is_stop & (jnp.arange(n)[None, :] < max_steps_B[:, None]), axis=1)
+    length = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), n).astype(jnp.int32)
+    return length, stopped
 
 
 def beam_loop(first_logits_BV: Array, step_fn: Callable, reorder_fn: Callable, state, knobs: Knobs, *,
@@ -266,8 +274,7 @@ def beam_loop(first_logits_BV: Array, step_fn: Callable, reorder_fn: Callable, s
     def one(carry, _):
         t, logits, tokens, done, score, state = carry
         x = _filtered(logits, knobs, tokens, t, stop, sign_aware)
-        temp = S.effective_temperature(x, knobs.temp, knobs.min_temp)
-        logp = jax.nn.log_softmax(x / jnp.where(temp > 0, temp, 1.0)[:, None], axis=-1)
+        logp = jax.nn.log_softmax(S.scale_by_temperature(x, knobs.temp, knobs.min_temp), axis=-1)
         finished = jnp.where(jnp.arange(v)[None, :] == stop, 0.0, NEG_INF)  # a done beam only "stays"
         logp = jnp.where(done[:, None], finished, logp)
         cand = (score[:, None] + logp).reshape(b, width * v)
@@ -289,24 +296,27 @@ def beam_loop(first_logits_BV: Array, step_fn: Callable, reorder_fn: Callable, s
     _, _, tokens, _, score, state = jax.lax.while_loop(running, lambda c: jax.lax.scan(one, c, None, length=chunk)[0], carry)
     best_rows = jnp.arange(b) * width + jnp.argmax(score.reshape(b, width), axis=1)
     tokens = tokens[best_rows]
-    is_stop = tokens == stop
-    max_steps = knobs.max_steps[best_rows]
-    stopped = jnp.any(is_stop & (jnp.arange(n_slots)[None, :] < max_steps[:, None]), axis=1)
-    length = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), n_slots).astype(jnp.int32)
-    return ArResult(tokens, length, stopped, reorder_fn(state, best_rows), None), score[best_rows]
+    return (ArResult(tokens, *_ends(tokens, knobs.max_steps[best_rows], stop), reorder_fn(state, best_rows), None),
+            score[best_rows])
 
 
 # ---- the model side ------------------------------------------------------------------------------
 
-def _prefill(model: VALLE, inputs: Inputs, capacity: int, layers: list[dict]) -> tuple[Array, dict, Array]:
-    """(logits for response frame 0 [B, V], cache holding the prefix, prefix length [B])."""
+def prefix_slots(inputs: Inputs) -> int:
+    """Padded prefix length: text and prompt buckets, 2 separators, lang, separator."""
+    return inputs.text.shape[1] + inputs.prompt.shape[1] + 4
+
+
+def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: list[dict] | None = None):
+    """The prefix through the model, into a new cache of `capacity` slots (None: no cache):
+    (logits for response frame 0 [B, V], cache, prefix length [B], prefix inputs x, valid)."""
     x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
     b, sp = valid.shape
-    cache = model.init_cache(b, capacity, jnp.dtype(model.cfg.dtype))
+    cache = None if capacity is None else model.init_cache(b, capacity, jnp.dtype(model.cfg.dtype))
     level = jnp.zeros((b,), jnp.int32)
     logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache, layers=layers)
     plen = prefix_len(inputs.text_len, inputs.prompt_len)
-    return logits[jnp.arange(b), plen - 1], cache, plen
+    return logits[jnp.arange(b), plen - 1], cache, plen, x, valid
 
 
 def _cached_step(model: VALLE, sp: int, context_B: Array, layers: list[dict]):
@@ -354,18 +364,14 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
         width: int, sign_aware: bool, ras_window: int, cached: bool, keep_logits: bool):
     model = nnx.merge(graph, params)
     stop = model.cfg.stop_token
-    sp = inputs.text.shape[1] + inputs.prompt.shape[1] + 4
+    sp = prefix_slots(inputs)
     if not cached:
-        x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
-        plen = prefix_len(inputs.text_len, inputs.prompt_len)
-        b = valid.shape[0]
-        logits, _, _ = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, jnp.zeros((b,), jnp.int32))
-        first = logits[jnp.arange(b), plen - 1]
-        state = (jnp.full((b, n_slots), stop, jnp.int32), plen)
+        first, _, plen, x, valid = _prefill(model, inputs)
+        state = (jnp.full((valid.shape[0], n_slots), stop, jnp.int32), plen)
         return ar_loop(first, _uncached_step(model, x, valid, n_slots), state, knobs, key, n_slots=n_slots, stop=stop,
                        mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window, keep_logits=keep_logits)
     layers = model.backbone.unstack()  # sliced once, outside the loop
-    first, cache, plen = _prefill(model, inputs, sp + n_slots, layers)
+    first, cache, plen, _, _ = _prefill(model, inputs, sp + n_slots, layers)
     if mode == "beam":
         rows = jnp.repeat(jnp.arange(first.shape[0]), width)
         cache, plen = _reorder((cache, plen), rows)
@@ -384,7 +390,7 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
     model = nnx.merge(graph, params)
     cfg = model.cfg
     b, r = level0_BR.shape
-    sp = inputs.text.shape[1] + inputs.prompt.shape[1] + 4
+    sp = prefix_slots(inputs)
     plen = prefix_len(inputs.text_len, inputs.prompt_len)
     frame_valid = jnp.arange(r)[None, :] < length_B[:, None]
     positions = plen[:, None] + jnp.arange(r)[None, :]
@@ -480,4 +486,4 @@ class Decoder:
 
 
 __all__ = ["Decoder", "Settings", "Knobs", "Inputs", "Output", "ArResult", "make_inputs", "ar_loop", "beam_loop",
-           "bucket", "DecodeError", "TEXT_BUCKETS", "PROMPT_BUCKETS", "STEP_BUCKETS", "MODES"]
+           "bucket", "DecodeError", "TEXT_BUCKETS", "PROMPT_BUCKETS", "STEP_BUCKETS"]

@@ -137,18 +137,19 @@ def categorical(key: Array, logits_BV: Array) -> Array:
     return jnp.minimum(idx, logits_BV.shape[1] - 1).astype(jnp.int32)
 
 
-def effective_temperature(x_BV: Array, temperature_B: Array, min_temperature_B: Array | None) -> Array:
-    """The temperature each row is drawn at: min_temperature < 0 means "as temperature" (SPEC §5.1)."""
+def scale_by_temperature(x_BV: Array, temperature_B: Array, min_temperature_B: Array | None) -> Array:
+    """Logits divided by each row's temperature (dynamic when min_temperature differs; < 0 means
+    "as temperature", SPEC §5.1); rows at temperature 0 are left unscaled (greedy callers argmax)."""
     t_min = temperature_B if min_temperature_B is None else jnp.where(min_temperature_B < 0, temperature_B,
                                                                       min_temperature_B)
-    return temperature_of(x_BV, temperature_B, t_min)
+    temp = temperature_of(x_BV, temperature_B, t_min)
+    return x_BV / jnp.where(temp > 0, temp, 1.0)[:, None]
 
 
 def draw(key: Array, x_BV: Array, temperature_B: Array, min_temperature_B: Array | None = None) -> Array:
     """One token per row from filtered logits; rows with temperature 0 take the argmax."""
-    temp = effective_temperature(x_BV, temperature_B, min_temperature_B)
     greedy = jnp.argmax(x_BV, axis=-1)
-    drawn = categorical(key, x_BV / jnp.where(temp > 0, temp, 1.0)[:, None])
+    drawn = categorical(key, scale_by_temperature(x_BV, temperature_B, min_temperature_B))
     return jnp.where(temperature_B > 0, drawn, greedy).astype(jnp.int32)
 
 

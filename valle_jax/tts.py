@@ -96,6 +96,7 @@ class TTS:
         self.codec_dir = codec_dir
         self._codec = None
         self._phonemizers: dict[str, Phonemizer] = {}
+        self._ids: dict[tuple[str, str], list[int]] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, codec_dir: str | os.PathLike | None = None, dtype: str | None = None,
@@ -118,9 +119,11 @@ class TTS:
         """`<s> phonemes </s>` ids of one line of text."""
         if not text.strip():
             raise TextError("empty text: nothing to synthesise")
-        if language not in self._phonemizers:
-            self._phonemizers[language] = Phonemizer(language)
-        return encode(self._phonemizers[language].tokens([text])[0], self.symmap)
+        if (text, language) not in self._ids:  # callers that check lines first do not phonemise twice
+            if language not in self._phonemizers:
+                self._phonemizers[language] = Phonemizer(language)
+            self._ids[text, language] = encode(self._phonemizers[language].tokens([text])[0], self.symmap)
+        return self._ids[text, language]
 
     def language_id(self, language: str) -> int:
         lang = LANG_SYMMAP.get(language)

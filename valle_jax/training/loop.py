@@ -89,6 +89,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.train_cfg.keep)
         self.writer = monitor.MetricsWriter(self.workdir, enabled=self.primary)
         self._codec = self._decoder = None  # for evaluation audio, made on first use
+        self._audio_off = False  # set when the codec for evaluation audio cannot be loaded
         self.peak_flops, self.peak_source = monitor.device_peak_flops(self.train_cfg.peak_flops)
         self.commands = control.CommandReader(enabled={"on": True, "off": False, "auto": None}[commands]) \
             if self.primary else control.CommandReader(enabled=False)
@@ -371,8 +372,8 @@ class Trainer:
     def _eval_audio(self, params: dict, batch: dict, step: int) -> None:
         """Synthesises the first `train.eval_audio` validation utterances (their text and prompt)
         with the current parameters, and writes hypothesis, reference and prompt wavs (SPEC §7.6)."""
-        params = self._gather_params(params)  # every process takes part; the primary writes
-        if not self.primary:
+        params = self._gather_params(params)  # every process takes part (a collective); the primary writes
+        if not self.primary or self._audio_off:
             return
         from valle_jax.audio import write_wav
         from valle_jax.codec import Codec
@@ -382,9 +383,9 @@ class Trainer:
         try:
             if self._codec is None:
                 self._codec = Codec.load(self.train_cfg.eval_codec_dir or None)
-        except Exception as e:  # no codec: say so once and keep training
+        except Exception as e:  # no codec: say so once and keep training (other hosts still gather)
             log.warning("eval audio disabled: %s", e)
-            self.train_cfg = dataclasses.replace(self.train_cfg, eval_audio=0)
+            self._audio_off = True
             return
         if self._decoder is None:
             self._decoder = Decoder(model_from_params(dataclasses.replace(self.model_cfg, dtype="float32"), params))

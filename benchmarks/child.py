@@ -1,0 +1,25 @@
+"""Runs one benchmark configuration in a fresh process (so its peak memory is its own) and returns
+the JSON object the child prints last. Shared by the benchmark scripts of this folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run_child(script: str, args: list[str], what: str, devices: int | None = None, tcmalloc: bool = True) -> dict:
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if tcmalloc:  # as `python -m valle_jax.train` runs (valle_jax/runtime.py)
+        from valle_jax.runtime import find_tcmalloc
+
+        lib = find_tcmalloc()
+        if lib:
+            env["LD_PRELOAD"] = lib
+    out = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
