@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model: the reference's AR+NAR VALL-E (SPEC §2-3) ----
     m = c.model = ml_collections.ConfigDict()
-    m.arch = "llama"  # backbone: "transformer" | "llama"
+    m.arch = "llama"  # backbone: "transformer" | "llama" | "retnet"
     m.size = "full"  # preset setting d_model/n_heads/n_layers: tiny | quarter | half | full | double | "" (use below)
     m.d_model = 1024  # width (used when size is "")
     m.n_heads = 16  # attention heads (used when size is "")
@@ -40,13 +40,15 @@ def get_config() -> ml_collections.ConfigDict:
     m.n_resp_levels = 8  # codec levels predicted (level 0 by the AR, 1..7 by the NAR)
     m.n_langs = 1  # rows of the language table
     m.version = 3  # 3 = the reference; 4 adds learned per-level scalars to the code embeddings
-    m.norm_eps = 0.0  # 0 = the backbone's own (LayerNorm 1e-5, RMSNorm 1e-6)
+    m.norm_eps = 0.0  # 0 = the backbone's own (transformer 1e-5, llama and retnet 1e-6)
     m.rope_theta = 10_000.0  # RoPE base (llama)
     m.bidirectional_nar = False  # True: NAR levels attend both ways (the reference's later fix)
     m.dropout = 0.1  # probability, training only
     m.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (parameters stay float32)
     m.remat = False  # recompute layer activations in the backward pass (saves memory)
     m.scan_unroll = 0  # layers per scan iteration; 0 = fully unrolled (faster, less memory; 1 = compile once per layer)
+    m.retnet_variant = "fork"  # retnet layout: "fork" (the reference's checkpoints) | "torchscale" (upstream 0.3.0)
+    m.retention_chunk = 0  # retnet: chunk size (positions) of the chunkwise form; 0 = parallel form
     m.attention = "dense"  # "dense" | "blocked": query blocks with recomputation, no [B,H,S,S] kept for backward
 
     # ---- mesh: how devices are laid out and what is sharded over them ----

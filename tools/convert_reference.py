@@ -1,11 +1,13 @@
 """Converts a reference (mrq/vall-e) AR+NAR checkpoint into a valle_jax model directory.
 
-    python -m tools.convert_reference SRC --out DIR [--arch transformer|llama] [--heads H] [--overwrite]
+    python -m tools.convert_reference SRC --out DIR [--arch transformer|llama|retnet] [--heads H] [--overwrite]
 
 SRC: the reference's exported `fp32.pth` ({"module", "stats", "userdata": {"symmap"}}), a bare state
 dict `.pth`, or an `.npz` of named arrays. Shapes give the backbone, width, depth, vocabularies,
 levels and version; the head count is not in the weights: pass --heads unless the width is one of
-the reference presets (256 -> 4, 512 -> 8, 1024 -> 16). Legacy `retnet.` prefixes are renamed.
+the reference presets (256 -> 4, 512 -> 8, 1024 -> 16); retnet checkpoints record it in their decay
+buffer. Both retnet layouts convert: the fork's (biases, LayerNorm) and upstream torchscale's (GLU).
+Legacy `retnet.` prefixes are renamed.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.convert_reference", description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path, help="fp32.pth, a state dict .pth, or an .npz of named arrays")
     p.add_argument("--out", type=Path, required=True, help="model directory to create")
-    p.add_argument("--arch", choices=("transformer", "llama"), default=None, help="check the backbone is this one")
+    p.add_argument("--arch", choices=("transformer", "llama", "retnet"), default=None, help="check the backbone is this one")
     p.add_argument("--heads", type=int, default=None, help="attention heads (not recorded in the weights)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Checks valle_jax against the reference's golden outputs (../shared/golden format).
 
-    python -m tools.parity GOLDEN_DIR --arch transformer|llama [--heads H] [--tolerance 1e-4]
+    python -m tools.parity GOLDEN_DIR --arch transformer|llama|retnet [--heads H] [--tolerance 1e-4]
 
 Converts GOLDEN_DIR/{arch}_weights.npz, then runs every case found: `inputs.npz` with
 `{arch}_outputs.npz` (levels 0, 1 and 7) and `inputs_batch2.npz` with `{arch}_outputs_batch2.npz`
@@ -102,7 +102,7 @@ def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.parity", description=__doc__.split("\n\n")[0])
     p.add_argument("golden", type=Path)
-    p.add_argument("--arch", required=True, choices=("transformer", "llama"))
+    p.add_argument("--arch", required=True, choices=("transformer", "llama", "retnet"))
     p.add_argument("--heads", type=int, default=None, help="default: the golden config's n_heads")
     p.add_argument("--tolerance", type=float, default=1e-4)
     args = p.parse_args(argv)

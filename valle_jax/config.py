@@ -83,7 +83,8 @@ def data_config(config) -> DataConfig:
     return _from_dict(DataConfig, config.data, seed=int(config.get("seed", 0)))
 
 
-ARCHS = ("transformer", "llama")
+ARCHS = ("transformer", "llama", "retnet")
+RETNET_VARIANTS = ("fork", "torchscale")
 DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("dense", "blocked")
 
@@ -103,7 +104,7 @@ class ModelConfig:
     n_resp_levels: int = 8
     n_langs: int = 1
     version: int = 3  # 3: the reference; 4 adds learned per-level scalar weights to the code embeddings
-    norm_eps: float = 0.0  # 0: the arch's own (transformer LayerNorm 1e-5, llama RMSNorm 1e-6)
+    norm_eps: float = 0.0  # 0: the arch's own (transformer LayerNorm 1e-5, llama and retnet 1e-6)
     rope_theta: float = 10_000.0
     bidirectional_nar: bool = False  # False: causal attention at every level, as the reference
     dropout: float = 0.1  # applied only when a dropout key is given (training)
@@ -111,6 +112,8 @@ class ModelConfig:
     remat: bool = False  # recompute each layer's activations in the backward pass
     attention: str = "dense"  # teacher-forced attention: "dense" | "blocked" (query blocks, no S x S residuals)
     scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = all (fully unrolled)
+    retnet_variant: str = "fork"  # "fork": the reference's torchscale fork (its checkpoints); "torchscale": upstream 0.3.0
+    retention_chunk: int = 0  # retnet: positions per chunk of the chunkwise form; 0 = the parallel form
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -125,8 +128,16 @@ class ModelConfig:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
-        if self.arch == "transformer" and self.kv_heads != self.n_heads:
+        if self.arch != "llama" and self.kv_heads != self.n_heads:
             raise ConfigError("grouped-query attention (model.n_kv_heads) is a llama option")
+        if self.retnet_variant not in RETNET_VARIANTS:
+            raise ConfigError(f"model.retnet_variant must be one of {RETNET_VARIANTS}, got {self.retnet_variant!r}")
+        if self.retention_chunk < 0:
+            raise ConfigError(f"model.retention_chunk must be >= 0 (0 = the parallel form), got {self.retention_chunk}")
+        if self.arch == "retnet" and self.bidirectional_nar:
+            raise ConfigError("model.bidirectional_nar has no meaning for retnet: retention is causal at every level")
+        if self.arch == "retnet" and self.head_dim % 2:
+            raise ConfigError(f"retnet rotates pairs of key dimensions: d_model / n_heads = {self.head_dim} must be even")
         if self.version not in (3, 4):
             raise ConfigError(f"model.version must be 3 or 4, got {self.version}")
 

@@ -315,19 +315,21 @@ def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: 
     cache = None if capacity is None else model.init_cache(b, capacity, jnp.dtype(model.cfg.dtype))
     level = jnp.zeros((b,), jnp.int32)
     logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache, layers=layers)
+    if cache is not None:
+        cache = model.backbone.mark_prefix(cache)
     plen = prefix_len(inputs.text_len, inputs.prompt_len)
     return logits[jnp.arange(b), plen - 1], cache, plen, x, valid
 
 
 def _cached_step(model: VALLE, sp: int, context_B: Array, layers: list[dict]):
-    """step_fn over the KV cache: token t sits at cache slot sp + t, position prefix_len + t."""
+    """step_fn over the cache: token t sits at cache slot sp + t (a KV cache; a recurrent state
+    just absorbs it), position prefix_len + t."""
     def step(state, tok_B, t):
         cache, plen = state
         b = tok_B.shape[0]
-        # rolling context: the frame that falls out of the window is masked from here on
-        old = t - context_B
-        slot = jnp.where((context_B > 0) & (old >= 0), sp + old, cache["valid"].shape[1])  # past the end: no-op
-        cache = dict(cache, valid=cache["valid"].at[jnp.arange(b), slot].set(False, mode="drop"))
+        if model.backbone.has_window:  # rolling context: the frame that falls out of the window is masked
+            old = t - context_B
+            cache = model.backbone.forget(cache, jnp.where((context_B > 0) & (old >= 0), sp + old, cache["valid"].shape[1]))
         level = jnp.zeros((b,), jnp.int32)
         x = model.embed_frames(tok_B[:, None, None], level)
         logits, _, cache = model.run(x, (plen + t)[:, None], jnp.ones((b, 1), bool), level, cache, layers=layers)
@@ -354,10 +356,8 @@ def _uncached_step(model: VALLE, x_prefix: Array, valid_prefix: Array, n_slots: 
 
 
 def _reorder(state, rows):
-    cache, plen = state
-    cache = dict(cache, k=tuple(k[rows] for k in cache["k"]), v=tuple(v[rows] for v in cache["v"]),
-                 pos=cache["pos"][rows], valid=cache["valid"][rows])
-    return cache, plen[rows]
+    """Beams take over other beams' caches: every per-row array (batch first) gathered by `rows`."""
+    return jax.tree.map(lambda a: a[rows] if a.ndim else a, state)
 
 
 def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int, chunk: int, mode: str,
@@ -396,11 +396,8 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
     positions = plen[:, None] + jnp.arange(r)[None, :]
     codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, level0_BR, 0))
     layers = model.backbone.unstack()
-    if cache is not None:  # the prefix's keys/values, response slots cleared
-        cache = {"k": tuple(k[..., : sp + r] for k in cache["k"]), "v": tuple(v[:, :, : sp + r] for v in cache["v"]),
-                 "pos": cache["pos"][:, : sp + r],
-                 "valid": cache["valid"][:, : sp + r] & (jnp.arange(sp + r) < sp)[None, :],
-                 "index": jnp.asarray(sp, jnp.int32)}
+    if cache is not None:  # the prefix's keys/values (or recurrent state) alone
+        cache = model.backbone.nar_cache(cache, sp, r)
 
     def level_logits(level_B, codes):
         if cache is not None:
@@ -440,6 +437,7 @@ class Decoder:
     def __init__(self, model: VALLE, chunk: int = 8):
         self.cfg = model.cfg
         self.chunk = chunk
+        self.has_window = model.backbone.has_window
         self.graph, params = nnx.split(model)
         if self.cfg.dtype == "bfloat16":  # matrices and tables; norms and biases stay float32
             params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
@@ -457,6 +455,9 @@ class Decoder:
         bucket (a multiple of the chunk)."""
         b = len(inputs.text_len)
         knobs = knobs if knobs is not None else Knobs.of(settings, b)
+        if not self.has_window and bool(np.any(np.asarray(knobs.context) > 0)):
+            raise DecodeError(f"max_ar_context needs a cache that keeps every frame; the {self.cfg.arch} backbone "
+                              "decodes from a recurrent state, whose past already fades by its decay")
         n_slots = n_slots or self.n_slots(int(np.max(knobs.max_steps)))
         return self._ar(self.params, inputs, knobs, jax.random.key(settings.seed), n_slots=n_slots, chunk=self.chunk,
                         mode=settings.mode, width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,

@@ -21,6 +21,7 @@ from flax import nnx
 
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
+from valle_jax.models import retention as R
 from valle_jax.models.attention import flash_attend
 
 Array = jax.Array
@@ -47,47 +48,57 @@ def _mm(x: Array, w: Array, spec: str, dtype) -> Array:
 class Backbone(nnx.Module):
     """Shared scan/cache plumbing; subclasses define `layer` and their stacked parameters."""
 
+    has_window = True  # the cache holds every position, so a rolling context can mask old ones
+
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
 
     def final(self, x: Array) -> Array:
         return x
 
+    def enter(self, x: Array, key: Array | None) -> Array:
+        """What the backbone does to its input before the first layer."""
+        return x
+
+    def teacher_mixer(self, positions_BS: Array, valid_BS: Array, causal_B: Array):
+        """`mix(q, k, v, rate, key)` mixing positions over the whole given sequence (no cache)."""
+        if self.cfg.attention == "blocked":
+            def attend(q, k, v, rate, key):
+                return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key)
+            return attend
+        mask = L.attention_mask(positions_BS, positions_BS, valid_BS, causal_B)
+        return lambda q, k, v, rate, key: L.attend(q, k, v, mask, rate, key)
+
     def __call__(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, causal_B: Array,
                  cache: dict | None = None, dropout_key: Array | None = None, layers: list[dict] | None = None):
         cfg = self.cfg
         n = cfg.n_layers
-        keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
+        keys = jax.random.split(dropout_key, n + 1) if dropout_key is not None else None
+        x = self.enter(x_BSD.astype(jnp.float32), None if keys is None else keys[n])
+        if cache is not None:
+            return self.continue_cache(x, positions_BS, valid_BS, causal_B, cache, keys, layers or self.unstack())
         # unrolled, XLA schedules and frees each layer's buffers on its own: on CPU the half preset's
         # training step ran 13% faster and its peak memory halved against a rolled loop
         unroll = n if cfg.scan_unroll == 0 else min(cfg.scan_unroll, n)
-        x = x_BSD.astype(jnp.float32)
-        if cache is None:
-            if cfg.attention == "blocked":
-                def attend(q, k, v, rate, key):
-                    return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key)
-            else:
-                mask = L.attention_mask(positions_BS, positions_BS, valid_BS, causal_B)
+        mix = self.teacher_mixer(positions_BS, valid_BS, causal_B)
 
-                def attend(q, k, v, rate, key):
-                    return L.attend(q, k, v, mask, rate, key)
+        def step(x, xs):
+            p, key = xs
+            return self.layer(p, x, positions_BS, valid_BS, mix, key), None
 
-            def step(x, xs):
-                p, key = xs
-                return self.layer(p, x, positions_BS, valid_BS, attend, key), None
+        if cfg.remat:
+            step = jax.checkpoint(step)
+        x, _ = jax.lax.scan(step, x, (self.stacked(), None if keys is None else keys[:n]), length=n, unroll=unroll)
+        return self.final(x), None
 
-            if cfg.remat:
-                step = jax.checkpoint(step)
-            x, _ = jax.lax.scan(step, x, (self.stacked(), keys), length=n, unroll=unroll)
-            return self.final(x), None
+    def continue_cache(self, x, positions_BS, valid_BS, causal_B, cache, keys, layers):
+        """The layers over new positions that attend to the cache and are written into it.
 
-        # With a cache (decoding), the layers run as a Python loop over per-layer parameters and
-        # per-layer cache buffers, so that inside a decoding loop no array is sliced or rebuilt: a
-        # stacked [layers, ...] cache made XLA copy all of it at every step, and slicing stacked
-        # weights copied them (quarter preset, batch 1: 13 -> 7.7 ms per step). Pass `layers` (from
-        # `unstack`, computed once outside the loop) to keep that slicing out of the loop too. Each
-        # layer writes its new keys/values into its buffer in place, then attends to the buffer.
-        layers = layers if layers is not None else self.unstack()
+        The layers run as a Python loop over per-layer parameters and per-layer cache buffers, so
+        that inside a decoding loop no array is sliced or rebuilt: a stacked [layers, ...] cache made
+        XLA copy all of it at every step, and slicing stacked weights copied them (quarter preset,
+        batch 1: 13 -> 7.7 ms per step). `layers` (from `unstack`) is computed once outside the loop.
+        Each layer writes its new keys/values into its buffer in place, then attends to the buffer."""
         idx = cache["index"]
         k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BS.astype(jnp.int32), idx, axis=1)
         k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BS, idx, axis=1)
@@ -99,8 +110,30 @@ class Backbone(nnx.Module):
                 return L.attend_cache(q, ks[i], vs[i], mask)
 
             x = self.layer(p, x, positions_BS, valid_BS, cached_attend, None if keys is None else keys[i])
-        new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": k_pos, "valid": k_valid, "index": idx + x_BSD.shape[1]}
+        new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": k_pos, "valid": k_valid, "index": idx + x.shape[1]}
         return self.final(x), new_cache
+
+    # ---- the decoding cache: what decoding.py asks of it -------------------------------------
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+        return init_cache(self.cfg, batch, length, dtype)
+
+    def mark_prefix(self, cache: dict) -> dict:
+        """Called once the cache holds exactly the prefix: keep what the NAR passes will need."""
+        return cache  # the prefix stays in slots [0, prefix) untouched by later steps
+
+    def nar_cache(self, cache: dict, prefix: int, frames: int) -> dict:
+        """The prefix's cache, ready for a NAR pass over `frames` response positions."""
+        return {"k": tuple(k[..., : prefix + frames] for k in cache["k"]),
+                "v": tuple(v[:, :, : prefix + frames] for v in cache["v"]),
+                "pos": cache["pos"][:, : prefix + frames],
+                "valid": cache["valid"][:, : prefix + frames] & (jnp.arange(prefix + frames) < prefix)[None, :],
+                "index": jnp.asarray(prefix, jnp.int32)}
+
+    def forget(self, cache: dict, slot_B: Array) -> dict:
+        """Masks cache slot `slot_B[b]` of each row from here on (rolling context); a slot past the
+        end is a no-op."""
+        b = slot_B.shape[0]
+        return dict(cache, valid=cache["valid"].at[jnp.arange(b), slot_B].set(False, mode="drop"))
 
     def stacked(self) -> dict:
         """The layer parameters, each with a leading layers axis."""
@@ -180,5 +213,153 @@ class LlamaBackbone(Backbone):
         return L.rms_norm(x, self.final_norm[...], self.cfg.eps)
 
 
+class RetNetBackbone(Backbone):
+    """RetNet (SPEC §3.2) in two variants: "torchscale" (upstream torchscale 0.3.0, what the golden
+    files were made with: RMSNorm, no biases, GLU feed-forward, RMS group norm) and "fork" (the
+    reference's own torchscale fork, what its published retnet checkpoints use: LayerNorm, biases
+    on every projection, a plain GELU feed-forward with a LayerNorm inside, LayerNorm group norm).
+    Both: pre-norm, value width 2d, swish gate, interleaved rotation, per-head decay, final norm.
+
+    The cache is a recurrent state per layer (valle_jax.models.retention.State): its size does not
+    depend on how many positions it has absorbed. Teacher forcing uses the parallel form, or the
+    chunkwise form when `model.retention_chunk` > 0 (also for prefills and NAR passes longer than a
+    chunk); decoding steps are the recurrent form. All three give the same numbers."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg)
+        n, d, h, dk = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim
+        dv, f = 2 * dk, cfg.ffn_mult * d
+        self.fork = cfg.retnet_variant == "fork"
+        lin, xavier = L.torch_linear_init, R.xavier_uniform
+        small = 2 ** -2.5  # torchscale's gain for q, k, v and g
+        self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.q = L.param(rngs, xavier(small, d, d), (n, d, h, dk), ("layers", "embed", "heads", "head_dim"))
+        self.k = L.param(rngs, xavier(small, d, d), (n, d, h, dk), ("layers", "embed", "heads", "head_dim"))
+        self.v = L.param(rngs, xavier(small, d, 2 * d), (n, d, h, dv), ("layers", "embed", "heads", "head_dim"))
+        self.g = L.param(rngs, xavier(small, d, 2 * d), (n, d, h, dv), ("layers", "embed", "heads", "head_dim"))
+        self.o = L.param(rngs, xavier(1.0, 2 * d, d), (n, h, dv, d), ("layers", "heads", "head_dim", "embed"))
+        self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.fc1 = L.param(rngs, lin(d), (n, d, f), ("layers", "embed", "mlp"))
+        self.fc2 = L.param(rngs, lin(f), (n, f, d), ("layers", "mlp", "embed"))
+        self.final_norm = L.param(rngs, ones, (d,), ("embed",))
+        if self.fork:
+            self.attn_norm_bias = L.param(rngs, zeros, (n, d), ("layers", "embed"))
+            self.q_bias = L.param(rngs, lin(d), (n, h, dk), ("layers", "heads", "head_dim"))
+            self.k_bias = L.param(rngs, lin(d), (n, h, dk), ("layers", "heads", "head_dim"))
+            self.v_bias = L.param(rngs, lin(d), (n, h, dv), ("layers", "heads", "head_dim"))
+            self.g_bias = L.param(rngs, lin(d), (n, h, dv), ("layers", "heads", "head_dim"))
+            self.o_bias = L.param(rngs, lin(2 * d), (n, d), ("layers", "embed"))
+            self.mlp_norm_bias = L.param(rngs, zeros, (n, d), ("layers", "embed"))
+            self.fc1_bias = L.param(rngs, lin(d), (n, f), ("layers", "mlp"))
+            self.ffn_norm = L.param(rngs, ones, (n, f), ("layers", "mlp"))
+            self.ffn_norm_bias = L.param(rngs, zeros, (n, f), ("layers", "mlp"))
+            self.fc2_bias = L.param(rngs, lin(f), (n, d), ("layers", "embed"))
+            self.final_norm_bias = L.param(rngs, zeros, (d,), ("embed",))
+        else:
+            self.gate = L.param(rngs, lin(d), (n, d, f), ("layers", "embed", "mlp"))
+
+    # buffers of the reference, recomputed (the converter checks a checkpoint's against these)
+    @property
+    def decay(self) -> Array:
+        return R.decay_rates(self.cfg.n_heads)
+
+    @property
+    def angle(self) -> Array:
+        return R.angles(self.cfg.head_dim, self.cfg.rope_theta)
+
+    def _norm(self, x, p, name):
+        if self.fork:
+            return L.layer_norm(x, p[name], p[name + "_bias"], self.cfg.eps)
+        return L.rms_norm(x, p[name], self.cfg.eps)
+
+    def _group_norm(self, o_BSHE):
+        """Per head over its value width, without parameters."""
+        if self.fork:
+            return L.layer_norm(o_BSHE, 1.0, 0.0, self.cfg.eps)
+        return L.rms_norm(o_BSHE, 1.0, self.cfg.eps)
+
+    def enter(self, x, key):
+        return L.dropout(x, self.cfg.dropout, key)  # torchscale drops out the input embeddings
+
+    def layer(self, p, x, positions, valid, mix, key):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        keys = jax.random.split(key, 2) if key is not None else (None, None)
+        bias = (lambda name: p[name]) if self.fork else (lambda name: 0.0)
+        h = self._norm(x, p, "attn_norm")
+        q = _mm(h, p["q"], "bsd,dhk->bshk", dt) + bias("q_bias")
+        k = (_mm(h, p["k"], "bsd,dhk->bshk", dt) + bias("k_bias")) * cfg.head_dim ** -0.5
+        v = _mm(h, p["v"], "bsd,dhe->bshe", dt) + bias("v_bias")
+        g = _mm(h, p["g"], "bsd,dhe->bshe", dt) + bias("g_bias")
+        angle = self.angle
+        o = mix(R.rotate(q, positions, angle), R.rotate(k, positions, angle), v, 0.0, None)
+        o = jax.nn.silu(g) * self._group_norm(o)
+        o = _mm(o, p["o"], "bshe,hed->bsd", dt) + bias("o_bias")
+        x = x + L.dropout(o, cfg.dropout, keys[0])
+        h = self._norm(x, p, "mlp_norm")
+        if self.fork:  # fc2(LayerNorm(gelu(fc1 h))): torchscale's sub-LN feed-forward
+            f = jax.nn.gelu(_mm(h, p["fc1"], "bsd,df->bsf", dt) + p["fc1_bias"], approximate=False)
+            f = _mm(L.layer_norm(f, p["ffn_norm"], p["ffn_norm_bias"], cfg.eps), p["fc2"], "bsf,fd->bsd", dt) + p["fc2_bias"]
+        else:  # GLU: fc2(gelu(fc1 h) * gate h)
+            f = jax.nn.gelu(_mm(h, p["fc1"], "bsd,df->bsf", dt), approximate=False) * _mm(h, p["gate"], "bsd,df->bsf", dt)
+            f = _mm(f, p["fc2"], "bsf,fd->bsd", dt)
+        return x + L.dropout(f, cfg.dropout, keys[1])
+
+    def final(self, x):
+        if self.fork:
+            return L.layer_norm(x, self.final_norm[...], self.final_norm_bias[...], self.cfg.eps)
+        return L.rms_norm(x, self.final_norm[...], self.cfg.eps)
+
+    def _mixer(self, positions_BS, valid_BS, state: R.State | None, sink: list | None):
+        """`mix` continuing `state` (None: from empty) over the given positions: one chunk, or a scan
+        of `model.retention_chunk`-sized chunks when the sequence is longer; the state after the
+        positions is appended to `sink` (None: not computed)."""
+        lam, chunk, s = self.decay, self.cfg.retention_chunk, positions_BS.shape[1]
+        if chunk and s > chunk:
+            def mix(q, k, v, rate, key):
+                st = state if state is not None else R.empty_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+                out, st = R.chunked(R.retain_chunk, q, k, v, positions_BS, valid_BS, st, lam, chunk)
+                if sink is not None:
+                    sink.append(st)
+                return out
+            return mix
+        count = state.count if state is not None else jnp.zeros(positions_BS.shape[:1], jnp.int32)
+        plan = R.plan(positions_BS, valid_BS, count, lam)  # computed once, shared by every layer
+
+        def mix(q, k, v, rate, key):
+            out, st = R.retain_chunk(q, k, v, plan, state, want_state=sink is not None)
+            if sink is not None:
+                sink.append(st)
+            return out
+        return mix
+
+    def teacher_mixer(self, positions_BS, valid_BS, causal_B):
+        return self._mixer(positions_BS, valid_BS, None, None)  # retention is causal at every level
+
+    def continue_cache(self, x, positions_BS, valid_BS, causal_B, cache, keys, layers):
+        states = []
+        for i, p in enumerate(layers):
+            state = R.State(cache["kv"][i], cache["k_sum"][i], cache["count"])
+            mix = self._mixer(positions_BS, valid_BS, state, states)
+            x = self.layer(p, x, positions_BS, valid_BS, mix, None if keys is None else keys[i])
+        new_cache = dict(cache, kv=tuple(s.kv for s in states), k_sum=tuple(s.k_sum for s in states),
+                         count=states[-1].count)
+        return self.final(x), new_cache
+
+    def init_cache(self, batch, length, dtype=jnp.float32):
+        """Per layer, an empty recurrent state (float32 whatever the compute dtype; `length` is not
+        needed: the state does not grow)."""
+        cfg = self.cfg
+        st = R.empty_state(batch, cfg.n_heads, cfg.head_dim, 2 * cfg.head_dim)
+        return {"kv": (st.kv,) * cfg.n_layers, "k_sum": (st.k_sum,) * cfg.n_layers, "count": st.count, "prefix": None}
+
+    def mark_prefix(self, cache):
+        return dict(cache, prefix={k: cache[k] for k in ("kv", "k_sum", "count")})
+
+    def nar_cache(self, cache, prefix, frames):
+        return dict(cache["prefix"], prefix=None)
+
+    has_window = False  # a recurrent state cannot drop one past position (its past decays instead)
+
+
 def make_backbone(cfg: ModelConfig, rngs: nnx.Rngs) -> Backbone:
-    return {"transformer": TransformerBackbone, "llama": LlamaBackbone}[cfg.arch](cfg, rngs)
+    return {"transformer": TransformerBackbone, "llama": LlamaBackbone, "retnet": RetNetBackbone}[cfg.arch](cfg, rngs)

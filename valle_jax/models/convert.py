@@ -17,6 +17,7 @@ from valle_jax.config import ModelConfig
 
 UNUSED = ("tasks_emb.weight", "model.embed_tokens.weight")  # held by the reference, never used
 PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # SPEC §2.2
+RETNET_ANGLE, RETNET_DECAY = "model.retnet_rel_pos.angle", "model.retnet_rel_pos.decay"  # buffers
 
 
 class ConversionError(ValueError):
@@ -58,10 +59,14 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
         arch, pat = "transformer", r"blocks\.(\d+)\."
     elif any(k.startswith("model.layers.") and ".self_attn." in k for k in state):
         arch, pat = "llama", r"model\.layers\.(\d+)\."
+    elif any(k.startswith("model.layers.") and ".retention." in k for k in state):
+        arch, pat = "retnet", r"model\.layers\.(\d+)\."
     else:
-        raise ConversionError("cannot tell the backbone: expected 'blocks.*' (transformer) or "
-                              "'model.layers.*.self_attn.*' (llama) keys (retnet is not supported yet)")
+        raise ConversionError("cannot tell the backbone: expected 'blocks.*' (transformer), "
+                              "'model.layers.*.self_attn.*' (llama) or 'model.layers.*.retention.*' (retnet) keys")
     n_layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(pat, k)))
+    if heads is None and arch == "retnet" and RETNET_DECAY in state:
+        heads = state[RETNET_DECAY].shape[0]  # one decay per retention head
     if heads is None:
         if d not in PRESET_HEADS:
             raise ConversionError(f"the state dict does not say how many attention heads d_model={d} uses: "
@@ -73,10 +78,14 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
     if arch == "llama":
         kv_heads = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // (d // heads)
         kv_heads = 0 if kv_heads == heads else kv_heads
+    ffn_key = {"transformer": "blocks.0.ffn.block.0.weight", "llama": "model.layers.0.mlp.gate_proj.weight",
+               "retnet": "model.layers.0.ffn.fc1.weight"}[arch]
+    extra = {}
+    if arch == "retnet":  # the fork adds biases; upstream torchscale has a GLU gate instead
+        extra["retnet_variant"] = "torchscale" if "model.layers.0.ffn.gate.weight" in state else "fork"
     cfg = dict(
         arch=arch, d_model=d, n_heads=heads, n_layers=n_layers, n_kv_heads=kv_heads,
-        ffn_mult=(state["blocks.0.ffn.block.0.weight"] if arch == "transformer"
-                  else state["model.layers.0.mlp.gate_proj.weight"]).shape[0] // d,
+        ffn_mult=state[ffn_key].shape[0] // d, **extra,
         n_tokens=state["text_emb.weight"].shape[0],
         n_prom_levels=sum(1 for k in state if re.fullmatch(r"proms_emb\.embeddings\.\d+\.weight", k)),
         n_resp_levels=sum(1 for k in state if re.fullmatch(r"resps_emb\.embeddings\.\d+\.weight", k)),
@@ -104,6 +113,8 @@ def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                          b + "attn.block.to_out.weight": (d, d), b + "attn.block.to_out.bias": (d,),
                          b + "ffn.norm.weight": (d,), b + "ffn.norm.bias": (d,), b + "ffn.block.0.weight": (f, d),
                          b + "ffn.block.0.bias": (f,), b + "ffn.block.3.weight": (d, f), b + "ffn.block.3.bias": (d,)})
+        elif cfg.arch == "retnet":
+            keys.update(_retnet_layer_layout(cfg, f"model.layers.{i}."))
         else:
             b, kvd = f"model.layers.{i}.", cfg.kv_heads * cfg.head_dim
             keys.update({b + "self_attn.q_proj.weight": (d, d), b + "self_attn.k_proj.weight": (kvd, d),
@@ -113,12 +124,47 @@ def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                          b + "post_attention_layernorm.weight": (d,)})
     if cfg.arch == "llama":
         keys["model.norm.weight"] = (d,)
+    if cfg.arch == "retnet":
+        keys["model.layer_norm.weight"] = (d,)  # the angle/decay buffers are optional (check_buffers)
+        if cfg.retnet_variant == "fork":
+            keys["model.layer_norm.bias"] = (d,)
     return keys
+
+
+def _retnet_layer_layout(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]:
+    """One retnet layer's keys (SPEC §8.4 for the fork; golden/README for upstream torchscale)."""
+    d, f = cfg.d_model, cfg.ffn_mult * cfg.d_model
+    r = b + "retention."
+    keys = {r + "q_proj.weight": (d, d), r + "k_proj.weight": (d, d), r + "v_proj.weight": (2 * d, d),
+            r + "g_proj.weight": (2 * d, d), r + "out_proj.weight": (d, 2 * d), b + "retention_layer_norm.weight": (d,),
+            b + "ffn.fc1.weight": (f, d), b + "ffn.fc2.weight": (d, f), b + "final_layer_norm.weight": (d,)}
+    if cfg.retnet_variant == "fork":
+        keys.update({r + "q_proj.bias": (d,), r + "k_proj.bias": (d,), r + "v_proj.bias": (2 * d,),
+                     r + "g_proj.bias": (2 * d,), r + "out_proj.bias": (d,), b + "retention_layer_norm.bias": (d,),
+                     b + "ffn.fc1.bias": (f,), b + "ffn.fc2.bias": (d,), b + "ffn.ffn_layernorm.weight": (f,),
+                     b + "ffn.ffn_layernorm.bias": (f,), b + "final_layer_norm.bias": (d,)})
+    else:
+        keys[b + "ffn.gate.weight"] = (f, d)
+    return keys
+
+
+def check_buffers(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
+    """A retnet checkpoint's angle and decay buffers must be what the config recomputes (they are
+    not parameters here), or its numerics would silently differ."""
+    from valle_jax.models import retention as R
+
+    expected = {RETNET_ANGLE: np.asarray(R.angles(cfg.head_dim, cfg.rope_theta)),
+                RETNET_DECAY: np.asarray(R.decay_rates(cfg.n_heads))}
+    for key, want in expected.items():
+        if key in state and not np.allclose(state[key], want, rtol=1e-5, atol=1e-7):
+            raise ConversionError(f"{key} differs from what base {cfg.rope_theta:g} and {cfg.n_heads} heads give: "
+                                  f"{np.asarray(state[key]).tolist()} vs {want.tolist()}")
 
 
 def check_keys(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
     expected = reference_layout(cfg)
     ignorable = set(UNUSED) | {k for k in state if k.endswith(("rotary_emb.inv_freq", "sin_emb.omega"))}
+    ignorable |= {RETNET_ANGLE, RETNET_DECAY}  # buffers: checked by value (check_buffers), not stored
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected) - ignorable)
     misshaped = sorted(f"{k}: {tuple(state[k].shape)}, expected {expected[k]}"
@@ -135,6 +181,8 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
     """Reference state dict -> the nested dict of float32 arrays of `nnx.state(VALLE(cfg), nnx.Param)`."""
     s = normalise_keys(state)
     check_keys(s, cfg)
+    if cfg.arch == "retnet":
+        check_buffers(s, cfg)
     f32 = lambda k: np.asarray(s[k], np.float32)  # noqa: E731
     d, h, g, dh, n = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers
     out = {
@@ -162,6 +210,8 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
             "ffn_in": stack(b + "ffn.block.0.weight", lambda w: w.T), "ffn_in_bias": stack(b + "ffn.block.0.bias"),
             "ffn_out": stack(b + "ffn.block.3.weight", lambda w: w.T), "ffn_out_bias": stack(b + "ffn.block.3.bias"),
         }
+    elif cfg.arch == "retnet":
+        out["backbone"] = _retnet_from_reference(f32, stack, cfg)
     else:
         b = "model.layers.{i}."
         out["backbone"] = {
@@ -174,6 +224,54 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
             "gate": stack(b + "mlp.gate_proj.weight", lambda w: w.T), "up": stack(b + "mlp.up_proj.weight", lambda w: w.T),
             "down": stack(b + "mlp.down_proj.weight", lambda w: w.T), "final_norm": f32("model.norm.weight"),
         }
+    return out
+
+
+def _retnet_from_reference(f32, stack, cfg: ModelConfig) -> dict:
+    d, h, dk = cfg.d_model, cfg.n_heads, cfg.head_dim
+    b, r = "model.layers.{i}.", "model.layers.{i}.retention."
+    heads = lambda width: lambda w: w.T.reshape(d, h, width)  # noqa: E731  (out, in) -> (in, heads, width)
+    bb = {"attn_norm": stack(b + "retention_layer_norm.weight"),
+          "q": stack(r + "q_proj.weight", heads(dk)), "k": stack(r + "k_proj.weight", heads(dk)),
+          "v": stack(r + "v_proj.weight", heads(2 * dk)), "g": stack(r + "g_proj.weight", heads(2 * dk)),
+          "o": stack(r + "out_proj.weight", lambda w: w.T.reshape(h, 2 * dk, d)),
+          "mlp_norm": stack(b + "final_layer_norm.weight"),
+          "fc1": stack(b + "ffn.fc1.weight", lambda w: w.T), "fc2": stack(b + "ffn.fc2.weight", lambda w: w.T),
+          "final_norm": f32("model.layer_norm.weight")}
+    if cfg.retnet_variant == "fork":
+        bb.update({"attn_norm_bias": stack(b + "retention_layer_norm.bias"),
+                   "q_bias": stack(r + "q_proj.bias", lambda w: w.reshape(h, dk)),
+                   "k_bias": stack(r + "k_proj.bias", lambda w: w.reshape(h, dk)),
+                   "v_bias": stack(r + "v_proj.bias", lambda w: w.reshape(h, 2 * dk)),
+                   "g_bias": stack(r + "g_proj.bias", lambda w: w.reshape(h, 2 * dk)),
+                   "o_bias": stack(r + "out_proj.bias"), "mlp_norm_bias": stack(b + "final_layer_norm.bias"),
+                   "fc1_bias": stack(b + "ffn.fc1.bias"), "ffn_norm": stack(b + "ffn.ffn_layernorm.weight"),
+                   "ffn_norm_bias": stack(b + "ffn.ffn_layernorm.bias"), "fc2_bias": stack(b + "ffn.fc2.bias"),
+                   "final_norm_bias": f32("model.layer_norm.bias")})
+    else:
+        bb["gate"] = stack(b + "ffn.gate.weight", lambda w: w.T)
+    return bb
+
+
+def _retnet_to_reference(bb: dict, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
+    d = cfg.d_model
+    t = lambda w: np.ascontiguousarray(w.reshape(w.shape[0], -1).T)  # noqa: E731  (in, ...) -> (out, in)
+    b = f"model.layers.{i}."
+    r = b + "retention."
+    out = {b + "retention_layer_norm.weight": bb["attn_norm"][i], b + "final_layer_norm.weight": bb["mlp_norm"][i],
+           r + "q_proj.weight": t(bb["q"][i]), r + "k_proj.weight": t(bb["k"][i]), r + "v_proj.weight": t(bb["v"][i]),
+           r + "g_proj.weight": t(bb["g"][i]), r + "out_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
+           b + "ffn.fc1.weight": t(bb["fc1"][i]), b + "ffn.fc2.weight": t(bb["fc2"][i])}
+    if cfg.retnet_variant == "fork":
+        flat = lambda w: np.ascontiguousarray(w.reshape(-1))  # noqa: E731
+        out.update({r + "q_proj.bias": flat(bb["q_bias"][i]), r + "k_proj.bias": flat(bb["k_bias"][i]),
+                    r + "v_proj.bias": flat(bb["v_bias"][i]), r + "g_proj.bias": flat(bb["g_bias"][i]),
+                    r + "out_proj.bias": bb["o_bias"][i], b + "retention_layer_norm.bias": bb["attn_norm_bias"][i],
+                    b + "final_layer_norm.bias": bb["mlp_norm_bias"][i], b + "ffn.fc1.bias": bb["fc1_bias"][i],
+                    b + "ffn.fc2.bias": bb["fc2_bias"][i], b + "ffn.ffn_layernorm.weight": bb["ffn_norm"][i],
+                    b + "ffn.ffn_layernorm.bias": bb["ffn_norm_bias"][i]})
+    else:
+        out[b + "ffn.gate.weight"] = t(bb["gate"][i])
     return out
 
 
@@ -204,6 +302,8 @@ def to_reference(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
                 b + "ffn.norm.weight": bb["ffn_norm_scale"][i], b + "ffn.norm.bias": bb["ffn_norm_bias"][i],
                 b + "ffn.block.0.weight": t(bb["ffn_in"][i]), b + "ffn.block.0.bias": bb["ffn_in_bias"][i],
                 b + "ffn.block.3.weight": t(bb["ffn_out"][i]), b + "ffn.block.3.bias": bb["ffn_out_bias"][i]})
+        elif cfg.arch == "retnet":
+            out.update(_retnet_to_reference(bb, cfg, i))
         else:
             b = f"model.layers.{i}."
             out.update({
@@ -217,4 +317,12 @@ def to_reference(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
                 b + "mlp.down_proj.weight": t(bb["down"][i])})
     if cfg.arch == "llama":
         out["model.norm.weight"] = bb["final_norm"]
+    if cfg.arch == "retnet":
+        from valle_jax.models import retention as R
+
+        out["model.layer_norm.weight"] = bb["final_norm"]
+        if cfg.retnet_variant == "fork":
+            out["model.layer_norm.bias"] = bb["final_norm_bias"]
+        out[RETNET_ANGLE] = np.asarray(R.angles(cfg.head_dim, cfg.rope_theta))
+        out[RETNET_DECAY] = np.asarray(R.decay_rates(cfg.n_heads))
     return out

@@ -19,7 +19,7 @@ from flax import nnx
 
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
-from valle_jax.models.backbones import init_cache, make_backbone
+from valle_jax.models.backbones import make_backbone
 
 Array = jax.Array
 IGNORE = -100  # the reference's ignore_index
@@ -179,7 +179,7 @@ class VALLE(nnx.Module):
         return logits, valid
 
     def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
-        return init_cache(self.cfg, batch, length, dtype)
+        return self.backbone.init_cache(batch, length, dtype)
 
 
 def draw_levels(key: Array, batch: int, probs: Array | None = None, n_levels: int = 8) -> Array:

@@ -88,12 +88,16 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
     scores/values over the full padded sequence; remat recomputation is not counted)."""
     d, f, n, s = cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.n_layers, seq
     kv = cfg.kv_heads * cfg.head_dim
+    mixing = 4 * batch_size * s * s * d  # scores and weighted values, 2 FLOPs per multiply-add
     if cfg.arch == "transformer":
         per_layer = 3 * d * d + d * d + 2 * d * f
+    elif cfg.arch == "retnet":  # q, k at d; v, g at 2d; out from 2d; values 2d wide
+        per_layer = 2 * d * d + 4 * d * d + 2 * d * d + (2 if cfg.retnet_variant == "fork" else 3) * d * f
+        mixing = 6 * batch_size * s * s * d
     else:
         per_layer = 2 * d * d + 2 * d * kv + 3 * d * f
     tokens = batch_size * s
-    forward = 2 * tokens * (n * per_layer + d * cfg.n_classes) + n * 4 * batch_size * s * s * d
+    forward = 2 * tokens * (n * per_layer + d * cfg.n_classes) + n * mixing
     return 3.0 * forward
 
 
