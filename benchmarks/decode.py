@@ -1,24 +1,30 @@
 """Decoding speed: AR steps/s at batch 1, 8 and 32, the NAR levels, real-time factor, compile time,
 and the same model without the KV cache (full recomputation every step, as the reference does).
 
-    python benchmarks/decode.py [--sizes tiny,quarter,half] [--arch llama] [--dtype float32|bfloat16]
-        [--batches 1,8,32] [--prompt-seconds 3] [--audio-seconds 5] [--no-tcmalloc]
+    python benchmarks/decode.py [--sizes tiny,quarter,half] [--arch llama|transformer|retnet]
+        [--dtype float32|bfloat16] [--batches 1,8,32] [--prompt-seconds 3] [--audio-seconds 5]
+        [--memory-seconds 10,30] [--no-tcmalloc]
 
 The model is randomly initialised, with its stop logit banned, so every row runs exactly
 audio_seconds * 75 AR steps (sampling at temperature 1 with the default filters, all inside the
 loop). The uncached baseline runs 8 steps over the same padded length and is reported per step.
 The weight-streaming bound is parameter bytes / memory bandwidth, both measured in the same
 process (bandwidth: a jitted sum over a 512 MB array); at batch 1 each AR step must read every
-weight once. Each size runs in a fresh process (TCMalloc preloaded when installed).
+weight once. Memory at --memory-seconds of generated audio (batch 1): the bytes of the decoding
+state the AR carries (a KV cache grows with the length; retnet's recurrent state does not) and XLA's
+account of the compiled AR (arguments + outputs + temporaries). Each size runs in a fresh process
+(TCMalloc preloaded when installed).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import time
 
 from child import run_child
+from valle_jax.config import ARCHS
 
 
 def measure_bandwidth(mb: int = 512) -> float:
@@ -90,6 +96,17 @@ def child(args) -> dict:
             _, unc = timed(lambda: dec.ar(inputs, settings, cached=False, knobs=knobs, n_slots=n_slots).tokens)
             out.update(uncached_step_ms=1e3 * unc / 8, uncached_steps_per_s=8 / unc,
                        uncached_ar_s_estimate=unc / 8 * steps)
+    for seconds in args.memory_seconds:  # compiled, not run: the shapes decide the memory
+        inputs, n_slots = inputs_for(1), dec.n_slots(int(round(75 * seconds)))
+        knobs = Knobs.of(settings, 1)
+        run = functools.partial(dec._ar, n_slots=n_slots, chunk=dec.chunk, mode="sample", width=1, sign_aware=True,
+                                ras_window=10, cached=True, keep_logits=False)
+        state = jax.eval_shape(run, dec.params, inputs, knobs, jax.random.key(0)).state[0]
+        mem = jax.jit(run).lower(dec.params, inputs, knobs, jax.random.key(0)).compile().memory_analysis()
+        out.setdefault("memory", {})[f"{seconds:g}s"] = {
+            "state_mb": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 1e6,
+            "xla_mb": None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 1e6}
     try:  # EnCodec's decoder on the generated length (random weights: same cost as pretrained)
         import numpy as np
 
@@ -113,18 +130,20 @@ def child(args) -> dict:
 def spawn(args, size: str) -> dict:
     return run_child(__file__, ["--size", size, "--arch", args.arch, "--dtype", args.dtype, "--batches",
                                 ",".join(map(str, args.batches)), "--prompt-seconds", str(args.prompt_seconds),
-                                "--audio-seconds", str(args.audio_seconds)], size, tcmalloc=not args.no_tcmalloc)
+                                "--audio-seconds", str(args.audio_seconds), "--memory-seconds",
+                                ",".join(map(str, args.memory_seconds))], size, tcmalloc=not args.no_tcmalloc)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,quarter,half")
     p.add_argument("--size", default="tiny", help=argparse.SUPPRESS)
-    p.add_argument("--arch", default="llama", choices=("llama", "transformer"))
+    p.add_argument("--arch", default="llama", choices=ARCHS)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batches", default="1,8,32", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--prompt-seconds", type=float, default=3.0)
     p.add_argument("--audio-seconds", type=float, default=5.0)
+    p.add_argument("--memory-seconds", default="10,30", type=lambda s: [float(x) for x in s.split(",") if x])
     p.add_argument("--no-tcmalloc", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -144,6 +163,10 @@ def main() -> None:
             print(f"  without the KV cache: {r['uncached_step_ms']:.1f} ms/step ({r['uncached_steps_per_s']:.1f} steps/s; "
                   f"{r['uncached_ar_s_estimate']:.1f} s for the AR) -> cache speed-up "
                   f"{r['uncached_step_ms'] / r['ar_step_ms']:.1f}x; peak RSS {r['peak_rss_gb']:.2f} GB")
+        for when, m in r.get("memory", {}).items():
+            xla = "n/a" if m["xla_mb"] is None else f"{m['xla_mb']:.0f} MB"
+            print(f"  memory at {when} of generated audio (batch 1): decoding state {m['state_mb']:.1f} MB, "
+                  f"compiled AR {xla} (arguments + outputs + temporaries)")
         print("  " + json.dumps(r), flush=True)
 
 

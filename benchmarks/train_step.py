@@ -1,6 +1,6 @@
 """Training-step speed and memory: tokens/s, step time, peak memory, MFU and compile time per size.
 
-    python benchmarks/train_step.py [--sizes tiny,quarter,half] [--arch llama] [--batch 8]
+    python benchmarks/train_step.py [--sizes tiny,quarter,half] [--arch llama|transformer|retnet] [--batch 8]
         [--shape 6s|reference] [--dtype float32] [--attention dense|blocked] [--remat] [--steps 4]
         [--devices-overhead] [--no-tcmalloc]
 
@@ -22,6 +22,7 @@ import statistics
 import time
 
 from child import run_child
+from valle_jax.config import ARCHS
 
 SHAPES = {"6s": (72, 225, 450), "reference": (60, 225, 375)}
 
@@ -100,7 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,quarter,half")
     p.add_argument("--size", default="tiny", help=argparse.SUPPRESS)
-    p.add_argument("--arch", default="llama", choices=("llama", "transformer"))
+    p.add_argument("--arch", default="llama", choices=ARCHS)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--shape", default="6s", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
