@@ -14,11 +14,11 @@ def run_child(script: str, args: list[str], what: str, devices: int | None = Non
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     if tcmalloc:  # as `python -m valle_jax.train` runs (valle_jax/runtime.py)
-        from valle_jax.runtime import find_tcmalloc
+        from valle_jax.runtime import find_tcmalloc, tcmalloc_env
 
         lib = find_tcmalloc()
         if lib:
-            env["LD_PRELOAD"] = lib
+            env = tcmalloc_env(lib, env)
     out = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")

@@ -88,6 +88,22 @@ def test_cli_writes_a_wav_of_the_expected_length(model_dir, codec_dir, voice_wav
     assert "without a stop token" in err and "randomly initialised" in err
 
 
+def test_cli_synthesises_with_a_retnet_model(codec_dir, voice_wav, tmp_path, capsys):
+    """The recurrent-state decoder behind the same command; a rolling context is refused by name."""
+    from valle_jax.checkpointing import params_of, save_model
+    from valle_jax.models import init_model
+
+    cfg = ModelConfig(arch="retnet", d_model=48, n_heads=4, n_layers=2, retention_chunk=32)
+    save_model(tmp_path / "retnet", cfg, params_of(init_model(cfg, 0)), reference_symmap())
+    args = ["Hello world.", str(voice_wav), "--checkpoint", str(tmp_path / "retnet"), "--codec-dir", str(codec_dir),
+            "--max-ar-steps", str(STEPS)]
+    assert synthesize.main(args + ["--out", str(tmp_path / "out.wav")]) == 0
+    wav, sr = sf.read(tmp_path / "out.wav")
+    assert sr == SAMPLE_RATE and len(wav) == STEPS * HOP_LENGTH
+    assert synthesize.main(args + ["--out", str(tmp_path / "ctx.wav"), "--max-ar-context", "50"]) == 2
+    assert "max_ar_context" in capsys.readouterr().err and not (tmp_path / "ctx.wav").exists()
+
+
 def test_cli_text_file_writes_one_wav_per_line(model_dir, codec_dir, voice_wav, tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("First line.\n\nSecond line here.\nThird.\n")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 
+from valle_jax.config import ARCHS
 from valle_jax.models.convert import read_source
 
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.convert_reference", description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path, help="fp32.pth, a state dict .pth, or an .npz of named arrays")
     p.add_argument("--out", type=Path, required=True, help="model directory to create")
-    p.add_argument("--arch", choices=("transformer", "llama", "retnet"), default=None, help="check the backbone is this one")
+    p.add_argument("--arch", choices=ARCHS, default=None, help="check the backbone is this one")
     p.add_argument("--heads", type=int, default=None, help="attention heads (not recorded in the weights)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """Checks valle_jax against the reference's golden outputs (../shared/golden format).
 
     python -m tools.parity GOLDEN_DIR --arch transformer|llama|retnet [--heads H] [--tolerance 1e-4]
+        [--precision highest|high|default]
 
 Converts GOLDEN_DIR/{arch}_weights.npz, then runs every case found: `inputs.npz` with
 `{arch}_outputs.npz` (levels 0, 1 and 7) and `inputs_batch2.npz` with `{arch}_outputs_batch2.npz`
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from valle_jax.config import ARCHS
 
 
 @dataclass
@@ -102,10 +105,16 @@ def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.parity", description=__doc__.split("\n\n")[0])
     p.add_argument("golden", type=Path)
-    p.add_argument("--arch", required=True, choices=("transformer", "llama", "retnet"))
+    p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--heads", type=int, default=None, help="default: the golden config's n_heads")
     p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--precision", default="highest", choices=("default", "high", "highest"),
+                   help="float32 matmul precision: GPUs and TPUs run 'default' with TF32/bf16 passes "
+                        "(H100: logit errors ~1e-3), so parity is checked at 'highest' unless asked")
     args = p.parse_args(argv)
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", args.precision)
     results = check(args.golden, args.arch, args.heads)
     if not results:
         print(f"parity: no cases for {args.arch} in {args.golden}", file=sys.stderr)

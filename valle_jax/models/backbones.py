@@ -1,5 +1,5 @@
-"""The two backbones, each a stack of identical layers stored with a leading "layers" axis and run
-with `lax.scan` (the KV cache carries a layer axis too). `model.scan_unroll` sets how many layers
+"""The backbones, each a stack of identical layers stored with a leading "layers" axis and run
+with `lax.scan` (decoding caches hold one buffer per layer instead: see `continue_cache`). `model.scan_unroll` sets how many layers
 one loop iteration holds: fully unrolled by default (faster and leaner on CPU, compile time grows
 with depth), 1 for one compiled layer body whatever the depth.
 
@@ -8,10 +8,14 @@ multiplied by the validity mask after every sub-layer, no final norm. Positions 
 embeddings by the caller (sinusoidal).
 llama (SPEC §3.3): RMSNorm, q/k/v/o without biases, rotate-half RoPE, gated GELU FFN, final RMSNorm;
 grouped-query attention when n_kv_heads < n_heads.
+retnet (SPEC §3.2): multi-scale retention (valle_jax.models.retention) in the reference fork's or
+upstream torchscale's layout; its "cache" is a recurrent state per layer, not keys and values.
 
 `__call__(x, positions, valid, causal, cache=None, dropout_key=None)`: `cache=None` is teacher
 forcing over the given sequence; with a cache (see `init_cache`) the new positions are written at
-slot `cache["index"]` and attend to everything cached so far.
+slot `cache["index"]` and attend to everything cached so far (retnet: continue the state). What
+decoding needs of a cache beyond that is a small protocol on the backbone: `init_cache`,
+`mark_prefix`, `nar_cache`, `forget` (rolling context, where `has_window`).
 """
 from __future__ import annotations
 

@@ -88,16 +88,17 @@ def plan(positions_BC: Array, valid_BC: Array, count_B: Array, lam_H: Array) -> 
     rel = pos[:, :, None] - pos[:, None, :]  # [B, C(i), C(j)]
     keep = valid_BC[:, None, :] & (rel >= 0)
     decay = jnp.where(keep[:, None], jnp.exp(lam[..., None] * jnp.where(keep, rel, 0)[:, None].astype(jnp.float32)), 0.0)
-    inv_norm = jax.lax.rsqrt(_mass((pos + 1).astype(jnp.float32)[:, None, :], lam))
-    n = count_B.astype(jnp.float32)[:, None, None]
-    from_state = jnp.exp(lam * (pos[:, None, :] - (n - 1.0))) * jnp.sqrt(_mass(n, lam))
+    inv_norm = jax.lax.rsqrt(_mass((pos + 1).astype(jnp.float32)[:, None, :], lam))  # c_i >= 1
+    n = count_B.astype(jnp.float32)[:, None, None]  # the state ends at e = n - 1
+    root_c = jnp.sqrt(_mass(n, lam))
+    from_state = jnp.exp(lam * (pos[:, None, :] - (n - 1.0))) * root_c
     new_count = count_B + valid_BC.sum(1).astype(jnp.int32)
-    n2 = new_count.astype(jnp.float32)[:, None, None]
-    to_state = jnp.where(valid_BC[:, None, :], jnp.exp(lam * jnp.maximum(n2 - 1.0 - pos[:, None, :], 0.0)), 0.0)
+    n2 = new_count.astype(jnp.float32)[:, None, None]  # e' = n2 - 1
     c2 = _mass(n2, lam)
-    carry = jnp.exp(lam * (n2 - n)) * jnp.sqrt(_mass(n, lam)) * jnp.where(c2 > 0, jax.lax.rsqrt(jnp.maximum(c2, 1e-30)), 0.0)
-    return Plan(decay, inv_norm, from_state, to_state * jnp.where(c2 > 0, jax.lax.rsqrt(jnp.maximum(c2, 1e-30)), 0.0),
-                carry[..., 0], new_count)
+    inv_root_c2 = jnp.where(c2 > 0, jax.lax.rsqrt(jnp.maximum(c2, 1e-30)), 0.0)  # 0 while nothing is absorbed
+    to_state = jnp.where(valid_BC[:, None, :], jnp.exp(lam * jnp.maximum(n2 - 1.0 - pos[:, None, :], 0.0)), 0.0)
+    carry = jnp.exp(lam * (n2 - n)) * root_c * inv_root_c2
+    return Plan(decay, inv_norm, from_state, to_state * inv_root_c2, carry[..., 0], new_count)
 
 
 def retain_chunk(q_BCHD: Array, k_BCHD: Array, v_BCHE: Array, p: Plan, state: State | None,
