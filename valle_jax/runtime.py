@@ -8,10 +8,10 @@ TCMalloc, which keeps the pages (tcmalloc is what TensorFlow and PyTorch recomme
 installed (Debian: libtcmalloc-minimal4) and it is not loaded yet; VALLE_JAX_TCMALLOC=0 turns it off.
 
 TCMalloc's default release rate returns freed pages to the kernel too lazily for XLA's pattern of
-large buffers of varying sizes: the resident set kept growing step after step (quarter preset, 8
-steps: 4.8 -> 8.7 GB while XLA's buffers stay 4.0 GB). TCMALLOC_RELEASE_RATE=10 holds it at 4.8 GB
-at the same speed (aggressive decommit also bounds it, but costs 60% more per step); it is set
-unless the environment sets it.
+large buffers of varying sizes: the resident set kept growing over the steps (quarter preset, 8
+steps: 8.7 GB while XLA's buffers are 4.0 GB). TCMALLOC_RELEASE_RATE=10 holds it at 4.8 GB at the
+same speed (aggressive decommit also bounds it, but costs 60% more per step); it is set unless the
+environment sets it. (At the half preset the resident set still grows; see docs/training.md.)
 """
 from __future__ import annotations
 
