@@ -35,5 +35,5 @@ setup(
     packages=find_packages(include=["valle_jax", "valle_jax.*", "configs", "tools", "tools.*"]),
     package_data={"valle_jax": ["data/*.json"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"]},
 )
