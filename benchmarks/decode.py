@@ -18,7 +18,6 @@ account of the compiled AR (arguments + outputs + temporaries). Each size runs i
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import resource
 import time
@@ -99,8 +98,7 @@ def child(args) -> dict:
     for seconds in args.memory_seconds:  # compiled, not run: the shapes decide the memory
         inputs, n_slots = inputs_for(1), dec.n_slots(int(round(75 * seconds)))
         knobs = Knobs.of(settings, 1)
-        run = functools.partial(dec._ar, n_slots=n_slots, chunk=dec.chunk, mode="sample", width=1, sign_aware=True,
-                                ras_window=10, cached=True, keep_logits=False)
+        run = dec.ar_call(settings, n_slots)
         state = jax.eval_shape(run, dec.params, inputs, knobs, jax.random.key(0)).state[0]
         mem = jax.jit(run).lower(dec.params, inputs, knobs, jax.random.key(0)).compile().memory_analysis()
         out.setdefault("memory", {})[f"{seconds:g}s"] = {

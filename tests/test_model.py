@@ -243,6 +243,16 @@ def test_every_parameter_has_logical_axes():
                 assert len(var.logical_axes) == var[...].ndim, path
 
 
+def loss_grads(cfg, batch, levels, seed=4):
+    """Gradients of the reference loss for a freshly initialised model (remat and scan comparisons)."""
+    graph, state = nnx.split(init_model(cfg, seed))
+
+    def loss(state):
+        logits, _ = nnx.merge(graph, state)(batch, levels)
+        return loss_and_metrics(logits, targets(batch, levels, cfg.stop_token)[0], levels)[0]
+    return jax.jit(jax.grad(loss))(state)
+
+
 def test_bf16_compute_remat_and_dropout():
     b = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(2), [(6, 8, 10)]).items()}
     lv = jnp.array([0])
@@ -250,15 +260,7 @@ def test_bf16_compute_remat_and_dropout():
     low, _ = jit_forward(init_model(tiny("llama", dtype="bfloat16"), 4))(b, lv)
     assert low.dtype == jnp.float32 and float(jnp.abs(low - ref).max()) < 0.1
 
-    def grads(cfg):
-        graph, state = nnx.split(init_model(cfg, 4))
-
-        def loss(state):
-            logits, _ = nnx.merge(graph, state)(b, lv)
-            return loss_and_metrics(logits, targets(b, lv, cfg.stop_token)[0], lv)[0]
-        return jax.jit(jax.grad(loss))(state)
-
-    g1, g2 = grads(tiny("transformer")), grads(tiny("transformer", remat=True))
+    g1, g2 = loss_grads(tiny("transformer"), b, lv), loss_grads(tiny("transformer", remat=True), b, lv)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6), g1, g2)
     drop = jit_method(init_model(tiny("transformer"), 4), lambda m, key: m(b, lv, dropout_key=key)[0])
     d1, d2 = drop(jax.random.key(0)), drop(jax.random.key(1))

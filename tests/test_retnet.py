@@ -3,7 +3,6 @@ constant decoding memory, and a checkpoint in the reference fork's layout conver
 (its numerics checked against a float64 numpy transcription of SPEC §3.2). Golden parity for the
 upstream-torchscale variant runs with the other backbones in test_model.py."""
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -172,8 +171,7 @@ def test_decoding_memory_does_not_grow_with_length():
     for arch in ("retnet", "llama"):
         dec = D.Decoder(init_model(ModelConfig(arch=arch, d_model=48, n_heads=4, n_layers=2), 0))
         for steps in (75, 900):  # the shapes of what the jitted AR returns (traced, not compiled)
-            run = functools.partial(dec._ar, n_slots=dec.n_slots(steps), chunk=8, mode="sample", width=1, sign_aware=True,
-                                    ras_window=10, cached=True, keep_logits=False)
+            run = dec.ar_call(GREEDY, dec.n_slots(steps))
             sizes[arch, steps] = state_bytes(jax.eval_shape(run, dec.params, inputs, knobs, jax.random.key(0)).state[0])
     assert sizes["retnet", 75] == sizes["retnet", 900]
     assert sizes["llama", 900] > 5 * sizes["llama", 75]
@@ -325,24 +323,13 @@ def test_sharded_training_step_equals_single_device():
 
 def test_remat_rolled_scan_and_dropout():
     """Remat and a rolled layer scan give the same gradients; dropout keys change the output."""
-    from flax import nnx
-
-    from test_model import random_batch
-    from valle_jax.models import loss_and_metrics, targets
+    from test_model import loss_grads, random_batch
 
     b = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(2), [(6, 8, 10)]).items()}
     lv = jnp.array([0])
     base = ModelConfig(arch="retnet", d_model=32, n_heads=4, n_layers=2, n_tokens=64, retention_chunk=8)
 
-    def grads(cfg):
-        graph, state = nnx.split(init_model(cfg, 4))
-
-        def loss(state):
-            logits, _ = nnx.merge(graph, state)(b, lv)
-            return loss_and_metrics(logits, targets(b, lv, cfg.stop_token)[0], lv)[0]
-        return jax.jit(jax.grad(loss))(state)
-
-    g1, g2 = grads(base), grads(dataclasses.replace(base, remat=True, scan_unroll=1))
+    g1, g2 = loss_grads(base, b, lv), loss_grads(dataclasses.replace(base, remat=True, scan_unroll=1), b, lv)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6), g1, g2)
     drop = jit_method(init_model(base, 4), lambda m, key: m(b, lv, dropout_key=key)[0])
     d1, d2 = drop(jax.random.key(0)), drop(jax.random.key(1))

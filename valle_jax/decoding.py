@@ -459,9 +459,15 @@ class Decoder:
             raise DecodeError(f"max_ar_context needs a cache that keeps every frame; the {self.cfg.arch} backbone "
                               "decodes from a recurrent state, whose past already fades by its decay")
         n_slots = n_slots or self.n_slots(int(np.max(knobs.max_steps)))
-        return self._ar(self.params, inputs, knobs, jax.random.key(settings.seed), n_slots=n_slots, chunk=self.chunk,
-                        mode=settings.mode, width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,
-                        ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits)
+        return self.ar_call(settings, n_slots, cached, keep_logits)(self.params, inputs, knobs,
+                                                                      jax.random.key(settings.seed))
+
+    def ar_call(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False):
+        """The jitted AR with the static choices of `settings` bound: `(params, inputs, knobs, key) ->
+        ArResult` (for `jax.eval_shape` or `.lower()` too)."""
+        return functools.partial(self._ar, n_slots=n_slots, chunk=self.chunk, mode=settings.mode,
+                                 width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,
+                                 ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits)
 
     def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
         """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""
