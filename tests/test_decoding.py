@@ -127,6 +127,26 @@ def test_early_exit_stops_the_loop():
     assert int(out.state) == 8  # one chunk of steps ran, not 600
 
 
+@pytest.mark.parametrize("arch", ["transformer", "llama", "retnet"])
+def test_reordered_cache_continues_as_the_rows_it_took(arch):
+    """Beams take over other beams' caches: after `reorder_cache(cache, rows)` row i steps exactly
+    as row rows[i] did (a KV cache holds B*G rows per layer, so a wrong mapping mixes heads)."""
+    model = init_model(tiny(arch, n_kv_heads=2 if arch == "llama" else 0), 4)
+    inputs = inputs_of(*utterances(4))
+    sp = D.prefix_slots(inputs)
+    layers = model.backbone.unstack()
+    _, cache, plen, _, _ = D._prefill(model, inputs, sp + 8, layers)
+    step = D._cached_step(model, sp, jnp.zeros((4,), jnp.int32), layers)
+    tok = jnp.asarray([5, 6, 7])
+    for t in range(2):  # two steps: the second reads keys the first wrote
+        logits, (cache, plen) = step((cache, plen), tok, t)
+    rows = jnp.asarray([2, 0, 2, 1])
+    moved = D._reorderer(model)((cache, plen), rows)
+    want, _ = step((cache, plen), tok, 2)
+    got, _ = step(moved, tok[rows], 2)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want)[np.asarray(rows)], atol=1e-5)
+
+
 def test_beam_search_beats_greedy_on_a_constructed_case():
     """Token 0 is likelier first (0.6), but every continuation after it is flat; token 1 (0.4) is
     followed by the stop token with 0.99. Greedy takes 0 and pays for it; beam search finds 1, stop."""

@@ -355,9 +355,9 @@ def _uncached_step(model: VALLE, x_prefix: Array, valid_prefix: Array, n_slots: 
     return step
 
 
-def _reorder(state, rows):
-    """Beams take over other beams' caches: every per-row array (batch first) gathered by `rows`."""
-    return jax.tree.map(lambda a: a[rows] if a.ndim else a, state)
+def _reorderer(model: VALLE):
+    """Beams take over other beams' caches: (cache, prefix lengths) gathered by batch rows."""
+    return lambda state, rows: (model.backbone.reorder_cache(state[0], rows), state[1][rows])
 
 
 def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int, chunk: int, mode: str,
@@ -374,9 +374,10 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
     first, cache, plen, _, _ = _prefill(model, inputs, sp + n_slots, layers)
     if mode == "beam":
         rows = jnp.repeat(jnp.arange(first.shape[0]), width)
-        cache, plen = _reorder((cache, plen), rows)
+        reorder = _reorderer(model)
+        cache, plen = reorder((cache, plen), rows)
         knobs = jax.tree.map(lambda a: a[rows], knobs)
-        result, _ = beam_loop(first[rows], _cached_step(model, sp, knobs.context, layers), _reorder, (cache, plen), knobs,
+        result, _ = beam_loop(first[rows], _cached_step(model, sp, knobs.context, layers), reorder, (cache, plen), knobs,
                               width=width, n_slots=n_slots, stop=stop, chunk=chunk, sign_aware=sign_aware)
         return result
     return ar_loop(first, _cached_step(model, sp, knobs.context, layers), (cache, plen), knobs, key, n_slots=n_slots,

@@ -15,7 +15,7 @@ upstream torchscale's layout; its "cache" is a recurrent state per layer, not ke
 forcing over the given sequence; with a cache (see `init_cache`) the new positions are written at
 slot `cache["index"]` and attend to everything cached so far (retnet: continue the state). What
 decoding needs of a cache beyond that is a small protocol on the backbone: `init_cache`,
-`mark_prefix`, `nar_cache`, `forget` (rolling context, where `has_window`).
+`mark_prefix`, `nar_cache`, `reorder_cache` (beams), `forget` (rolling context, where `has_window`).
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache of `length` slots: k, v (one [B, G, K, Dh] buffer per layer: the layout
-    the attention contractions read without transposing), key positions, validity, and the slot
-    the next positions are written at."""
-    k_shape = (batch, cfg.kv_heads, cfg.head_dim, length)
-    v_shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+    """An empty KV cache of `length` slots: one keys buffer [B*G, K, Dh] and one values buffer
+    [B*G, Dh, K] per layer (row b*G + g: batch row b, kv head g; layouts: layers.attend_cache), key
+    positions and validity [B, K], and the slot the next positions are written at."""
+    k_shape = (batch * cfg.kv_heads, length, cfg.head_dim)
+    v_shape = (batch * cfg.kv_heads, cfg.head_dim, length)
     return {"k": tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
             "v": tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
             "pos": jnp.zeros((batch, length), jnp.int32), "valid": jnp.zeros((batch, length), bool),
@@ -127,11 +127,18 @@ class Backbone(nnx.Module):
 
     def nar_cache(self, cache: dict, prefix: int, frames: int) -> dict:
         """The prefix's cache, ready for a NAR pass over `frames` response positions."""
-        return {"k": tuple(k[..., : prefix + frames] for k in cache["k"]),
-                "v": tuple(v[:, :, : prefix + frames] for v in cache["v"]),
+        return {"k": tuple(k[:, : prefix + frames] for k in cache["k"]),
+                "v": tuple(v[..., : prefix + frames] for v in cache["v"]),
                 "pos": cache["pos"][:, : prefix + frames],
                 "valid": cache["valid"][:, : prefix + frames] & (jnp.arange(prefix + frames) < prefix)[None, :],
                 "index": jnp.asarray(prefix, jnp.int32)}
+
+    def reorder_cache(self, cache: dict, rows: Array) -> dict:
+        """Batch row i of the result is row `rows[i]` of `cache` (beams taking over other beams)."""
+        g = self.cfg.kv_heads
+        kv_rows = (rows[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
+        return {"k": tuple(k[kv_rows] for k in cache["k"]), "v": tuple(v[kv_rows] for v in cache["v"]),
+                "pos": cache["pos"][rows], "valid": cache["valid"][rows], "index": cache["index"]}
 
     def forget(self, cache: dict, slot_B: Array) -> dict:
         """Masks cache slot `slot_B[b]` of each row from here on (rolling context); a slot past the
@@ -361,6 +368,9 @@ class RetNetBackbone(Backbone):
 
     def nar_cache(self, cache, prefix, frames):
         return dict(cache["prefix"], prefix=None)
+
+    def reorder_cache(self, cache, rows):
+        return jax.tree.map(lambda a: a[rows] if a.ndim else a, cache)  # every state is batch-first
 
     has_window = False  # a recurrent state cannot drop one past position (its past decays instead)
 

@@ -111,22 +111,32 @@ def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropou
     return out.reshape(b, s, h, dh)
 
 
-def attend_cache(q_BSHD: Array, ck_BGDK: Array, cv_BGKD: Array, mask_B1SK: Array) -> Array:
-    """`attend` over a cache whose keys are laid out [B, G, Dh, K] and values [B, G, K, Dh]: both
-    contractions are then plain matrix products that XLA's CPU dot reads without transposing."""
-    q_BSHD, ck_BGDK, cv_BGKD = cpu_safe(q_BSHD, ck_BGDK, cv_BGKD)
+def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array) -> Array:
+    """`attend` over one layer's cache: keys [B*G, K, Dh], values [B*G, Dh, K] (row b*G + g).
+
+    Why this layout: at a decoding step each (row, kv head) is a matrix-vector product, which XLA's
+    CPU dot takes with the contracted axis last and one batch axis. With [B, G, Dh, K] / [B, G, K, Dh]
+    buffers it transposed every layer's whole cache at every step; with a [B, G, ...] layout in that
+    order, batch 1 needed a reshape between the in-place write and the dot, and XLA then fed the two
+    from separate copies of the buffer (half preset, batch 1: ~5 of 17 ms per step went to copies)."""
+    q_BSHD, ck_NKD, cv_NDK = cpu_safe(q_BSHD, ck_NKD, cv_NDK)
     b, s, h, dh = q_BSHD.shape
-    g = ck_BGDK.shape[1]
-    q = q_BSHD.reshape(b, s, g, h // g, dh)
-    scores = jnp.einsum("bsgrd,bgdk->bgrsk", q, ck_BGDK.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
-    probs = jax.nn.softmax(jnp.where(mask_B1SK[:, :, None], scores, NEG_INF), axis=-1)
-    out = jnp.einsum("bgrsk,bgkd->bsgrd", probs.astype(cv_BGKD.dtype), cv_BGKD, preferred_element_type=jnp.float32)
-    return out.reshape(b, s, h, dh)
+    g = ck_NKD.shape[0] // b
+    r = h // g
+    q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
+    scores = jnp.einsum("nqd,nkd->nqk", q, ck_NKD.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = scores.reshape(b, g, s, r, -1)
+    probs = jax.nn.softmax(jnp.where(mask_B1SK[:, :, :, None], scores, NEG_INF), axis=-1).reshape(b * g, s * r, -1)
+    out = jnp.einsum("nqk,ndk->nqd", probs.astype(cv_NDK.dtype), cv_NDK, preferred_element_type=jnp.float32)
+    return out.reshape(b, g, s, r, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh)
 
 
 def update_cache(cache_k: Array, cache_v: Array, k_BSGD: Array, v_BSGD: Array, index: Array) -> tuple[Array, Array]:
-    """Writes new keys/values at slot `index` (a scalar) of one layer's cache (keys [B, G, Dh, K],
-    values [B, G, K, Dh]): an in-place update when the cache is a loop carry or donated."""
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BSGD.transpose(0, 2, 3, 1).astype(cache_k.dtype), index, axis=3)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BSGD.transpose(0, 2, 1, 3).astype(cache_v.dtype), index, axis=2)
+    """Writes new keys/values at slot `index` (a scalar) of one layer's cache (keys [B*G, K, Dh],
+    values [B*G, Dh, K]): an in-place update when the cache is a loop carry or donated."""
+    b, s, g, dh = k_BSGD.shape
+    k_NSD = k_BSGD.transpose(0, 2, 1, 3).reshape(b * g, s, dh)
+    v_NDS = v_BSGD.transpose(0, 2, 3, 1).reshape(b * g, dh, s)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_NSD.astype(cache_k.dtype), index, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_NDS.astype(cache_v.dtype), index, axis=2)
     return cache_k, cache_v
