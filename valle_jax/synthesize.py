@@ -151,4 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from valle_jax.runtime import use_cpu_xla_flags
+
+    use_cpu_xla_flags()  # before JAX starts (see valle_jax/runtime.py)
     sys.exit(main())

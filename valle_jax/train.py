@@ -76,7 +76,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from valle_jax.runtime import reexec_with_tcmalloc
+    from valle_jax.runtime import reexec_with_tcmalloc, use_cpu_xla_flags
 
+    use_cpu_xla_flags()
     reexec_with_tcmalloc("valle_jax.train")  # before JAX allocates anything (see valle_jax/runtime.py)
     app.run(lambda argv: sys.exit(main(argv)))

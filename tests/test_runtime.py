@@ -1,0 +1,45 @@
+"""Process set-up of the command-line tools (valle_jax.runtime): the XLA CPU flags and TCMalloc env."""
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+from valle_jax import runtime
+
+FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def test_cpu_flags_are_added_after_the_users_own():
+    env = runtime.with_cpu_xla_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", FLAG]
+    assert runtime.with_cpu_xla_flags({})["XLA_FLAGS"] == FLAG
+
+
+def test_cpu_flags_leave_a_flag_the_user_set_and_honour_the_opt_out():
+    mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    assert runtime.with_cpu_xla_flags({"XLA_FLAGS": mine})["XLA_FLAGS"] == mine
+    assert "XLA_FLAGS" not in runtime.with_cpu_xla_flags({"VALLE_JAX_CPU_FLAGS": "0"})
+
+
+def test_cpu_flags_are_not_given_to_a_jaxlib_they_were_not_checked_with(monkeypatch):
+    """XLA aborts on a flag it does not know: another release gets the environment unchanged."""
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.2")
+    assert "XLA_FLAGS" not in runtime.with_cpu_xla_flags({})
+
+
+def test_this_jaxlib_accepts_the_cpu_flags():
+    if not importlib.metadata.version("jaxlib").startswith(runtime.CPU_XLA_FLAGS_JAXLIB):
+        pytest.skip("the flags are only set for jaxlib " + runtime.CPU_XLA_FLAGS_JAXLIB + "x")
+    env = runtime.with_cpu_xla_flags({"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    code = "import jax.numpy as jnp; print(float((jnp.ones((64, 32)) @ jnp.ones((32, 16))).sum()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(64.0 * 32 * 16)
+
+
+def test_tcmalloc_env_preloads_and_keeps_a_chosen_release_rate():
+    env = runtime.tcmalloc_env("/lib/libtcmalloc.so", {"LD_PRELOAD": "/lib/other.so", "TCMALLOC_RELEASE_RATE": "3"})
+    assert env["LD_PRELOAD"] == "/lib/libtcmalloc.so:/lib/other.so"
+    assert env["TCMALLOC_RELEASE_RATE"] == "3"
+    assert runtime.tcmalloc_env("/lib/libtcmalloc.so", {})["TCMALLOC_RELEASE_RATE"] == "10"
