@@ -13,10 +13,9 @@ def run_child(script: str, args: list[str], what: str, devices: int | None = Non
     env.setdefault("JAX_PLATFORMS", "cpu")
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    if env["JAX_PLATFORMS"] == "cpu":  # the flags the command-line tools use (valle_jax/runtime.py)
-        from valle_jax.runtime import with_cpu_xla_flags
+    from valle_jax.runtime import with_cpu_xla_flags
 
-        env = with_cpu_xla_flags(env)
+    env = with_cpu_xla_flags(env)  # the XLA flags the command-line tools use (valle_jax/runtime.py)
     if tcmalloc:  # as `python -m valle_jax.train` runs (valle_jax/runtime.py)
         from valle_jax.runtime import find_tcmalloc, tcmalloc_env
 

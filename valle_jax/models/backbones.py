@@ -137,8 +137,8 @@ class Backbone(nnx.Module):
         """Batch row i of the result is row `rows[i]` of `cache` (beams taking over other beams)."""
         g = self.cfg.kv_heads
         kv_rows = (rows[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
-        return {"k": tuple(k[kv_rows] for k in cache["k"]), "v": tuple(v[kv_rows] for v in cache["v"]),
-                "pos": cache["pos"][rows], "valid": cache["valid"][rows], "index": cache["index"]}
+        return dict(cache, k=tuple(k[kv_rows] for k in cache["k"]), v=tuple(v[kv_rows] for v in cache["v"]),
+                    pos=cache["pos"][rows], valid=cache["valid"][rows])
 
     def forget(self, cache: dict, slot_B: Array) -> dict:
         """Masks cache slot `slot_B[b]` of each row from here on (rolling context); a slot past the
