@@ -224,6 +224,62 @@ def test_blocked_attention_matches_dense_and_its_own_autodiff(rate):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
+@pytest.mark.parametrize("gated,rate,dtype", [(True, 0.0, "float32"), (False, 0.3, "float32"), (True, 0.0, "bfloat16")])
+def test_feed_forward_backward_equals_autodiff(gated, rate, dtype):
+    """feed_forward's own backward pass gives autodiff's gradients of the plain expression, for the
+    gated (llama, retnet) and the biased, dropped-out (transformer) block."""
+    from valle_jax.models import layers as L
+    from valle_jax.models.feed_forward import feed_forward
+
+    k = jax.random.split(jax.random.key(3), 7)
+    h, g_out = jax.random.normal(k[0], (2, 9, 6)), jax.random.normal(k[1], (2, 9, 5))
+    w_a, w_out = jax.random.normal(k[2], (6, 16)), jax.random.normal(k[3], (16, 5))
+    w_b = jax.random.normal(k[4], (6, 16)) if gated else None
+    bias = None if gated else jax.random.normal(k[5], (16,))
+    dt = jnp.dtype(dtype)
+    drop_key = k[6] if rate else None
+    mm = lambda x, w: jnp.einsum("bsd,df->bsf", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)  # noqa: E731
+
+    def plain(h, w_a, bias, w_b, w_out):
+        f = jax.nn.gelu(mm(h, w_a) + (0.0 if bias is None else bias), approximate=False)
+        f = L.dropout(f if w_b is None else f * mm(h, w_b), rate, drop_key)
+        return mm(f, w_out)
+
+    ours = lambda *x: feed_forward(*x, dt, rate, drop_key)  # noqa: E731
+    args = (h, w_a, bias, w_b, w_out)
+    np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-6, atol=1e-6)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    got = jax.grad(lambda *x: (ours(*x) * g_out).sum(), argnums=(0, 1, 2, 3, 4))(*args)
+    want = jax.grad(lambda *x: (plain(*x) * g_out).sum(), argnums=(0, 1, 2, 3, 4))(*args)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * float(jnp.abs(y).max()))
+
+
+def test_feed_forward_backward_keeps_only_its_inputs():
+    """Compiled gradient of six gated feed-forward layers: XLA's buffers hold h, a and b per
+    layer, not gelu's intermediates and the product (in [S, F] buffers per layer: autodiff of the
+    plain expression ~6.6, ours ~2.6, ours without the backward's dependence on its gradient ~4.3)."""
+    from valle_jax.models.feed_forward import feed_forward
+
+    n, s, d, f = 6, 1024, 64, 512
+
+    def stack(ffn):
+        def loss(ws, x):
+            for wg, wu, wd in ws:
+                x = x + ffn(x, wg, wu, wd)
+            return (x * x).sum()
+        return loss
+
+    plain = stack(lambda x, wg, wu, wd: (jax.nn.gelu(x @ wg, approximate=False) * (x @ wu)) @ wd)
+    ours = stack(lambda x, wg, wu, wd: feed_forward(x, wg, None, wu, wd, jnp.float32))
+    spec = jax.ShapeDtypeStruct
+    ws = [(spec((d, f), jnp.float32), spec((d, f), jnp.float32), spec((f, d), jnp.float32))] * n
+    x = spec((1, s, d), jnp.float32)
+    temp = {name: jax.jit(jax.grad(fn)).lower(ws, x).compile().memory_analysis().temp_size_in_bytes
+            for name, fn in (("plain", plain), ("ours", ours))}
+    assert temp["ours"] < 0.6 * temp["plain"], temp
+
+
 def test_console_commands():
     from valle_jax.training.control import Command, CommandReader, parse
 

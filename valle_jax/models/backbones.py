@@ -27,6 +27,7 @@ from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
 from valle_jax.models import retention as R
 from valle_jax.models.attention import flash_attend
+from valle_jax.models.feed_forward import feed_forward
 
 Array = jax.Array
 normal = jax.nn.initializers.normal
@@ -185,8 +186,7 @@ class TransformerBackbone(Backbone):
         o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
         x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
         h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
-        f = jax.nn.gelu(_mm(h, p["ffn_in"], "bsd,df->bsf", dt) + p["ffn_in_bias"], approximate=False)
-        f = _mm(L.dropout(f, cfg.dropout, keys[1]), p["ffn_out"], "bsf,fd->bsd", dt) + p["ffn_out_bias"]
+        f = feed_forward(h, p["ffn_in"], p["ffn_in_bias"], None, p["ffn_out"], dt, cfg.dropout, keys[1]) + p["ffn_out_bias"]
         return (x + L.dropout(f, cfg.dropout, keys[2])) * m
 
 
@@ -217,8 +217,7 @@ class LlamaBackbone(Backbone):
         o = attend(q.astype(dt), k, v, cfg.dropout, key)  # HF applies attention_dropout to probs
         x = x + _mm(o, p["o"], "bshk,hkd->bsd", dt)
         h = L.rms_norm(x, p["mlp_norm"], cfg.eps)
-        ff = jax.nn.gelu(_mm(h, p["gate"], "bsd,df->bsf", dt), approximate=False) * _mm(h, p["up"], "bsd,df->bsf", dt)
-        return x + _mm(ff, p["down"], "bsf,fd->bsd", dt)
+        return x + feed_forward(h, p["gate"], None, p["up"], p["down"], dt)
 
     def final(self, x):
         return L.rms_norm(x, self.final_norm[...], self.cfg.eps)
@@ -311,8 +310,7 @@ class RetNetBackbone(Backbone):
             f = jax.nn.gelu(_mm(h, p["fc1"], "bsd,df->bsf", dt) + p["fc1_bias"], approximate=False)
             f = _mm(L.layer_norm(f, p["ffn_norm"], p["ffn_norm_bias"], cfg.eps), p["fc2"], "bsf,fd->bsd", dt) + p["fc2_bias"]
         else:  # GLU: fc2(gelu(fc1 h) * gate h)
-            f = jax.nn.gelu(_mm(h, p["fc1"], "bsd,df->bsf", dt), approximate=False) * _mm(h, p["gate"], "bsd,df->bsf", dt)
-            f = _mm(f, p["fc2"], "bsf,fd->bsd", dt)
+            f = feed_forward(h, p["fc1"], None, p["gate"], p["fc2"], dt)
         return x + L.dropout(f, cfg.dropout, keys[1])
 
     def final(self, x):

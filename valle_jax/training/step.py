@@ -58,13 +58,17 @@ def make_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, l
         (loss, metrics), grads = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
             graph, state["params"], batch, key, cfg, level_probs, True)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
-        params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
-                     "step": state["step"] + 1, "rng": state["rng"]}
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+            return optax.apply_updates(params, updates), opt_state
+
+        # a branch, not a select between old and new values: XLA then updates the donated buffers
+        # in place instead of first copying the optimizer state (~600 MB for the half preset)
+        params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state["params"], state["opt_state"])
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         metrics.update(grad_norm=grad_norm, finite=finite)
         return new_state, metrics
 

@@ -1,0 +1,97 @@
+"""The backbones' feed-forward block with a hand-written backward pass that keeps little and
+transposes nothing large.
+
+    out = dropout(gelu(h @ w_a + bias_a) * (h @ w_b)) @ w_out     (exact gelu; w_b None: no gate)
+
+Autodiff of that expression keeps, per layer, erfc(a), gelu's derivative and the product beside
+the pre-activations a and b for the backward pass: three more [B, S, F] float32 buffers, ~2 of
+the ~5 GB that the half preset's training step needed at batch 8. And XLA's CPU compiler fed the
+weight gradients' matmuls from transposed [F, B*S] copies of the product and of the
+pre-activations' gradients, each computed by a transposing elementwise loop that reads its inputs
+column by column (~0.2 s apiece at that size, three per layer). Here the backward pass keeps h,
+a and b, recomputes gelu elementwise (no matmul is recomputed), and writes every product as a 2D
+matmul whose large operand is contracted along its rows, which the CPU matmul reads as it lies.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from valle_jax.models.layers import keep_mask
+
+Array = jax.Array
+
+
+def feed_forward(h_BSD: Array, w_a: Array, bias_a: Array | None, w_b: Array | None, w_out: Array, dtype,
+                 rate: float = 0.0, key: Array | None = None) -> Array:
+    """The block's output before any output bias, float32 [B, S, D_out]; matmul operands in
+    `dtype` with float32 accumulation; dropout at `rate` on the product when `key` is given."""
+    b, s, d = h_BSD.shape
+    out_ND = _ffn(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), float(rate) if key is not None else 0.0, key)
+    return out_ND.reshape(b, s, -1)
+
+
+def _mm(spec: str, x: Array, y: Array, dtype) -> Array:
+    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _keep_scaled(x: Array, rate: float, key: Array | None) -> Array:
+    """Dropout's mask and scale, for the forward value and its gradient alike."""
+    if rate == 0.0:
+        return x
+    return jnp.where(keep_mask(key, x.shape, 1.0 - rate), x / (1.0 - rate), 0.0)
+
+
+def _gelu_and_slope(a: Array) -> tuple[Array, Array]:
+    """Exact gelu and its derivative written with erf, where jax.nn.gelu uses erfc: the backward
+    pass's recomputation must not be the forward's expression, or XLA's CSE merges the two and
+    keeps the forward's result for the backward pass after all (on CPU, XLA drops optimization
+    barriers before CSE runs)."""
+    cdf = 0.5 * (1.0 + jax.lax.erf(a * (1.0 / math.sqrt(2.0))))
+    return a * cdf, cdf + a * jnp.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ffn(h_ND, w_a, bias_a, w_b, w_out, dtype, rate, key):
+    return _ffn_fwd(h_ND, w_a, bias_a, w_b, w_out, dtype, rate, key)[0]
+
+
+def _ffn_fwd(h_ND, w_a, bias_a, w_b, w_out, dtype, rate, key):
+    a_NF = _mm("nd,df->nf", h_ND, w_a, dtype)
+    if bias_a is not None:
+        a_NF = a_NF + bias_a
+    b_NF = None if w_b is None else _mm("nd,df->nf", h_ND, w_b, dtype)
+    f_NF = jax.nn.gelu(a_NF, approximate=False)
+    f_NF = _keep_scaled(f_NF if b_NF is None else f_NF * b_NF, rate, key)
+    return _mm("nf,fe->ne", f_NF, w_out, dtype), (h_ND, a_NF, b_NF, w_a, bias_a, w_b, w_out, key)
+
+
+def _ffn_bwd(dtype, rate, res, g_NE):
+    h_ND, a_NF, b_NF, w_a, bias_a, w_b, w_out, key = res
+    # A data dependence on the incoming gradient (0 * its first column; XLA does not fold float
+    # x * 0, NaN * 0 being NaN): XLA's CPU scheduler otherwise computes everything here that depends
+    # on the forward pass alone during the forward pass, for every layer at once, and keeps it.
+    a_NF = a_NF + g_NE[:, :1] * 0.0
+    y_NF, slope_NF = _gelu_and_slope(a_NF)
+    f_NF = _keep_scaled(y_NF if b_NF is None else y_NF * b_NF, rate, key)
+    # weight gradients as (small operand)^T (large operand): "nd,nf->df" contracts both along rows
+    d_w_out = _mm("ne,nf->ef", g_NE, f_NF, dtype).T
+    df_NF = _keep_scaled(_mm("ne,fe->nf", g_NE, w_out, dtype), rate, key)
+    if b_NF is None:
+        da_NF, d_w_b, db_NF = df_NF * slope_NF, None, None
+    else:
+        da_NF, db_NF = df_NF * b_NF * slope_NF, df_NF * y_NF
+        d_w_b = _mm("nd,nf->df", h_ND, db_NF, dtype)
+    d_w_a = _mm("nd,nf->df", h_ND, da_NF, dtype)
+    dh_ND = _mm("nf,df->nd", da_NF, w_a, dtype)
+    if db_NF is not None:
+        dh_ND = dh_ND + _mm("nf,df->nd", db_NF, w_b, dtype)
+    d_bias = None if bias_a is None else da_NF.sum(0).astype(bias_a.dtype)
+    return (dh_ND.astype(h_ND.dtype), d_w_a.astype(w_a.dtype), d_bias,
+            None if w_b is None else d_w_b.astype(w_b.dtype), d_w_out.astype(w_out.dtype), None)
+
+
+_ffn.defvjp(_ffn_fwd, _ffn_bwd)
