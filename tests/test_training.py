@@ -224,6 +224,31 @@ def test_blocked_attention_matches_dense_and_its_own_autodiff(rate):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_dense_attention_backward_equals_autodiff(rate):
+    """dense_attend (own backward pass) against autodiff of layers.attend: grouped-query, causal and
+    bidirectional rows, padding, a fully masked query row, dropout."""
+    from valle_jax.models import layers as L
+    from valle_jax.models.dense_attention import dense_attend
+
+    b, s, h, g, d = 2, 37, 4, 2, 8
+    k = jax.random.split(jax.random.key(2), 5)
+    q = jax.random.normal(k[0], (b, s, h, d))
+    kk, v = jax.random.normal(k[1], (b, s, g, d)), jax.random.normal(k[2], (b, s, g, d))
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = L.attention_mask(pos, pos, pos < jnp.array([[s], [25]]), jnp.array([True, False]))
+    mask = mask.at[1, 0, 5].set(False)  # query 5 of row 1: no key at all (uniform probabilities)
+    w = jax.random.normal(k[3], (b, s, h, d))
+    key = k[4] if rate else None
+    plain = lambda *a: L.attend(*a, mask, rate, key)  # noqa: E731
+    ours = lambda *a: dense_attend(*a, mask, rate, key)  # noqa: E731
+    np.testing.assert_allclose(ours(q, kk, v), plain(q, kk, v), atol=1e-6)
+    got = jax.grad(lambda *a: (ours(*a) * w).sum(), argnums=(0, 1, 2))(q, kk, v)
+    want = jax.grad(lambda *a: (plain(*a) * w).sum(), argnums=(0, 1, 2))(q, kk, v)
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
 @pytest.mark.parametrize("gated,rate,dtype", [(True, 0.0, "float32"), (False, 0.3, "float32"), (True, 0.0, "bfloat16")])
 def test_feed_forward_backward_equals_autodiff(gated, rate, dtype):
     """feed_forward's own backward pass gives autodiff's gradients of the plain expression, for the
