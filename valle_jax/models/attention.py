@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from valle_jax.models.layers import NEG_INF, cpu_safe, hash_bits
+from valle_jax.models.layers import NEG_INF, grouped, hash_bits, ungrouped
 
 Array = jax.Array
 
@@ -149,12 +149,7 @@ def flash_attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, q_pos_BS: Array, k
                  causal_B: Array, dropout_rate: float = 0.0, dropout_key: Array | None = None,
                  block: int = 64) -> Array:
     """Exact softmax attention ([B, S, H, Dh] float32 out), grouped-query when G < H."""
-    q_BSHD, k_BKGD, v_BKGD = cpu_safe(q_BSHD, k_BKGD, v_BKGD)
-    b, s, h, d = q_BSHD.shape
-    g = k_BKGD.shape[2]
-    q = q_BSHD.reshape(b, s, g, h // g, d).transpose(0, 2, 3, 1, 4)  # [B, G, R, S, D]
-    k, v = k_BKGD.transpose(0, 2, 1, 3), v_BKGD.transpose(0, 2, 1, 3)  # [B, G, K, D]
+    q, k, v = grouped(q_BSHD, k_BKGD, v_BKGD)
     rate = float(dropout_rate) if dropout_key is not None else 0.0
     seed = jax.random.bits(dropout_key, (), jnp.uint32) if rate > 0.0 else jnp.zeros((), jnp.uint32)
-    out = _flash(q, k, v, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate, min(block, s))
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    return ungrouped(_flash(q, k, v, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate, min(block, q.shape[3])))

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from valle_jax.models.layers import NEG_INF, cpu_safe, keep_mask
+from valle_jax.models.layers import NEG_INF, grouped, keep_mask, ungrouped
 
 Array = jax.Array
 
@@ -27,14 +27,9 @@ Array = jax.Array
 def dense_attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropout_rate: float = 0.0,
                  dropout_key: Array | None = None) -> Array:
     """layers.attend's result ([B, S, H, Dh] float32), grouped-query when G < H."""
-    q_BSHD, k_BKGD, v_BKGD = cpu_safe(q_BSHD, k_BKGD, v_BKGD)
-    b, s, h, d = q_BSHD.shape
-    g = k_BKGD.shape[2]
-    q = q_BSHD.reshape(b, s, g, h // g, d).transpose(0, 2, 3, 1, 4)  # [B, G, R, S, D]
-    k, v = k_BKGD.transpose(0, 2, 1, 3), v_BKGD.transpose(0, 2, 1, 3)  # [B, G, K, D]
+    q, k, v = grouped(q_BSHD, k_BKGD, v_BKGD)
     rate = float(dropout_rate) if dropout_key is not None else 0.0
-    out = _attend(q, k, v, mask_B1SK[:, :, None], dropout_key if rate > 0.0 else None, rate)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    return ungrouped(_attend(q, k, v, mask_B1SK[:, :, None], dropout_key if rate > 0.0 else None, rate))
 
 
 def _mm(spec: str, x: Array, y: Array) -> Array:

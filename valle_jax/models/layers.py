@@ -108,6 +108,22 @@ def cpu_safe(*arrays: Array) -> tuple[Array, ...]:
     return tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in arrays)
 
 
+def grouped(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array) -> tuple[Array, Array, Array]:
+    """Attention operands by kv head: queries [B, G, R, S, Dh] (R = H / G query heads per kv head),
+    keys and values [B, G, K, Dh]; float32 on CPU where bfloat16 (cpu_safe)."""
+    q_BSHD, k_BKGD, v_BKGD = cpu_safe(q_BSHD, k_BKGD, v_BKGD)
+    b, s, h, d = q_BSHD.shape
+    g = k_BKGD.shape[2]
+    q = q_BSHD.reshape(b, s, g, h // g, d).transpose(0, 2, 3, 1, 4)
+    return q, k_BKGD.transpose(0, 2, 1, 3), v_BKGD.transpose(0, 2, 1, 3)
+
+
+def ungrouped(out_BGRSD: Array) -> Array:
+    """The inverse of `grouped` for the queries: [B, S, H, Dh]."""
+    b, g, r, s, d = out_BGRSD.shape
+    return out_BGRSD.transpose(0, 3, 1, 2, 4).reshape(b, s, g * r, d)
+
+
 def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B: Array) -> Array:
     """bool[B, 1, S, K]: key valid, and (for causal rows) key position <= query position."""
     causal = k_pos_BK[:, None, :] <= q_pos_BS[:, :, None]
