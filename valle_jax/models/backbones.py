@@ -48,7 +48,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
 
 def _mm(x: Array, w: Array, spec: str, dtype) -> Array:
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return L.matmul(spec, x, w, dtype)
 
 
 class Backbone(nnx.Module):

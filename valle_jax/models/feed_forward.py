@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from valle_jax.models.layers import keep_mask
+from valle_jax.models.layers import after_gradient, dropout, matmul
 
 Array = jax.Array
 
@@ -32,17 +32,6 @@ def feed_forward(h_BSD: Array, w_a: Array, bias_a: Array | None, w_b: Array | No
     b, s, d = h_BSD.shape
     out_ND = _ffn(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), float(rate) if key is not None else 0.0, key)
     return out_ND.reshape(b, s, -1)
-
-
-def _mm(spec: str, x: Array, y: Array, dtype) -> Array:
-    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _keep_scaled(x: Array, rate: float, key: Array | None) -> Array:
-    """Dropout's mask and scale, for the forward value and its gradient alike."""
-    if rate == 0.0:
-        return x
-    return jnp.where(keep_mask(key, x.shape, 1.0 - rate), x / (1.0 - rate), 0.0)
 
 
 def _gelu_and_slope(a: Array) -> tuple[Array, Array]:
@@ -60,35 +49,32 @@ def _ffn(h_ND, w_a, bias_a, w_b, w_out, dtype, rate, key):
 
 
 def _ffn_fwd(h_ND, w_a, bias_a, w_b, w_out, dtype, rate, key):
-    a_NF = _mm("nd,df->nf", h_ND, w_a, dtype)
+    a_NF = matmul("nd,df->nf", h_ND, w_a, dtype)
     if bias_a is not None:
         a_NF = a_NF + bias_a
-    b_NF = None if w_b is None else _mm("nd,df->nf", h_ND, w_b, dtype)
+    b_NF = None if w_b is None else matmul("nd,df->nf", h_ND, w_b, dtype)
     f_NF = jax.nn.gelu(a_NF, approximate=False)
-    f_NF = _keep_scaled(f_NF if b_NF is None else f_NF * b_NF, rate, key)
-    return _mm("nf,fe->ne", f_NF, w_out, dtype), (h_ND, a_NF, b_NF, w_a, bias_a, w_b, w_out, key)
+    f_NF = dropout(f_NF if b_NF is None else f_NF * b_NF, rate, key)
+    return matmul("nf,fe->ne", f_NF, w_out, dtype), (h_ND, a_NF, b_NF, w_a, bias_a, w_b, w_out, key)
 
 
 def _ffn_bwd(dtype, rate, res, g_NE):
     h_ND, a_NF, b_NF, w_a, bias_a, w_b, w_out, key = res
-    # A data dependence on the incoming gradient (0 * its first column; XLA does not fold float
-    # x * 0, NaN * 0 being NaN): XLA's CPU scheduler otherwise computes everything here that depends
-    # on the forward pass alone during the forward pass, for every layer at once, and keeps it.
-    a_NF = a_NF + g_NE[:, :1] * 0.0
+    a_NF = after_gradient(a_NF, g_NE)
     y_NF, slope_NF = _gelu_and_slope(a_NF)
-    f_NF = _keep_scaled(y_NF if b_NF is None else y_NF * b_NF, rate, key)
+    f_NF = dropout(y_NF if b_NF is None else y_NF * b_NF, rate, key)
     # weight gradients as (small operand)^T (large operand): "nd,nf->df" contracts both along rows
-    d_w_out = _mm("ne,nf->ef", g_NE, f_NF, dtype).T
-    df_NF = _keep_scaled(_mm("ne,fe->nf", g_NE, w_out, dtype), rate, key)
+    d_w_out = matmul("ne,nf->ef", g_NE, f_NF, dtype).T
+    df_NF = dropout(matmul("ne,fe->nf", g_NE, w_out, dtype), rate, key)
     if b_NF is None:
         da_NF, d_w_b, db_NF = df_NF * slope_NF, None, None
     else:
         da_NF, db_NF = df_NF * b_NF * slope_NF, df_NF * y_NF
-        d_w_b = _mm("nd,nf->df", h_ND, db_NF, dtype)
-    d_w_a = _mm("nd,nf->df", h_ND, da_NF, dtype)
-    dh_ND = _mm("nf,df->nd", da_NF, w_a, dtype)
+        d_w_b = matmul("nd,nf->df", h_ND, db_NF, dtype)
+    d_w_a = matmul("nd,nf->df", h_ND, da_NF, dtype)
+    dh_ND = matmul("nf,df->nd", da_NF, w_a, dtype)
     if db_NF is not None:
-        dh_ND = dh_ND + _mm("nf,df->nd", db_NF, w_b, dtype)
+        dh_ND = dh_ND + matmul("nf,df->nd", db_NF, w_b, dtype)
     d_bias = None if bias_a is None else da_NF.sum(0).astype(bias_a.dtype)
     return (dh_ND.astype(h_ND.dtype), d_w_a.astype(w_a.dtype), d_bias,
             None if w_b is None else d_w_b.astype(w_b.dtype), d_w_out.astype(w_out.dtype), None)

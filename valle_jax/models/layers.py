@@ -46,11 +46,6 @@ def sinusoidal(positions_BS: Array, d: int) -> Array:
     return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], -1)
 
 
-def rope(x_BSHD: Array, positions_BS: Array, theta: float) -> Array:
-    """HF Llama rotary embedding, rotate-half convention."""
-    return rope_with(x_BSHD, rope_tables(positions_BS, x_BSHD.shape[-1], theta))
-
-
 def rope_tables(positions_BS: Array, dh: int, theta: float) -> tuple[Array, Array]:
     """cos and sin [B, S, 1, Dh] of the rotary angles, for every layer and head."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
@@ -68,6 +63,7 @@ def rope_tables(positions_BS: Array, dh: int, theta: float) -> tuple[Array, Arra
 
 
 def rope_with(x_BSHD: Array, tables: tuple[Array, Array]) -> Array:
+    """HF Llama rotary embedding, rotate-half convention, with `rope_tables`' cos and sin."""
     cos, sin = tables
     dh = x_BSHD.shape[-1]
     x = x_BSHD.astype(jnp.float32)
@@ -97,6 +93,19 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
     if key is None or rate == 0.0:
         return x
     return jnp.where(keep_mask(key, x.shape, 1.0 - rate), x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def matmul(spec: str, x: Array, y: Array, dtype) -> Array:
+    """einsum with `dtype` operands (float32 or bfloat16 compute) and float32 accumulation."""
+    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def after_gradient(x: Array, g: Array) -> Array:
+    """x, made to depend on the incoming gradient g (x + 0 * g's first column; XLA does not fold
+    float y * 0, NaN * 0 being NaN), for what a hand-written backward pass recomputes from forward
+    values: without the dependence, XLA's CPU scheduler computes it during the forward pass, for
+    every layer at once, and keeps it until the backward pass."""
+    return x + g[..., :1] * 0.0
 
 
 def cpu_safe(*arrays: Array) -> tuple[Array, ...]:
@@ -133,7 +142,9 @@ def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B
 
 def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropout_rate: float = 0.0,
            dropout_key: Array | None = None) -> Array:
-    """Softmax attention (float32 softmax); grouped-query when G < H. Returns [B, S, H, Dh]."""
+    """Softmax attention (float32 softmax); grouped-query when G < H. Returns [B, S, H, Dh].
+    The plain expression: the model uses dense_attention.dense_attend, which computes the same
+    values with a backward pass of its own (tests compare the two)."""
     q_BSHD, k_BKGD, v_BKGD = cpu_safe(q_BSHD, k_BKGD, v_BKGD)
     b, s, h, dh = q_BSHD.shape
     g = k_BKGD.shape[2]
