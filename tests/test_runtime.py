@@ -16,6 +16,17 @@ def test_cpu_flags_are_added_after_the_users_own():
     assert runtime.with_cpu_xla_flags({})["XLA_FLAGS"] == FLAG
 
 
+def test_cpu_flags_follow_the_work():
+    """YNNPACK's fusions stay on for training the backbones they speed up; off for training llama
+    and for decoding (training_arch None)."""
+    assert runtime.with_cpu_xla_flags({}, training_arch="llama")["XLA_FLAGS"] == FLAG
+    assert runtime.with_cpu_xla_flags({}, training_arch=None)["XLA_FLAGS"] == FLAG
+    for arch in ("transformer", "retnet"):
+        assert "XLA_FLAGS" not in runtime.with_cpu_xla_flags({}, training_arch=arch)
+    mine = "--xla_force_host_platform_device_count=8"
+    assert runtime.with_cpu_xla_flags({"XLA_FLAGS": mine}, training_arch="retnet")["XLA_FLAGS"] == mine
+
+
 def test_cpu_flags_leave_a_flag_the_user_set_and_honour_the_opt_out():
     mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
     assert runtime.with_cpu_xla_flags({"XLA_FLAGS": mine})["XLA_FLAGS"] == mine

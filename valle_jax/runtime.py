@@ -13,11 +13,15 @@ steps: 8.7 GB while XLA's buffers are 4.0 GB). TCMALLOC_RELEASE_RATE=10 holds it
 same speed (aggressive decommit also bounds it, but costs 60% more per step); it is set unless the
 environment sets it. (At the half preset the resident set still grows; see docs/training.md.)
 
-XLA flags (`with_cpu_xla_flags`): jaxlib 0.10 hands dots on the CPU to YNNPACK fusions, which were
-slower here than XLA's own (Eigen) dots at every size that matters to us: the quarter training step
-8.97 -> 7.6 s, decoding's [8, 512] x [512, 2048] products 3x slower. The command-line entry points
-turn those fusions off unless XLA_FLAGS already names the flag or VALLE_JAX_CPU_FLAGS=0. XLA aborts
-on a flag it does not know, so this is only done for the jaxlib release it was measured with.
+XLA flags (`with_cpu_xla_flags`): jaxlib 0.10 hands dots on the CPU, with the elementwise ops and
+reductions around them, to YNNPACK fusions. Whether that helps depends on the work. Half preset on
+the 2-core development machine (2026-11-26), fusions off vs on: training steps at reference shapes,
+llama 18.3 vs 20.9 s, but transformer 33.6 vs 18.4 s and retnet 35.8 vs 21.5 s; decoding, retnet
+batch 1 56 vs 45 steps/s, batch 8 180 vs 111 tokens/s, NAR 3.7 vs 4.3 s (llama's [8, 512] x
+[512, 2048] decoding products were 3x slower with them). So the fusions are turned off except when
+training a backbone of YNN_TRAINING_ARCHS, unless XLA_FLAGS already names the flag or
+VALLE_JAX_CPU_FLAGS=0. XLA aborts on a flag it does not know, so this is only done for the jaxlib
+release it was measured with.
 """
 from __future__ import annotations
 
@@ -32,13 +36,16 @@ CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aa
 
 CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # empty: no dot goes to YNNPACK
 CPU_XLA_FLAGS_JAXLIB = "0.10."  # the releases that know these flags (setup.py pins 0.10.2)
+YNN_TRAINING_ARCHS = ("transformer", "retnet")  # backbones that train faster with YNNPACK's fusions
 
 
-def with_cpu_xla_flags(base: dict | None = None) -> dict:
+def with_cpu_xla_flags(base: dict | None = None, training_arch: str | None = None) -> dict:
     """`base` (default: this process's environment) with CPU_XLA_FLAGS added to XLA_FLAGS, each
-    unless XLA_FLAGS already sets it; unchanged with VALLE_JAX_CPU_FLAGS=0 or another jaxlib."""
+    unless XLA_FLAGS already sets it; unchanged for a process that trains a backbone of
+    YNN_TRAINING_ARCHS (`training_arch`; None: decoding or anything else), with
+    VALLE_JAX_CPU_FLAGS=0, or with another jaxlib."""
     env = dict(os.environ if base is None else base)
-    if env.get("VALLE_JAX_CPU_FLAGS", "1") == "0":
+    if env.get("VALLE_JAX_CPU_FLAGS", "1") == "0" or training_arch in YNN_TRAINING_ARCHS:
         return env
     try:
         if not importlib.metadata.version("jaxlib").startswith(CPU_XLA_FLAGS_JAXLIB):
@@ -52,10 +59,10 @@ def with_cpu_xla_flags(base: dict | None = None) -> dict:
     return env
 
 
-def use_cpu_xla_flags() -> None:
+def use_cpu_xla_flags(training_arch: str | None = None) -> None:
     """Applies `with_cpu_xla_flags` to this process: call before JAX's first computation (XLA reads
     XLA_FLAGS when its backend starts)."""
-    os.environ.update(with_cpu_xla_flags())
+    os.environ.update(with_cpu_xla_flags(training_arch=training_arch))
 
 
 def find_tcmalloc() -> str | None:
