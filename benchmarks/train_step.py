@@ -2,11 +2,12 @@
 
     python benchmarks/train_step.py [--sizes tiny,quarter,half] [--arch llama|transformer|retnet] [--batch 8]
         [--shape 6s|reference] [--dtype float32] [--attention dense|blocked] [--remat] [--steps 4]
-        [--devices-overhead] [--no-tcmalloc]
+        [--devices-overhead] [--no-tcmalloc] [--cpu-async-dispatch] [--reference]
 
 Shapes: "6s" = 6 s of response audio per sample (450 frames), a 3 s prompt (225 frames) and 72
 phonemes; "reference" = text 60, prompt 225, response 375, the shapes at which the PyTorch reference
-was timed (half llama, batch 8: 15.3 s per step, 11.8 GB peak on this 2-core machine).
+was timed (half llama, batch 8: 15.3 s per step, 11.8 GB peak on the issue's 2-core machine;
+--reference times it here, in the same run: reference_train_step.py).
 Each configuration runs in a fresh process (so peak memory is its own: the process's max RSS,
 which on CPU holds parameters, optimizer state, activations and XLA's buffers) and XLA's own
 account of the step's buffers (arguments + outputs + temporaries). MFU is model FLOPs
@@ -30,6 +31,8 @@ SHAPES = {"6s": (72, 225, 450), "reference": (60, 225, 375)}
 
 def child(args) -> dict:
     import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", args.cpu_async_dispatch)  # as python -m valle_jax.train
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -96,9 +99,11 @@ def child(args) -> dict:
 def spawn(args, size: str, devices: int) -> dict:
     cmd = ["--size", size, "--arch", args.arch, "--batch", str(args.batch), "--shape", args.shape, "--dtype", args.dtype,
            "--attention", args.attention, "--steps", str(args.steps), "--scan-unroll", str(args.scan_unroll)]
+    if args.cpu_async_dispatch:
+        cmd.append("--cpu-async-dispatch")
     if args.remat:
         cmd.append("--remat")
-    return run_child(__file__, cmd, f"{size} on {devices} device(s)", devices, not args.no_tcmalloc)
+    return run_child(__file__, cmd, f"{size} on {devices} device(s)", devices, not args.no_tcmalloc, args.arch)
 
 
 def main() -> None:
@@ -114,9 +119,15 @@ def main() -> None:
     p.add_argument("--scan-unroll", type=int, default=0, help="layers per scan iteration (0 = fully unrolled)")
     p.add_argument("--steps", type=int, default=4, help="timed steps after a warm-up step")
     p.add_argument("--devices-overhead", action="store_true")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the PyTorch reference's step at the same shapes (llama; needs transformers, "
+                        "see reference_train_step.py) and print the speed-up")
     p.add_argument("--no-tcmalloc", action="store_true", help="run with glibc malloc (see valle_jax/runtime.py)")
+    p.add_argument("--cpu-async-dispatch", action="store_true", help="JAX's default; see valle_jax/train.py")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.reference and args.arch != "llama":
+        p.error("--reference: the reference is timed with its llama backbone; use --arch llama")
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -128,6 +139,16 @@ def main() -> None:
               f"{r['tokens_per_s']:8.0f} {r['achieved_gflops']:8.1f} {r['matmul_peak_gflops']:8.1f} "
               f"{100 * r['mfu']:5.1f}% {r['peak_rss_gb']:7.2f} {r['xla_step_gb']:7.2f}", flush=True)
         print("  " + json.dumps(r), flush=True)
+        if args.reference:
+            import reference_train_step
+
+            ref = reference_train_step.spawn(size, args.shape, args.batch, args.steps)
+            print(f"{'  ref':8} {ref['params_M']:7.1f}M {str(tuple(ref['shape'])):>14} {'':>8} {ref['step_s']:7.2f}s "
+                  f"{ref['tokens_per_s']:8.0f} {ref['achieved_gflops']:8.1f} {ref['matmul_peak_gflops']:8.1f} "
+                  f"{100 * ref['mfu']:5.1f}% {ref['peak_rss_gb']:7.2f} {'':>7}   (PyTorch reference: "
+                  f"ours is {ref['step_s'] / r['step_s']:.2f}x faster, {ref['peak_rss_gb'] / r['peak_rss_gb']:.2f}x "
+                  f"less resident memory)", flush=True)
+            print("  " + json.dumps(ref), flush=True)
     if args.devices_overhead:
         one, eight = spawn(args, "tiny", 1), spawn(args, "tiny", 8)
         print(f"8 fake devices vs 1 (tiny, batch {args.batch}): step {eight['step_s']:.3f} s vs {one['step_s']:.3f} s, "

@@ -283,7 +283,10 @@ def test_feed_forward_backward_equals_autodiff(gated, rate, dtype):
 def test_feed_forward_backward_keeps_only_its_inputs():
     """Compiled gradient of six gated feed-forward layers: XLA's buffers hold h, a and b per
     layer, not gelu's intermediates and the product (in [S, F] buffers per layer: autodiff of the
-    plain expression ~6.6, ours ~2.6, ours without the backward's dependence on its gradient ~4.3)."""
+    plain expression ~6.6, ours ~2.6, ours without the backward's dependence on its gradient ~4.3).
+    A property of XLA's CPU pipeline: on an H100 autodiff's fusions keep less (ratio 0.74 there)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("measures XLA's CPU buffer assignment; GPU compilers fuse the plain expression themselves")
     from valle_jax.models.feed_forward import feed_forward
 
     n, s, d, f = 6, 1024, 64, 512

@@ -11,7 +11,8 @@ TCMalloc's default release rate returns freed pages to the kernel too lazily for
 large buffers of varying sizes: the resident set kept growing over the steps (quarter preset, 8
 steps: 8.7 GB while XLA's buffers are 4.0 GB). TCMALLOC_RELEASE_RATE=10 holds it at 4.8 GB at the
 same speed (aggressive decommit also bounds it, but costs 60% more per step); it is set unless the
-environment sets it. (At the half preset the resident set still grows; see docs/training.md.)
+environment sets it. (What still grew at the half preset was two steps' buffers alive at once
+under JAX's asynchronous CPU dispatch, which the training command turns off: docs/training.md.)
 
 XLA flags (`with_cpu_xla_flags`): jaxlib 0.10 hands dots on the CPU, with the elementwise ops and
 reductions around them, to YNNPACK fusions. Whether that helps depends on the work. Half preset on
