@@ -30,7 +30,8 @@ from train_step import SHAPES
 N_LEVELS, N_TOKENS, STOP = 8, 1024, 1024
 
 
-def build(size: str, torch, nn):
+def build(size, torch, nn):
+    """The reference's AR_NAR llama model; `size` a preset name or (d_model, heads, layers)."""
     try:
         from transformers import LlamaConfig, LlamaModel
     except ImportError as e:
@@ -39,7 +40,7 @@ def build(size: str, torch, nn):
 
     from valle_jax.config import SIZES
 
-    d, heads, layers = SIZES[size]
+    d, heads, layers = SIZES[size] if isinstance(size, str) else size
 
     class AudioEmbedding(nn.Module):  # SPEC §2.3 (3): one table per level, summed
         def __init__(self, sizes):
@@ -68,7 +69,8 @@ def build(size: str, torch, nn):
             self.model = LlamaModel(config)
             self.classifier = nn.Linear(d, N_TOKENS + 1)
 
-        def forward(self, text, lang, prom, resps, levels):
+        def logits_and_targets(self, text, lang, prom, resps, levels):
+            """Per sample: the logits the loss reads and their targets (causal items shifted)."""
             xs, targets = [], []
             ignore = lambda n: torch.full((n,), -100, dtype=torch.long)  # noqa: E731
             for i, level in enumerate(levels):  # SPEC §2.4-§2.6, per sample as the reference does
@@ -96,6 +98,10 @@ def build(size: str, torch, nn):
                     flat_logits.append(logits[i, :n - 1]), flat_targets.append(targets[i][1:])
                 else:
                     flat_logits.append(logits[i, :n]), flat_targets.append(targets[i])
+            return flat_logits, flat_targets
+
+        def forward(self, text, lang, prom, resps, levels):
+            flat_logits, flat_targets = self.logits_and_targets(text, lang, prom, resps, levels)
             logits_nv, targets_n = torch.cat(flat_logits), torch.cat(flat_targets)
             loss = torch.nn.functional.cross_entropy(logits_nv, targets_n, ignore_index=-100)
             with torch.no_grad():
