@@ -229,6 +229,15 @@ def test_nar_level_count(decoder):
         assert all(c.shape == (40, expect) for c in out.codes)
 
 
+def test_nar_runs_over_a_tight_bucket(decoder):
+    """The NAR's cost follows its padded length: 160 frames take the 225 bucket, not the AR's 300."""
+    inputs = inputs_of(*utterances(10, sizes=((12, 40),)))
+    settings = dataclasses.replace(GREEDY, max_ar_steps=160)
+    ar = decoder.ar(inputs, settings)
+    assert int(np.asarray(ar.length)[0]) == 160 and ar.tokens.shape[1] >= 300
+    assert decoder.nar(inputs, ar, settings).shape[1] == 225
+
+
 def test_bad_settings_are_named():
     with pytest.raises(D.DecodeError, match="top_p"):
         D.Settings(top_p=0.0)
