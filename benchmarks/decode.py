@@ -3,7 +3,7 @@ and the same model without the KV cache (full recomputation every step, as the r
 
     python benchmarks/decode.py [--sizes tiny,quarter,half] [--arch llama|transformer|retnet]
         [--dtype float32|bfloat16] [--batches 1,8,32] [--prompt-seconds 3] [--audio-seconds 5]
-        [--memory-seconds 10,30] [--no-tcmalloc]
+        [--memory-seconds 10,30] [--no-tcmalloc] [--reference]
 
 The model is randomly initialised, with its stop logit banned, so every row runs exactly
 audio_seconds * 75 AR steps (sampling at temperature 1 with the default filters, all inside the
@@ -147,8 +147,12 @@ def main() -> None:
     p.add_argument("--audio-seconds", type=float, default=5.0)
     p.add_argument("--memory-seconds", default="10,30", type=lambda s: [float(x) for x in s.split(",") if x])
     p.add_argument("--no-tcmalloc", action="store_true")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the PyTorch reference's decoding (llama; needs transformers, see reference_decode.py)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.reference and args.arch != "llama":
+        p.error("--reference: the reference is timed with its llama backbone; use --arch llama")
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -170,6 +174,15 @@ def main() -> None:
             print(f"  memory at {when} of generated audio (batch 1): decoding state {m['state_mb']:.1f} MB, "
                   f"compiled AR {xla} (arguments + outputs + temporaries)")
         print("  " + json.dumps(r), flush=True)
+        if args.reference and "nar_s" in r:
+            import reference_decode
+
+            ref = reference_decode.spawn(size, args.prompt_seconds, args.audio_seconds)
+            ar_s = r["ar_step_ms"] * ref["ar_steps"] / 1e3
+            print(f"  PyTorch reference (no cache, batch 1): AR {ref['ar_s']:.1f} s ({ref['ar_steps_per_s']:.2f} steps/s), "
+                  f"NAR {ref['nar_s']:.2f} s, RTF {ref['rtf']:.1f} -> ours: AR {ref['ar_s'] / ar_s:.0f}x, "
+                  f"NAR {ref['nar_s'] / r['nar_s']:.2f}x, RTF {ref['rtf'] / r['rtf']:.0f}x faster")
+            print("  " + json.dumps(ref), flush=True)
 
 
 if __name__ == "__main__":

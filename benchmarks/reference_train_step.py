@@ -69,6 +69,19 @@ def build(size, torch, nn):
             self.model = LlamaModel(config)
             self.classifier = nn.Linear(d, N_TOKENS + 1)
 
+        def sequence(self, text, lang, prom, resp_in, level):
+            """One sample's embedded [text | sep | lang | sep | prompt | sep | response] (SPEC §2.4)."""
+            pieces = [self.text_emb(text), self.langs_emb(lang), self.proms_emb(prom), self.resps_emb(resp_in, level)]
+            x = [pieces[0]]
+            for p in pieces[1:]:
+                x += [self.sep[None], p]
+            return torch.cat(x)
+
+        def inference_logits(self, text, lang, prom, resp_in, level):
+            """Logits of one sample's every position, as the reference's inference computes them: no cache."""
+            return self.classifier(self.model(inputs_embeds=self.sequence(text, lang, prom, resp_in, level)[None])
+                                   .last_hidden_state)[0]
+
         def logits_and_targets(self, text, lang, prom, resps, levels):
             """Per sample: the logits the loss reads and their targets (causal items shifted)."""
             xs, targets = [], []
@@ -79,12 +92,7 @@ def build(size, torch, nn):
                     resp_in, target = torch.cat([resps[i], stop_row]), torch.cat([resps[i][:, 0], stop_row[0, :1]])
                 else:
                     resp_in, target = resps[i][:, :level], resps[i][:, level]
-                pieces = [self.text_emb(text[i]), self.langs_emb(lang[i]), self.proms_emb(prom[i]),
-                          self.resps_emb(resp_in, level)]
-                x = [pieces[0]]
-                for p in pieces[1:]:
-                    x += [self.sep[None], p]
-                xs.append(torch.cat(x))
+                xs.append(self.sequence(text[i], lang[i], prom[i], resp_in, level))
                 t = torch.cat([text[i], ignore(1), lang[i], ignore(1), ignore(prom.shape[1]), ignore(1), target.long()])
                 targets.append(t)
             x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)

@@ -30,7 +30,10 @@ def test_reference_baseline_reproduces_the_golden_outputs(case, level):
     with torch.no_grad():
         logits, targets = model.logits_and_targets(*args)
         loss, acc = model(*args)
+        resp_in = args[3][0] if level == 0 else args[3][0][:, :level]  # inference: no stop row
+        inferred = model.inference_logits(args[0][0], args[1][0], args[2][0], resp_in, level).numpy()
     want = golden[f"logits_{case}"]
+    np.testing.assert_allclose(inferred, want[:len(inferred)], atol=1e-5)  # causal: the stop row changes nothing before it
     got = logits[0].numpy()  # the AR's last position predicts nothing: the loss (and ours) drop it
     np.testing.assert_allclose(got, want[:len(got)], atol=1e-5)
     assert np.array_equal(targets[0].numpy(), golden[f"loss_target_{case}"])
