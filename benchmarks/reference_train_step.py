@@ -3,8 +3,9 @@
     python benchmarks/reference_train_step.py [--sizes half] [--shape reference] [--batch 8] [--steps 3]
     python benchmarks/train_step.py --sizes half --shape reference --reference   (both, same run)
 
-Needs HF transformers 4.40 (the release the reference ran on in 2024-04; not a dependency of
-valle_jax): `pip install "transformers==4.40.2"` in the environment that runs this.
+Needs HF transformers of the reference's time (the golden files were made with 4.39.3; 4.40.2 gives
+the same logits; not a dependency of valle_jax): `pip install "transformers==4.40.2"` in the
+environment that runs this.
 
 What runs is the reference's AR_NAR "llama" training step as ../shared/reference/SPEC.md §2-§3 and
 §7 describe it, in eager PyTorch float32 as its local engine runs it: HF `LlamaModel` with the
@@ -36,7 +37,7 @@ def build(size, torch, nn):
         from transformers import LlamaConfig, LlamaModel
     except ImportError as e:
         raise SystemExit(f"the reference's step needs HF transformers ({e}): pip install 'transformers==4.40.2' "
-                         "(the release the reference used; valle_jax itself does not need it)") from None
+                         "(a release of the reference's time; valle_jax itself does not need it)") from None
 
     from valle_jax.config import SIZES
 
