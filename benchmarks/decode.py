@@ -25,6 +25,8 @@ import time
 from child import run_child
 from valle_jax.config import ARCHS
 
+TEXT_LEN = 60  # phoneme ids per utterance (reference_decode.py times the reference on the same)
+
 
 def measure_bandwidth(mb: int = 512) -> float:
     """Bytes per second streamed by a jitted [1, 4096] x [4096, N] matrix-vector product over an
@@ -71,7 +73,7 @@ def child(args) -> dict:
     steps = int(round(75 * args.audio_seconds))
     settings = Settings(max_ar_steps=steps, ar_temp=1.0, nar_temp=1.0, seed=0)
     rng = np.random.default_rng(0)
-    text_len, prompt_len = 60, int(round(75 * args.prompt_seconds))
+    text_len, prompt_len = TEXT_LEN, int(round(75 * args.prompt_seconds))
 
     def inputs_for(b):
         return make_inputs([list(rng.integers(3, 200, text_len)) for _ in range(b)],

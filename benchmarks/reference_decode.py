@@ -8,7 +8,7 @@ decodes (SPEC §4.4-§4.5), every AR step is a full forward pass over text + pro
 far (no cache), batch 1, under torch.inference_mode; the 7 NAR levels are 7 full passes. The AR is
 timed at --samples response lengths spread over 0..R-1 (R = audio_seconds x 75), each the best of
 two passes, and its total is the sum over all R steps of the interpolated per-step time; the NAR
-levels are timed whole. Text: 60 phonemes, as in decode.py.
+levels are timed whole. Text: decode.py's TEXT_LEN phonemes.
 """
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import json
 import resource
 import time
 
-TEXT_LEN = 60  # phonemes, as decode.py uses
-
+from decode import TEXT_LEN
 
 def child(args) -> dict:
     import numpy as np
