@@ -19,6 +19,7 @@ import time
 
 from decode import TEXT_LEN
 
+
 def child(args) -> dict:
     import numpy as np
     import torch
