@@ -54,3 +54,23 @@ def test_tcmalloc_env_preloads_and_keeps_a_chosen_release_rate():
     assert env["LD_PRELOAD"] == "/lib/libtcmalloc.so:/lib/other.so"
     assert env["TCMALLOC_RELEASE_RATE"] == "3"
     assert runtime.tcmalloc_env("/lib/libtcmalloc.so", {})["TCMALLOC_RELEASE_RATE"] == "10"
+
+
+@pytest.mark.parametrize("cpu_async", [False, True])
+def test_training_process_dispatch_mode(cpu_async):
+    """The training command's CPU steps return only once done (so no second step's buffers are
+    allocated while the last step's still exist); with --cpu_async_dispatch they return at once."""
+    code = f"""
+from valle_jax.runtime import start_training_process
+start_training_process("llama", cpu_async_dispatch={cpu_async})
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.linalg.matrix_power(x, 64).sum())
+x = jnp.ones((700, 700)) / 700
+f(x).block_until_ready()
+y = f(x)
+print(y.is_ready())
+"""
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(not cpu_async)

@@ -66,6 +66,18 @@ def use_cpu_xla_flags(training_arch: str | None = None) -> None:
     os.environ.update(with_cpu_xla_flags(training_arch=training_arch))
 
 
+def start_training_process(training_arch: str, cpu_async_dispatch: bool = False) -> None:
+    """What `python -m valle_jax.train` sets before JAX's backend starts: the XLA CPU flags for the
+    backbone it trains and JAX's CPU dispatch mode. With asynchronous dispatch a step can start while
+    the last one's temporaries are still allocated (PJRT frees them after the outputs are ready), so
+    two steps' XLA buffers can be alive at once: half preset 8.55 GB resident instead of 4.95 GB, at
+    the same speed (docs/training.md, CPU notes). The mode only concerns the CPU client."""
+    use_cpu_xla_flags(training_arch)
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", cpu_async_dispatch)  # read when the CPU client is made
+
+
 def find_tcmalloc() -> str | None:
     for path in CANDIDATES:
         if os.path.exists(path):

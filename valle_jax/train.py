@@ -58,13 +58,10 @@ def setup_logging(workdir: Path, primary: bool) -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from valle_jax.runtime import use_cpu_xla_flags
+    from valle_jax.runtime import start_training_process
 
-    use_cpu_xla_flags(_CONFIG.value.model.arch)  # before JAX's backend starts (see valle_jax/runtime.py)
+    start_training_process(_CONFIG.value.model.arch, _CPU_ASYNC.value)  # before JAX's backend starts
     import jax
-
-    # read when the CPU client is made, so also before the backend starts (see docs/training.md, CPU notes)
-    jax.config.update("jax_cpu_enable_async_dispatch", _CPU_ASYNC.value)
 
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
