@@ -33,7 +33,7 @@ setup(
     description="VALL-E neural-codec language model for zero-shot TTS in JAX/Flax",
     python_requires=">=3.11",
     packages=find_packages(include=["valle_jax", "valle_jax.*", "configs", "tools", "tools.*"]),
-    package_data={"valle_jax": ["data/*.json"]},
+    package_data={"valle_jax": ["data/*.json"], "valle_jax.kernels": ["*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"]},
 )

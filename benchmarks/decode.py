@@ -3,14 +3,16 @@ and the same model without the KV cache (full recomputation every step, as the r
 
     python benchmarks/decode.py [--sizes tiny,quarter,half] [--arch llama|transformer|retnet]
         [--dtype float32|bfloat16] [--batches 1,8,32] [--prompt-seconds 3] [--audio-seconds 5]
-        [--memory-seconds 10,30] [--no-tcmalloc] [--reference]
+        [--memory-seconds 10,30] [--no-tcmalloc] [--reference] [--xla-dot | --compare-xla-dot]
 
 The model is randomly initialised, with its stop logit banned, so every row runs exactly
 audio_seconds * 75 AR steps (sampling at temperature 1 with the default filters, all inside the
 loop). The uncached baseline runs 8 steps over the same padded length and is reported per step.
-The weight-streaming bound is parameter bytes / memory bandwidth, both measured in the same
-process (bandwidth: a matrix-vector product over a 512 MB matrix); at batch 1 each AR step must read every
-weight once. Memory at --memory-seconds of generated audio (batch 1): the bytes of the decoding
+On the CPU the AR steps' matmuls run valle_jax.kernels (--xla-dot: XLA's dot instead;
+--compare-xla-dot: both, per batch, in the same process). The weight-streaming bound is the bytes a step
+must read (every layer matrix, in the dtype the step reads it, and the classifier; an embedding is one
+gathered row) / memory bandwidth, both measured in the same process (bandwidth: a matrix-vector
+product over a 512 MB matrix). Memory at --memory-seconds of generated audio (batch 1): the bytes of the decoding
 state the AR carries (a KV cache grows with the length; retnet's recurrent state does not) and XLA's
 account of the compiled AR (arguments + outputs + temporaries). Each size runs in a fresh process
 (TCMalloc preloaded when installed).
@@ -66,10 +68,13 @@ def child(args) -> dict:
     d, h, n = SIZES[args.size]
     cfg = ModelConfig(arch=args.arch, d_model=d, n_heads=h, n_layers=n, dtype=args.dtype)
     model = init_model(cfg, 0)
-    dec = Decoder(model)
     # a random model may still sample the stop token: ban it, so every row runs the full length
-    dec.params["classifier_bias"] = dec.params["classifier_bias"].at[cfg.stop_token].set(-1e9)
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(dec.params))
+    model.classifier_bias[...] = model.classifier_bias[...].at[cfg.stop_token].set(-1e9)
+    dec = Decoder(model, cpu_kernels=not args.xla_dot)
+    xla_dec = Decoder(model, cpu_kernels=False) if args.compare_xla_dot else None
+    # what a step streams: every layer matrix and the classifier (an embedding is one gathered row)
+    layers = dec.step_layers if dec.step_layers is not None else model.backbone.unstack()
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(layers)) + model.classifier[...].nbytes
     steps = int(round(75 * args.audio_seconds))
     settings = Settings(max_ar_steps=steps, ar_temp=1.0, nar_temp=1.0, seed=0)
     rng = np.random.default_rng(0)
@@ -88,6 +93,10 @@ def child(args) -> dict:
         assert int(np.min(ar.length)) == steps, np.asarray(ar.length)
         out["batches"][b] = {"ar_s": run, "ar_steps_per_s": steps / run, "ar_tokens_per_s": b * steps / run,
                              "ar_compile_s": first - run}
+        if xla_dec is not None:  # the same AR with XLA's dot for every matmul, in the same process
+            timed(lambda: xla_dec.ar(inputs, settings).tokens)
+            _, xla_run = timed(lambda: xla_dec.ar(inputs, settings).tokens)
+            out["batches"][b]["xla_dot_tokens_per_s"] = b * steps / xla_run
         if b == 1:
             _, nar_first = timed(lambda: dec.nar(inputs, dec.ar(inputs, settings), settings))
             ar = dec.ar(inputs, settings)
@@ -135,7 +144,9 @@ def spawn(args, size: str) -> dict:
     return run_child(__file__, ["--size", size, "--arch", args.arch, "--dtype", args.dtype, "--batches",
                                 ",".join(map(str, args.batches)), "--prompt-seconds", str(args.prompt_seconds),
                                 "--audio-seconds", str(args.audio_seconds), "--memory-seconds",
-                                ",".join(map(str, args.memory_seconds))], size, tcmalloc=not args.no_tcmalloc)
+                                ",".join(map(str, args.memory_seconds))]
+                     + ["--xla-dot"] * args.xla_dot + ["--compare-xla-dot"] * args.compare_xla_dot,
+                     size, tcmalloc=not args.no_tcmalloc)
 
 
 def main() -> None:
@@ -149,6 +160,9 @@ def main() -> None:
     p.add_argument("--audio-seconds", type=float, default=5.0)
     p.add_argument("--memory-seconds", default="10,30", type=lambda s: [float(x) for x in s.split(",") if x])
     p.add_argument("--no-tcmalloc", action="store_true")
+    p.add_argument("--xla-dot", action="store_true", help="XLA's dot for the AR steps too (no CPU kernels)")
+    p.add_argument("--compare-xla-dot", action="store_true",
+                   help="also time each batch's AR with XLA's dot instead of the CPU kernels, in the same process")
     p.add_argument("--reference", action="store_true",
                    help="also time the PyTorch reference's decoding (llama; needs transformers, see reference_decode.py)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -161,7 +175,9 @@ def main() -> None:
     for size in args.sizes.split(","):
         r = spawn(args, size)
         per_batch = "  ".join(f"b{b}: {v['ar_tokens_per_s']:.0f} tok/s ({v['ar_steps_per_s']:.1f} steps/s, "
-                              f"compile {v['ar_compile_s']:.1f}s)" for b, v in r["batches"].items())
+                              f"compile {v['ar_compile_s']:.1f}s"
+                              + (f"; XLA dot {v['xla_dot_tokens_per_s']:.0f} tok/s" if "xla_dot_tokens_per_s" in v else "")
+                              + ")" for b, v in r["batches"].items())
         print(f"{size} {args.arch} {args.dtype} ({r['params_M']:.1f}M params): AR {per_batch}")
         if "nar_s" in r:
             print(f"  batch 1: AR {r['ar_step_ms']:.2f} ms/step vs weight-streaming bound "

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from valle_jax import kernels
 from valle_jax import sampling as S
 from valle_jax.models.valle import VALLE, prefix_len
 
@@ -311,12 +312,19 @@ def prefix_slots(inputs: Inputs) -> int:
     return inputs.text.shape[1] + inputs.prompt.shape[1] + 4
 
 
+def cache_dtype(dtype: str):
+    """The KV cache's dtype: the compute dtype, except float32 on the CPU, where XLA has no batched
+    bfloat16 dot and a bfloat16 cache was converted whole at every step (half preset, batch 1:
+    ~7 of ~17 ms per step)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
 def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: list[dict] | None = None):
     """The prefix through the model, into a new cache of `capacity` slots (None: no cache):
     (logits for response frame 0 [B, V], cache, prefix length [B], prefix inputs x, valid)."""
     x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
     b, sp = valid.shape
-    cache = None if capacity is None else model.init_cache(b, capacity, jnp.dtype(model.cfg.dtype))
+    cache = None if capacity is None else model.init_cache(b, capacity, cache_dtype(model.cfg.dtype))
     level = jnp.zeros((b,), jnp.int32)
     logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache, layers=layers)
     if cache is not None:
@@ -365,7 +373,10 @@ def _reorderer(model: VALLE):
 
 
 def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int, chunk: int, mode: str,
-        width: int, sign_aware: bool, ras_window: int, cached: bool, keep_logits: bool):
+        width: int, sign_aware: bool, ras_window: int, cached: bool, keep_logits: bool,
+        step_layers: list[dict] | None = None):
+    """`step_layers`: the backbone's layers as `backbone.step_layers()` gives them (CPU kernels), or
+    None to slice them from `params`."""
     model = nnx.merge(graph, params)
     stop = model.cfg.stop_token
     sp = prefix_slots(inputs)
@@ -374,7 +385,7 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
         state = (jnp.full((valid.shape[0], n_slots), stop, jnp.int32), plen)
         return ar_loop(first, _uncached_step(model, x, valid, n_slots), state, knobs, key, n_slots=n_slots, stop=stop,
                        mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window, keep_logits=keep_logits)
-    layers = model.backbone.unstack()  # sliced once, outside the loop
+    layers = step_layers if step_layers is not None else model.backbone.unstack()  # sliced once, outside the loop
     first, cache, plen, _, _ = _prefill(model, inputs, sp + n_slots, layers)
     if mode == "beam":
         rows = jnp.repeat(jnp.arange(first.shape[0]), width)
@@ -435,21 +446,56 @@ class Output(NamedTuple):
     stopped: np.ndarray  # bool [B]: the AR produced a stop token (False: it ran to max_ar_steps)
 
 
+def _computing_in(model: VALLE, dtype: str) -> VALLE:
+    """A VALLE sharing `model`'s arrays whose layers compute in `dtype`."""
+    graph, state = nnx.split(model)
+    twin = nnx.merge(graph, state)
+    twin.cfg = twin.backbone.cfg = dataclasses.replace(model.cfg, dtype=dtype)
+    return twin
+
+
 class Decoder:
     """Jitted decoding for one model: compiled once per (batch, text, prompt, step) bucket and mode.
-    With `dtype="bfloat16"` the weights are stored in bfloat16 (half the bytes to stream per step)."""
 
-    def __init__(self, model: VALLE, chunk: int = 8):
+    On the CPU (when valle_jax.kernels can be built here), the AR steps' matmuls run the
+    `rows_linear` kernel over `step_layers`: the layer weights transposed, in the model's dtype.
+    There `dtype="bfloat16"` means bfloat16 weights for the AR steps (half the bytes to stream per
+    step) while everything else computes in float32 (XLA's CPU dot is ~10x slower in bfloat16 than
+    in float32). Elsewhere (or with `cpu_kernels=False`), `dtype="bfloat16"` stores the matrices and
+    tables in bfloat16 and computes in it. `step_layers` are made on first use and again whenever
+    `params` is replaced."""
+
+    def __init__(self, model: VALLE, chunk: int = 8, cpu_kernels: bool = True):
         self.cfg = model.cfg
         self.chunk = chunk
         self.has_window = model.backbone.has_window
+        self.cpu_kernels = cpu_kernels and jax.default_backend() == "cpu" and kernels.available()
+        if self.cpu_kernels and self.cfg.dtype != "float32":
+            model = _computing_in(model, "float32")
         self.graph, params = nnx.split(model)
-        if self.cfg.dtype == "bfloat16":  # matrices and tables; norms and biases stay float32
+        if self.cfg.dtype == "bfloat16" and not self.cpu_kernels:  # matrices and tables; norms and biases stay float32
             params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
         self.params = params
         self._ar = jax.jit(functools.partial(_ar, self.graph), static_argnames=(
             "n_slots", "chunk", "mode", "width", "sign_aware", "ras_window", "cached", "keep_logits"))
         self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware",))
+        step_dtype = jnp.dtype(self.cfg.dtype)
+        self._pack = jax.jit(lambda params: nnx.merge(self.graph, params).backbone.step_layers(step_dtype))
+
+    @property
+    def params(self):
+        return self._params
+
+    @params.setter
+    def params(self, params):
+        self._params, self._step_layers = params, None
+
+    @property
+    def step_layers(self) -> list[dict] | None:
+        """The layer weights the AR steps read (None: XLA's dot over `params`, off the CPU)."""
+        if self._step_layers is None and self.cpu_kernels:
+            self._step_layers = self._pack(self._params)
+        return self._step_layers
 
     def n_slots(self, max_steps: int) -> int:
         return -(-bucket(max_steps, STEP_BUCKETS) // self.chunk) * self.chunk
@@ -472,7 +518,8 @@ class Decoder:
         ArResult` (for `jax.eval_shape` or `.lower()` too)."""
         return functools.partial(self._ar, n_slots=n_slots, chunk=self.chunk, mode=settings.mode,
                                  width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,
-                                 ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits)
+                                 ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits,
+                                 step_layers=self.step_layers if cached else None)
 
     def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
         """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""

@@ -164,8 +164,17 @@ class Backbone(nnx.Module):
         stacked = self.stacked()
         return [{k: a[i] for k, a in stacked.items()} for i in range(self.cfg.n_layers)]
 
+    STEP_MATMULS: dict[str, int] = {}  # the layer's matmul weights: name -> how many leading axes are contracted
+
+    def step_layers(self, dtype=jnp.float32) -> list[dict]:
+        """`unstack()` with the matmul weights as layers.StepWeight in `dtype` (decoding steps on the CPU)."""
+        return [{k: L.StepWeight.of(a.astype(dtype), self.STEP_MATMULS[k]) if k in self.STEP_MATMULS else a
+                 for k, a in p.items()} for p in self.unstack()]
+
 
 class TransformerBackbone(Backbone):
+    STEP_MATMULS = {"qkv": 1, "out": 2, "ffn_in": 1, "ffn_out": 1}
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg)
         n, d, h, dh, f = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.ffn_mult * cfg.d_model
@@ -198,6 +207,8 @@ class TransformerBackbone(Backbone):
 
 
 class LlamaBackbone(Backbone):
+    STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg)
         n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -244,6 +255,8 @@ class RetNetBackbone(Backbone):
     depend on how many positions it has absorbed. Teacher forcing uses the parallel form, or the
     chunkwise form when `model.retention_chunk` > 0 (also for prefills and NAR passes longer than a
     chunk); decoding steps are the recurrent form. All three give the same numbers."""
+
+    STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "g": 1, "o": 2, "fc1": 1, "fc2": 1, "gate": 1}
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg)

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from valle_jax.models.layers import after_gradient, dropout, matmul
+from valle_jax.models.layers import StepWeight, after_gradient, dropout, matmul
 
 Array = jax.Array
 
@@ -30,7 +30,11 @@ def feed_forward(h_BSD: Array, w_a: Array, bias_a: Array | None, w_b: Array | No
     """The block's output before any output bias, float32 [B, S, D_out]; matmul operands in
     `dtype` with float32 accumulation; dropout at `rate` on the product when `key` is given."""
     b, s, d = h_BSD.shape
-    out_ND = _ffn(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), float(rate) if key is not None else 0.0, key)
+    rate = float(rate) if key is not None else 0.0
+    if isinstance(w_out, StepWeight):  # decoding: nothing to differentiate
+        out_ND = _ffn_fwd(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), rate, key)[0]
+    else:
+        out_ND = _ffn(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), rate, key)
     return out_ND.reshape(b, s, -1)
 
 

@@ -95,9 +95,54 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
     return jnp.where(keep_mask(key, x.shape, 1.0 - rate), x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-def matmul(spec: str, x: Array, y: Array, dtype) -> Array:
-    """einsum with `dtype` operands (float32 or bfloat16 compute) and float32 accumulation."""
+def matmul(spec: str, x: Array, y, dtype) -> Array:
+    """einsum with `dtype` operands (float32 or bfloat16 compute) and float32 accumulation; `y` may
+    be a StepWeight (decoding on the CPU)."""
+    if isinstance(y, StepWeight):
+        return y.apply(spec, x, dtype)
     return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@jax.tree_util.register_pytree_node_class
+class StepWeight:
+    """A weight `w` [*contracted, *out] laid out for decoding steps on the CPU: stored as
+    w_NK [N, K] (K = the contracted axes flattened, N = the output axes flattened), each output's
+    weights one contiguous row, the layout valle_jax.kernels.rows_linear streams. Products with few
+    rows (a decoding step: one per batch row) run that kernel; others (a prefill) run XLA's dot on
+    the same array, so a decoding loop needs only this copy of the weights."""
+
+    def __init__(self, w_NK: Array, contracted: int, out_shape: tuple[int, ...]):
+        self.w_NK, self.contracted, self.out_shape = w_NK, contracted, tuple(out_shape)
+
+    @classmethod
+    def of(cls, w: Array, contracted: int) -> "StepWeight":
+        k = math.prod(w.shape[:contracted])
+        return cls(w.reshape(k, -1).T, contracted, w.shape[contracted:])
+
+    def tree_flatten(self):
+        return (self.w_NK,), (self.contracted, self.out_shape)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    def apply(self, spec: str, x: Array, dtype) -> Array:
+        """What `matmul(spec, x, w, dtype)` computes, for a spec that contracts x's trailing axes
+        with w's leading ones and keeps the rest in order ("bshk,hkd->bsd")."""
+        from valle_jax import kernels  # not at import time: the model does not need it
+
+        lhs, rhs = spec.split("->")[0].split(",")
+        c = self.contracted
+        if lhs[-c:] != rhs[:c] or len(rhs) != c + len(self.out_shape):
+            raise ValueError(f"StepWeight contracting {c} axes cannot compute {spec!r}")
+        lead = x.shape[: x.ndim - c]
+        x_MK = x.reshape(-1, self.w_NK.shape[1])
+        if x_MK.shape[0] <= kernels.MAX_ROWS and kernels.available():
+            y_MN = kernels.rows_linear(x_MK, self.w_NK)
+        else:
+            y_MN = jnp.einsum("mk,nk->mn", x_MK.astype(dtype), self.w_NK.astype(dtype),
+                              preferred_element_type=jnp.float32)
+        return y_MN.reshape(*lead, *self.out_shape)
 
 
 def after_gradient(x: Array, g: Array) -> Array:

@@ -1,0 +1,146 @@
+"""The CPU decoding kernels (valle_jax/kernels): rows_linear against float64 products, decoding with
+them against decoding with XLA's dot, bfloat16 step weights, and the fallbacks."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from valle_jax import decoding as D
+from valle_jax import kernels
+from valle_jax.config import ModelConfig
+from valle_jax.models import init_model
+from valle_jax.models.layers import StepWeight
+
+needs_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.available(),
+                                   reason=f"CPU kernels unavailable here: {kernels._load()}")
+GREEDY = D.Settings(max_ar_steps=16, ar_temp=0.0, nar_temp=0.0)
+
+
+def as_float64(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,k,n", [(1, 512, 1536), (2, 24, 30), (3, 64, 101), (4, 37, 9), (6, 200, 48), (8, 200, 48),
+                                   (13, 16, 50), (32, 72, 97)])
+def test_rows_linear_matches_a_float64_product(dtype, m, k, n):
+    """Every row count (tile heights 4, 3, 2, 1), widths that leave partial tiles and chunks, and
+    contracted sizes that are not a multiple of the 8-wide registers."""
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((n, k)).astype(np.float32), dtype)
+    got = np.asarray(jax.jit(kernels.rows_linear)(jnp.asarray(x), w))
+    want = x.astype(np.float64) @ as_float64(w).T  # w as stored (bf16: rounded)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@needs_kernels
+def test_rows_linear_rejects_mismatched_operands():
+    with pytest.raises(ValueError, match="contracted size"):
+        kernels.rows_linear(jnp.ones((2, 8)), jnp.ones((4, 9)))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.rows_linear(jnp.ones((2, 8)), jnp.ones((4, 8), jnp.float16))
+
+
+def test_step_weight_computes_the_einsum_it_replaces():
+    """Through the kernel (few rows) and through XLA's dot (many rows, a prefill), for a weight whose
+    contraction spans two axes; a spec it cannot compute is refused."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((4, 6, 10)), jnp.float32)  # [heads, head_dim, out]
+    sw = StepWeight.of(w, 2)
+    for rows in (1, 50):
+        x = jnp.asarray(rng.standard_normal((rows, 1, 4, 6)), jnp.float32)
+        want = jnp.einsum("bshk,hkd->bsd", x, w, precision="highest")
+        np.testing.assert_allclose(sw.apply("bshk,hkd->bsd", x, jnp.float32), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot compute"):
+        sw.apply("bsd,dhk->bshk", jnp.ones((1, 1, 4)), jnp.float32)
+
+
+def logits_and_tokens(dec, inputs):
+    ar = dec.ar(inputs, GREEDY, keep_logits=True)
+    return np.asarray(ar.tokens), np.asarray(ar.logits)[:, : GREEDY.max_ar_steps]
+
+
+def inputs_of(seed, sizes=((12, 40), (7, 25))):
+    rng = np.random.default_rng(seed)
+    return D.make_inputs([list(rng.integers(1, 200, t)) for t, _ in sizes],
+                         [rng.integers(0, 1024, (p, 8)) for _, p in sizes], [0] * len(sizes), 8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["transformer", "llama", "retnet"])
+def test_kernel_steps_equal_xla_steps(arch):
+    """The AR over step_layers (kernel) gives XLA's greedy tokens and logits, for every backbone and
+    a batch of different lengths (the NAR does not use the kernels)."""
+    cfg = ModelConfig(arch=arch, d_model=48, n_heads=4, n_layers=2, n_kv_heads=2 if arch == "llama" else 0)
+    model = init_model(cfg, 3)
+    with_kernels, without = D.Decoder(model), D.Decoder(model, cpu_kernels=False)
+    assert with_kernels.step_layers is not None and without.step_layers is None
+    inputs = inputs_of(3)
+    (tk, lk), (tx, lx) = logits_and_tokens(with_kernels, inputs), logits_and_tokens(without, inputs)
+    np.testing.assert_array_equal(tk, tx)
+    np.testing.assert_allclose(lk, lx, atol=1e-5)
+
+
+@needs_kernels
+def test_bfloat16_step_weights_compute_in_float32():
+    """dtype=bfloat16 on the CPU: the AR's matmul weights are bfloat16 (half the bytes), activations
+    stay float32. So it decodes as a float32 model whose layer weights were rounded to bfloat16."""
+    cfg = ModelConfig(arch="llama", d_model=48, n_heads=4, n_layers=2)
+    model = init_model(dataclasses.replace(cfg, dtype="bfloat16"), 4)
+    dec = D.Decoder(model)
+    assert all(p["q"].w_NK.dtype == jnp.bfloat16 for p in dec.step_layers)
+    assert dec.params["backbone"]["q"][...].dtype == jnp.float32  # the NAR's weights: not rounded
+    rounded = init_model(cfg, 4)
+    for name in type(rounded.backbone).STEP_MATMULS:
+        if hasattr(rounded.backbone, name):
+            p = getattr(rounded.backbone, name)
+            p[...] = p[...].astype(jnp.bfloat16).astype(jnp.float32)
+    inputs = inputs_of(5)
+    (tk, lk), (tx, lx) = logits_and_tokens(dec, inputs), logits_and_tokens(D.Decoder(rounded, cpu_kernels=False), inputs)
+    np.testing.assert_array_equal(tk, tx)
+    np.testing.assert_allclose(lk, lx, atol=1e-5)
+
+
+@needs_kernels
+def test_step_layers_follow_replaced_params():
+    """Training replaces a decoder's params to sample from new weights: the steps must read those."""
+    cfg = ModelConfig(arch="llama", d_model=48, n_heads=4, n_layers=2)
+    dec, other = D.Decoder(init_model(cfg, 6)), init_model(cfg, 7)
+    inputs = inputs_of(6)
+    before = logits_and_tokens(dec, inputs)[1]
+    dec.params = nnx.split(other)[1]
+    np.testing.assert_array_equal(dec.step_layers[1]["down"].w_NK, other.backbone.down[...][1].T)
+    assert not np.allclose(before, logits_and_tokens(dec, inputs)[1])
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path):
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\necho 'error: no compiler here' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    out = tmp_path / "lib" / "k.so"
+    with pytest.raises(kernels.KernelUnavailable, match="no compiler here"):
+        kernels.build(str(fake), out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_turned_off_kernels_fall_back_to_xla(tmp_path):
+    """VALLE_JAX_CPU_KERNELS=0: unavailable with the reason logged, and a decoder uses XLA's dot."""
+    code = ("import logging; logging.basicConfig()\n"
+            "from valle_jax import kernels, decoding as D\n"
+            "from valle_jax.config import ModelConfig\nfrom valle_jax.models import init_model\n"
+            "assert not kernels.available()\n"
+            "d = D.Decoder(init_model(ModelConfig(arch='llama', d_model=48, n_heads=4, n_layers=2), 0))\n"
+            "assert d.step_layers is None\n")
+    env = dict(os.environ, VALLE_JAX_CPU_KERNELS="0", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kernels unavailable, using XLA's dot instead: VALLE_JAX_CPU_KERNELS=0" in done.stderr

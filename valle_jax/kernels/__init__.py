@@ -1,0 +1,138 @@
+"""Hand-written CPU kernels for decoding steps, compiled on first use and called through XLA's FFI.
+
+`rows_linear(x_MK, w_NK)` is x @ w.T for the few rows of a decoding step, with float32 or bfloat16
+weights (cpu_kernels.cc says why XLA's own dot is not used there). The library is built from
+cpu_kernels.cc with the system's C++ compiler ($CXX, else c++/g++/clang++) the first time a process
+asks for it, into $VALLE_JAX_KERNEL_CACHE (default ~/.cache/valle_jax/kernels), named by a hash of
+the source, the compiler flags and the jaxlib version, so later processes load it directly. Where it
+cannot be used (not an x86-64 CPU with AVX2 and FMA, no compiler, a failed build, or
+VALLE_JAX_CPU_KERNELS=0), `available()` is False, the reason is logged once, and callers use XLA.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+TARGET = "valle_rows_linear"
+MAX_ROWS = 32  # rows up to which rows_linear beats XLA's dot (benchmarks/decode.py; docs/synthesis.md)
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("VALLE_JAX_KERNEL_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "valle_jax" / "kernels"
+
+
+def cpu_supported() -> str | None:
+    """None when this CPU can run the kernels, else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernels are written for x86-64 with AVX2, not {platform.machine()}"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "cannot read /proc/cpuinfo to check for AVX2 and FMA"
+    missing = [f for f in ("avx2", "fma") if f not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library_path() -> Path:
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(FLAGS).encode())
+    key.update(importlib.metadata.version("jaxlib").encode())
+    return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+
+
+def build(cxx: str, out: Path) -> None:
+    """Compiles the library to `out`, through a temporary file renamed into place (processes that
+    build at the same time each rename a complete library)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds (if needed), loads and registers the library: None on success, else the reason."""
+    if os.environ.get("VALLE_JAX_CPU_KERNELS", "1") == "0":
+        return "VALLE_JAX_CPU_KERNELS=0"
+    reason = cpu_supported()
+    if reason:
+        return reason
+    path = library_path()
+    try:
+        if not path.exists():
+            cxx = compiler()
+            if cxx is None:
+                return "no C++ compiler found (set CXX, or install g++)"
+            build(cxx, path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ValleRowsLinear), platform="cpu")
+    except (KernelUnavailable, OSError, AttributeError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """Whether decoding steps on the CPU can use the kernels (builds them on the first call)."""
+    reason = _load()
+    if reason is not None:
+        _log_once(reason)
+    return reason is None
+
+
+@functools.cache
+def _log_once(reason: str) -> None:
+    log.warning("valle_jax CPU decoding kernels unavailable, using XLA's dot instead: %s", reason)
+
+
+def rows_linear(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
+    """float32 [M, N] = x @ w.T, on the CPU: x float32 [M, K], w float32 or bfloat16 [N, K]."""
+    if not available():
+        raise KernelUnavailable(_load())
+    m, k = x_MK.shape
+    n, k_w = w_NK.shape
+    if k != k_w:
+        raise ValueError(f"rows_linear: x {x_MK.shape} and w {w_NK.shape} differ in the contracted size")
+    if w_NK.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_NK.dtype}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(x_MK.astype(jnp.float32), w_NK)
