@@ -144,3 +144,26 @@ def test_turned_off_kernels_fall_back_to_xla(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "kernels unavailable, using XLA's dot instead: VALLE_JAX_CPU_KERNELS=0" in done.stderr
+
+
+@needs_kernels
+@pytest.mark.parametrize("s,r", [(1, 1), (1, 2), (2, 2)])
+def test_cache_attention_equals_xla_over_the_filled_slots(s, r):
+    """Queries per kv head (grouped-query r), one or two new positions, slots from `live` on
+    holding garbage that must not be read, a masked gap inside the filled part (padding, a rolling
+    window), and a batch row with nothing visible (XLA: uniform over every slot)."""
+    from valle_jax.models import layers as L
+
+    rng = np.random.default_rng(s * 10 + r)
+    b, g, dh, c, live = 3, 2, 24, 40, 29
+    q = jnp.asarray(rng.standard_normal((b, s, g * r, dh)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b * g, c, dh)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b * g, dh, c)), jnp.float32)
+    mask = rng.random((b, 1, s, c)) < 0.7
+    mask[..., live:] = False
+    mask[2] = False
+    garbage_k, garbage_v = k.at[:, live:].set(1e30), v.at[:, :, live:].set(jnp.nan)
+    want = L.attend_cache(q, k, v, jnp.asarray(mask))
+    got = jax.jit(L.attend_cache)(q, garbage_k, garbage_v, jnp.asarray(mask), jnp.int32(live))
+    np.testing.assert_allclose(np.asarray(got)[:2], np.asarray(want)[:2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(L.attend_cache(q, k, v, jnp.asarray(mask), jnp.int32(live))[2], want[2], atol=1e-6)

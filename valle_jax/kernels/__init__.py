@@ -1,7 +1,8 @@
 """Hand-written CPU kernels for decoding steps, compiled on first use and called through XLA's FFI.
 
 `rows_linear(x_MK, w_NK)` is x @ w.T for the few rows of a decoding step, with float32 or bfloat16
-weights (cpu_kernels.cc says why XLA's own dot is not used there). The library is built from
+weights; `cache_attention` is a step's attention over the filled part of its KV cache
+(cpu_kernels.cc says why XLA's own dot and attention are not used there). The library is built from
 cpu_kernels.cc with the system's C++ compiler ($CXX, else c++/g++/clang++) the first time a process
 asks for it, into $VALLE_JAX_KERNEL_CACHE (default ~/.cache/valle_jax/kernels), named by a hash of
 the source, the compiler flags and the jaxlib version, so later processes load it directly. Where it
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
-TARGET = "valle_rows_linear"
+TARGETS = {"valle_rows_linear": "ValleRowsLinear", "valle_cache_attention": "ValleCacheAttention"}
 MAX_ROWS = 32  # rows up to which rows_linear beats XLA's dot (benchmarks/decode.py; docs/synthesis.md)
 
 
@@ -105,7 +106,8 @@ def _load() -> str | None:
                 return "no C++ compiler found (set CXX, or install g++)"
             build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ValleRowsLinear), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as e:
         return str(e)
     return None
@@ -134,5 +136,23 @@ def rows_linear(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
         raise ValueError(f"rows_linear: x {x_MK.shape} and w {w_NK.shape} differ in the contracted size")
     if w_NK.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_NK.dtype}")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call("valle_rows_linear", jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     return call(x_MK.astype(jnp.float32), w_NK)
+
+
+def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array,
+                    live: jax.Array) -> jax.Array:
+    """float32 [N, Q, D]: softmax(q k^T / sqrt(D)) v per unit n (batch row n // (N / B), one kv head),
+    over cache slots [0, live) that the mask allows; query q of a unit uses mask row q // (Q / S).
+    Slots from `live` on must be masked: they are not read."""
+    if not available():
+        raise KernelUnavailable(_load())
+    n, q, d = q_NQD.shape
+    b, s, c = mask_BSC.shape
+    if k_NCD.shape != (n, c, d) or v_NDC.shape != (n, d, c) or n % b or q % s:
+        raise ValueError(f"cache_attention: q {q_NQD.shape}, k {k_NCD.shape}, v {v_NDC.shape} and mask "
+                         f"{mask_BSC.shape} disagree")
+    call = jax.ffi.ffi_call("valle_cache_attention", jax.ShapeDtypeStruct((n, q, d), jnp.float32),
+                            vmap_method="sequential")
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    return call(f32(q_NQD), f32(k_NCD), f32(v_NDC), mask_BSC.astype(bool), jnp.asarray(live, jnp.int32))

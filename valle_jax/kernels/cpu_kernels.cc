@@ -15,10 +15,17 @@
 // intra-op thread pool in chunks taken from an atomic counter, so a helper that starts late, or
 // never, only means the caller does more of the chunks itself.
 //
+// CacheAttention: softmax attention of a decoding step's queries over a KV cache, reading only the
+// slots written so far. XLA's attention over the cache reads every slot of the preallocated buffer
+// at every step (its shapes are static), so a step early in an utterance read as much cache as the
+// last one; here the loop stops at `live` (the cache's fill). Scores and probabilities stay in a
+// per-thread buffer; masked slots get probability exactly 0, as with XLA's -max_float fill.
+//
 // Requires AVX2 and FMA (the Python side checks the CPU before loading this library).
 #include <immintrin.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -110,6 +117,79 @@ void columns(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t
   }
 }
 
+// exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n * p(r), n = round(x / ln 2),
+// r = x - n ln 2 in two parts, p a degree-6 polynomial (relative error ~1e-7); x < -87 gives ~0.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// One (batch row, kv head) unit: Q queries [Q, D] over keys [C, D] and values [D, C] (C = the
+// cache's slots, `live` of them read), the mask rows [S, C] of its batch row (query q uses row
+// q / (Q / S)); out [Q, D]. `buf` holds `live` floats.
+void attend_unit(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t Q, int64_t S,
+                 int64_t C, int64_t D, int64_t live, float scale, float* buf) {
+  const int64_t per_row = Q / S;
+  for (int64_t qi = 0; qi < Q; ++qi) {
+    const bool* m = mask + (qi / per_row) * C;
+    const float* qv = q + qi * D;
+    float top = -INFINITY;
+    for (int64_t c = 0; c < live; ++c) {
+      buf[c] = m[c] ? dot(qv, k + c * D, D) * scale : -INFINITY;
+      top = buf[c] > top ? buf[c] : top;
+    }
+    float* o = out + qi * D;
+    if (top == -INFINITY) {  // nothing visible: XLA's softmax over equal fills is uniform over every slot
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+      const float share = 1.0f / float(C);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t d = 0; d < D; ++d) o[d] += share * v[d * C + c];
+      continue;
+    }
+    const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= live; c += 8) {
+      __m256 sc = _mm256_loadu_ps(buf + c);
+      __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(sc, ninf, _CMP_EQ_OQ), exp_nonpositive(_mm256_sub_ps(sc, vtop)));
+      _mm256_storeu_ps(buf + c, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; c < live; ++c) {
+      buf[c] = buf[c] == -INFINITY ? 0.0f : std::exp(buf[c] - top);
+      sum += buf[c];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < D; ++d) o[d] = dot(buf, v + d * C, live) * inv;
+  }
+}
+
 struct Progress {
   std::atomic<int64_t> next{0};  // the next chunk to take
   std::atomic<int64_t> done{0};  // chunks finished
@@ -156,7 +236,51 @@ ffi::Error RowsLinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
   return ffi::Error::Success();
 }
 
+ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf,
+                              ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || live_buf.element_count() != 1)
+    return ffi::Error::InvalidArgument("CacheAttention: q [N, Q, D], k [N, C, D], v [N, D, C], mask [B, S, C], live []");
+  const int64_t N = qd[0], Q = qd[1], D = qd[2], C = kd[1], B = md[0], S = md[1];
+  if (kd[0] != N || kd[2] != D || vd[0] != N || vd[1] != D || vd[2] != C || md[2] != C || B == 0 || N % B ||
+      S == 0 || Q % S)
+    return ffi::Error::InvalidArgument("CacheAttention: operand shapes disagree");
+  int64_t live = live_buf.typed_data()[0];
+  live = live < 0 ? 0 : live > C ? C : live;
+  const float scale = 1.0f / std::sqrt(float(D));
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  const int64_t G = N / B;
+  auto progress = std::make_shared<Progress>();
+  auto work = [=]() {
+    std::unique_ptr<float[]> buf(new float[live > 0 ? live : 1]);
+    for (int64_t n; (n = progress->next.fetch_add(1, std::memory_order_relaxed)) < N;) {
+      attend_unit(qp + n * Q * D, kp + n * C * D, vp + n * D * C, mp + (n / G) * S * C, op + n * Q * D, Q, S, C, D,
+                  live, scale, buf.get());
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = pool.num_threads();
+  if (helpers > N - 1) helpers = N - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (progress->done.load(std::memory_order_acquire) < N) _mm_pause();
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleCacheAttention, CacheAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleRowsLinear, RowsLinearImpl,
                               ffi::Ffi::Bind()

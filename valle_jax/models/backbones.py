@@ -47,6 +47,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
             "index": jnp.zeros((), jnp.int32)}
 
 
+STEP_POSITIONS = 4  # new positions up to which a cached call counts as a decoding step (not a prefill)
+
+
+def is_step_layers(layers: list[dict]) -> bool:
+    """Whether `layers` came from `Backbone.step_layers` (decoding on the CPU kernels)."""
+    return any(isinstance(a, L.StepWeight) for a in layers[0].values())
+
+
 def _mm(x: Array, w: Array, spec: str, dtype) -> Array:
     return L.matmul(spec, x, w, dtype)
 
@@ -116,10 +124,12 @@ class Backbone(nnx.Module):
         mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
         ks, vs = list(cache["k"]), list(cache["v"])
         features = self.position_features(positions_BS)
+        # a step over step_layers (CPU kernels): attention reads only the filled slots
+        live = idx + x.shape[1] if x.shape[1] <= STEP_POSITIONS and is_step_layers(layers) else None
         for i, p in enumerate(layers):
             def cached_attend(q, k, v, rate, key, i=i):
                 ks[i], vs[i] = L.update_cache(ks[i], vs[i], k, v, idx)
-                return L.attend_cache(q, ks[i], vs[i], mask)
+                return L.attend_cache(q, ks[i], vs[i], mask, live)
 
             x = self.layer(p, x, features, valid_BS, cached_attend, None if keys is None else keys[i])
         new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": k_pos, "valid": k_valid, "index": idx + x.shape[1]}

@@ -201,19 +201,27 @@ def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropou
     return out.reshape(b, s, h, dh)
 
 
-def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array) -> Array:
+def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, live: Array | None = None) -> Array:
     """`attend` over one layer's cache: keys [B*G, K, Dh], values [B*G, Dh, K] (row b*G + g).
 
     Why this layout: at a decoding step each (row, kv head) is a matrix-vector product, which XLA's
     CPU dot takes with the contracted axis last and one batch axis. With [B, G, Dh, K] / [B, G, K, Dh]
     buffers it transposed every layer's whole cache at every step; with a [B, G, ...] layout in that
     order, batch 1 needed a reshape between the in-place write and the dot, and XLA then fed the two
-    from separate copies of the buffer (half preset, batch 1: ~5 of 17 ms per step went to copies)."""
+    from separate copies of the buffer (half preset, batch 1: ~5 of 17 ms per step went to copies).
+
+    `live` (the slots filled so far; every later slot masked): computed by the CPU kernel, which
+    reads only those slots (valle_jax.kernels.cache_attention)."""
     q_BSHD, ck_NKD, cv_NDK = cpu_safe(q_BSHD, ck_NKD, cv_NDK)
     b, s, h, dh = q_BSHD.shape
     g = ck_NKD.shape[0] // b
     r = h // g
     q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
+    if live is not None:
+        from valle_jax import kernels
+
+        out = kernels.cache_attention(q, ck_NKD, cv_NDK, mask_B1SK[:, 0], live)
+        return out.reshape(b, g, s, r, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh)
     scores = jnp.einsum("nqd,nkd->nqk", q, ck_NKD.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
     scores = scores.reshape(b, g, s, r, -1)
     probs = jax.nn.softmax(jnp.where(mask_B1SK[:, :, :, None], scores, NEG_INF), axis=-1).reshape(b * g, s * r, -1)
