@@ -247,9 +247,11 @@ def test_bad_settings_are_named():
         D.make_inputs([[1, 2]], [np.zeros((10, 4))], [0], 8)
 
 
-def test_bfloat16_decodes_a_batch():
-    """bf16 weights and cache on a batch of several rows (XLA's CPU runtime lacks batched bf16 dots
-    into float32: the attention contractions run in float32 there)."""
-    dec = D.Decoder(init_model(tiny(dtype="bfloat16"), 0))
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_bfloat16_decodes_a_batch(cpu_kernels):
+    """bf16 on a batch of several rows: bf16 step weights under the CPU kernels (tests/test_kernels.py
+    checks their numbers), and bf16 weights and compute through XLA's dot (its CPU runtime lacks
+    batched bf16 dots into float32: the attention contractions run in float32 there)."""
+    dec = D.Decoder(init_model(tiny(dtype="bfloat16"), 0), cpu_kernels=cpu_kernels)
     out = dec.generate(inputs_of(*utterances(10)), dataclasses.replace(GREEDY, max_ar_steps=10))
     assert [c.shape for c in out.codes] == [(10, 8)] * 3

@@ -22,6 +22,12 @@ needs_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels
 GREEDY = D.Settings(max_ar_steps=16, ar_temp=0.0, nar_temp=0.0)
 
 
+@pytest.fixture(autouse=True)
+def kernels_for_every_size(monkeypatch):
+    """The test models' matrices are smaller than the size from which decoding uses rows_linear."""
+    monkeypatch.setattr(kernels, "MIN_WEIGHT_ELEMENTS", 0)
+
+
 def as_float64(a):
     return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 

@@ -212,6 +212,21 @@ struct Progress {
   std::atomic<int64_t> done{0};  // chunks finished
 };
 
+// Below this many multiply-adds a call runs on the calling thread alone: waking a pool thread
+// costs more than it saves (tiny preset: its [128 x 512] products ran slower shared).
+constexpr int64_t kShareAbove = int64_t(1) << 18;
+
+// Runs work() on the calling thread and on up to `helpers` pool threads (each takes units from
+// `progress` until none are left), and returns once all `units` are done.
+template <typename Work>
+void share(ffi::ThreadPool& pool, const std::shared_ptr<Progress>& progress, int64_t units, int64_t helpers,
+           Work work) {
+  if (helpers > units - 1) helpers = units - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (progress->done.load(std::memory_order_acquire) < units) _mm_pause();  // units still in a helper's hands
+}
+
 constexpr int64_t kChunk = 48;  // columns per chunk: a multiple of every tile width (8, 6, 4, 3)
 
 template <typename W>
@@ -226,11 +241,7 @@ void rows_linear(ffi::ThreadPool& pool, const float* x, const W* w, float* y, in
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
-  int64_t helpers = pool.num_threads();
-  if (helpers > chunks - 1) helpers = chunks - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (progress->done.load(std::memory_order_acquire) < chunks) _mm_pause();  // chunks still in a helper's hands
+  share(pool, progress, chunks, M * K * N > kShareAbove ? pool.num_threads() : 0, work);
 }
 
 ffi::Error RowsLinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
@@ -279,11 +290,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
-  int64_t helpers = pool.num_threads();
-  if (helpers > N - 1) helpers = N - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (progress->done.load(std::memory_order_acquire) < N) _mm_pause();
+  share(pool, progress, N, 2 * N * Q * live * D > kShareAbove ? pool.num_threads() : 0, work);
   return ffi::Error::Success();
 }
 

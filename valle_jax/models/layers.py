@@ -137,7 +137,7 @@ class StepWeight:
             raise ValueError(f"StepWeight contracting {c} axes cannot compute {spec!r}")
         lead = x.shape[: x.ndim - c]
         x_MK = x.reshape(-1, self.w_NK.shape[1])
-        if x_MK.shape[0] <= kernels.MAX_ROWS and kernels.available():
+        if x_MK.shape[0] <= kernels.MAX_ROWS and self.w_NK.size >= kernels.MIN_WEIGHT_ELEMENTS and kernels.available():
             y_MN = kernels.rows_linear(x_MK, self.w_NK)
         else:
             y_MN = jnp.einsum("mk,nk->mn", x_MK.astype(dtype), self.w_NK.astype(dtype),
