@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from valle_jax import kernels
+from valle_jax import kernels, runtime
 from valle_jax import sampling as S
 from valle_jax.models.valle import VALLE, prefix_len
 
@@ -478,7 +478,8 @@ class Decoder:
         self.params = params
         self._ar = jax.jit(functools.partial(_ar, self.graph), static_argnames=(
             "n_slots", "chunk", "mode", "width", "sign_aware", "ras_window", "cached", "keep_logits"))
-        self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware",))
+        self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware",),
+                            compiler_options=runtime.large_dot_compiler_options())
         step_dtype = jnp.dtype(self.cfg.dtype)
         self._pack = jax.jit(lambda params: nnx.merge(self.graph, params).backbone.step_layers(step_dtype))
 

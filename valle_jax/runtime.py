@@ -60,6 +60,27 @@ def with_cpu_xla_flags(base: dict | None = None, training_arch: str | None = Non
     return env
 
 
+# One compiled program's override of the process flag: the NAR's products have hundreds of rows,
+# which YNNPACK's dot runs faster than XLA's (half preset, 7 levels, min of 4-5 alternating runs on
+# 2026-11-26: llama 2.69-2.76 vs 3.10-3.34 s, retnet 2.56 vs 2.79 s, transformer 2.48 vs 2.45 s).
+LARGE_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def large_dot_compiler_options() -> dict | None:
+    """`compiler_options` for a jitted CPU program made of large products (None elsewhere: another
+    backend, another jaxlib, or VALLE_JAX_CPU_FLAGS=0)."""
+    import jax
+
+    if os.environ.get("VALLE_JAX_CPU_FLAGS", "1") == "0" or jax.default_backend() != "cpu":
+        return None
+    try:
+        if not importlib.metadata.version("jaxlib").startswith(CPU_XLA_FLAGS_JAXLIB):
+            return None
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return dict(LARGE_DOT_OPTIONS)
+
+
 def use_cpu_xla_flags(training_arch: str | None = None) -> None:
     """Applies `with_cpu_xla_flags` to this process: call before JAX's first computation (XLA reads
     XLA_FLAGS when its backend starts)."""
