@@ -40,18 +40,24 @@ CPU_XLA_FLAGS_JAXLIB = "0.10."  # the releases that know these flags (setup.py p
 YNN_TRAINING_ARCHS = ("transformer", "retnet")  # backbones that train faster with YNNPACK's fusions
 
 
+def cpu_flags_apply(env) -> bool:
+    """Whether our XLA CPU flags may be set: not opted out (VALLE_JAX_CPU_FLAGS=0 in `env`), and the
+    installed jaxlib is the release they were checked with."""
+    if env.get("VALLE_JAX_CPU_FLAGS", "1") == "0":
+        return False
+    try:
+        return importlib.metadata.version("jaxlib").startswith(CPU_XLA_FLAGS_JAXLIB)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def with_cpu_xla_flags(base: dict | None = None, training_arch: str | None = None) -> dict:
     """`base` (default: this process's environment) with CPU_XLA_FLAGS added to XLA_FLAGS, each
     unless XLA_FLAGS already sets it; unchanged for a process that trains a backbone of
     YNN_TRAINING_ARCHS (`training_arch`; None: decoding or anything else), with
     VALLE_JAX_CPU_FLAGS=0, or with another jaxlib."""
     env = dict(os.environ if base is None else base)
-    if env.get("VALLE_JAX_CPU_FLAGS", "1") == "0" or training_arch in YNN_TRAINING_ARCHS:
-        return env
-    try:
-        if not importlib.metadata.version("jaxlib").startswith(CPU_XLA_FLAGS_JAXLIB):
-            return env
-    except importlib.metadata.PackageNotFoundError:
+    if not cpu_flags_apply(env) or training_arch in YNN_TRAINING_ARCHS:
         return env
     flags = env.get("XLA_FLAGS", "")
     extra = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items() if f"--{name}=" not in flags]
@@ -71,12 +77,7 @@ def large_dot_compiler_options() -> dict | None:
     backend, another jaxlib, or VALLE_JAX_CPU_FLAGS=0)."""
     import jax
 
-    if os.environ.get("VALLE_JAX_CPU_FLAGS", "1") == "0" or jax.default_backend() != "cpu":
-        return None
-    try:
-        if not importlib.metadata.version("jaxlib").startswith(CPU_XLA_FLAGS_JAXLIB):
-            return None
-    except importlib.metadata.PackageNotFoundError:
+    if not cpu_flags_apply(os.environ) or jax.default_backend() != "cpu":
         return None
     return dict(LARGE_DOT_OPTIONS)
 

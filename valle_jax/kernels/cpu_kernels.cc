@@ -213,8 +213,8 @@ struct Progress {
 };
 
 // Below this many multiply-adds a call runs on the calling thread alone: waking a pool thread
-// costs more than it saves (tiny preset: its [128 x 512] products ran slower shared).
-constexpr int64_t kShareAbove = int64_t(1) << 18;
+// (microseconds) costs more than it saves.
+constexpr int64_t kShareAbove = int64_t(1) << 15;
 
 // Runs work() on the calling thread and on up to `helpers` pool threads (each takes units from
 // `progress` until none are left), and returns once all `units` are done.
