@@ -62,10 +62,8 @@ def cpu_supported() -> str | None:
 
 
 def compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CXX"), "c++", "g++", "clang++") if name)
+    return next((path for path in found if path), None)
 
 
 def library_path() -> Path:
@@ -129,10 +127,14 @@ def _log_once(reason: str) -> None:
     log.warning("valle_jax CPU decoding kernels unavailable, using XLA's dot instead: %s", reason)
 
 
-def rows_linear(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
-    """float32 [M, N] = x @ w.T, on the CPU: x float32 [M, K], w float32 or bfloat16 [N, K]."""
+def _require() -> None:
     if not available():
         raise KernelUnavailable(_load())
+
+
+def rows_linear(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
+    """float32 [M, N] = x @ w.T, on the CPU: x float32 [M, K], w float32 or bfloat16 [N, K]."""
+    _require()
     m, k = x_MK.shape
     n, k_w = w_NK.shape
     if k != k_w:
@@ -148,8 +150,7 @@ def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_B
     """float32 [N, Q, D]: softmax(q k^T / sqrt(D)) v per unit n (batch row n // (N / B), one kv head),
     over cache slots [0, live) that the mask allows; query q of a unit uses mask row q // (Q / S).
     Slots from `live` on must be masked: they are not read."""
-    if not available():
-        raise KernelUnavailable(_load())
+    _require()
     n, q, d = q_NQD.shape
     b, s, c = mask_BSC.shape
     if k_NCD.shape != (n, c, d) or v_NDC.shape != (n, d, c) or n % b or q % s:
