@@ -1,6 +1,7 @@
 """The CPU decoding kernels (valle_jax/kernels): rows_linear against float64 products, decoding with
 them against decoding with XLA's dot, bfloat16 step weights, and the fallbacks."""
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -28,21 +29,30 @@ def kernels_for_every_size(monkeypatch):
     monkeypatch.setattr(kernels, "MIN_WEIGHT_ELEMENTS", 0)
 
 
+def runs_here(isa):
+    """A test parameter per instruction-set build, skipped where this CPU cannot run it."""
+    return pytest.param(isa, marks=pytest.mark.skipif(isa not in kernels.isas(), reason=f"this CPU has no {isa}"))
+
+
+ISAS = [runs_here(isa) for isa in kernels.ISAS]
+
+
 def as_float64(a):
     return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("m,k,n", [(1, 512, 1536), (2, 24, 30), (3, 64, 101), (4, 37, 9), (6, 200, 48), (8, 200, 48),
                                    (13, 16, 50), (32, 72, 97)])
-def test_rows_linear_matches_a_float64_product(dtype, m, k, n):
-    """Every row count (tile heights 4, 3, 2, 1), widths that leave partial tiles and chunks, and
-    contracted sizes that are not a multiple of the 8-wide registers."""
+def test_rows_linear_matches_a_float64_product(dtype, m, k, n, isa):
+    """Every row count (tile heights 8, 4, 3, 2, 1), widths that leave partial tiles and chunks, and
+    contracted sizes that are not a multiple of the 8- or 16-wide registers, in every build."""
     rng = np.random.default_rng(m * 1000 + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = jnp.asarray(rng.standard_normal((n, k)).astype(np.float32), dtype)
-    got = np.asarray(jax.jit(kernels.rows_linear)(jnp.asarray(x), w))
+    got = np.asarray(jax.jit(functools.partial(kernels.rows_linear, isa=isa))(jnp.asarray(x), w))
     want = x.astype(np.float64) @ as_float64(w).T  # w as stored (bf16: rounded)
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
@@ -98,8 +108,9 @@ def test_kernel_steps_equal_xla_steps(arch):
 
 @needs_kernels
 def test_bfloat16_step_weights_compute_in_float32():
-    """dtype=bfloat16 on the CPU: the AR's matmul weights are bfloat16 (half the bytes), activations
-    stay float32. So it decodes as a float32 model whose layer weights were rounded to bfloat16."""
+    """dtype=bfloat16 on the CPU: the AR's matmul weights and KV cache are bfloat16 (half the bytes),
+    activations stay float32. So it decodes as a float32 model whose layer weights were rounded to
+    bfloat16, with a bfloat16 cache (XLA's attention widens it before reading)."""
     cfg = ModelConfig(arch="llama", d_model=48, n_heads=4, n_layers=2)
     model = init_model(dataclasses.replace(cfg, dtype="bfloat16"), 4)
     dec = D.Decoder(model)
@@ -111,7 +122,9 @@ def test_bfloat16_step_weights_compute_in_float32():
             p = getattr(rounded.backbone, name)
             p[...] = p[...].astype(jnp.bfloat16).astype(jnp.float32)
     inputs = inputs_of(5)
-    (tk, lk), (tx, lx) = logits_and_tokens(dec, inputs), logits_and_tokens(D.Decoder(rounded, cpu_kernels=False), inputs)
+    assert dec.kv_dtype == "bfloat16"
+    xla = D.Decoder(rounded, cpu_kernels=False, kv_dtype="bfloat16")
+    (tk, lk), (tx, lx) = logits_and_tokens(dec, inputs), logits_and_tokens(xla, inputs)
     np.testing.assert_array_equal(tk, tx)
     np.testing.assert_allclose(lk, lx, atol=1e-5)
 
@@ -153,23 +166,43 @@ def test_turned_off_kernels_fall_back_to_xla(tmp_path):
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("s,r", [(1, 1), (1, 2), (2, 2)])
-def test_cache_attention_equals_xla_over_the_filled_slots(s, r):
+def test_cache_attention_equals_xla_over_the_filled_slots(s, r, kv_dtype, isa, monkeypatch):
     """Queries per kv head (grouped-query r), one or two new positions, slots from `live` on
     holding garbage that must not be read, a masked gap inside the filled part (padding, a rolling
-    window), and a batch row with nothing visible (XLA: uniform over every slot)."""
+    window), and a batch row with nothing visible (XLA: uniform over every slot); a bfloat16 cache
+    read as it is, in every build (head size 40: a 16-wide register and a tail)."""
     from valle_jax.models import layers as L
 
+    monkeypatch.setenv("VALLE_JAX_CPU_KERNELS", isa)
     rng = np.random.default_rng(s * 10 + r)
-    b, g, dh, c, live = 3, 2, 24, 40, 29
+    b, g, dh, c, live = 3, 2, 40, 40, 29
     q = jnp.asarray(rng.standard_normal((b, s, g * r, dh)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b * g, c, dh)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b * g, dh, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b * g, c, dh)), kv_dtype)
+    v = jnp.asarray(rng.standard_normal((b * g, dh, c)), kv_dtype)
     mask = rng.random((b, 1, s, c)) < 0.7
     mask[..., live:] = False
     mask[2] = False
     garbage_k, garbage_v = k.at[:, live:].set(1e30), v.at[:, :, live:].set(jnp.nan)
     want = L.attend_cache(q, k, v, jnp.asarray(mask))
     got = jax.jit(L.attend_cache)(q, garbage_k, garbage_v, jnp.asarray(mask), jnp.int32(live))
+    assert kernels.isa() == isa
     np.testing.assert_allclose(np.asarray(got)[:2], np.asarray(want)[:2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(L.attend_cache(q, k, v, jnp.asarray(mask), jnp.int32(live))[2], want[2], atol=1e-6)
+
+
+def test_isa_follows_the_environment(monkeypatch):
+    """The widest build this CPU runs by default; VALLE_JAX_CPU_KERNELS=avx2 picks AVX2; a build the
+    CPU cannot run is refused with the reason."""
+    monkeypatch.delenv("VALLE_JAX_CPU_KERNELS", raising=False)
+    assert kernels.isa() == (kernels.isas()[0] if kernels.isas() else None)
+    monkeypatch.setenv("VALLE_JAX_CPU_KERNELS", "avx2")
+    assert kernels.isa() == "avx2"
+    missing = [isa for isa in kernels.ISAS if isa not in kernels.isas()]
+    if missing:
+        monkeypatch.setenv("VALLE_JAX_CPU_KERNELS", missing[0])
+        assert not kernels.available()
+        assert f"cannot run the {missing[0]} build" in kernels._load()
+    assert kernels.library_path("avx2") != kernels.library_path("avx512")

@@ -312,19 +312,23 @@ def prefix_slots(inputs: Inputs) -> int:
     return inputs.text.shape[1] + inputs.prompt.shape[1] + 4
 
 
-def cache_dtype(dtype: str):
-    """The KV cache's dtype: the compute dtype, except float32 on the CPU, where XLA has no batched
-    bfloat16 dot and a bfloat16 cache was converted whole at every step (half preset, batch 1:
-    ~7 of ~17 ms per step)."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+def cache_dtype(dtype: str, cpu_kernels: bool = False):
+    """The KV cache's dtype: the model's dtype, except float32 on the CPU without the kernels,
+    where XLA has no batched bfloat16 dot and a bfloat16 cache was converted whole at every step
+    (half preset, batch 1: ~7 of ~17 ms per step). The kernels' attention reads a bfloat16 cache as
+    it is: half the bytes a step streams from it."""
+    return jnp.float32 if jax.default_backend() == "cpu" and not cpu_kernels else jnp.dtype(dtype)
 
 
-def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: list[dict] | None = None):
-    """The prefix through the model, into a new cache of `capacity` slots (None: no cache):
-    (logits for response frame 0 [B, V], cache, prefix length [B], prefix inputs x, valid)."""
+def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: list[dict] | None = None,
+             kv_dtype=None):
+    """The prefix through the model, into a new cache of `capacity` slots (None: no cache) in
+    `kv_dtype` (None: `cache_dtype` of the model's dtype): (logits for response frame 0 [B, V],
+    cache, prefix length [B], prefix inputs x, valid)."""
     x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
     b, sp = valid.shape
-    cache = None if capacity is None else model.init_cache(b, capacity, cache_dtype(model.cfg.dtype))
+    kv_dtype = kv_dtype or cache_dtype(model.cfg.dtype)
+    cache = None if capacity is None else model.init_cache(b, capacity, kv_dtype)
     level = jnp.zeros((b,), jnp.int32)
     logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache, layers=layers)
     if cache is not None:
@@ -374,9 +378,9 @@ def _reorderer(model: VALLE):
 
 def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int, chunk: int, mode: str,
         width: int, sign_aware: bool, ras_window: int, cached: bool, keep_logits: bool,
-        step_layers: list[dict] | None = None):
+        step_layers: list[dict] | None = None, kv_dtype: str | None = None):
     """`step_layers`: the backbone's layers as `backbone.step_layers()` gives them (CPU kernels), or
-    None to slice them from `params`."""
+    None to slice them from `params`; `kv_dtype`: the cache's (None: `cache_dtype`'s)."""
     model = nnx.merge(graph, params)
     stop = model.cfg.stop_token
     sp = prefix_slots(inputs)
@@ -386,7 +390,7 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
         return ar_loop(first, _uncached_step(model, x, valid, n_slots), state, knobs, key, n_slots=n_slots, stop=stop,
                        mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window, keep_logits=keep_logits)
     layers = step_layers if step_layers is not None else model.backbone.unstack()  # sliced once, outside the loop
-    first, cache, plen, _, _ = _prefill(model, inputs, sp + n_slots, layers)
+    first, cache, plen, _, _ = _prefill(model, inputs, sp + n_slots, layers, kv_dtype)
     if mode == "beam":
         rows = jnp.repeat(jnp.arange(first.shape[0]), width)
         reorder = _reorderer(model)
@@ -463,13 +467,16 @@ class Decoder:
     step) while everything else computes in float32 (XLA's CPU dot is ~10x slower in bfloat16 than
     in float32). Elsewhere (or with `cpu_kernels=False`), `dtype="bfloat16"` stores the matrices and
     tables in bfloat16 and computes in it. `step_layers` are made on first use and again whenever
-    `params` is replaced."""
+    `params` is replaced. `kv_dtype`: the AR's KV cache (None: `cache_dtype`, the model's dtype
+    except float32 on a CPU without the kernels); "bfloat16" halves what a step reads from the
+    cache, which at batch 8 and more is about as much as the weights (recurrent states stay float32)."""
 
-    def __init__(self, model: VALLE, chunk: int = 8, cpu_kernels: bool = True):
+    def __init__(self, model: VALLE, chunk: int = 8, cpu_kernels: bool = True, kv_dtype: str | None = None):
         self.cfg = model.cfg
         self.chunk = chunk
         self.has_window = model.backbone.has_window
         self.cpu_kernels = cpu_kernels and jax.default_backend() == "cpu" and kernels.available()
+        self.kv_dtype = jnp.dtype(kv_dtype or cache_dtype(self.cfg.dtype, self.cpu_kernels)).name
         if self.cpu_kernels and self.cfg.dtype != "float32":
             model = _computing_in(model, "float32")
         self.graph, params = nnx.split(model)
@@ -477,7 +484,7 @@ class Decoder:
             params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
         self.params = params
         self._ar = jax.jit(functools.partial(_ar, self.graph), static_argnames=(
-            "n_slots", "chunk", "mode", "width", "sign_aware", "ras_window", "cached", "keep_logits"))
+            "n_slots", "chunk", "mode", "width", "sign_aware", "ras_window", "cached", "keep_logits", "kv_dtype"))
         self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware",),
                             compiler_options=runtime.large_dot_compiler_options())
         step_dtype = jnp.dtype(self.cfg.dtype)
@@ -520,7 +527,8 @@ class Decoder:
         return functools.partial(self._ar, n_slots=n_slots, chunk=self.chunk, mode=settings.mode,
                                  width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,
                                  ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits,
-                                 step_layers=self.step_layers if cached else None)
+                                 step_layers=self.step_layers if cached else None,
+                                 kv_dtype=self.kv_dtype)
 
     def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
         """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""

@@ -5,9 +5,13 @@ weights; `cache_attention` is a step's attention over the filled part of its KV 
 (cpu_kernels.cc says why XLA's own dot and attention are not used there). The library is built from
 cpu_kernels.cc with the system's C++ compiler ($CXX, else c++/g++/clang++) the first time a process
 asks for it, into $VALLE_JAX_KERNEL_CACHE (default ~/.cache/valle_jax/kernels), named by a hash of
-the source, the compiler flags and the jaxlib version, so later processes load it directly. Where it
-cannot be used (not an x86-64 CPU with AVX2 and FMA, no compiler, a failed build, or
-VALLE_JAX_CPU_KERNELS=0), `available()` is False, the reason is logged once, and callers use XLA.
+the source, the compiler flags and the jaxlib version, so later processes load it directly. It is
+built for the widest instruction set this CPU has: AVX-512 (16 floats per vector, 32 registers)
+where it has avx512f/bw/dq/vl, else AVX2 with FMA. VALLE_JAX_CPU_KERNELS=avx2 picks the AVX2 build
+on an AVX-512 CPU (for comparison); `isas()` lists what this CPU can run, and every function takes
+an `isa` to pick one in-process. Where the kernels cannot be used (not an x86-64 CPU with AVX2 and
+FMA, no compiler, a failed build, or VALLE_JAX_CPU_KERNELS=0), `available()` is False, the reason
+is logged once, and callers use XLA.
 """
 from __future__ import annotations
 
@@ -29,7 +33,13 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# instruction sets, widest first: the CPU flags each needs, and the compiler flags of its build
+ISAS = {
+    "avx512": (("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+               ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl")),
+    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
+}
 TARGETS = {"valle_rows_linear": "ValleRowsLinear", "valle_cache_attention": "ValleCacheAttention"}
 MAX_ROWS = 32  # rows up to which rows_linear beats XLA's dot (benchmarks/decode.py; docs/synthesis.md)
 # smaller weight matrices stay with XLA's dot, which fuses them with their neighbours: a custom call
@@ -48,17 +58,40 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "valle_jax" / "kernels"
 
 
-def cpu_supported() -> str | None:
-    """None when this CPU can run the kernels, else why not."""
+@functools.cache
+def _cpu_flags() -> frozenset[str] | str:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernels are written for x86-64 with AVX2, not {platform.machine()}"
     try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
+        return frozenset(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")), []))
     except OSError:
         return "cannot read /proc/cpuinfo to check for AVX2 and FMA"
-    missing = [f for f in ("avx2", "fma") if f not in flags]
+
+
+def isas() -> list[str]:
+    """The instruction sets of ISAS this CPU can run, widest first."""
+    flags = _cpu_flags()
+    return [] if isinstance(flags, str) else [name for name, (need, _) in ISAS.items() if set(need) <= flags]
+
+
+def cpu_supported() -> str | None:
+    """None when this CPU can run the kernels, else why not."""
+    flags = _cpu_flags()
+    if isinstance(flags, str):
+        return flags
+    missing = [f for f in ISAS["avx2"][0] if f not in flags]
     return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels are used with: VALLE_JAX_CPU_KERNELS when it names one, else
+    the widest this CPU has (None: none)."""
+    asked = os.environ.get("VALLE_JAX_CPU_KERNELS", "1")
+    if asked in ISAS:
+        return asked
+    found = isas()
+    return found[0] if found else None
 
 
 def compiler() -> str | None:
@@ -66,22 +99,31 @@ def compiler() -> str | None:
     return next((path for path in found if path), None)
 
 
-def library_path() -> Path:
+def flags(isa_name: str) -> tuple[str, ...]:
+    return FLAGS + ISAS[isa_name][1]
+
+
+def library_path(isa_name: str) -> Path:
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    key.update(" ".join(FLAGS).encode())
+    key.update(" ".join(flags(isa_name)).encode())
     key.update(importlib.metadata.version("jaxlib").encode())
-    return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"cpu_kernels-{isa_name}-{key.hexdigest()[:16]}.so"
 
 
-def build(cxx: str, out: Path) -> None:
+def target(name: str, isa_name: str) -> str:
+    """The FFI target of kernel `name` in the `isa_name` build."""
+    return f"{name}_{isa_name}"
+
+
+def build(cxx: str, out: Path, isa_name: str = "avx2") -> None:
     """Compiles the library to `out`, through a temporary file renamed into place (processes that
     build at the same time each rename a complete library)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags(isa_name), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
@@ -91,32 +133,41 @@ def build(cxx: str, out: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.cache
-def _load() -> str | None:
-    """Builds (if needed), loads and registers the library: None on success, else the reason."""
+def _load(isa_name: str | None = None) -> str | None:
+    """Builds (if needed), loads and registers the `isa_name` library (None: `isa()`'s): None on
+    success, else the reason."""
     if os.environ.get("VALLE_JAX_CPU_KERNELS", "1") == "0":
         return "VALLE_JAX_CPU_KERNELS=0"
     reason = cpu_supported()
     if reason:
         return reason
-    path = library_path()
+    isa_name = isa_name or isa()
+    if isa_name not in isas():
+        return f"this CPU cannot run the {isa_name} build (it has {', '.join(isas())})"
+    return _load_isa(isa_name)
+
+
+@functools.cache
+def _load_isa(isa_name: str) -> str | None:
+    path = library_path(isa_name)
     try:
         if not path.exists():
             cxx = compiler()
             if cxx is None:
                 return "no C++ compiler found (set CXX, or install g++)"
-            build(cxx, path)
+            build(cxx, path, isa_name)
         lib = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        for name, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target(name, isa_name), jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as e:
         return str(e)
     return None
 
 
-def available() -> bool:
+def available(isa_name: str | None = None) -> bool:
     """Whether decoding steps on the CPU can use the kernels (builds them on the first call)."""
-    reason = _load()
+    reason = _load(isa_name)
     if reason is not None:
         _log_once(reason)
     return reason is None
@@ -127,36 +178,41 @@ def _log_once(reason: str) -> None:
     log.warning("valle_jax CPU decoding kernels unavailable, using XLA's dot instead: %s", reason)
 
 
-def _require() -> None:
-    if not available():
-        raise KernelUnavailable(_load())
+def _require(isa_name: str | None) -> str:
+    """The instruction set to call (isa_name, else `isa()`), its library loaded."""
+    if not available(isa_name):
+        raise KernelUnavailable(_load(isa_name))
+    return isa_name or isa()
 
 
-def rows_linear(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
+def rows_linear(x_MK: jax.Array, w_NK: jax.Array, isa: str | None = None) -> jax.Array:
     """float32 [M, N] = x @ w.T, on the CPU: x float32 [M, K], w float32 or bfloat16 [N, K]."""
-    _require()
+    isa = _require(isa)
     m, k = x_MK.shape
     n, k_w = w_NK.shape
     if k != k_w:
         raise ValueError(f"rows_linear: x {x_MK.shape} and w {w_NK.shape} differ in the contracted size")
     if w_NK.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_NK.dtype}")
-    call = jax.ffi.ffi_call("valle_rows_linear", jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(target("valle_rows_linear", isa), jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")
     return call(x_MK.astype(jnp.float32), w_NK)
 
 
 def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array,
-                    live: jax.Array) -> jax.Array:
+                    live: jax.Array, isa: str | None = None) -> jax.Array:
     """float32 [N, Q, D]: softmax(q k^T / sqrt(D)) v per unit n (batch row n // (N / B), one kv head),
     over cache slots [0, live) that the mask allows; query q of a unit uses mask row q // (Q / S).
-    Slots from `live` on must be masked: they are not read."""
-    _require()
+    Slots from `live` on must be masked: they are not read. Keys and values are float32 or
+    bfloat16 (read as they are: a bfloat16 cache streams half the bytes)."""
+    isa = _require(isa)
     n, q, d = q_NQD.shape
     b, s, c = mask_BSC.shape
     if k_NCD.shape != (n, c, d) or v_NDC.shape != (n, d, c) or n % b or q % s:
         raise ValueError(f"cache_attention: q {q_NQD.shape}, k {k_NCD.shape}, v {v_NDC.shape} and mask "
                          f"{mask_BSC.shape} disagree")
-    call = jax.ffi.ffi_call("valle_cache_attention", jax.ShapeDtypeStruct((n, q, d), jnp.float32),
+    call = jax.ffi.ffi_call(target("valle_cache_attention", isa), jax.ShapeDtypeStruct((n, q, d), jnp.float32),
                             vmap_method="sequential")
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    return call(f32(q_NQD), f32(k_NCD), f32(v_NDC), mask_BSC.astype(bool), jnp.asarray(live, jnp.int32))
+    kv_dtype = jnp.bfloat16 if k_NCD.dtype == jnp.bfloat16 and v_NDC.dtype == jnp.bfloat16 else jnp.float32
+    return call(q_NQD.astype(jnp.float32), k_NCD.astype(kv_dtype), v_NDC.astype(kv_dtype), mask_BSC.astype(bool),
+                jnp.asarray(live, jnp.int32))

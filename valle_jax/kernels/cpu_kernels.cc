@@ -36,12 +36,68 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const uint16_t* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
+// One vector of floats: 16 lanes with AVX-512 (the library is built twice, once with -mavx512*
+// where the CPU has it), else 8 with AVX2. The kernels below are written once against these.
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int kLanes = 16;
+// rows of x per tile where more rows than that share each panel of w (registers: 8 x 3 accumulators
+// of the 32; 4 x 3 of AVX2's 16)
+constexpr int kGroup = 8;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset(float a) { return _mm512_set1_ps(a); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vload(const uint16_t* p) {  // 16 bfloat16 -> 16 float32: the bits, shifted up
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vexp2i(vf n) {  // 2^n for integral n in float32's exponent range
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline vf vzero_where_neginf(vf x, vf y) {  // y, with 0 where x is -inf
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, vset(-INFINITY), _CMP_EQ_OQ), vzero());
+}
+#else
+using vf = __m256;
+constexpr int kLanes = 8;
+constexpr int kGroup = 4;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset(float a) { return _mm256_set1_ps(a); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload(const uint16_t* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vexp2i(vf n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline vf vzero_where_neginf(vf x, vf y) {
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, vset(-INFINITY), _CMP_EQ_OQ), y);
+}
+#endif
 
 inline float widen(float v) { return v; }
 
@@ -52,19 +108,12 @@ inline float widen(uint16_t v) {
   return f;
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-// y[m0 .. m0+MR, n0 .. n0+NR]: MR x NR accumulators (at most 12 of the 16 registers).
+// y[m0 .. m0+MR, n0 .. n0+NR]: MR x NR accumulators.
 template <int MR, int NR, typename W>
 void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
-  __m256 acc[MR][NR];
+  vf acc[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
   const W* wr[NR];
   const float* xr[MR];
   for (int j = 0; j < NR; ++j) wr[j] = w + (n0 + j) * K;
@@ -72,19 +121,19 @@ void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0
   const char* next = reinterpret_cast<const char*>(w + (n0 + NR) * K);  // prefetching never faults
   constexpr int64_t per_line = 64 / sizeof(W);
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
+  for (; k + kLanes <= K; k += kLanes) {
     if (k % per_line == 0)
       for (int j = 0; j < NR; ++j) _mm_prefetch(next + (j * K + k) * int64_t(sizeof(W)), _MM_HINT_T0);
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = load8(wr[j] + k);
+    vf wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = vload(wr[j] + k);
     for (int i = 0; i < MR; ++i) {
-      __m256 xv = _mm256_loadu_ps(xr[i] + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      vf xv = vload(xr[i] + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
-      float s = hsum(acc[i][j]);
+      float s = vsum(acc[i][j]);
       for (int64_t kk = k; kk < K; ++kk) s += xr[i][kk] * widen(wr[j][kk]);
       y[(m0 + i) * N + n0 + j] = s;
     }
@@ -93,7 +142,9 @@ void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0
 // Rows of w per tile for MR rows of x: as many independent accumulators as the registers allow,
 // since one row of x alone is a chain of dependent FMAs per accumulator.
 template <int MR>
-constexpr int tile_width() { return MR == 1 ? 8 : MR == 2 ? 6 : MR == 3 ? 4 : 3; }
+constexpr int tile_width() {
+  return kLanes == 16 ? (MR <= 2 ? 8 : 6) : (MR == 1 ? 8 : MR == 2 ? 6 : MR == 3 ? 4 : 3);
+}
 
 template <int MR, typename W>
 void row_group(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
@@ -103,13 +154,17 @@ void row_group(const float* x, const W* w, float* y, int64_t K, int64_t N, int64
   for (; n < n1; ++n) tile<MR, 1>(x, w, y, K, N, m0, n);
 }
 
-// Tiles of NR rows of w for every row of x, four rows at a time: each panel of w is read from memory
-// once and then used by every row group while it is in L1 (a whole chunk per row group, reread
-// from L2, ran 8 rows ~25% slower).
+// Tiles of NR rows of w for every row of x, kGroup rows at a time: each panel of w is read from
+// memory once and then used by every row group while it is in L1 (a whole chunk per row group,
+// reread from L2, ran 8 rows ~25% slower).
 template <int NR, typename W>
 void panel(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<4, NR>(x, w, y, K, N, m, n);
+  for (; m + kGroup <= M; m += kGroup) tile<kGroup, NR>(x, w, y, K, N, m, n);
+  if (kGroup > 4 && m + 4 <= M) {
+    tile<4, NR>(x, w, y, K, N, m, n);
+    m += 4;
+  }
   switch (M - m) {
     case 3: tile<3, NR>(x, w, y, K, N, m, n); break;
     case 2: tile<2, NR>(x, w, y, K, N, m, n); break;
@@ -136,40 +191,41 @@ void columns(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n * p(r), n = round(x / ln 2),
 // r = x - n ln 2 in two parts, p a degree-6 polynomial (relative error ~1e-7); x < -87 gives ~0.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+inline vf exp_nonpositive(vf x) {
+  x = vmax(x, vset(-87.0f));
+  vf n = vround(vmul(x, vset(1.44269504088896341f)));
+  vf r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  vf p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+  return vmul(p, vexp2i(n));
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+// a . b over n elements; b float32 or bfloat16 (the cache's dtype)
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  vf acc0 = vzero(), acc1 = vzero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    acc0 = vfma(vload(a + i), vload(b + i), acc0);
+    acc1 = vfma(vload(a + i + kLanes), vload(b + i + kLanes), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float s = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i + kLanes <= n; i += kLanes) acc0 = vfma(vload(a + i), vload(b + i), acc0);
+  float s = vsum(vadd(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
 // One (batch row, kv head) unit: Q queries [Q, D] over keys [C, D] and values [D, C] (C = the
-// cache's slots, `live` of them read), the mask rows [S, C] of its batch row (query q uses row
-// q / (Q / S)); out [Q, D]. `buf` holds `live` floats.
-void attend_unit(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t Q, int64_t S,
+// cache's slots, `live` of them read; float32 or bfloat16), the mask rows [S, C] of its batch row
+// (query q uses row q / (Q / S)); out [Q, D]. `buf` holds `live` floats.
+template <typename T>
+void attend_unit(const float* q, const T* k, const T* v, const bool* mask, float* out, int64_t Q, int64_t S,
                  int64_t C, int64_t D, int64_t live, float scale, float* buf) {
   const int64_t per_row = Q / S;
   for (int64_t qi = 0; qi < Q; ++qi) {
@@ -185,19 +241,19 @@ void attend_unit(const float* q, const float* k, const float* v, const bool* mas
       for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
       const float share = 1.0f / float(C);
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t d = 0; d < D; ++d) o[d] += share * v[d * C + c];
+        for (int64_t d = 0; d < D; ++d) o[d] += share * widen(v[d * C + c]);
       continue;
     }
-    const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
-    __m256 vsum = _mm256_setzero_ps();
+    const vf vtop = vset(top);
+    vf vsum_ = vzero();
     int64_t c = 0;
-    for (; c + 8 <= live; c += 8) {
-      __m256 sc = _mm256_loadu_ps(buf + c);
-      __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(sc, ninf, _CMP_EQ_OQ), exp_nonpositive(_mm256_sub_ps(sc, vtop)));
-      _mm256_storeu_ps(buf + c, e);
-      vsum = _mm256_add_ps(vsum, e);
+    for (; c + kLanes <= live; c += kLanes) {
+      vf sc = vload(buf + c);
+      vf e = vzero_where_neginf(sc, exp_nonpositive(vsub(sc, vtop)));
+      vstore(buf + c, e);
+      vsum_ = vadd(vsum_, e);
     }
-    float sum = hsum(vsum);
+    float sum = vsum(vsum_);
     for (; c < live; ++c) {
       buf[c] = buf[c] == -INFINITY ? 0.0f : std::exp(buf[c] - top);
       sum += buf[c];
@@ -264,23 +320,10 @@ ffi::Error RowsLinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
   return ffi::Error::Success();
 }
 
-ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf,
-                              ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || live_buf.element_count() != 1)
-    return ffi::Error::InvalidArgument("CacheAttention: q [N, Q, D], k [N, C, D], v [N, D, C], mask [B, S, C], live []");
-  const int64_t N = qd[0], Q = qd[1], D = qd[2], C = kd[1], B = md[0], S = md[1];
-  if (kd[0] != N || kd[2] != D || vd[0] != N || vd[1] != D || vd[2] != C || md[2] != C || B == 0 || N % B ||
-      S == 0 || Q % S)
-    return ffi::Error::InvalidArgument("CacheAttention: operand shapes disagree");
-  int64_t live = live_buf.typed_data()[0];
-  live = live < 0 ? 0 : live > C ? C : live;
+template <typename T>
+void cache_attention(ffi::ThreadPool& pool, const float* qp, const T* kp, const T* vp, const bool* mp, float* op,
+                     int64_t N, int64_t Q, int64_t D, int64_t C, int64_t S, int64_t G, int64_t live) {
   const float scale = 1.0f / std::sqrt(float(D));
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const bool* mp = mask.typed_data();
-  float* op = out->typed_data();
-  const int64_t G = N / B;
   auto progress = std::make_shared<Progress>();
   auto work = [=]() {
     std::unique_ptr<float[]> buf(new float[live > 0 ? live : 1]);
@@ -291,6 +334,37 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     }
   };
   share(pool, progress, N, 2 * N * Q * live * D > kShareAbove ? pool.num_threads() : 0, work);
+}
+
+ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf,
+                              ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || live_buf.element_count() != 1)
+    return ffi::Error::InvalidArgument("CacheAttention: q [N, Q, D], k [N, C, D], v [N, D, C], mask [B, S, C], live []");
+  const int64_t N = qd[0], Q = qd[1], D = qd[2], C = kd[1], B = md[0], S = md[1];
+  if (kd[0] != N || kd[2] != D || vd[0] != N || vd[1] != D || vd[2] != C || md[2] != C || B == 0 || N % B ||
+      S == 0 || Q % S)
+    return ffi::Error::InvalidArgument("CacheAttention: operand shapes disagree");
+  if (k.element_type() != v.element_type())
+    return ffi::Error::InvalidArgument("CacheAttention: keys and values differ in dtype");
+  int64_t live = live_buf.typed_data()[0];
+  live = live < 0 ? 0 : live > C ? C : live;
+  const int64_t G = N / B;
+  switch (k.element_type()) {
+    case ffi::DataType::F32:
+      cache_attention(pool, q.typed_data(), static_cast<const float*>(k.untyped_data()),
+                      static_cast<const float*>(v.untyped_data()), mask.typed_data(), out->typed_data(), N, Q, D, C,
+                      S, G, live);
+      break;
+    case ffi::DataType::BF16:
+      cache_attention(pool, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
+                      static_cast<const uint16_t*>(v.untyped_data()), mask.typed_data(), out->typed_data(), N, Q, D,
+                      C, S, G, live);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("CacheAttention: keys and values must be float32 or bfloat16");
+  }
   return ffi::Error::Success();
 }
 
@@ -300,8 +374,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleCacheAttention, CacheAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

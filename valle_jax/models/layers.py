@@ -211,17 +211,18 @@ def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, 
     from separate copies of the buffer (half preset, batch 1: ~5 of 17 ms per step went to copies).
 
     `live` (the slots filled so far; every later slot masked): computed by the CPU kernel, which
-    reads only those slots (valle_jax.kernels.cache_attention)."""
-    q_BSHD, ck_NKD, cv_NDK = cpu_safe(q_BSHD, ck_NKD, cv_NDK)
+    reads only those slots (valle_jax.kernels.cache_attention), a bfloat16 cache as it is."""
     b, s, h, dh = q_BSHD.shape
     g = ck_NKD.shape[0] // b
     r = h // g
-    q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
     if live is not None:
         from valle_jax import kernels
 
+        q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
         out = kernels.cache_attention(q, ck_NKD, cv_NDK, mask_B1SK[:, 0], live)
         return out.reshape(b, g, s, r, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh)
+    q_BSHD, ck_NKD, cv_NDK = cpu_safe(q_BSHD, ck_NKD, cv_NDK)
+    q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
     scores = jnp.einsum("nqd,nkd->nqk", q, ck_NKD.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
     scores = scores.reshape(b, g, s, r, -1)
     probs = jax.nn.softmax(jnp.where(mask_B1SK[:, :, :, None], scores, NEG_INF), axis=-1).reshape(b * g, s * r, -1)
