@@ -3,6 +3,7 @@ them against decoding with XLA's dot, bfloat16 step weights, and the fallbacks."
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -206,3 +207,23 @@ def test_isa_follows_the_environment(monkeypatch):
         assert not kernels.available()
         assert f"cannot run the {missing[0]} build" in kernels._load()
     assert kernels.library_path("avx2") != kernels.library_path("avx512")
+
+
+@needs_kernels
+def test_bfloat16_cache_is_written_in_place():
+    """A bfloat16 KV cache on the CPU is held as its bits (uint16) and written as such: XLA rewrote
+    the step's write into a bfloat16 buffer as a float32 write of the whole buffer, converted there
+    and back at every step."""
+    cfg = ModelConfig(arch="llama", d_model=48, n_heads=4, n_layers=2, dtype="bfloat16")
+    dec = D.Decoder(init_model(cfg, 8))
+    inputs = inputs_of(8)
+    ar = dec.ar(inputs, GREEDY)
+    cache = ar.state[0]
+    assert cache["k"][0].dtype == jnp.uint16 and cache["v"][0].dtype == jnp.uint16
+    n_slots = dec.n_slots(GREEDY.max_ar_steps)
+    hlo = jax.jit(dec.ar_call(GREEDY, n_slots)).lower(dec.params, inputs, D.Knobs.of(GREEDY, 2),
+                                                       jax.random.key(0)).compile().as_text()
+    for buf in (cache["k"][0], cache["v"][0]):
+        shape = ",".join(map(str, buf.shape))
+        assert re.search(rf"u16\[{shape}\]\S* dynamic-update-slice\(", hlo)
+        assert not re.search(rf"f32\[{shape}\]\S* dynamic-update-slice\(", hlo)

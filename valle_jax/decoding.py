@@ -32,6 +32,7 @@ from flax import nnx
 from valle_jax import kernels, runtime
 from valle_jax import sampling as S
 from valle_jax.models.valle import VALLE, prefix_len
+from valle_jax.models.layers import cache_storage
 
 Array = jax.Array
 NEG_INF = -jnp.inf
@@ -328,7 +329,7 @@ def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: 
     x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
     b, sp = valid.shape
     kv_dtype = kv_dtype or cache_dtype(model.cfg.dtype)
-    cache = None if capacity is None else model.init_cache(b, capacity, kv_dtype)
+    cache = None if capacity is None else model.init_cache(b, capacity, cache_storage(kv_dtype))
     level = jnp.zeros((b,), jnp.int32)
     logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache, layers=layers)
     if cache is not None:

@@ -204,7 +204,8 @@ def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_B
     """float32 [N, Q, D]: softmax(q k^T / sqrt(D)) v per unit n (batch row n // (N / B), one kv head),
     over cache slots [0, live) that the mask allows; query q of a unit uses mask row q // (Q / S).
     Slots from `live` on must be masked: they are not read. Keys and values are float32 or
-    bfloat16 (read as they are: a bfloat16 cache streams half the bytes)."""
+    bfloat16 (read as they are: a bfloat16 cache streams half the bytes), or uint16 holding
+    bfloat16 bits."""
     isa = _require(isa)
     n, q, d = q_NQD.shape
     b, s, c = mask_BSC.shape
@@ -213,6 +214,7 @@ def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_B
                          f"{mask_BSC.shape} disagree")
     call = jax.ffi.ffi_call(target("valle_cache_attention", isa), jax.ShapeDtypeStruct((n, q, d), jnp.float32),
                             vmap_method="sequential")
-    kv_dtype = jnp.bfloat16 if k_NCD.dtype == jnp.bfloat16 and v_NDC.dtype == jnp.bfloat16 else jnp.float32
+    # bfloat16 keys and values (or their bits, uint16: layers.cache_storage) are read as they are
+    kv_dtype = k_NCD.dtype if k_NCD.dtype == v_NDC.dtype and k_NCD.dtype in (jnp.bfloat16, jnp.uint16) else jnp.float32
     return call(q_NQD.astype(jnp.float32), k_NCD.astype(kv_dtype), v_NDC.astype(kv_dtype), mask_BSC.astype(bool),
                 jnp.asarray(live, jnp.int32))

@@ -358,12 +358,13 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
                       S, G, live);
       break;
     case ffi::DataType::BF16:
+    case ffi::DataType::U16:  // bfloat16 bits (a cache held as uint16: valle_jax/models/layers.py)
       cache_attention(pool, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
                       static_cast<const uint16_t*>(v.untyped_data()), mask.typed_data(), out->typed_data(), N, Q, D,
                       C, S, G, live);
       break;
     default:
-      return ffi::Error::InvalidArgument("CacheAttention: keys and values must be float32 or bfloat16");
+      return ffi::Error::InvalidArgument("CacheAttention: keys and values must be float32 or bfloat16 (or its bits)");
   }
   return ffi::Error::Success();
 }

@@ -211,7 +211,8 @@ def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, 
     from separate copies of the buffer (half preset, batch 1: ~5 of 17 ms per step went to copies).
 
     `live` (the slots filled so far; every later slot masked): computed by the CPU kernel, which
-    reads only those slots (valle_jax.kernels.cache_attention), a bfloat16 cache as it is."""
+    reads only those slots (valle_jax.kernels.cache_attention), a bfloat16 cache as it is (also when
+    held as its bits: `cache_storage`)."""
     b, s, h, dh = q_BSHD.shape
     g = ck_NKD.shape[0] // b
     r = h // g
@@ -221,7 +222,7 @@ def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, 
         q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
         out = kernels.cache_attention(q, ck_NKD, cv_NDK, mask_B1SK[:, 0], live)
         return out.reshape(b, g, s, r, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh)
-    q_BSHD, ck_NKD, cv_NDK = cpu_safe(q_BSHD, ck_NKD, cv_NDK)
+    q_BSHD, ck_NKD, cv_NDK = cpu_safe(q_BSHD, cache_values(ck_NKD), cache_values(cv_NDK))
     q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
     scores = jnp.einsum("nqd,nkd->nqk", q, ck_NKD.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
     scores = scores.reshape(b, g, s, r, -1)
@@ -236,6 +237,27 @@ def update_cache(cache_k: Array, cache_v: Array, k_BSGD: Array, v_BSGD: Array, i
     b, s, g, dh = k_BSGD.shape
     k_NSD = k_BSGD.transpose(0, 2, 1, 3).reshape(b * g, s, dh)
     v_NDS = v_BSGD.transpose(0, 2, 3, 1).reshape(b * g, dh, s)
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_NSD.astype(cache_k.dtype), index, axis=1)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_NDS.astype(cache_v.dtype), index, axis=2)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, as_stored(k_NSD, cache_k.dtype), index, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, as_stored(v_NDS, cache_v.dtype), index, axis=2)
     return cache_k, cache_v
+
+
+def cache_storage(dtype) -> jnp.dtype:
+    """The dtype a KV cache of `dtype` is held in: a bfloat16 cache on the CPU as its bits (uint16).
+    XLA's CPU compiler turns the in-place write into a bfloat16 buffer into a float32 write of the
+    whole buffer, converted there and back at every step (half preset, batch 8: 56 of 85 ms per
+    step); an integer buffer is written in place."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else dtype
+
+
+def as_stored(x: Array, storage) -> Array:
+    """x as a cache held in `storage` holds it."""
+    if storage == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(storage)
+
+
+def cache_values(c: Array) -> Array:
+    """A cache buffer's values (bfloat16 for one held as bits)."""
+    return jax.lax.bitcast_convert_type(c, jnp.bfloat16) if c.dtype == jnp.uint16 else c
