@@ -4,13 +4,17 @@ and the same model without the KV cache (full recomputation every step, as the r
     python benchmarks/decode.py [--sizes tiny,quarter,half] [--arch llama|transformer|retnet]
         [--dtype float32|bfloat16] [--batches 1,8,32] [--prompt-seconds 3] [--audio-seconds 5]
         [--memory-seconds 10,30] [--no-tcmalloc] [--reference] [--xla-dot | --compare-xla-dot] [--repeats N]
+        [--kv-dtype float32|bfloat16]
 
 The model is randomly initialised, with its stop logit banned, so every row runs exactly
 audio_seconds * 75 AR steps (sampling at temperature 1 with the default filters, all inside the
 loop). The uncached baseline runs 8 steps over the same padded length and is reported per step.
 On the CPU the AR steps' matmuls run valle_jax.kernels (--xla-dot: XLA's dot instead;
 --compare-xla-dot: both, per batch, alternating, in the same process; --repeats N: the best of N runs,
-median beside it). The weight-streaming bound is the bytes a step
+median beside it; VALLE_JAX_CPU_KERNELS=avx2 picks the kernels' AVX2 build on an AVX-512 CPU).
+Each batch also runs 8 steps alone: what that takes (the prefill, mostly) is reported, and the loop's
+own rate is the rest of the steps over the rest of the time. --kv-dtype: the AR's KV cache (default:
+the model's dtype). The weight-streaming bound is the bytes a step
 must read (every layer matrix, in the dtype the step reads it, and the classifier; an embedding is one
 gathered row) / memory bandwidth, both measured in the same process (bandwidth: a matrix-vector
 product over a 512 MB matrix). Memory at --memory-seconds of generated audio (batch 1): the bytes of the decoding
@@ -21,6 +25,7 @@ account of the compiled AR (arguments + outputs + temporaries). Each size runs i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -29,6 +34,7 @@ from child import run_child
 from valle_jax.config import ARCHS
 
 TEXT_LEN = 60  # phoneme ids per utterance (reference_decode.py times the reference on the same)
+FEW_STEPS = 8  # the short run that measures the prefill
 
 
 def measure_bandwidth(mb: int = 512) -> float:
@@ -71,8 +77,8 @@ def child(args) -> dict:
     model = init_model(cfg, 0)
     # a random model may still sample the stop token: ban it, so every row runs the full length
     model.classifier_bias[...] = model.classifier_bias[...].at[cfg.stop_token].set(-1e9)
-    dec = Decoder(model, cpu_kernels=not args.xla_dot)
-    xla_dec = Decoder(model, cpu_kernels=False) if args.compare_xla_dot else None
+    dec = Decoder(model, cpu_kernels=not args.xla_dot, kv_dtype=args.kv_dtype)
+    xla_dec = Decoder(model, cpu_kernels=False, kv_dtype=args.kv_dtype) if args.compare_xla_dot else None
     # what a step streams: every layer matrix and the classifier (an embedding is one gathered row)
     layers = dec.step_layers if dec.step_layers is not None else model.backbone.unstack()
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(layers)) + model.classifier[...].nbytes
@@ -85,7 +91,10 @@ def child(args) -> dict:
         return make_inputs([list(rng.integers(3, 200, text_len)) for _ in range(b)],
                            [rng.integers(0, 1024, (prompt_len, 8)) for _ in range(b)], [0] * b, 8)
 
-    out = {"size": args.size, "arch": args.arch, "dtype": args.dtype, "params_M": sum(
+    from valle_jax import kernels
+
+    out = {"size": args.size, "arch": args.arch, "dtype": args.dtype, "kv_dtype": dec.kv_dtype,
+           "kernels": kernels.isa() if dec.cpu_kernels else None, "params_M": sum(
         int(np.prod(x.shape)) for x in jax.tree.leaves(dec.params)) / 1e6, "ar_steps": steps, "batches": {}}
     for b in args.batches:
         inputs = inputs_for(b)
@@ -100,8 +109,12 @@ def child(args) -> dict:
                 xla_runs.append(timed(lambda: xla_dec.ar(inputs, settings).tokens)[1])
         assert int(np.min(ar.length)) == steps, np.asarray(ar.length)
         run = min(runs)
+        few = dataclasses.replace(settings, max_ar_steps=FEW_STEPS)
+        timed(lambda: dec.ar(inputs, few).tokens)
+        start = min(timed(lambda: dec.ar(inputs, few).tokens)[1] for _ in range(max(args.repeats, 2)))
         out["batches"][b] = {"ar_s": run, "ar_steps_per_s": steps / run, "ar_tokens_per_s": b * steps / run,
-                             "ar_compile_s": first - run, "ar_median_tokens_per_s": b * steps / float(np.median(runs))}
+                             "ar_compile_s": first - run, "ar_median_tokens_per_s": b * steps / float(np.median(runs)),
+                             "start_s": start, "loop_tokens_per_s": b * (steps - FEW_STEPS) / max(run - start, 1e-9)}
         if xla_runs:
             out["batches"][b]["xla_dot_tokens_per_s"] = b * steps / min(xla_runs)
         if b == 1:
@@ -153,7 +166,7 @@ def spawn(args, size: str) -> dict:
                                 "--audio-seconds", str(args.audio_seconds), "--memory-seconds",
                                 ",".join(map(str, args.memory_seconds))]
                      + ["--xla-dot"] * args.xla_dot + ["--compare-xla-dot"] * args.compare_xla_dot
-                     + ["--repeats", str(args.repeats)],
+                     + ["--repeats", str(args.repeats)] + ["--kv-dtype", args.kv_dtype] * bool(args.kv_dtype),
                      size, tcmalloc=not args.no_tcmalloc)
 
 
@@ -168,6 +181,8 @@ def main() -> None:
     p.add_argument("--audio-seconds", type=float, default=5.0)
     p.add_argument("--memory-seconds", default="10,30", type=lambda s: [float(x) for x in s.split(",") if x])
     p.add_argument("--no-tcmalloc", action="store_true")
+    p.add_argument("--kv-dtype", default=None, choices=("float32", "bfloat16"),
+                   help="the AR's KV cache (default: the model's dtype)")
     p.add_argument("--repeats", type=int, default=1, help="AR runs per batch; the best is reported (and the median)")
     p.add_argument("--xla-dot", action="store_true", help="XLA's dot for the AR steps too (no CPU kernels)")
     p.add_argument("--compare-xla-dot", action="store_true",
@@ -185,11 +200,12 @@ def main() -> None:
         r = spawn(args, size)
         per_batch = "  ".join(f"b{b}: {v['ar_tokens_per_s']:.0f} tok/s ("
                               + (f"median {v['ar_median_tokens_per_s']:.0f}, " if args.repeats > 1 else "")
-                              + f"{v['ar_steps_per_s']:.1f} steps/s, "
-                              f"compile {v['ar_compile_s']:.1f}s"
+                              + f"{v['ar_steps_per_s']:.1f} steps/s; loop {v['loop_tokens_per_s']:.0f} tok/s after "
+                              f"{v['start_s']:.2f} s for prefill + {FEW_STEPS} steps; compile {v['ar_compile_s']:.1f}s"
                               + (f"; XLA dot {v['xla_dot_tokens_per_s']:.0f} tok/s" if "xla_dot_tokens_per_s" in v else "")
                               + ")" for b, v in r["batches"].items())
-        print(f"{size} {args.arch} {args.dtype} ({r['params_M']:.1f}M params): AR {per_batch}")
+        print(f"{size} {args.arch} {args.dtype} (KV cache {r['kv_dtype']}, kernels {r['kernels'] or 'off'}; "
+              f"{r['params_M']:.1f}M params): AR {per_batch}")
         if "nar_s" in r:
             print(f"  batch 1: AR {r['ar_step_ms']:.2f} ms/step vs weight-streaming bound "
                   f"{1e3 / r['bound_steps_per_s']:.2f} ms ({r['param_bytes'] / 1e6:.0f} MB at {r['bandwidth_gbs']:.1f} GB/s); "

@@ -170,3 +170,19 @@ def test_unknown_symbols_and_untrained_languages_are_named(tts, voice_wav):
         tts.language_id("ja")  # a one-language model
     with pytest.raises(AudioError, match="reference codes"):
         tts.prompt(np.zeros((10, 2), np.int16))
+
+
+def test_cli_kv_dtype_bfloat16_decodes_with_a_bfloat16_cache(model_dir, codec_dir, voice_wav, tmp_path, monkeypatch):
+    """--kv-dtype reaches the decoder: the AR's cache is bfloat16 (its bits on the CPU), and the
+    command still writes the full length."""
+    from valle_jax import TTS
+
+    seen = []
+    load = TTS.load.__func__
+    monkeypatch.setattr(TTS, "load", classmethod(lambda cls, *a, **k: seen.append(load(cls, *a, **k)) or seen[-1]))
+    out = tmp_path / "bf16.wav"
+    rc = synthesize.main(["Hello world.", str(voice_wav), "--out", str(out), "--checkpoint", str(model_dir),
+                          "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS), "--kv-dtype", "bfloat16"])
+    assert rc == 0 and seen[0].decoder.kv_dtype == "bfloat16"
+    wav, sr = sf.read(out)
+    assert len(wav) == STEPS * HOP_LENGTH

@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default="en")
     p.add_argument("--input-prompt-length", type=float, default=3.0, help="seconds of reference kept (0: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute and weight dtype")
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the AR's key/value cache (default: the model's dtype; bfloat16 halves what each step reads "
+                        "from it, which matters from batch 8 on)")
     for flag, (field, typ, text) in SAMPLING_FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=getattr(defaults, field),
                        help=f"{text} (default {getattr(defaults, field)})")
@@ -111,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             if not lines:
                 raise TextError(f"{args.text_file}: no text")
         t0 = time.perf_counter()
-        tts = TTS.load(args.checkpoint, codec_dir=args.codec_dir, dtype=args.dtype, step=args.step, heads=args.heads)
+        tts = TTS.load(args.checkpoint, codec_dir=args.codec_dir, dtype=args.dtype, step=args.step, heads=args.heads,
+                       kv_dtype=args.kv_dtype)
         voice = tts.prompt(reference, args.input_prompt_length)
         print(f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "
               f"voice {voice.seconds:.2f} s", flush=True)

@@ -88,11 +88,11 @@ def settings_of(**sampling):
 
 class TTS:
     def __init__(self, model, cfg: ModelConfig, symmap: dict, codec_dir: str | os.PathLike | None = None,
-                 chunk: int = 8):
+                 chunk: int = 8, kv_dtype: str | None = None):
         from valle_jax.decoding import Decoder
 
         self.cfg, self.symmap = cfg, dict(symmap)
-        self.decoder = Decoder(model, chunk=chunk)
+        self.decoder = Decoder(model, chunk=chunk, kv_dtype=kv_dtype)
         self.codec_dir = codec_dir
         self._codec = None
         self._phonemizers: dict[str, Phonemizer] = {}
@@ -100,9 +100,11 @@ class TTS:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, codec_dir: str | os.PathLike | None = None, dtype: str | None = None,
-             step: int | None = None, heads: int | None = None) -> "TTS":
+             step: int | None = None, heads: int | None = None, kv_dtype: str | None = None) -> "TTS":
+        """`kv_dtype`: the AR's KV cache ("bfloat16" halves what a step reads from it; None: the
+        model's dtype, see decoding.Decoder)."""
         model, cfg, symmap = load_any(path, dtype, step, heads)
-        return cls(model, cfg, symmap, codec_dir)
+        return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype)
 
     @property
     def codec(self):
