@@ -8,10 +8,10 @@
 // 8-row product at ~45 GFLOP/s, and it has no fast bfloat16 dot at all (a bf16 x bf16 -> f32
 // matrix-vector product is ~10x slower than float32 there): bf16 weights, which halve the bytes to
 // stream, were slower, not faster. Here the weights are rows of length K (the transposed layout, as
-// in torch.nn.Linear), read front to back; each output is a dot product accumulated in 8-wide
-// registers, MR rows of x by NR rows of w at a time, and the rows of the next panel of w are
-// prefetched while this one is computed (the hardware prefetcher alone does not run far enough
-// ahead of a loop this busy). Columns of y are shared between the calling thread and XLA's
+// in torch.nn.Linear), read front to back; each output is a dot product accumulated in vector
+// registers (8 floats with AVX2, 16 with AVX-512), MR rows of x by NR rows of w at a time, and the
+// rows of the next panel of w are prefetched while this one is computed (the hardware prefetcher
+// alone does not run far enough ahead of a loop this busy). Columns of y are shared between the calling thread and XLA's
 // intra-op thread pool in chunks taken from an atomic counter, so a helper that starts late, or
 // never, only means the caller does more of the chunks itself.
 //
@@ -21,7 +21,8 @@
 // last one; here the loop stops at `live` (the cache's fill). Scores and probabilities stay in a
 // per-thread buffer; masked slots get probability exactly 0, as with XLA's -max_float fill.
 //
-// Requires AVX2 and FMA (the Python side checks the CPU before loading this library).
+// Built with AVX2 and FMA, or also with AVX-512 (avx512f/bw/dq/vl), which makes `vf` below 16 lanes
+// wide; the Python side checks the CPU before loading a build.
 #include <immintrin.h>
 
 #include <atomic>
