@@ -95,16 +95,22 @@ def inputs_of(seed, sizes=((12, 40), (7, 25))):
 @needs_kernels
 @pytest.mark.parametrize("arch", ["transformer", "llama", "retnet"])
 def test_kernel_steps_equal_xla_steps(arch):
-    """The AR over step_layers (kernel) gives XLA's greedy tokens and logits, for every backbone and
-    a batch of different lengths (the NAR does not use the kernels)."""
+    """The AR over step_layers (the kernels: rows_linear, the prefill's block_attention, the steps'
+    cache_attention) gives XLA's greedy tokens and logits, and the NAR over the same layers
+    (block_attention) XLA's greedy codes, for every backbone and a batch of different lengths."""
     cfg = ModelConfig(arch=arch, d_model=48, n_heads=4, n_layers=2, n_kv_heads=2 if arch == "llama" else 0)
     model = init_model(cfg, 3)
     with_kernels, without = D.Decoder(model), D.Decoder(model, cpu_kernels=False)
     assert with_kernels.step_layers is not None and without.step_layers is None
+    assert with_kernels.nar_layers is with_kernels.step_layers and without.nar_layers is None
     inputs = inputs_of(3)
     (tk, lk), (tx, lx) = logits_and_tokens(with_kernels, inputs), logits_and_tokens(without, inputs)
     np.testing.assert_array_equal(tk, tx)
     np.testing.assert_allclose(lk, lx, atol=1e-5)
+    ar = without.ar(inputs, GREEDY)
+    codes_k, codes_x = with_kernels.nar(inputs, ar, GREEDY), without.nar(inputs, ar, GREEDY)
+    assert int(np.count_nonzero(np.asarray(codes_x)[..., 1:])) > 0
+    np.testing.assert_array_equal(codes_k, codes_x)
 
 
 @needs_kernels
@@ -192,6 +198,48 @@ def test_cache_attention_equals_xla_over_the_filled_slots(s, r, kv_dtype, isa, m
     assert kernels.isa() == isa
     np.testing.assert_allclose(np.asarray(got)[:2], np.asarray(want)[:2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(L.attend_cache(q, k, v, jnp.asarray(mask), jnp.int32(live))[2], want[2], atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("s,r,dh", [(37, 1, 40), (20, 2, 64), (9, 4, 16)])
+def test_block_attention_equals_xla_over_the_filled_slots(s, r, dh, kv_dtype, isa, monkeypatch):
+    """Many queries at once (a NAR level, a prefill): causal rows (each eight-query group stops at
+    its last visible slot), a random mask inside that, query counts and slot counts that are not
+    whole groups or vectors, grouped-query r, slots from `live` on holding garbage that must not be
+    read, and a query with nothing visible (XLA: uniform over every slot); a bfloat16 cache read as
+    it is, in every build."""
+    from valle_jax.models import layers as L
+
+    monkeypatch.setenv("VALLE_JAX_CPU_KERNELS", isa)
+    rng = np.random.default_rng(s + r)
+    b, g, c = 2, 2, s + 43
+    live = c - 5
+    q = jnp.asarray(rng.standard_normal((b, s, g * r, dh)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b * g, c, dh)), kv_dtype)
+    v = jnp.asarray(rng.standard_normal((b * g, dh, c)), kv_dtype)
+    causal = np.arange(c)[None, :] < (live - s + 1 + np.arange(s))[:, None]
+    mask = (rng.random((b, 1, s, c)) < 0.8) & causal[None, None]
+    mask[1, 0, 3] = False
+    want = np.asarray(L.attend_cache(q, k, v, jnp.asarray(mask)))
+    garbage_k, garbage_v = k.at[:, live:].set(1e30), v.at[:, :, live:].set(jnp.nan)
+    attend = jax.jit(L.attend_cache, static_argnums=5)
+    got = np.asarray(attend(q, garbage_k, garbage_v, jnp.asarray(mask), jnp.int32(live), True))
+    assert kernels.isa() == isa
+    seen = np.ones(got.shape[:2], bool)
+    seen[1, 3] = False
+    np.testing.assert_allclose(got[seen], want[seen], rtol=1e-5, atol=2e-6)
+    unseen = np.asarray(attend(q, k, v, jnp.asarray(mask), jnp.int32(live), True))[1, 3]
+    np.testing.assert_allclose(unseen, want[1, 3], atol=1e-6)
+
+
+@needs_kernels
+def test_block_attention_rejects_mismatched_operands():
+    n, q, d, c = 2, 5, 8, 11
+    with pytest.raises(ValueError, match="block_attention"):
+        kernels.block_attention(jnp.zeros((n, q, d)), jnp.zeros((n, c, d)), jnp.zeros((n, d, c)),
+                                jnp.zeros((1, q, c), bool), 3)
 
 
 def test_isa_follows_the_environment(monkeypatch):

@@ -406,8 +406,11 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
 
 
 def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, length_B: Array, knobs: Knobs,
-         n_levels: Array, key: Array, *, sign_aware: bool):
-    """Levels 1..n_levels (a traced count) of the response, each from the levels below it."""
+         n_levels: Array, key: Array, layers: list[dict] | None = None, *, sign_aware: bool):
+    """Levels 1..n_levels (a traced count) of the response, each from the levels below it.
+    `layers`: the backbone's per-layer parameters as an argument (the Decoder's float32
+    `step_layers`); None slices them from `params` here, outside the levels' loop, where XLA
+    copies every weight at every call (half preset: ~150 ms of ~2.5 s)."""
     model = nnx.merge(graph, params)
     cfg = model.cfg
     b, r = level0_BR.shape
@@ -416,7 +419,7 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
     frame_valid = jnp.arange(r)[None, :] < length_B[:, None]
     positions = plen[:, None] + jnp.arange(r)[None, :]
     codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, level0_BR, 0))
-    layers = model.backbone.unstack()
+    layers = layers if layers is not None else model.backbone.unstack()
     if cache is not None:  # the prefix's keys/values (or recurrent state) alone
         cache = model.backbone.nar_cache(cache, sp, r)
 
@@ -541,7 +544,16 @@ class Decoder:
         key = jax.random.fold_in(jax.random.key(settings.seed), 1)
         return self._nar(self.params, inputs, cache, ar.tokens[:, :r], jnp.minimum(ar.length, r),
                          Knobs.of(settings, b, ar=False), jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
-                         key, sign_aware=settings.sign_aware_penalties)
+                         key, self.nar_layers, sign_aware=settings.sign_aware_penalties)
+
+    @property
+    def nar_layers(self) -> list[dict] | None:
+        """The layer weights the NAR reads: the float32 `step_layers` where there are some (XLA's
+        dot takes the transposed layout as fast), else None (sliced from `params` in the call)."""
+        layers = self.step_layers
+        if layers is None or jnp.dtype(self.cfg.dtype) != jnp.float32:
+            return None
+        return layers
 
     def generate(self, inputs: Inputs, settings: Settings) -> Output:
         ar = self.ar(inputs, settings)

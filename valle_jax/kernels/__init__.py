@@ -1,7 +1,8 @@
 """Hand-written CPU kernels for decoding steps, compiled on first use and called through XLA's FFI.
 
 `rows_linear(x_MK, w_NK)` is x @ w.T for the few rows of a decoding step, with float32 or bfloat16
-weights; `cache_attention` is a step's attention over the filled part of its KV cache
+weights; `cache_attention` is a step's attention over the filled part of its KV cache;
+`block_attention` the attention of many queries at once over it (the NAR's levels, a prefill)
 (cpu_kernels.cc says why XLA's own dot and attention are not used there). The library is built from
 cpu_kernels.cc with the system's C++ compiler ($CXX, else c++/g++/clang++) the first time a process
 asks for it, into $VALLE_JAX_KERNEL_CACHE (default ~/.cache/valle_jax/kernels), named by a hash of
@@ -40,7 +41,8 @@ ISAS = {
                ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl")),
     "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
 }
-TARGETS = {"valle_rows_linear": "ValleRowsLinear", "valle_cache_attention": "ValleCacheAttention"}
+TARGETS = {"valle_rows_linear": "ValleRowsLinear", "valle_cache_attention": "ValleCacheAttention",
+           "valle_block_attention": "ValleBlockAttention"}
 MAX_ROWS = 32  # rows up to which rows_linear beats XLA's dot (benchmarks/decode.py; docs/synthesis.md)
 # smaller weight matrices stay with XLA's dot, which fuses them with their neighbours: a custom call
 # costs ~1-2 us (tiny preset, d_model 48: 7.5k steps/s with the kernels, 11.7k without)
@@ -212,9 +214,26 @@ def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_B
     if k_NCD.shape != (n, c, d) or v_NDC.shape != (n, d, c) or n % b or q % s:
         raise ValueError(f"cache_attention: q {q_NQD.shape}, k {k_NCD.shape}, v {v_NDC.shape} and mask "
                          f"{mask_BSC.shape} disagree")
-    call = jax.ffi.ffi_call(target("valle_cache_attention", isa), jax.ShapeDtypeStruct((n, q, d), jnp.float32),
-                            vmap_method="sequential")
+    return _attention_call("valle_cache_attention", isa, q_NQD, k_NCD, v_NDC, mask_BSC, live)
+
+
+def block_attention(q_NQD: jax.Array, kT_NDC: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array,
+                    live: jax.Array, isa: str | None = None) -> jax.Array:
+    """What `cache_attention` computes, for many queries per unit (a NAR level, a prefill): keys
+    transposed, [N, D, C], like the values. Eight queries at a time; each group reads the slots up
+    to the last one any of them may see (a causal group skips the rest)."""
+    isa = _require(isa)
+    n, q, d = q_NQD.shape
+    b, s, c = mask_BSC.shape
+    if kT_NDC.shape != (n, d, c) or v_NDC.shape != (n, d, c) or n % b or q % s:
+        raise ValueError(f"block_attention: q {q_NQD.shape}, k^T {kT_NDC.shape}, v {v_NDC.shape} and mask "
+                         f"{mask_BSC.shape} disagree")
+    return _attention_call("valle_block_attention", isa, q_NQD, kT_NDC, v_NDC, mask_BSC, live)
+
+
+def _attention_call(name: str, isa: str, q, k, v, mask, live) -> jax.Array:
+    call = jax.ffi.ffi_call(target(name, isa), jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     # bfloat16 keys and values (or their bits, uint16: layers.cache_storage) are read as they are
-    kv_dtype = k_NCD.dtype if k_NCD.dtype == v_NDC.dtype and k_NCD.dtype in (jnp.bfloat16, jnp.uint16) else jnp.float32
-    return call(q_NQD.astype(jnp.float32), k_NCD.astype(kv_dtype), v_NDC.astype(kv_dtype), mask_BSC.astype(bool),
+    kv_dtype = k.dtype if k.dtype == v.dtype and k.dtype in (jnp.bfloat16, jnp.uint16) else jnp.float32
+    return call(q.astype(jnp.float32), k.astype(kv_dtype), v.astype(kv_dtype), mask.astype(bool),
                 jnp.asarray(live, jnp.int32))

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -52,6 +53,17 @@ inline vf vload(const uint16_t* p) {  // 16 bfloat16 -> 16 float32: the bits, sh
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+// the first n (< 16) elements, zeros after them; nothing past them is read
+inline vf vload_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+inline vf vload_first(const uint16_t* p, int64_t n) {
+  __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vf vkeep(vf x, const bool* m) {  // x where the 16 mask bytes at m are set, else -inf
+  __mmask16 keep = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)), _mm_set1_epi8(1));
+  return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, x);
+}
+inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
@@ -77,6 +89,24 @@ inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vf vload(const uint16_t* p) {  // 8 bfloat16 -> 8 float32: the bits, shifted up
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vf vload_first(const float* p, int64_t n) {
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+inline vf vload_first(const uint16_t* p, int64_t n) {  // no 16-bit masked load in AVX2
+  alignas(16) uint16_t part[8] = {0};
+  for (int64_t i = 0; i < n; ++i) part[i] = p[i];
+  return vload(part);
+}
+inline vf vkeep(vf x, const bool* m) {
+  __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256())));
+}
+inline float vhmax(vf v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
 }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
@@ -109,22 +139,37 @@ inline float widen(uint16_t v) {
   return f;
 }
 
-// y[m0 .. m0+MR, n0 .. n0+NR]: MR x NR accumulators.
+// y[M, N] = x[M, K] @ w[N, K]^T, each operand with its own row stride (in elements): rows_linear's
+// operands are dense; the attention's probabilities and values are rows of larger buffers.
+template <typename W>
+struct Product {
+  const float* x;
+  int64_t ldx;
+  const W* w;
+  int64_t ldw;
+  float* y;
+  int64_t ldy;
+  int64_t K;
+};
+
+// y[m0 .. m0+MR, n0 .. n0+NR]: MR x NR accumulators. A contraction that is not a whole number of
+// vectors ends with one masked load per row (nothing past K is read).
 template <int MR, int NR, typename W>
-void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
+void tile(const Product<W>& p, int64_t m0, int64_t n0) {
+  const int64_t K = p.K;
   vf acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
   const W* wr[NR];
   const float* xr[MR];
-  for (int j = 0; j < NR; ++j) wr[j] = w + (n0 + j) * K;
-  for (int i = 0; i < MR; ++i) xr[i] = x + (m0 + i) * K;
-  const char* next = reinterpret_cast<const char*>(w + (n0 + NR) * K);  // prefetching never faults
+  for (int j = 0; j < NR; ++j) wr[j] = p.w + (n0 + j) * p.ldw;
+  for (int i = 0; i < MR; ++i) xr[i] = p.x + (m0 + i) * p.ldx;
+  const char* next = reinterpret_cast<const char*>(p.w + (n0 + NR) * p.ldw);  // prefetching never faults
   constexpr int64_t per_line = 64 / sizeof(W);
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
     if (k % per_line == 0)
-      for (int j = 0; j < NR; ++j) _mm_prefetch(next + (j * K + k) * int64_t(sizeof(W)), _MM_HINT_T0);
+      for (int j = 0; j < NR; ++j) _mm_prefetch(next + (j * p.ldw + k) * int64_t(sizeof(W)), _MM_HINT_T0);
     vf wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = vload(wr[j] + k);
     for (int i = 0; i < MR; ++i) {
@@ -132,12 +177,16 @@ void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0
       for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float s = vsum(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s += xr[i][kk] * widen(wr[j][kk]);
-      y[(m0 + i) * N + n0 + j] = s;
+  if (k < K) {
+    vf wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = vload_first(wr[j] + k, K - k);
+    for (int i = 0; i < MR; ++i) {
+      vf xv = vload_first(xr[i] + k, K - k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
     }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) p.y[(m0 + i) * p.ldy + n0 + j] = vsum(acc[i][j]);
 }
 
 // Rows of w per tile for MR rows of x: as many independent accumulators as the registers allow,
@@ -148,28 +197,28 @@ constexpr int tile_width() {
 }
 
 template <int MR, typename W>
-void row_group(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
+void row_group(const Product<W>& p, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int NR = tile_width<MR>();
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile<MR, NR>(x, w, y, K, N, m0, n);
-  for (; n < n1; ++n) tile<MR, 1>(x, w, y, K, N, m0, n);
+  for (; n + NR <= n1; n += NR) tile<MR, NR>(p, m0, n);
+  for (; n < n1; ++n) tile<MR, 1>(p, m0, n);
 }
 
 // Tiles of NR rows of w for every row of x, kGroup rows at a time: each panel of w is read from
 // memory once and then used by every row group while it is in L1 (a whole chunk per row group,
 // reread from L2, ran 8 rows ~25% slower).
 template <int NR, typename W>
-void panel(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
+void panel(const Product<W>& p, int64_t M, int64_t n) {
   int64_t m = 0;
-  for (; m + kGroup <= M; m += kGroup) tile<kGroup, NR>(x, w, y, K, N, m, n);
+  for (; m + kGroup <= M; m += kGroup) tile<kGroup, NR>(p, m, n);
   if (kGroup > 4 && m + 4 <= M) {
-    tile<4, NR>(x, w, y, K, N, m, n);
+    tile<4, NR>(p, m, n);
     m += 4;
   }
   switch (M - m) {
-    case 3: tile<3, NR>(x, w, y, K, N, m, n); break;
-    case 2: tile<2, NR>(x, w, y, K, N, m, n); break;
-    case 1: tile<1, NR>(x, w, y, K, N, m, n); break;
+    case 3: tile<3, NR>(p, m, n); break;
+    case 2: tile<2, NR>(p, m, n); break;
+    case 1: tile<1, NR>(p, m, n); break;
     default: break;
   }
 }
@@ -177,17 +226,17 @@ void panel(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N
 // Columns [n0, n1) of y. Up to four rows of x: one row group, its tiles as wide as its registers
 // allow. More: tiles three rows of w wide, shared by the row groups.
 template <typename W>
-void columns(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+void columns(const Product<W>& p, int64_t M, int64_t n0, int64_t n1) {
   switch (M) {
-    case 1: row_group<1>(x, w, y, K, N, 0, n0, n1); return;
-    case 2: row_group<2>(x, w, y, K, N, 0, n0, n1); return;
-    case 3: row_group<3>(x, w, y, K, N, 0, n0, n1); return;
-    case 4: row_group<4>(x, w, y, K, N, 0, n0, n1); return;
+    case 1: row_group<1>(p, 0, n0, n1); return;
+    case 2: row_group<2>(p, 0, n0, n1); return;
+    case 3: row_group<3>(p, 0, n0, n1); return;
+    case 4: row_group<4>(p, 0, n0, n1); return;
     default: break;
   }
   int64_t n = n0;
-  for (; n + 3 <= n1; n += 3) panel<3>(x, w, y, M, K, N, n);
-  for (; n < n1; ++n) panel<1>(x, w, y, M, K, N, n);
+  for (; n + 3 <= n1; n += 3) panel<3>(p, M, n);
+  for (; n < n1; ++n) panel<1>(p, M, n);
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n * p(r), n = round(x / ln 2),
@@ -294,7 +343,7 @@ void rows_linear(ffi::ThreadPool& pool, const float* x, const W* w, float* y, in
   auto work = [=]() {
     for (int64_t c; (c = progress->next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       const int64_t n0 = c * kChunk, n1 = n0 + kChunk < N ? n0 + kChunk : N;
-      columns(x, w, y, M, K, N, n0, n1);
+      columns(Product<W>{x, K, w, K, y, N, K}, M, n0, n1);
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -337,42 +386,235 @@ void cache_attention(ffi::ThreadPool& pool, const float* qp, const T* kp, const 
   share(pool, progress, N, 2 * N * Q * live * D > kShareAbove ? pool.num_threads() : 0, work);
 }
 
+// ---- BlockAttention: many queries at once (the NAR's levels, a prefill) -------------------------
+//
+// Per unit (batch row, kv head): queries q [Q, D], keys transposed kT [D, C], values v [D, C]
+// (the cache's layout), taken eight queries at a time. Scores are computed in the broadcast form
+// (each query's element times a vector of 16 keys: no horizontal sums), masked, turned into
+// probabilities in place, and multiplied by the values with the rows_linear tiles. A block stops
+// at the last slot any of its queries may see, so a causal block skips the slots after it.
+// XLA computed the same with separate passes over [Q, C] score and probability buffers (half preset
+// NAR: ~9.6 ms per layer and level, ~0.8 s of 2.5 s).
+
+constexpr int kBlockRows = 8;                         // queries per work item
+constexpr int kScoreRows = kLanes == 16 ? 8 : 4;      // queries per score tile
+constexpr int kScoreVecs = kLanes == 16 ? 3 : 2;      // key vectors per score tile
+
+// s[i, c0 .. c0 + NV * kLanes) = q_i . k_c for MQ queries (rows of q, stride D); with Tail, one
+// vector of which only the first `rem` keys exist.
+template <int MQ, int NV, bool Tail, typename T>
+void score_tile(const float* q, int64_t D, const T* kT, int64_t C, int64_t c0, int64_t rem, float* s, int64_t lds) {
+  vf acc[MQ][NV];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    const T* row = kT + d * C + c0;
+    vf kv[NV];
+    for (int j = 0; j < NV; ++j) kv[j] = Tail ? vload_first(row, rem) : vload(row + j * kLanes);
+    for (int i = 0; i < MQ; ++i) {
+      const vf qi = vset(q[i * D + d]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = vfma(qi, kv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NV; ++j) vstore(s + i * lds + c0 + j * kLanes, acc[i][j]);
+}
+
+template <int MQ, typename T>
+void score_rows(const float* q, int64_t D, const T* kT, int64_t C, int64_t hi, float* s, int64_t lds) {
+  int64_t c = 0;
+  for (; c + kScoreVecs * kLanes <= hi; c += kScoreVecs * kLanes) score_tile<MQ, kScoreVecs, false>(q, D, kT, C, c, 0, s, lds);
+  for (; c + kLanes <= hi; c += kLanes) score_tile<MQ, 1, false>(q, D, kT, C, c, 0, s, lds);
+  if (c < hi) score_tile<MQ, 1, true>(q, D, kT, C, c, hi - c, s, lds);
+}
+
+template <int MQ, typename T>
+void score_rest(int64_t rows, const float* q, int64_t D, const T* kT, int64_t C, int64_t hi, float* s, int64_t lds) {
+  if constexpr (MQ > 0) {
+    if (rows == MQ) return score_rows<MQ>(q, D, kT, C, hi, s, lds);
+    score_rest<MQ - 1>(rows, q, D, kT, C, hi, s, lds);
+  }
+}
+
+// 1 + the last of the n mask bytes at m that is set (0: none)
+inline int64_t visible_end(const bool* m, int64_t n) {
+  while (n >= 32) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + n - 32));
+    const unsigned unset = unsigned(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256())));
+    if (unset != 0xFFFFFFFFu) return n - __builtin_clz(~unset);
+    n -= 32;
+  }
+  while (n > 0 && !m[n - 1]) --n;
+  return n;
+}
+
+// Scores s[0, hi) of one query -> unnormalised probabilities (masked slots exactly 0); returns
+// 1 / their sum, or 0 when the mask allows no slot.
+inline float softmax_row(float* s, const bool* m, int64_t hi, float scale) {
+  const vf vscale = vset(scale);
+  vf vtop = vset(-INFINITY);
+  int64_t c = 0;
+  for (; c + kLanes <= hi; c += kLanes) {
+    const vf x = vkeep(vmul(vload(s + c), vscale), m + c);
+    vstore(s + c, x);
+    vtop = vmax(vtop, x);
+  }
+  float top = vhmax(vtop);
+  for (; c < hi; ++c) {
+    s[c] = m[c] ? s[c] * scale : -INFINITY;
+    top = s[c] > top ? s[c] : top;
+  }
+  if (top == -INFINITY) return 0.0f;
+  const vf vt = vset(top);
+  vf vtotal = vzero();
+  c = 0;
+  for (; c + kLanes <= hi; c += kLanes) {
+    const vf x = vload(s + c);
+    const vf e = vzero_where_neginf(x, exp_nonpositive(vsub(x, vt)));
+    vstore(s + c, e);
+    vtotal = vadd(vtotal, e);
+  }
+  float total = vsum(vtotal);
+  for (; c < hi; ++c) {
+    s[c] = s[c] == -INFINITY ? 0.0f : std::exp(s[c] - top);
+    total += s[c];
+  }
+  return 1.0f / total;
+}
+
+// Queries [q0, q0 + rows) of unit n. `buf` holds kBlockRows x lds floats.
+template <typename T>
+void attend_block(const float* q, const T* kT, const T* v, const bool* mask, float* out, int64_t Q, int64_t S,
+                  int64_t C, int64_t D, int64_t live, int64_t q0, int64_t rows, float scale, float* buf,
+                  int64_t lds) {
+  const int64_t per_row = Q / S;
+  int64_t hi = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t end = visible_end(mask + ((q0 + i) / per_row) * C, live);
+    hi = end > hi ? end : hi;
+  }
+  float inv[kBlockRows];
+  if (hi > 0) {
+    int64_t i = 0;
+    for (; i + kScoreRows <= rows; i += kScoreRows)
+      score_rows<kScoreRows>(q + (q0 + i) * D, D, kT, C, hi, buf + i * lds, lds);
+    score_rest<kScoreRows - 1>(rows - i, q + (q0 + i) * D, D, kT, C, hi, buf + i * lds, lds);
+    for (i = 0; i < rows; ++i) inv[i] = softmax_row(buf + i * lds, mask + ((q0 + i) / per_row) * C, hi, scale);
+    columns(Product<T>{buf, lds, v, C, out + q0 * D, D, hi}, rows, 0, D);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) inv[i] = 0.0f;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + (q0 + i) * D;
+    if (inv[i] != 0.0f) {
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv[i];
+      continue;
+    }
+    // nothing visible: XLA's softmax over equal fills is uniform over every slot
+    const float share = 1.0f / float(C);
+    for (int64_t d = 0; d < D; ++d) {
+      float total = 0.0f;
+      for (int64_t c = 0; c < C; ++c) total += widen(v[d * C + c]);
+      o[d] = total * share;
+    }
+  }
+}
+
+template <typename T>
+void block_attention(ffi::ThreadPool& pool, const float* qp, const T* kp, const T* vp, const bool* mp, float* op,
+                     int64_t N, int64_t Q, int64_t D, int64_t C, int64_t S, int64_t G, int64_t live) {
+  const float scale = 1.0f / std::sqrt(float(D));
+  const int64_t blocks = (Q + kBlockRows - 1) / kBlockRows;
+  const int64_t lds = (live + kLanes - 1) / kLanes * kLanes;
+  auto progress = std::make_shared<Progress>();
+  auto work = [=]() {
+    std::unique_ptr<float[]> buf(new float[kBlockRows * (lds > 0 ? lds : 1)]);
+    for (int64_t item; (item = progress->next.fetch_add(1, std::memory_order_relaxed)) < N * blocks;) {
+      const int64_t n = item / blocks, q0 = (item % blocks) * kBlockRows;
+      const int64_t rows = Q - q0 < kBlockRows ? Q - q0 : kBlockRows;
+      attend_block(qp + n * Q * D, kp + n * D * C, vp + n * D * C, mp + (n / G) * S * C, op + n * Q * D, Q, S, C, D,
+                   live, q0, rows, scale, buf.get(), lds);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  share(pool, progress, N * blocks, 2 * N * Q * live * D > kShareAbove ? pool.num_threads() : 0, work);
+}
+
+// Checks shared by both attention kernels: q [N, Q, D], k [N, C, D] (`keys_transposed`: [N, D, C]),
+// v [N, D, C], mask [B, S, C], live []; fills the sizes.
+ffi::Error attention_shapes(const char* name, ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k, ffi::AnyBuffer& v,
+                            ffi::Buffer<ffi::PRED>& mask, ffi::Buffer<ffi::S32>& live_buf, bool keys_transposed,
+                            int64_t* N, int64_t* Q, int64_t* D, int64_t* C, int64_t* S, int64_t* G, int64_t* live) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || live_buf.element_count() != 1)
+    return ffi::Error::InvalidArgument(std::string(name) + ": q [N, Q, D], k, v [N, D, C], mask [B, S, C], live []");
+  *N = qd[0], *Q = qd[1], *D = qd[2], *C = vd[2], *S = md[1];
+  const int64_t B = md[0];
+  const bool k_ok = keys_transposed ? (kd[1] == *D && kd[2] == *C) : (kd[1] == *C && kd[2] == *D);
+  if (kd[0] != *N || !k_ok || vd[0] != *N || vd[1] != *D || md[2] != *C || B == 0 || *N % B || *S == 0 || *Q % *S)
+    return ffi::Error::InvalidArgument(std::string(name) + ": operand shapes disagree");
+  if (k.element_type() != v.element_type())
+    return ffi::Error::InvalidArgument(std::string(name) + ": keys and values differ in dtype");
+  const int64_t l = live_buf.typed_data()[0];
+  *live = l < 0 ? 0 : l > *C ? *C : l;
+  *G = *N / B;
+  return ffi::Error::Success();
+}
+
+// Calls run(T{}) with T the type the keys and values are read as (bfloat16 and its bits: uint16).
+template <typename Run>
+ffi::Error by_kv_type(const char* name, ffi::DataType type, Run run) {
+  switch (type) {
+    case ffi::DataType::F32: run(float{}); return ffi::Error::Success();
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16:  // bfloat16 bits (a cache held as uint16: valle_jax/models/layers.py)
+      run(uint16_t{});
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(std::string(name) +
+                                         ": keys and values must be float32 or bfloat16 (or its bits)");
+  }
+}
+
+ffi::Error BlockAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf,
+                              ffi::ResultBuffer<ffi::F32> out) {
+  int64_t N, Q, D, C, S, G, live;
+  ffi::Error shapes = attention_shapes("BlockAttention", q, k, v, mask, live_buf, true, &N, &Q, &D, &C, &S, &G, &live);
+  if (shapes.failure()) return shapes;
+  return by_kv_type("BlockAttention", k.element_type(), [&](auto type) {
+    using T = decltype(type);
+    block_attention(pool, q.typed_data(), static_cast<const T*>(k.untyped_data()), static_cast<const T*>(v.untyped_data()),
+                    mask.typed_data(), out->typed_data(), N, Q, D, C, S, G, live);
+  });
+}
+
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                               ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf,
                               ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || live_buf.element_count() != 1)
-    return ffi::Error::InvalidArgument("CacheAttention: q [N, Q, D], k [N, C, D], v [N, D, C], mask [B, S, C], live []");
-  const int64_t N = qd[0], Q = qd[1], D = qd[2], C = kd[1], B = md[0], S = md[1];
-  if (kd[0] != N || kd[2] != D || vd[0] != N || vd[1] != D || vd[2] != C || md[2] != C || B == 0 || N % B ||
-      S == 0 || Q % S)
-    return ffi::Error::InvalidArgument("CacheAttention: operand shapes disagree");
-  if (k.element_type() != v.element_type())
-    return ffi::Error::InvalidArgument("CacheAttention: keys and values differ in dtype");
-  int64_t live = live_buf.typed_data()[0];
-  live = live < 0 ? 0 : live > C ? C : live;
-  const int64_t G = N / B;
-  switch (k.element_type()) {
-    case ffi::DataType::F32:
-      cache_attention(pool, q.typed_data(), static_cast<const float*>(k.untyped_data()),
-                      static_cast<const float*>(v.untyped_data()), mask.typed_data(), out->typed_data(), N, Q, D, C,
-                      S, G, live);
-      break;
-    case ffi::DataType::BF16:
-    case ffi::DataType::U16:  // bfloat16 bits (a cache held as uint16: valle_jax/models/layers.py)
-      cache_attention(pool, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
-                      static_cast<const uint16_t*>(v.untyped_data()), mask.typed_data(), out->typed_data(), N, Q, D,
-                      C, S, G, live);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("CacheAttention: keys and values must be float32 or bfloat16 (or its bits)");
-  }
-  return ffi::Error::Success();
+  int64_t N, Q, D, C, S, G, live;
+  ffi::Error shapes = attention_shapes("CacheAttention", q, k, v, mask, live_buf, false, &N, &Q, &D, &C, &S, &G, &live);
+  if (shapes.failure()) return shapes;
+  return by_kv_type("CacheAttention", k.element_type(), [&](auto type) {
+    using T = decltype(type);
+    cache_attention(pool, q.typed_data(), static_cast<const T*>(k.untyped_data()), static_cast<const T*>(v.untyped_data()),
+                    mask.typed_data(), out->typed_data(), N, Q, D, C, S, G, live);
+  });
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleCacheAttention, CacheAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleBlockAttention, BlockAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

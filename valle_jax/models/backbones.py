@@ -124,12 +124,14 @@ class Backbone(nnx.Module):
         mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
         ks, vs = list(cache["k"]), list(cache["v"])
         features = self.position_features(positions_BS)
-        # a step over step_layers (CPU kernels): attention reads only the filled slots
-        live = idx + x.shape[1] if x.shape[1] <= STEP_POSITIONS and is_step_layers(layers) else None
+        # over step_layers (the CPU kernels): attention reads only the filled slots, a step's few
+        # positions one query at a time, more (a prefill, a NAR level) eight at a time
+        live = idx + x.shape[1] if is_step_layers(layers) else None
+        many = x.shape[1] > STEP_POSITIONS
         for i, p in enumerate(layers):
             def cached_attend(q, k, v, rate, key, i=i):
                 ks[i], vs[i] = L.update_cache(ks[i], vs[i], k, v, idx)
-                return L.attend_cache(q, ks[i], vs[i], mask, live)
+                return L.attend_cache(q, ks[i], vs[i], mask, live, many)
 
             x = self.layer(p, x, features, valid_BS, cached_attend, None if keys is None else keys[i])
         new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": k_pos, "valid": k_valid, "index": idx + x.shape[1]}

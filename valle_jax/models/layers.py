@@ -201,7 +201,8 @@ def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropou
     return out.reshape(b, s, h, dh)
 
 
-def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, live: Array | None = None) -> Array:
+def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, live: Array | None = None,
+                 many: bool = False) -> Array:
     """`attend` over one layer's cache: keys [B*G, K, Dh], values [B*G, Dh, K] (row b*G + g).
 
     Why this layout: at a decoding step each (row, kv head) is a matrix-vector product, which XLA's
@@ -212,7 +213,8 @@ def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, 
 
     `live` (the slots filled so far; every later slot masked): computed by the CPU kernel, which
     reads only those slots (valle_jax.kernels.cache_attention), a bfloat16 cache as it is (also when
-    held as its bits: `cache_storage`)."""
+    held as its bits: `cache_storage`). With `many` (many new positions: a NAR level, a prefill),
+    by valle_jax.kernels.block_attention over the keys transposed."""
     b, s, h, dh = q_BSHD.shape
     g = ck_NKD.shape[0] // b
     r = h // g
@@ -220,7 +222,10 @@ def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, 
         from valle_jax import kernels
 
         q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
-        out = kernels.cache_attention(q, ck_NKD, cv_NDK, mask_B1SK[:, 0], live)
+        if many:
+            out = kernels.block_attention(q, jnp.swapaxes(ck_NKD, 1, 2), cv_NDK, mask_B1SK[:, 0], live)
+        else:
+            out = kernels.cache_attention(q, ck_NKD, cv_NDK, mask_B1SK[:, 0], live)
         return out.reshape(b, g, s, r, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh)
     q_BSHD, ck_NKD, cv_NDK = cpu_safe(q_BSHD, cache_values(ck_NKD), cache_values(cv_NDK))
     q = q_BSHD.reshape(b, s, g, r, dh).transpose(0, 2, 1, 3, 4).reshape(b * g, s * r, dh)
