@@ -21,6 +21,9 @@
 // last one; here the loop stops at `live` (the cache's fill). Scores and probabilities stay in a
 // per-thread buffer; masked slots get probability exactly 0, as with XLA's -max_float fill.
 //
+// BlockAttention: the same attention for many queries at once (a prefill, a NAR level): see the
+// section below.
+//
 // Built with AVX2 and FMA, or also with AVX-512 (avx512f/bw/dq/vl), which makes `vf` below 16 lanes
 // wide; the Python side checks the CPU before loading a build.
 #include <immintrin.h>
