@@ -208,12 +208,6 @@ def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_B
     Slots from `live` on must be masked: they are not read. Keys and values are float32 or
     bfloat16 (read as they are: a bfloat16 cache streams half the bytes), or uint16 holding
     bfloat16 bits."""
-    isa = _require(isa)
-    n, q, d = q_NQD.shape
-    b, s, c = mask_BSC.shape
-    if k_NCD.shape != (n, c, d) or v_NDC.shape != (n, d, c) or n % b or q % s:
-        raise ValueError(f"cache_attention: q {q_NQD.shape}, k {k_NCD.shape}, v {v_NDC.shape} and mask "
-                         f"{mask_BSC.shape} disagree")
     return _attention_call("valle_cache_attention", isa, q_NQD, k_NCD, v_NDC, mask_BSC, live)
 
 
@@ -222,16 +216,18 @@ def block_attention(q_NQD: jax.Array, kT_NDC: jax.Array, v_NDC: jax.Array, mask_
     """What `cache_attention` computes, for many queries per unit (a NAR level, a prefill): keys
     transposed, [N, D, C], like the values. Eight queries at a time; each group reads the slots up
     to the last one any of them may see (a causal group skips the rest)."""
-    isa = _require(isa)
-    n, q, d = q_NQD.shape
-    b, s, c = mask_BSC.shape
-    if kT_NDC.shape != (n, d, c) or v_NDC.shape != (n, d, c) or n % b or q % s:
-        raise ValueError(f"block_attention: q {q_NQD.shape}, k^T {kT_NDC.shape}, v {v_NDC.shape} and mask "
-                         f"{mask_BSC.shape} disagree")
     return _attention_call("valle_block_attention", isa, q_NQD, kT_NDC, v_NDC, mask_BSC, live)
 
 
-def _attention_call(name: str, isa: str, q, k, v, mask, live) -> jax.Array:
+def _attention_call(name: str, isa: str | None, q, k, v, mask, live) -> jax.Array:
+    """Checks the operands of attention kernel `name` (block_attention's keys transposed) and calls it."""
+    isa = _require(isa)
+    n, nq, d = q.shape
+    b, s, c = mask.shape
+    k_shape = (n, d, c) if name == "valle_block_attention" else (n, c, d)
+    if k.shape != k_shape or v.shape != (n, d, c) or n % b or nq % s:
+        raise ValueError(f"{name.removeprefix('valle_')}: q {q.shape}, k {k.shape}, v {v.shape} and mask "
+                         f"{mask.shape} disagree")
     call = jax.ffi.ffi_call(target(name, isa), jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     # bfloat16 keys and values (or their bits, uint16: layers.cache_storage) are read as they are
     kv_dtype = k.dtype if k.dtype == v.dtype and k.dtype in (jnp.bfloat16, jnp.uint16) else jnp.float32

@@ -579,53 +579,37 @@ ffi::Error by_kv_type(const char* name, ffi::DataType type, Run run) {
   }
 }
 
-ffi::Error BlockAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf,
-                              ffi::ResultBuffer<ffi::F32> out) {
+// Both attention kernels: BlockAttention reads the keys transposed.
+template <bool KeysTransposed>
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                         ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf, ffi::ResultBuffer<ffi::F32> out) {
+  const char* name = KeysTransposed ? "BlockAttention" : "CacheAttention";
   int64_t N, Q, D, C, S, G, live;
-  ffi::Error shapes = attention_shapes("BlockAttention", q, k, v, mask, live_buf, true, &N, &Q, &D, &C, &S, &G, &live);
+  ffi::Error shapes = attention_shapes(name, q, k, v, mask, live_buf, KeysTransposed, &N, &Q, &D, &C, &S, &G, &live);
   if (shapes.failure()) return shapes;
-  return by_kv_type("BlockAttention", k.element_type(), [&](auto type) {
+  return by_kv_type(name, k.element_type(), [&](auto type) {
     using T = decltype(type);
-    block_attention(pool, q.typed_data(), static_cast<const T*>(k.untyped_data()), static_cast<const T*>(v.untyped_data()),
-                    mask.typed_data(), out->typed_data(), N, Q, D, C, S, G, live);
-  });
-}
-
-ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> live_buf,
-                              ffi::ResultBuffer<ffi::F32> out) {
-  int64_t N, Q, D, C, S, G, live;
-  ffi::Error shapes = attention_shapes("CacheAttention", q, k, v, mask, live_buf, false, &N, &Q, &D, &C, &S, &G, &live);
-  if (shapes.failure()) return shapes;
-  return by_kv_type("CacheAttention", k.element_type(), [&](auto type) {
-    using T = decltype(type);
-    cache_attention(pool, q.typed_data(), static_cast<const T*>(k.untyped_data()), static_cast<const T*>(v.untyped_data()),
-                    mask.typed_data(), out->typed_data(), N, Q, D, C, S, G, live);
+    const auto run = KeysTransposed ? block_attention<T> : cache_attention<T>;
+    run(pool, q.typed_data(), static_cast<const T*>(k.untyped_data()), static_cast<const T*>(v.untyped_data()),
+        mask.typed_data(), out->typed_data(), N, Q, D, C, S, G, live);
   });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleCacheAttention, CacheAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// q, k, v, mask, live -> out
+#define VALLE_ATTENTION_BINDING                                                                            \
+  ffi::Ffi::Bind()                                                                                         \
+      .Ctx<ffi::ThreadPool>()                                                                              \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                        \
+      .Arg<ffi::AnyBuffer>()                                                                               \
+      .Arg<ffi::AnyBuffer>()                                                                               \
+      .Arg<ffi::Buffer<ffi::PRED>>()                                                                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                                        \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleBlockAttention, BlockAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleCacheAttention, AttentionImpl<false>, VALLE_ATTENTION_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleBlockAttention, AttentionImpl<true>, VALLE_ATTENTION_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ValleRowsLinear, RowsLinearImpl,
                               ffi::Ffi::Bind()
