@@ -134,6 +134,15 @@ def test_bfloat16_step_weights_compute_in_float32():
     (tk, lk), (tx, lx) = logits_and_tokens(dec, inputs), logits_and_tokens(xla, inputs)
     np.testing.assert_array_equal(tk, tx)
     np.testing.assert_allclose(lk, lx, atol=1e-5)
+    # the NAR: the float32 weights (not rounded), attention through the kernel, over the bf16 cache
+    assert dec.nar_layers is None
+    ar = dec.ar(inputs, GREEDY)
+    args, static = dec.nar_arguments(inputs, ar, GREEDY)
+    hlo = dec._nar.lower(*args, **static).as_text()
+    assert "valle_block_attention" in hlo and "valle_rows_linear" not in hlo
+    assert not re.search(r"tensor<\d+x\d+xbf16>", hlo)  # no weight matrix in bfloat16
+    float32_xla = D.Decoder(init_model(cfg, 4), cpu_kernels=False, kv_dtype="bfloat16")
+    np.testing.assert_array_equal(dec.nar(inputs, ar, GREEDY), float32_xla.nar(inputs, ar, GREEDY))
 
 
 @needs_kernels

@@ -406,11 +406,12 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
 
 
 def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, length_B: Array, knobs: Knobs,
-         n_levels: Array, key: Array, layers: list[dict] | None = None, *, sign_aware: bool):
+         n_levels: Array, key: Array, layers: list[dict] | None = None, *, sign_aware: bool, kernels: bool = False):
     """Levels 1..n_levels (a traced count) of the response, each from the levels below it.
     `layers`: the backbone's per-layer parameters as an argument (the Decoder's float32
     `step_layers`); None slices them from `params` here, outside the levels' loop, where XLA
-    copies every weight at every call (half preset: ~150 ms of ~2.5 s)."""
+    copies every weight at every call (half preset: ~150 ms of ~2.5 s), as step layers with
+    `kernels` (so that attention runs the CPU kernel; XLA folds their transposes into its dots)."""
     model = nnx.merge(graph, params)
     cfg = model.cfg
     b, r = level0_BR.shape
@@ -419,7 +420,8 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
     frame_valid = jnp.arange(r)[None, :] < length_B[:, None]
     positions = plen[:, None] + jnp.arange(r)[None, :]
     codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, level0_BR, 0))
-    layers = layers if layers is not None else model.backbone.unstack()
+    if layers is None:
+        layers = model.backbone.step_layers(jnp.float32) if kernels else model.backbone.unstack()
     if cache is not None:  # the prefix's keys/values (or recurrent state) alone
         cache = model.backbone.nar_cache(cache, sp, r)
 
@@ -489,7 +491,7 @@ class Decoder:
         self.params = params
         self._ar = jax.jit(functools.partial(_ar, self.graph), static_argnames=(
             "n_slots", "chunk", "mode", "width", "sign_aware", "ras_window", "cached", "keep_logits", "kv_dtype"))
-        self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware",),
+        self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware", "kernels"),
                             compiler_options=runtime.large_dot_compiler_options())
         step_dtype = jnp.dtype(self.cfg.dtype)
         self._pack = jax.jit(lambda params: nnx.merge(self.graph, params).backbone.step_layers(step_dtype))
@@ -536,20 +538,26 @@ class Decoder:
 
     def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
         """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""
+        args, static = self.nar_arguments(inputs, ar, settings)
+        return self._nar(*args, **static)
+
+    def nar_arguments(self, inputs: Inputs, ar: ArResult, settings: Settings) -> tuple[tuple, dict]:
+        """What `nar` passes to the jitted NAR: (arguments, static arguments), for `._nar.lower()` too."""
         b = len(inputs.text_len)
         n_slots = ar.tokens.shape[1]
         r = min(bucket(max(int(np.max(ar.length)), 1), NAR_BUCKETS), n_slots)
         reuse = not self.cfg.bidirectional_nar
         cache = ar.state[0] if reuse else None
         key = jax.random.fold_in(jax.random.key(settings.seed), 1)
-        return self._nar(self.params, inputs, cache, ar.tokens[:, :r], jnp.minimum(ar.length, r),
-                         Knobs.of(settings, b, ar=False), jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
-                         key, self.nar_layers, sign_aware=settings.sign_aware_penalties)
+        return ((self.params, inputs, cache, ar.tokens[:, :r], jnp.minimum(ar.length, r),
+                 Knobs.of(settings, b, ar=False), jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)), key,
+                 self.nar_layers), {"sign_aware": settings.sign_aware_penalties, "kernels": self.cpu_kernels})
 
     @property
     def nar_layers(self) -> list[dict] | None:
         """The layer weights the NAR reads: the float32 `step_layers` where there are some (XLA's
-        dot takes the transposed layout as fast), else None (sliced from `params` in the call)."""
+        dot takes the transposed layout as fast), else None (sliced from the float32 `params` in the
+        call: bfloat16 step weights are for the AR's steps alone)."""
         layers = self.step_layers
         if layers is None or jnp.dtype(self.cfg.dtype) != jnp.float32:
             return None
