@@ -208,7 +208,7 @@ def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_B
     Slots from `live` on must be masked: they are not read. Keys and values are float32 or
     bfloat16 (read as they are: a bfloat16 cache streams half the bytes), or uint16 holding
     bfloat16 bits."""
-    return _attention_call("valle_cache_attention", isa, q_NQD, k_NCD, v_NDC, mask_BSC, live)
+    return _attention_call("valle_cache_attention", isa, q_NQD, k_NCD, v_NDC, mask_BSC, live, keys_transposed=False)
 
 
 def block_attention(q_NQD: jax.Array, kT_NDC: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array,
@@ -216,15 +216,15 @@ def block_attention(q_NQD: jax.Array, kT_NDC: jax.Array, v_NDC: jax.Array, mask_
     """What `cache_attention` computes, for many queries per unit (a NAR level, a prefill): keys
     transposed, [N, D, C], like the values. Eight queries at a time; each group reads the slots up
     to the last one any of them may see (a causal group skips the rest)."""
-    return _attention_call("valle_block_attention", isa, q_NQD, kT_NDC, v_NDC, mask_BSC, live)
+    return _attention_call("valle_block_attention", isa, q_NQD, kT_NDC, v_NDC, mask_BSC, live, keys_transposed=True)
 
 
-def _attention_call(name: str, isa: str | None, q, k, v, mask, live) -> jax.Array:
-    """Checks the operands of attention kernel `name` (block_attention's keys transposed) and calls it."""
+def _attention_call(name: str, isa: str | None, q, k, v, mask, live, *, keys_transposed: bool) -> jax.Array:
+    """Checks the operands of attention kernel `name` (keys [N, C, D], or [N, D, C] transposed) and calls it."""
     isa = _require(isa)
     n, nq, d = q.shape
     b, s, c = mask.shape
-    k_shape = (n, d, c) if name == "valle_block_attention" else (n, c, d)
+    k_shape = (n, d, c) if keys_transposed else (n, c, d)
     if k.shape != k_shape or v.shape != (n, d, c) or n % b or nq % s:
         raise ValueError(f"{name.removeprefix('valle_')}: q {q.shape}, k {k.shape}, v {v.shape} and mask "
                          f"{mask.shape} disagree")

@@ -274,6 +274,37 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
+// s[0, n) -> exp(s - top) in place (-inf slots exactly 0); returns their sum.
+inline float exp_shifted(float* s, int64_t n, float top) {
+  const vf vtop = vset(top);
+  vf vtotal = vzero();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    const vf x = vload(s + c);
+    const vf e = vzero_where_neginf(x, exp_nonpositive(vsub(x, vtop)));
+    vstore(s + c, e);
+    vtotal = vadd(vtotal, e);
+  }
+  float total = vsum(vtotal);
+  for (; c < n; ++c) {
+    s[c] = s[c] == -INFINITY ? 0.0f : std::exp(s[c] - top);
+    total += s[c];
+  }
+  return total;
+}
+
+// A query with nothing visible: XLA's softmax over equal fills is uniform over every slot, so its
+// output o[D] is the mean of the values v [D, C] over all C slots.
+template <typename T>
+void uniform_over_slots(const T* v, int64_t C, int64_t D, float* o) {
+  const float share = 1.0f / float(C);
+  for (int64_t d = 0; d < D; ++d) {
+    float total = 0.0f;
+    for (int64_t c = 0; c < C; ++c) total += widen(v[d * C + c]);
+    o[d] = total * share;
+  }
+}
+
 // One (batch row, kv head) unit: Q queries [Q, D] over keys [C, D] and values [D, C] (C = the
 // cache's slots, `live` of them read; float32 or bfloat16), the mask rows [S, C] of its batch row
 // (query q uses row q / (Q / S)); out [Q, D]. `buf` holds `live` floats.
@@ -290,28 +321,11 @@ void attend_unit(const float* q, const T* k, const T* v, const bool* mask, float
       top = buf[c] > top ? buf[c] : top;
     }
     float* o = out + qi * D;
-    if (top == -INFINITY) {  // nothing visible: XLA's softmax over equal fills is uniform over every slot
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-      const float share = 1.0f / float(C);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t d = 0; d < D; ++d) o[d] += share * widen(v[d * C + c]);
+    if (top == -INFINITY) {
+      uniform_over_slots(v, C, D, o);
       continue;
     }
-    const vf vtop = vset(top);
-    vf vsum_ = vzero();
-    int64_t c = 0;
-    for (; c + kLanes <= live; c += kLanes) {
-      vf sc = vload(buf + c);
-      vf e = vzero_where_neginf(sc, exp_nonpositive(vsub(sc, vtop)));
-      vstore(buf + c, e);
-      vsum_ = vadd(vsum_, e);
-    }
-    float sum = vsum(vsum_);
-    for (; c < live; ++c) {
-      buf[c] = buf[c] == -INFINITY ? 0.0f : std::exp(buf[c] - top);
-      sum += buf[c];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_shifted(buf, live, top);
     for (int64_t d = 0; d < D; ++d) o[d] = dot(buf, v + d * C, live) * inv;
   }
 }
@@ -473,22 +487,7 @@ inline float softmax_row(float* s, const bool* m, int64_t hi, float scale) {
     s[c] = m[c] ? s[c] * scale : -INFINITY;
     top = s[c] > top ? s[c] : top;
   }
-  if (top == -INFINITY) return 0.0f;
-  const vf vt = vset(top);
-  vf vtotal = vzero();
-  c = 0;
-  for (; c + kLanes <= hi; c += kLanes) {
-    const vf x = vload(s + c);
-    const vf e = vzero_where_neginf(x, exp_nonpositive(vsub(x, vt)));
-    vstore(s + c, e);
-    vtotal = vadd(vtotal, e);
-  }
-  float total = vsum(vtotal);
-  for (; c < hi; ++c) {
-    s[c] = s[c] == -INFINITY ? 0.0f : std::exp(s[c] - top);
-    total += s[c];
-  }
-  return 1.0f / total;
+  return top == -INFINITY ? 0.0f : 1.0f / exp_shifted(s, hi, top);
 }
 
 // Queries [q0, q0 + rows) of unit n. `buf` holds kBlockRows x lds floats.
@@ -515,17 +514,11 @@ void attend_block(const float* q, const T* kT, const T* v, const bool* mask, flo
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* o = out + (q0 + i) * D;
-    if (inv[i] != 0.0f) {
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv[i];
+    if (inv[i] == 0.0f) {
+      uniform_over_slots(v, C, D, o);
       continue;
     }
-    // nothing visible: XLA's softmax over equal fills is uniform over every slot
-    const float share = 1.0f / float(C);
-    for (int64_t d = 0; d < D; ++d) {
-      float total = 0.0f;
-      for (int64_t c = 0; c < C; ++c) total += widen(v[d * C + c]);
-      o[d] = total * share;
-    }
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv[i];
   }
 }
 
