@@ -45,26 +45,41 @@ def as_float64(a):
 @needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("m,k,n", [(1, 512, 1536), (2, 24, 30), (3, 64, 101), (4, 37, 9), (6, 200, 48), (8, 200, 48),
-                                   (13, 16, 50), (32, 72, 97)])
+@pytest.mark.parametrize("m,k,n", [(1, 512, 1536), (2, 24, 30), (3, 64, 101), (4, 37, 9), (5, 20, 40), (6, 200, 48),
+                                   (7, 3, 33), (8, 200, 48), (11, 16, 64), (12, 16, 70), (13, 16, 50), (25, 40, 20),
+                                   (32, 72, 97), (64, 20, 65)])
 def test_rows_linear_matches_a_float64_product(dtype, m, k, n, isa):
-    """Every row count (tile heights 8, 4, 3, 2, 1), widths that leave partial tiles and chunks, and
-    contracted sizes that are not a multiple of the 8- or 16-wide registers, in every build."""
+    """Every row count of a pass (1..12), more rows split into passes (13, 25, 32, 64), widths that
+    end in a partial panel or a partial vector of one, in every build."""
     rng = np.random.default_rng(m * 1000 + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    w = jnp.asarray(rng.standard_normal((n, k)).astype(np.float32), dtype)
-    got = np.asarray(jax.jit(functools.partial(kernels.rows_linear, isa=isa))(jnp.asarray(x), w))
-    want = x.astype(np.float64) @ as_float64(w).T  # w as stored (bf16: rounded)
+    w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32), dtype)
+    got = np.asarray(jax.jit(functools.partial(kernels.rows_linear, n=n, isa=isa))(jnp.asarray(x), kernels.pack(w)))
+    want = x.astype(np.float64) @ as_float64(w)  # w as stored (bf16: rounded)
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
+def test_pack_keeps_every_column_in_panels():
+    w = jnp.arange(5 * 70, dtype=jnp.float32).reshape(5, 70)
+    packed = kernels.pack(w)
+    assert packed.shape == (3, 5, 32)
+    np.testing.assert_array_equal(packed[1, 2], w[2, 32:64])
+    np.testing.assert_array_equal(packed[2, :, 6:], 0.0)  # past the last column
+    np.testing.assert_array_equal(kernels.unpack(packed, 70), w)
+
+
 @needs_kernels
 def test_rows_linear_rejects_mismatched_operands():
-    with pytest.raises(ValueError, match="contracted size"):
-        kernels.rows_linear(jnp.ones((2, 8)), jnp.ones((4, 9)))
+    w = kernels.pack(jnp.ones((8, 40)))
+    with pytest.raises(ValueError, match="do not make"):
+        kernels.rows_linear(jnp.ones((2, 9)), w, 40)
+    with pytest.raises(ValueError, match="do not make"):
+        kernels.rows_linear(jnp.ones((2, 8)), w, 70)
+    with pytest.raises(ValueError, match="do not make"):
+        kernels.rows_linear(jnp.ones((2, 8)), jnp.ones((40, 8)), 40)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        kernels.rows_linear(jnp.ones((2, 8)), jnp.ones((4, 8), jnp.float16))
+        kernels.rows_linear(jnp.ones((2, 8)), w.astype(jnp.float16), 40)
 
 
 def test_step_weight_computes_the_einsum_it_replaces():
@@ -73,10 +88,13 @@ def test_step_weight_computes_the_einsum_it_replaces():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((4, 6, 10)), jnp.float32)  # [heads, head_dim, out]
     sw = StepWeight.of(w, 2)
+    assert sw.w_KN is None and sw.unpacked().w_PKC is None  # one copy each
+    np.testing.assert_array_equal(sw.dense(), w.reshape(24, 10))
     for rows in (1, 50):
         x = jnp.asarray(rng.standard_normal((rows, 1, 4, 6)), jnp.float32)
         want = jnp.einsum("bshk,hkd->bsd", x, w, precision="highest")
-        np.testing.assert_allclose(sw.apply("bshk,hkd->bsd", x, jnp.float32), want, rtol=1e-5, atol=1e-5)
+        for weight in (sw, sw.unpacked(), StepWeight.of(w, 2, packed=False)):
+            np.testing.assert_allclose(weight.apply("bshk,hkd->bsd", x, jnp.float32), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cannot compute"):
         sw.apply("bsd,dhk->bshk", jnp.ones((1, 1, 4)), jnp.float32)
 
@@ -121,7 +139,7 @@ def test_bfloat16_step_weights_compute_in_float32():
     cfg = ModelConfig(arch="llama", d_model=48, n_heads=4, n_layers=2)
     model = init_model(dataclasses.replace(cfg, dtype="bfloat16"), 4)
     dec = D.Decoder(model)
-    assert all(p["q"].w_NK.dtype == jnp.bfloat16 for p in dec.step_layers)
+    assert all(p["q"].w_PKC.dtype == jnp.bfloat16 for p in dec.step_layers)
     assert dec.params["backbone"]["q"][...].dtype == jnp.float32  # the NAR's weights: not rounded
     rounded = init_model(cfg, 4)
     for name in type(rounded.backbone).STEP_MATMULS:
@@ -153,7 +171,7 @@ def test_step_layers_follow_replaced_params():
     inputs = inputs_of(6)
     before = logits_and_tokens(dec, inputs)[1]
     dec.params = nnx.split(other)[1]
-    np.testing.assert_array_equal(dec.step_layers[1]["down"].w_NK, other.backbone.down[...][1].T)
+    np.testing.assert_array_equal(dec.step_layers[1]["down"].dense(), other.backbone.down[...][1])
     assert not np.allclose(before, logits_and_tokens(dec, inputs)[1])
 
 

@@ -32,6 +32,7 @@ from flax import nnx
 from valle_jax import kernels, runtime
 from valle_jax import sampling as S
 from valle_jax.models.valle import VALLE, prefix_len
+from valle_jax.models import layers as L
 from valle_jax.models.layers import cache_storage
 
 Array = jax.Array
@@ -409,9 +410,9 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
          n_levels: Array, key: Array, layers: list[dict] | None = None, *, sign_aware: bool, kernels: bool = False):
     """Levels 1..n_levels (a traced count) of the response, each from the levels below it.
     `layers`: the backbone's per-layer parameters as an argument (the Decoder's float32
-    `step_layers`); None slices them from `params` here, outside the levels' loop, where XLA
-    copies every weight at every call (half preset: ~150 ms of ~2.5 s), as step layers with
-    `kernels` (so that attention runs the CPU kernel; XLA folds their transposes into its dots)."""
+    `step_layers`, unpacked here, outside the levels' loop); None slices them from `params` here,
+    where XLA copies every weight at every call (half preset: ~150 ms of ~2.5 s), as step layers
+    with `kernels` (so that attention runs the CPU kernel)."""
     model = nnx.merge(graph, params)
     cfg = model.cfg
     b, r = level0_BR.shape
@@ -421,7 +422,8 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
     positions = plen[:, None] + jnp.arange(r)[None, :]
     codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, level0_BR, 0))
     if layers is None:
-        layers = model.backbone.step_layers(jnp.float32) if kernels else model.backbone.unstack()
+        layers = model.backbone.step_layers(jnp.float32, packed=False) if kernels else model.backbone.unstack()
+    layers = [L.unpacked(p) for p in layers]  # here, outside the levels' loop: once per call
     if cache is not None:  # the prefix's keys/values (or recurrent state) alone
         cache = model.backbone.nar_cache(cache, sp, r)
 
@@ -468,7 +470,7 @@ class Decoder:
     """Jitted decoding for one model: compiled once per (batch, text, prompt, step) bucket and mode.
 
     On the CPU (when valle_jax.kernels can be built here), the AR steps' matmuls run the
-    `rows_linear` kernel over `step_layers`: the layer weights transposed, in the model's dtype.
+    `rows_linear` kernel over `step_layers`: the layer weights packed (kernels.pack), in the model's dtype.
     There `dtype="bfloat16"` means bfloat16 weights for the AR steps (half the bytes to stream per
     step) while everything else computes in float32 (XLA's CPU dot is ~10x slower in bfloat16 than
     in float32). Elsewhere (or with `cpu_kernels=False`), `dtype="bfloat16"` stores the matrices and
@@ -555,9 +557,9 @@ class Decoder:
 
     @property
     def nar_layers(self) -> list[dict] | None:
-        """The layer weights the NAR reads: the float32 `step_layers` where there are some (XLA's
-        dot takes the transposed layout as fast), else None (sliced from the float32 `params` in the
-        call: bfloat16 step weights are for the AR's steps alone)."""
+        """The layer weights the NAR reads: the float32 `step_layers` where there are some (unpacked
+        in the call, once), else None (sliced from the float32 `params` in the call: bfloat16 step
+        weights are for the AR's steps alone)."""
         layers = self.step_layers
         if layers is None or jnp.dtype(self.cfg.dtype) != jnp.float32:
             return None

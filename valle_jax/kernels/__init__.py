@@ -1,7 +1,7 @@
 """Hand-written CPU kernels for decoding steps, compiled on first use and called through XLA's FFI.
 
-`rows_linear(x_MK, w_NK)` is x @ w.T for the few rows of a decoding step, with float32 or bfloat16
-weights; `cache_attention` is a step's attention over the filled part of its KV cache;
+`rows_linear(x_MK, w_PKC, n)` is x @ w for the few rows of a decoding step, with float32 or bfloat16
+weights packed by `pack` in panels of 32 columns; `cache_attention` is a step's attention over the filled part of its KV cache;
 `block_attention` the attention of many queries at once over it (the NAR's levels, a prefill)
 (cpu_kernels.cc says why XLA's own dot and attention are not used there). The library is built from
 cpu_kernels.cc with the system's C++ compiler ($CXX, else c++/g++/clang++) the first time a process
@@ -43,7 +43,7 @@ ISAS = {
 }
 TARGETS = {"valle_rows_linear": "ValleRowsLinear", "valle_cache_attention": "ValleCacheAttention",
            "valle_block_attention": "ValleBlockAttention"}
-MAX_ROWS = 32  # rows up to which rows_linear beats XLA's dot (benchmarks/decode.py; docs/synthesis.md)
+MAX_ROWS = 128  # rows up to which rows_linear beats XLA's dot (docs/synthesis.md)
 # smaller weight matrices stay with XLA's dot, which fuses them with their neighbours: a custom call
 # costs ~1-2 us (tiny preset, d_model 48: 7.5k steps/s with the kernels, 11.7k without)
 MIN_WEIGHT_ELEMENTS = 1 << 16
@@ -187,18 +187,35 @@ def _require(isa_name: str | None) -> str:
     return isa_name or isa()
 
 
-def rows_linear(x_MK: jax.Array, w_NK: jax.Array, isa: str | None = None) -> jax.Array:
-    """float32 [M, N] = x @ w.T, on the CPU: x float32 [M, K], w float32 or bfloat16 [N, K]."""
+PANEL = 32  # columns per panel of a packed weight (cpu_kernels.cc: kPanel)
+
+
+def pack(w_KN: jax.Array) -> jax.Array:
+    """w [K, N] as rows_linear reads it: [P, K, 32], P = ceil(N / 32), panel p holding columns
+    32p .. 32p + 31 row after row (zeros past N): each panel one contiguous stream."""
+    k, n = w_KN.shape
+    p = -(-n // PANEL)
+    return jnp.pad(w_KN, ((0, 0), (0, p * PANEL - n))).reshape(k, p, PANEL).transpose(1, 0, 2)
+
+
+def unpack(w_PKC: jax.Array, n: int) -> jax.Array:
+    """The [K, n] weight `pack` made w_PKC from."""
+    p, k, c = w_PKC.shape
+    return w_PKC.transpose(1, 0, 2).reshape(k, p * c)[:, :n]
+
+
+def rows_linear(x_MK: jax.Array, w_PKC: jax.Array, n: int, isa: str | None = None) -> jax.Array:
+    """float32 [M, n] = x @ w, on the CPU: x float32 [M, K], w float32 or bfloat16 [K, n] packed by `pack`."""
     isa = _require(isa)
     m, k = x_MK.shape
-    n, k_w = w_NK.shape
-    if k != k_w:
-        raise ValueError(f"rows_linear: x {x_MK.shape} and w {w_NK.shape} differ in the contracted size")
-    if w_NK.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_NK.dtype}")
+    if w_PKC.ndim != 3 or w_PKC.shape != (-(-n // PANEL), k, PANEL):
+        raise ValueError(f"rows_linear: x {x_MK.shape} and packed w {w_PKC.shape} do not make [{m}, {n}] (w must be "
+                         f"pack(w [K, N]): [{-(-n // PANEL)}, {k}, {PANEL}])")
+    if w_PKC.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_PKC.dtype}")
     call = jax.ffi.ffi_call(target("valle_rows_linear", isa), jax.ShapeDtypeStruct((m, n), jnp.float32),
                             vmap_method="sequential")
-    return call(x_MK.astype(jnp.float32), w_NK)
+    return call(x_MK.astype(jnp.float32), w_PKC)
 
 
 def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array,

@@ -1,19 +1,24 @@
 // CPU kernels for decoding steps, called from XLA through its FFI (valle_jax/kernels/__init__.py).
 //
-// RowsLinear: y[M, N] = x[M, K] @ w[N, K]^T for the few rows of a decoding step (M = batch size),
-// with x and y float32 and w float32 or bfloat16 (widened in registers, never in memory).
+// RowsLinear: y[M, N] = x[M, K] @ w[K, N] for the few rows of a decoding step (M = batch size), with
+// x and y float32 and w float32 or bfloat16 (widened in registers, never in memory), w packed in
+// panels of 32 columns: w_PKC [P, K, 32], P = ceil(N / 32), panel p holding columns 32p .. 32p + 31
+// row after row (zeros past N).
 //
 // Why by hand: at a decoding step every weight is read once per step, so the step is a stream over
-// the weights. XLA's CPU dot reads float32 weights near the memory bandwidth at one row, but runs an
-// 8-row product at ~45 GFLOP/s, and it has no fast bfloat16 dot at all (a bf16 x bf16 -> f32
-// matrix-vector product is ~10x slower than float32 there): bf16 weights, which halve the bytes to
-// stream, were slower, not faster. Here the weights are rows of length K (the transposed layout, as
-// in torch.nn.Linear), read front to back; each output is a dot product accumulated in vector
-// registers (8 floats with AVX2, 16 with AVX-512), MR rows of x by NR rows of w at a time, and the
-// rows of the next panel of w are prefetched while this one is computed (the hardware prefetcher
-// alone does not run far enough ahead of a loop this busy). Columns of y are shared between the calling thread and XLA's
-// intra-op thread pool in chunks taken from an atomic counter, so a helper that starts late, or
-// never, only means the caller does more of the chunks itself.
+// the weights. XLA's CPU dot runs a product of a few rows at ~45-85 GFLOP/s, and it has no fast
+// bfloat16 dot at all (a bf16 x bf16 -> f32 matrix-vector product is ~10x slower than float32
+// there): bf16 weights, which halve the bytes to stream, were slower, not faster. Packed, each
+// panel is one contiguous stream; each step of the contraction loads a row of the panel (two
+// vectors with AVX-512) and multiplies it by x[m, k] broadcast, for up to 12 rows of x at once
+// (6 with AVX2), so there are no horizontal sums and rows past the first cost only their
+// multiply-adds while the panel is in L1 or L2. The stream is prefetched a few KB ahead (the
+// hardware prefetcher alone does not run far enough ahead of a loop this busy). Panels are shared
+// between the calling thread and XLA's intra-op thread pool through an atomic counter, so a helper
+// that starts late, or never, only means the caller does more of them itself. Against the earlier
+// form over w [N, K] (dot products, 3 rows of w by 8 rows of x per tile), a jitted chain of the
+// half preset's step products went 10.7 -> 9.9 ms at one row, 12.7 -> 11.0 ms at 8, 38.9 ->
+// 21.6 ms at 32 (float32 weights).
 //
 // CacheAttention: softmax attention of a decoding step's queries over a KV cache, reading only the
 // slots written so far. XLA's attention over the cache reads every slot of the preallocated buffer
@@ -49,6 +54,8 @@ constexpr int kLanes = 16;
 // rows of x per tile where more rows than that share each panel of w (registers: 8 x 3 accumulators
 // of the 32; 4 x 3 of AVX2's 16)
 constexpr int kGroup = 8;
+// rows of x per packed panel pass: 12 x 2 accumulators of the 32 registers (AVX2: 6 x 2 of 16)
+constexpr int kPanelRows = 12;
 inline vf vzero() { return _mm512_setzero_ps(); }
 inline vf vset(float a) { return _mm512_set1_ps(a); }
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
@@ -68,6 +75,8 @@ inline vf vkeep(vf x, const bool* m) {  // x where the 16 mask bytes at m are se
 }
 inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+// the first n (< 16) lanes of v to p; nothing past them is written
+inline void vstore_first(float* p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
@@ -86,6 +95,7 @@ inline vf vzero_where_neginf(vf x, vf y) {  // y, with 0 where x is -inf
 using vf = __m256;
 constexpr int kLanes = 8;
 constexpr int kGroup = 4;
+constexpr int kPanelRows = 6;
 inline vf vzero() { return _mm256_setzero_ps(); }
 inline vf vset(float a) { return _mm256_set1_ps(a); }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -112,6 +122,9 @@ inline float vhmax(vf v) {
   return _mm_cvtss_f32(s);
 }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void vstore_first(float* p, vf v, int64_t n) {
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+}
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
@@ -142,8 +155,9 @@ inline float widen(uint16_t v) {
   return f;
 }
 
-// y[M, N] = x[M, K] @ w[N, K]^T, each operand with its own row stride (in elements): rows_linear's
-// operands are dense; the attention's probabilities and values are rows of larger buffers.
+// y[M, N] = x[M, K] @ w[N, K]^T in dot-product form, each operand with its own row stride (in
+// elements): block_attention's probabilities times its values (rows of the cache, [D, C]), which
+// are not packed like rows_linear's weights.
 template <typename W>
 struct Product {
   const float* x;
@@ -208,8 +222,7 @@ void row_group(const Product<W>& p, int64_t m0, int64_t n0, int64_t n1) {
 }
 
 // Tiles of NR rows of w for every row of x, kGroup rows at a time: each panel of w is read from
-// memory once and then used by every row group while it is in L1 (a whole chunk per row group,
-// reread from L2, ran 8 rows ~25% slower).
+// memory once and then used by every row group while it is in L1.
 template <int NR, typename W>
 void panel(const Product<W>& p, int64_t M, int64_t n) {
   int64_t m = 0;
@@ -356,30 +369,84 @@ void share(ffi::ThreadPool& pool, const std::shared_ptr<Progress>& progress, int
   while (progress->done.load(std::memory_order_acquire) < units) _mm_pause();  // units still in a helper's hands
 }
 
-constexpr int64_t kChunk = 48;  // columns per chunk: a multiple of every tile width (8, 6, 4, 3)
+constexpr int64_t kPanel = 32;         // columns per packed panel of w
+constexpr int64_t kPrefetchAhead = 2048;  // bytes of the panel stream prefetched ahead of the loads
+
+// y[0 .. MR, 0 .. cols) for MR rows of x (row stride ldx) and the vectors [v0, v0 + 2) of one
+// packed panel wp [K, 32] (y's row stride ldy); `prefetch`: this pass is the first over the panel.
+template <int MR, typename W>
+void panel_tile(const float* x, int64_t ldx, const W* wp, int64_t K, int v0, float* y, int64_t ldy, int64_t cols,
+                bool prefetch) {
+  vf acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vzero();
+  constexpr int64_t row_bytes = kPanel * sizeof(W);
+  const char* ahead = reinterpret_cast<const char*>(wp) + kPrefetchAhead;  // prefetching never faults
+  const W* w = wp + v0 * kLanes;
+  for (int64_t k = 0; k < K; ++k) {
+    if (prefetch)
+      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(ahead + k * row_bytes + b, _MM_HINT_T0);
+    const vf w0 = vload(w + k * kPanel), w1 = vload(w + k * kPanel + kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const vf xv = vset(x[i * ldx + k]);
+      acc[i][0] = vfma(xv, w0, acc[i][0]);
+      acc[i][1] = vfma(xv, w1, acc[i][1]);
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    const int64_t c = (v0 + j) * kLanes;
+    for (int i = 0; i < MR; ++i) {
+      if (c + kLanes <= cols) vstore(y + i * ldy + c, acc[i][j]);
+      else if (c < cols) vstore_first(y + i * ldy + c, acc[i][j], cols - c);
+    }
+  }
+}
+
+template <int MR, typename W>
+void panel_tile_rows(int64_t rows, const float* x, int64_t ldx, const W* wp, int64_t K, int v0, float* y,
+                     int64_t ldy, int64_t cols, bool prefetch) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return panel_tile<MR>(x, ldx, wp, K, v0, y, ldy, cols, prefetch);
+    panel_tile_rows<MR - 1>(rows, x, ldx, wp, K, v0, y, ldy, cols, prefetch);
+  }
+}
+
+// Columns [32p, 32p + cols) of y from panel p: the rows of x in groups of at most kPanelRows, as
+// even as they divide (16 rows: 8 + 8, not 12 + 4); AVX2 takes the panel's two halves in turn.
+template <typename W>
+void panel_columns(const float* x, const W* wp, float* y, int64_t M, int64_t K, int64_t N, int64_t cols) {
+  const int64_t groups = (M + kPanelRows - 1) / kPanelRows;
+  for (int v0 = 0; v0 < kPanel / kLanes; v0 += 2) {
+    for (int64_t g = 0, m = 0; g < groups; ++g) {
+      const int64_t rows = (M - m) / (groups - g);
+      panel_tile_rows<kPanelRows>(rows, x + m * K, K, wp, K, v0, y + m * N, N, cols, v0 == 0 && g == 0);
+      m += rows;
+    }
+  }
+}
 
 template <typename W>
 void rows_linear(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const int64_t panels = (N + kPanel - 1) / kPanel;
   // shared with helper tasks, which may start after this call has returned: owned jointly
   auto progress = std::make_shared<Progress>();
   auto work = [=]() {
-    for (int64_t c; (c = progress->next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t n0 = c * kChunk, n1 = n0 + kChunk < N ? n0 + kChunk : N;
-      columns(Product<W>{x, K, w, K, y, N, K}, M, n0, n1);
+    for (int64_t p; (p = progress->next.fetch_add(1, std::memory_order_relaxed)) < panels;) {
+      const int64_t cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+      panel_columns(x, w + p * K * kPanel, y + p * kPanel, M, K, N, cols);
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
-  share(pool, progress, chunks, M * K * N > kShareAbove, work);
+  share(pool, progress, panels, M * K * N > kShareAbove, work);
 }
 
 ffi::Error RowsLinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                           ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("RowsLinear: x and w must be 2-D");
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
-  if (wd[1] != K) return ffi::Error::InvalidArgument("RowsLinear: x [M, K] and w [N, K] differ in K");
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("RowsLinear: x [M, K], w [P, K, 32], y [M, N]");
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  if (yd[0] != M || wd[1] != K || wd[2] != kPanel || wd[0] != (N + kPanel - 1) / kPanel)
+    return ffi::Error::InvalidArgument("RowsLinear: x [M, K], w [ceil(N / 32), K, 32] and y [M, N] disagree");
   switch (w.element_type()) {
     case ffi::DataType::F32:
       rows_linear(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), y->typed_data(), M, K, N);
@@ -414,7 +481,7 @@ void cache_attention(ffi::ThreadPool& pool, const float* qp, const T* kp, const 
 // Per unit (batch row, kv head): queries q [Q, D], keys transposed kT [D, C], values v [D, C]
 // (the cache's layout), taken eight queries at a time. Scores are computed in the broadcast form
 // (each query's element times a vector of 16 keys: no horizontal sums), masked, turned into
-// probabilities in place, and multiplied by the values with the rows_linear tiles. A block stops
+// probabilities in place, and multiplied by the values with the dot-product tiles (`columns`). A block stops
 // at the last slot any of its queries may see, so a causal block skips the slots after it.
 // XLA computed the same with separate passes over [Q, C] score and probability buffers (half preset
 // NAR: ~9.6 ms per layer and level, ~0.8 s of 2.5 s).

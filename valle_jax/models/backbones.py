@@ -178,9 +178,10 @@ class Backbone(nnx.Module):
 
     STEP_MATMULS: dict[str, int] = {}  # the layer's matmul weights: name -> how many leading axes are contracted
 
-    def step_layers(self, dtype=jnp.float32) -> list[dict]:
-        """`unstack()` with the matmul weights as layers.StepWeight in `dtype` (decoding steps on the CPU)."""
-        return [{k: L.StepWeight.of(a.astype(dtype), self.STEP_MATMULS[k]) if k in self.STEP_MATMULS else a
+    def step_layers(self, dtype=jnp.float32, packed: bool = True) -> list[dict]:
+        """`unstack()` with the matmul weights as layers.StepWeight in `dtype` (decoding on the CPU):
+        packed for the steps' kernel, or (not `packed`) as they are, for products with many rows alone."""
+        return [{k: L.StepWeight.of(a.astype(dtype), self.STEP_MATMULS[k], packed) if k in self.STEP_MATMULS else a
                  for k, a in p.items()} for p in self.unstack()]
 
 

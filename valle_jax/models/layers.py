@@ -105,44 +105,73 @@ def matmul(spec: str, x: Array, y, dtype) -> Array:
 
 @jax.tree_util.register_pytree_node_class
 class StepWeight:
-    """A weight `w` [*contracted, *out] laid out for decoding steps on the CPU: stored as
-    w_NK [N, K] (K = the contracted axes flattened, N = the output axes flattened), each output's
-    weights one contiguous row, the layout valle_jax.kernels.rows_linear streams. Products with few
-    rows (a decoding step: one per batch row) run that kernel; others (a prefill) run XLA's dot on
-    the same array, so a decoding loop needs only this copy of the weights."""
+    """A weight `w` [*contracted, *out] laid out for decoding on the CPU, as w [K, N] (K = the
+    contracted axes flattened, N = the output axes flattened) packed in panels of 32 columns
+    (`w_PKC`, kernels.pack: the layout valle_jax.kernels.rows_linear streams) and/or as it is
+    (`w_KN`). Products with few rows (a decoding step: one per batch row) run the kernel over the
+    packed copy; others (a prefill, a NAR level) run XLA's dot over `w_KN`, unpacked from the
+    packed copy where there is no other (`unpacked()` does it once for a loop of such products), so
+    a decoding loop needs one copy of the weights."""
 
-    def __init__(self, w_NK: Array, contracted: int, out_shape: tuple[int, ...]):
-        self.w_NK, self.contracted, self.out_shape = w_NK, contracted, tuple(out_shape)
+    def __init__(self, w_PKC: Array | None, w_KN: Array | None, contracted: int, out_shape: tuple[int, ...]):
+        if w_PKC is None and w_KN is None:
+            raise ValueError("StepWeight needs the packed weight, the plain one, or both")
+        self.w_PKC, self.w_KN, self.contracted, self.out_shape = w_PKC, w_KN, contracted, tuple(out_shape)
 
     @classmethod
-    def of(cls, w: Array, contracted: int) -> "StepWeight":
-        k = math.prod(w.shape[:contracted])
-        return cls(w.reshape(k, -1).T, contracted, w.shape[contracted:])
+    def of(cls, w: Array, contracted: int, packed: bool = True) -> "StepWeight":
+        """`w` packed for the kernel (`packed`), else as it is (for products with many rows only)."""
+        from valle_jax import kernels  # not at import time: the model does not need it
+
+        w_KN = w.reshape(math.prod(w.shape[:contracted]), -1)
+        return cls(kernels.pack(w_KN) if packed else None, None if packed else w_KN, contracted,
+                   w.shape[contracted:])
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.out_shape)
+
+    def dense(self) -> Array:
+        """w [K, N]."""
+        from valle_jax import kernels
+
+        return self.w_KN if self.w_KN is not None else kernels.unpack(self.w_PKC, self.n)
+
+    def unpacked(self) -> "StepWeight":
+        """This weight as it is, for products with many rows alone (a NAR's levels: unpacked once,
+        outside their loop)."""
+        return StepWeight(None, self.dense(), self.contracted, self.out_shape)
 
     def tree_flatten(self):
-        return (self.w_NK,), (self.contracted, self.out_shape)
+        return (self.w_PKC, self.w_KN), (self.contracted, self.out_shape)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux)
+        return cls(*children, *aux)
 
     def apply(self, spec: str, x: Array, dtype) -> Array:
         """What `matmul(spec, x, w, dtype)` computes, for a spec that contracts x's trailing axes
         with w's leading ones and keeps the rest in order ("bshk,hkd->bsd")."""
-        from valle_jax import kernels  # not at import time: the model does not need it
+        from valle_jax import kernels
 
         lhs, rhs = spec.split("->")[0].split(",")
         c = self.contracted
         if lhs[-c:] != rhs[:c] or len(rhs) != c + len(self.out_shape):
             raise ValueError(f"StepWeight contracting {c} axes cannot compute {spec!r}")
         lead = x.shape[: x.ndim - c]
-        x_MK = x.reshape(-1, self.w_NK.shape[1])
-        if x_MK.shape[0] <= kernels.MAX_ROWS and self.w_NK.size >= kernels.MIN_WEIGHT_ELEMENTS and kernels.available():
-            y_MN = kernels.rows_linear(x_MK, self.w_NK)
+        x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - c:]))
+        if (self.w_PKC is not None and x_MK.shape[0] <= kernels.MAX_ROWS
+                and self.w_PKC.size >= kernels.MIN_WEIGHT_ELEMENTS and kernels.available()):
+            y_MN = kernels.rows_linear(x_MK, self.w_PKC, self.n)
         else:
-            y_MN = jnp.einsum("mk,nk->mn", x_MK.astype(dtype), self.w_NK.astype(dtype),
+            y_MN = jnp.einsum("mk,kn->mn", x_MK.astype(dtype), self.dense().astype(dtype),
                               preferred_element_type=jnp.float32)
         return y_MN.reshape(*lead, *self.out_shape)
+
+
+def unpacked(layer: dict) -> dict:
+    """A layer's parameters with each StepWeight `unpacked()`."""
+    return {k: a.unpacked() if isinstance(a, StepWeight) else a for k, a in layer.items()}
 
 
 def after_gradient(x: Array, g: Array) -> Array:
