@@ -1,9 +1,10 @@
 """Hand-written CPU kernels for decoding steps, compiled on first use and called through XLA's FFI.
 
 `rows_linear(x_MK, w_PKC, n)` is x @ w for the few rows of a decoding step, with float32 or bfloat16
-weights packed by `pack` in panels of 32 columns; `cache_attention` is a step's attention over the filled part of its KV cache;
-`block_attention` the attention of many queries at once over it (the NAR's levels, a prefill)
-(cpu_kernels.cc says why XLA's own dot and attention are not used there). The library is built from
+weights packed by `pack` in panels of 32 columns; `cache_attention` is a step's attention over the
+filled part of its KV cache; `block_attention` the attention of many queries at once over it (the
+NAR's levels, a prefill) (cpu_kernels.cc says why XLA's own dot and attention are not used there).
+The library is built from
 cpu_kernels.cc with the system's C++ compiler ($CXX, else c++/g++/clang++) the first time a process
 asks for it, into $VALLE_JAX_KERNEL_CACHE (default ~/.cache/valle_jax/kernels), named by a hash of
 the source, the compiler flags and the jaxlib version, so later processes load it directly. It is
