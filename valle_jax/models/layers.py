@@ -114,8 +114,7 @@ class StepWeight:
     a decoding loop needs one copy of the weights."""
 
     def __init__(self, w_PKC: Array | None, w_KN: Array | None, contracted: int, out_shape: tuple[int, ...]):
-        if w_PKC is None and w_KN is None:
-            raise ValueError("StepWeight needs the packed weight, the plain one, or both")
+        # no check that one is given: JAX rebuilds pytrees with placeholder leaves (None among them)
         self.w_PKC, self.w_KN, self.contracted, self.out_shape = w_PKC, w_KN, contracted, tuple(out_shape)
 
     @classmethod
