@@ -132,6 +132,27 @@ def test_kernel_steps_equal_xla_steps(arch):
 
 
 @needs_kernels
+def test_steps_wider_than_the_kernel_unpack_the_weights_once(monkeypatch):
+    """A batch with more rows than rows_linear takes decodes through XLA's dot over the unpacked
+    weights: unpacked once, before the loop (no transpose inside a while body), with XLA's tokens."""
+    monkeypatch.setattr(kernels, "MAX_ROWS", 1)
+    cfg = ModelConfig(arch="llama", d_model=48, n_heads=4, n_layers=2)
+    model = init_model(cfg, 8)
+    dec = D.Decoder(model)
+    inputs = inputs_of(8)
+    call = dec.ar_call(GREEDY, dec.n_slots(GREEDY.max_ar_steps))
+    hlo = call.func.lower(dec.params, inputs, D.Knobs.of(GREEDY, 2), jax.random.key(0), **call.keywords)
+    hlo = hlo.compile().as_text()
+    bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
+    assert bodies
+    for computation in re.split(r"\n(?=\S)", hlo):
+        if computation.split(" ", 1)[0].lstrip("%") in bodies:
+            assert "transpose" not in computation
+    np.testing.assert_array_equal(logits_and_tokens(dec, inputs)[0],
+                                  logits_and_tokens(D.Decoder(model, cpu_kernels=False), inputs)[0])
+
+
+@needs_kernels
 def test_bfloat16_step_weights_compute_in_float32():
     """dtype=bfloat16 on the CPU: the AR's matmul weights and KV cache are bfloat16 (half the bytes),
     activations stay float32. So it decodes as a float32 model whose layer weights were rounded to

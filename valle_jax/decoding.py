@@ -392,6 +392,10 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
         return ar_loop(first, _uncached_step(model, x, valid, n_slots), state, knobs, key, n_slots=n_slots, stop=stop,
                        mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window, keep_logits=keep_logits)
     layers = step_layers if step_layers is not None else model.backbone.unstack()  # sliced once, outside the loop
+    if len(inputs.text_len) * (width if mode == "beam" else 1) > kernels.MAX_ROWS:
+        # steps with more rows than rows_linear takes run XLA's dot: over weights unpacked once, here
+        # (else XLA unpacks them inside the loop, at every step)
+        layers = [L.unpacked(p) for p in layers]
     first, cache, plen, _, _ = _prefill(model, inputs, sp + n_slots, layers, kv_dtype)
     if mode == "beam":
         rows = jnp.repeat(jnp.arange(first.shape[0]), width)
