@@ -191,11 +191,16 @@ def _require(isa_name: str | None) -> str:
 PANEL = 32  # columns per panel of a packed weight (cpu_kernels.cc: kPanel)
 
 
+def panels(n: int) -> int:
+    """Panels of a packed weight with n columns."""
+    return -(-n // PANEL)
+
+
 def pack(w_KN: jax.Array) -> jax.Array:
     """w [K, N] as rows_linear reads it: [P, K, 32], P = ceil(N / 32), panel p holding columns
     32p .. 32p + 31 row after row (zeros past N): each panel one contiguous stream."""
     k, n = w_KN.shape
-    p = -(-n // PANEL)
+    p = panels(n)
     return jnp.pad(w_KN, ((0, 0), (0, p * PANEL - n))).reshape(k, p, PANEL).transpose(1, 0, 2)
 
 
@@ -209,9 +214,9 @@ def rows_linear(x_MK: jax.Array, w_PKC: jax.Array, n: int, isa: str | None = Non
     """float32 [M, n] = x @ w, on the CPU: x float32 [M, K], w float32 or bfloat16 [K, n] packed by `pack`."""
     isa = _require(isa)
     m, k = x_MK.shape
-    if w_PKC.ndim != 3 or w_PKC.shape != (-(-n // PANEL), k, PANEL):
+    if w_PKC.shape != (panels(n), k, PANEL):
         raise ValueError(f"rows_linear: x {x_MK.shape} and packed w {w_PKC.shape} do not make [{m}, {n}] (w must be "
-                         f"pack(w [K, N]): [{-(-n // PANEL)}, {k}, {PANEL}])")
+                         f"pack(w [K, N]): [{panels(n)}, {k}, {PANEL}])")
     if w_PKC.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_PKC.dtype}")
     call = jax.ffi.ffi_call(target("valle_rows_linear", isa), jax.ShapeDtypeStruct((m, n), jnp.float32),
