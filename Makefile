@@ -16,6 +16,8 @@ demo: $(STAMP)
 # two test processes (at most four on bigger machines): the suite is mostly XLA compiles of small
 # programs, which one process cannot spread over two cores (2 cores: 15.6 -> 11.8 min)
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 bench: $(STAMP)

@@ -1,4 +1,5 @@
 """valle_jax: a JAX/Flax reimplementation of VALL-E (mrq/vall-e, 2024-04)."""
+
 from setuptools import find_packages, setup
 
 # Exact pins for the libraries whose APIs move between releases (see docs/install.md).
@@ -35,5 +36,5 @@ setup(
     packages=find_packages(include=["valle_jax", "valle_jax.*", "configs", "tools", "tools.*"]),
     package_data={"valle_jax": ["data/*.json"], "valle_jax.kernels": ["*.cc"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff==0.17.5"]},
 )

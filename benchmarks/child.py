@@ -1,5 +1,6 @@
 """Runs one benchmark configuration in a fresh process (so its peak memory is its own) and returns
 the JSON object the child prints last. Shared by the benchmark scripts of this folder."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,20 @@ import subprocess
 import sys
 
 
-def run_child(script: str, args: list[str], what: str, devices: int | None = None, tcmalloc: bool = True,
-              training_arch: str | None = None) -> dict:
+def run_child(
+    script: str,
+    args: list[str],
+    what: str,
+    devices: int | None = None,
+    tcmalloc: bool = True,
+    training_arch: str | None = None,
+) -> dict:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     if devices is not None:  # keeps the caller's other XLA flags
-        kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count=")]
+        kept = [
+            f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count=")
+        ]
         env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
     from valle_jax.runtime import with_cpu_xla_flags
 

@@ -23,6 +23,7 @@ state the AR carries (a KV cache grows with the length; retnet's recurrent state
 account of the compiled AR (arguments + outputs + temporaries). Each size runs in a fresh process
 (TCMalloc preloaded when installed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ import resource
 import time
 
 from child import run_child
+
 from valle_jax.config import ARCHS
 
 TEXT_LEN = 60  # phoneme ids per utterance (reference_decode.py times the reference on the same)
@@ -45,7 +47,7 @@ def measure_bandwidth(mb: int = 512) -> float:
     import jax
     import jax.numpy as jnp
 
-    w = jnp.ones((4096, mb * 2 ** 20 // 4 // 4096), jnp.float32)
+    w = jnp.ones((4096, mb * 2**20 // 4 // 4096), jnp.float32)
     v = jnp.ones((1, 4096), jnp.float32)
     f = jax.jit(lambda v, w: v @ w)
     f(v, w).block_until_ready()
@@ -89,14 +91,25 @@ def child(args) -> dict:
     text_len, prompt_len = TEXT_LEN, int(round(75 * args.prompt_seconds))
 
     def inputs_for(b):
-        return make_inputs([list(rng.integers(3, 200, text_len)) for _ in range(b)],
-                           [rng.integers(0, 1024, (prompt_len, 8)) for _ in range(b)], [0] * b, 8)
+        return make_inputs(
+            [list(rng.integers(3, 200, text_len)) for _ in range(b)],
+            [rng.integers(0, 1024, (prompt_len, 8)) for _ in range(b)],
+            [0] * b,
+            8,
+        )
 
     from valle_jax import kernels
 
-    out = {"size": args.size, "arch": args.arch, "dtype": args.dtype, "kv_dtype": dec.kv_dtype,
-           "kernels": kernels.isa() if dec.cpu_kernels else None, "params_M": sum(
-        int(np.prod(x.shape)) for x in jax.tree.leaves(dec.params)) / 1e6, "ar_steps": steps, "batches": {}}
+    out = {
+        "size": args.size,
+        "arch": args.arch,
+        "dtype": args.dtype,
+        "kv_dtype": dec.kv_dtype,
+        "kernels": kernels.isa() if dec.cpu_kernels else None,
+        "params_M": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dec.params)) / 1e6,
+        "ar_steps": steps,
+        "batches": {},
+    }
     for b in args.batches:
         inputs = inputs_for(b)
         _, first = timed(lambda: dec.ar(inputs, settings).tokens)
@@ -113,9 +126,15 @@ def child(args) -> dict:
         few = dataclasses.replace(settings, max_ar_steps=FEW_STEPS)
         timed(lambda: dec.ar(inputs, few).tokens)
         start = min(timed(lambda: dec.ar(inputs, few).tokens)[1] for _ in range(max(args.repeats, 2)))
-        out["batches"][b] = {"ar_s": run, "ar_steps_per_s": steps / run, "ar_tokens_per_s": b * steps / run,
-                             "ar_compile_s": first - run, "ar_median_tokens_per_s": b * steps / float(np.median(runs)),
-                             "start_s": start, "loop_tokens_per_s": b * (steps - FEW_STEPS) / max(run - start, 1e-9)}
+        out["batches"][b] = {
+            "ar_s": run,
+            "ar_steps_per_s": steps / run,
+            "ar_tokens_per_s": b * steps / run,
+            "ar_compile_s": first - run,
+            "ar_median_tokens_per_s": b * steps / float(np.median(runs)),
+            "start_s": start,
+            "loop_tokens_per_s": b * (steps - FEW_STEPS) / max(run - start, 1e-9),
+        }
         if xla_runs:
             out["batches"][b]["xla_dot_tokens_per_s"] = b * steps / min(xla_runs)
         if b == 1:
@@ -124,15 +143,20 @@ def child(args) -> dict:
             jax.block_until_ready(ar.tokens)
             nars = [timed(lambda: dec.nar(inputs, ar, settings))[1] for _ in range(args.repeats)]
             nar = min(nars)  # best of --repeats, as for the AR
-            out.update(nar_s=nar, nar_median_s=float(np.median(nars)), rtf=(run + nar) / args.audio_seconds,
-                       ar_step_ms=1e3 * run / steps)
+            out.update(
+                nar_s=nar,
+                nar_median_s=float(np.median(nars)),
+                rtf=(run + nar) / args.audio_seconds,
+                ar_step_ms=1e3 * run / steps,
+            )
             # without the cache: 8 steps over the same padded length, per step
             knobs = Knobs.of(settings, 1)._replace(max_steps=np.full((1,), 8, np.int32))
             n_slots = ar.tokens.shape[1]
             _, unc_first = timed(lambda: dec.ar(inputs, settings, cached=False, knobs=knobs, n_slots=n_slots).tokens)
             _, unc = timed(lambda: dec.ar(inputs, settings, cached=False, knobs=knobs, n_slots=n_slots).tokens)
-            out.update(uncached_step_ms=1e3 * unc / 8, uncached_steps_per_s=8 / unc,
-                       uncached_ar_s_estimate=unc / 8 * steps)
+            out.update(
+                uncached_step_ms=1e3 * unc / 8, uncached_steps_per_s=8 / unc, uncached_ar_s_estimate=unc / 8 * steps
+            )
     for seconds in args.memory_seconds:  # compiled, not run: the shapes decide the memory
         inputs, n_slots = inputs_for(1), dec.n_slots(int(round(75 * seconds)))
         knobs = Knobs.of(settings, 1)
@@ -141,8 +165,13 @@ def child(args) -> dict:
         mem = jax.jit(run).lower(dec.params, inputs, knobs, jax.random.key(0)).compile().memory_analysis()
         out.setdefault("memory", {})[f"{seconds:g}s"] = {
             "state_mb": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 1e6,
-            "xla_mb": None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 1e6}
+            "xla_mb": None
+            if mem is None
+            else (
+                mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+            )
+            / 1e6,
+        }
     try:  # EnCodec's decoder on the generated length (random weights: same cost as pretrained)
         import numpy as np
 
@@ -158,19 +187,41 @@ def child(args) -> dict:
         out["codec_decode_s"] = float("nan")
         out["codec_error"] = str(e)
     bw = measure_bandwidth()
-    out.update(param_bytes=param_bytes, bandwidth_gbs=bw / 1e9, bound_steps_per_s=bw / param_bytes,
-               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    out.update(
+        param_bytes=param_bytes,
+        bandwidth_gbs=bw / 1e9,
+        bound_steps_per_s=bw / param_bytes,
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    )
     return out
 
 
 def spawn(args, size: str) -> dict:
-    return run_child(__file__, ["--size", size, "--arch", args.arch, "--dtype", args.dtype, "--batches",
-                                ",".join(map(str, args.batches)), "--prompt-seconds", str(args.prompt_seconds),
-                                "--audio-seconds", str(args.audio_seconds), "--memory-seconds",
-                                ",".join(map(str, args.memory_seconds))]
-                     + ["--xla-dot"] * args.xla_dot + ["--compare-xla-dot"] * args.compare_xla_dot
-                     + ["--repeats", str(args.repeats)] + ["--kv-dtype", args.kv_dtype] * bool(args.kv_dtype),
-                     size, tcmalloc=not args.no_tcmalloc)
+    return run_child(
+        __file__,
+        [
+            "--size",
+            size,
+            "--arch",
+            args.arch,
+            "--dtype",
+            args.dtype,
+            "--batches",
+            ",".join(map(str, args.batches)),
+            "--prompt-seconds",
+            str(args.prompt_seconds),
+            "--audio-seconds",
+            str(args.audio_seconds),
+            "--memory-seconds",
+            ",".join(map(str, args.memory_seconds)),
+        ]
+        + ["--xla-dot"] * args.xla_dot
+        + ["--compare-xla-dot"] * args.compare_xla_dot
+        + ["--repeats", str(args.repeats)]
+        + ["--kv-dtype", args.kv_dtype] * bool(args.kv_dtype),
+        size,
+        tcmalloc=not args.no_tcmalloc,
+    )
 
 
 def main() -> None:
@@ -184,14 +235,24 @@ def main() -> None:
     p.add_argument("--audio-seconds", type=float, default=5.0)
     p.add_argument("--memory-seconds", default="10,30", type=lambda s: [float(x) for x in s.split(",") if x])
     p.add_argument("--no-tcmalloc", action="store_true")
-    p.add_argument("--kv-dtype", default=None, choices=("float32", "bfloat16"),
-                   help="the AR's KV cache (default: the model's dtype)")
+    p.add_argument(
+        "--kv-dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="the AR's KV cache (default: the model's dtype)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="AR runs per batch; the best is reported (and the median)")
     p.add_argument("--xla-dot", action="store_true", help="XLA's dot for the AR steps too (no CPU kernels)")
-    p.add_argument("--compare-xla-dot", action="store_true",
-                   help="also time each batch's AR with XLA's dot instead of the CPU kernels, in the same process")
-    p.add_argument("--reference", action="store_true",
-                   help="also time the PyTorch reference's decoding (llama; needs transformers, see reference_decode.py)")
+    p.add_argument(
+        "--compare-xla-dot",
+        action="store_true",
+        help="also time each batch's AR with XLA's dot instead of the CPU kernels, in the same process",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the PyTorch reference's decoding (llama; needs transformers, see reference_decode.py)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.reference and args.arch != "llama":
@@ -201,35 +262,51 @@ def main() -> None:
         return
     for size in args.sizes.split(","):
         r = spawn(args, size)
-        per_batch = "  ".join(f"b{b}: {v['ar_tokens_per_s']:.0f} tok/s ("
-                              + (f"median {v['ar_median_tokens_per_s']:.0f}, " if args.repeats > 1 else "")
-                              + f"{v['ar_steps_per_s']:.1f} steps/s; loop {v['loop_tokens_per_s']:.0f} tok/s after "
-                              f"{v['start_s']:.2f} s for prefill + {FEW_STEPS} steps; compile {v['ar_compile_s']:.1f}s"
-                              + (f"; XLA dot {v['xla_dot_tokens_per_s']:.0f} tok/s" if "xla_dot_tokens_per_s" in v else "")
-                              + ")" for b, v in r["batches"].items())
-        print(f"{size} {args.arch} {args.dtype} (KV cache {r['kv_dtype']}, kernels {r['kernels'] or 'off'}; "
-              f"{r['params_M']:.1f}M params): AR {per_batch}")
+        per_batch = "  ".join(
+            f"b{b}: {v['ar_tokens_per_s']:.0f} tok/s ("
+            + (f"median {v['ar_median_tokens_per_s']:.0f}, " if args.repeats > 1 else "")
+            + f"{v['ar_steps_per_s']:.1f} steps/s; loop {v['loop_tokens_per_s']:.0f} tok/s after "
+            f"{v['start_s']:.2f} s for prefill + {FEW_STEPS} steps; compile {v['ar_compile_s']:.1f}s"
+            + (f"; XLA dot {v['xla_dot_tokens_per_s']:.0f} tok/s" if "xla_dot_tokens_per_s" in v else "")
+            + ")"
+            for b, v in r["batches"].items()
+        )
+        print(
+            f"{size} {args.arch} {args.dtype} (KV cache {r['kv_dtype']}, kernels {r['kernels'] or 'off'}; "
+            f"{r['params_M']:.1f}M params): AR {per_batch}"
+        )
         if "nar_s" in r:
-            print(f"  batch 1: AR {r['ar_step_ms']:.2f} ms/step vs weight-streaming bound "
-                  f"{1e3 / r['bound_steps_per_s']:.2f} ms ({r['param_bytes'] / 1e6:.0f} MB at {r['bandwidth_gbs']:.1f} GB/s); "
-                  f"NAR {r['nar_s']:.2f} s for 7 levels; codec decode {r['codec_decode_s']:.2f} s; "
-                  f"RTF {r['rtf']:.2f} (AR+NAR, {args.audio_seconds:g} s of audio, {args.prompt_seconds:g} s prompt)")
-            print(f"  without the KV cache: {r['uncached_step_ms']:.1f} ms/step ({r['uncached_steps_per_s']:.1f} steps/s; "
-                  f"{r['uncached_ar_s_estimate']:.1f} s for the AR) -> cache speed-up "
-                  f"{r['uncached_step_ms'] / r['ar_step_ms']:.1f}x; peak RSS {r['peak_rss_gb']:.2f} GB")
+            print(
+                f"  batch 1: AR {r['ar_step_ms']:.2f} ms/step vs weight-streaming bound "
+                f"{1e3 / r['bound_steps_per_s']:.2f} ms "
+                f"({r['param_bytes'] / 1e6:.0f} MB at {r['bandwidth_gbs']:.1f} GB/s); "
+                f"NAR {r['nar_s']:.2f} s for 7 levels; codec decode {r['codec_decode_s']:.2f} s; "
+                f"RTF {r['rtf']:.2f} (AR+NAR, {args.audio_seconds:g} s of audio, {args.prompt_seconds:g} s prompt)"
+            )
+            print(
+                f"  without the KV cache: {r['uncached_step_ms']:.1f} ms/step "
+                f"({r['uncached_steps_per_s']:.1f} steps/s; "
+                f"{r['uncached_ar_s_estimate']:.1f} s for the AR) -> cache speed-up "
+                f"{r['uncached_step_ms'] / r['ar_step_ms']:.1f}x; peak RSS {r['peak_rss_gb']:.2f} GB"
+            )
         for when, m in r.get("memory", {}).items():
             xla = "n/a" if m["xla_mb"] is None else f"{m['xla_mb']:.0f} MB"
-            print(f"  memory at {when} of generated audio (batch 1): decoding state {m['state_mb']:.1f} MB, "
-                  f"compiled AR {xla} (arguments + outputs + temporaries)")
+            print(
+                f"  memory at {when} of generated audio (batch 1): decoding state {m['state_mb']:.1f} MB, "
+                f"compiled AR {xla} (arguments + outputs + temporaries)"
+            )
         print("  " + json.dumps(r), flush=True)
         if args.reference and "nar_s" in r:
             import reference_decode
 
             ref = reference_decode.spawn(size, args.prompt_seconds, args.audio_seconds)
             ar_s = r["ar_step_ms"] * ref["ar_steps"] / 1e3
-            print(f"  PyTorch reference (no cache, batch 1): AR {ref['ar_s']:.1f} s ({ref['ar_steps_per_s']:.2f} steps/s), "
-                  f"NAR {ref['nar_s']:.2f} s, RTF {ref['rtf']:.1f} -> ours: AR {ref['ar_s'] / ar_s:.0f}x, "
-                  f"NAR {ref['nar_s'] / r['nar_s']:.2f}x, RTF {ref['rtf'] / r['rtf']:.0f}x faster")
+            print(
+                f"  PyTorch reference (no cache, batch 1): AR {ref['ar_s']:.1f} s "
+                f"({ref['ar_steps_per_s']:.2f} steps/s), "
+                f"NAR {ref['nar_s']:.2f} s, RTF {ref['rtf']:.1f} -> ours: AR {ref['ar_s'] / ar_s:.0f}x, "
+                f"NAR {ref['nar_s'] / r['nar_s']:.2f}x, RTF {ref['rtf'] / r['rtf']:.0f}x faster"
+            )
             print("  " + json.dumps(ref), flush=True)
 
 

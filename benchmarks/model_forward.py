@@ -6,6 +6,7 @@
 Prints the compile time, the median forward (teacher-forced logits of a mixed-level batch) and the
 achieved FLOP rate next to a float32 matmul peak measured in the same run on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
         t = time.perf_counter()
         f(a).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def main():
@@ -50,9 +51,12 @@ def main():
     model = init_model(cfg)
     rng = np.random.default_rng(0)
     b = args.batch
-    batch = pad_batch([rng.integers(1, 200, args.text) for _ in range(b)], [0] * b,
-                      [rng.integers(0, 1024, (args.prompt, 8)) for _ in range(b)],
-                      [rng.integers(0, 1024, (args.resp, 8)) for _ in range(b)])
+    batch = pad_batch(
+        [rng.integers(1, 200, args.text) for _ in range(b)],
+        [0] * b,
+        [rng.integers(0, 1024, (args.prompt, 8)) for _ in range(b)],
+        [rng.integers(0, 1024, (args.resp, 8)) for _ in range(b)],
+    )
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     levels = jnp.arange(b) % 8
     forward = jit_forward(model)
@@ -69,10 +73,17 @@ def main():
     dense = (4 + 3 * cfg.ffn_mult if args.arch == "llama" else 4 + 2 * cfg.ffn_mult) * d * d * n  # per token
     flops = 2 * b * s * (dense + d * cfg.n_classes) + 4 * b * n * s * s * d  # + attention (QK and PV)
     peak = matmul_peak()
-    print(f"{args.arch} {args.size} ({d}/{h}/{n}), batch {b} x {s} positions, {args.dtype}, {jax.devices()[0].platform}:")
-    print(f"  compile + first call {compile_s:.1f} s; forward median {fwd * 1000:.0f} ms (runs {[round(x * 1000) for x in times]})")
-    print(f"  {flops / fwd / 1e9:.0f} GFLOP/s achieved vs {peak:.0f} GFLOP/s float32 matmul peak measured now "
-          f"({100 * flops / fwd / 1e9 / peak:.0f}%)")
+    print(
+        f"{args.arch} {args.size} ({d}/{h}/{n}), batch {b} x {s} positions, {args.dtype}, {jax.devices()[0].platform}:"
+    )
+    print(
+        f"  compile + first call {compile_s:.1f} s"
+        f"; forward median {fwd * 1000:.0f} ms (runs {[round(x * 1000) for x in times]})"
+    )
+    print(
+        f"  {flops / fwd / 1e9:.0f} GFLOP/s achieved vs {peak:.0f} GFLOP/s float32 matmul peak measured now "
+        f"({100 * flops / fwd / 1e9 / peak:.0f}%)"
+    )
 
 
 if __name__ == "__main__":

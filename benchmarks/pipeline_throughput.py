@@ -7,6 +7,7 @@ Two settings: (1) configs/demo.py on the demo store (built by `make demo`; skipp
 speakers) at batch 16, the heavy case. Compare with the train step time: the pipeline should
 deliver batches at least 10x faster than the step consumes them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ def synthetic_store(path: Path, n: int = 1024, speakers: int = 64) -> Path:
     w = StoreWriter(path, reference_symmap(), LANG_SYMMAP)
     for i in range(n):
         frames = int(rng.integers(700, 751))
-        w.add(f"s{i % speakers}/{i}", f"g_s{i % speakers}", "g", "en",
-              rng.integers(0, 1024, (frames, 8)).astype(np.int16), rng.integers(1, 200, 150).astype(np.int16))
+        w.add(
+            f"s{i % speakers}/{i}",
+            f"g_s{i % speakers}",
+            "g",
+            "en",
+            rng.integers(0, 1024, (frames, 8)).astype(np.int16),
+            rng.integers(1, 200, 150).astype(np.int16),
+        )
     return w.close()
 
 
@@ -61,17 +68,22 @@ def main():
     if (args.store / "index.json").exists():
         cfg = dataclasses.replace(data_config(demo.get_config()), store=str(args.store), num_workers=args.workers)
         rate, first = measure(args.store, cfg, args.batches)
-        print(f"demo config (batch {cfg.batch_size}, {args.store}): {rate:7.1f} batches/s "
-              f"({rate * cfg.batch_size:.0f} utterances/s), first batch after {first:.2f} s")
+        print(
+            f"demo config (batch {cfg.batch_size}, {args.store}): {rate:7.1f} batches/s "
+            f"({rate * cfg.batch_size:.0f} utterances/s), first batch after {first:.2f} s"
+        )
     else:
         print(f"no store at {args.store}: run `make demo` first for the demo-config figure")
 
     path = synthetic_store(Path(tempfile.mkdtemp(prefix="bench_pipeline_")) / "store")
-    cfg = dataclasses.replace(data_config(base.get_config()), store=str(path), batch_size=16,
-                              sample_type="speaker", num_workers=args.workers)
+    cfg = dataclasses.replace(
+        data_config(base.get_config()), store=str(path), batch_size=16, sample_type="speaker", num_workers=args.workers
+    )
     rate, first = measure(path, cfg, args.batches)
-    print(f"batch 16 x 10 s utterances (prompt {cfg.prompt_duration:g} s):  {rate:7.1f} batches/s "
-          f"({rate * 16 * 10:.0f} s of audio/s), first batch after {first:.2f} s")
+    print(
+        f"batch 16 x 10 s utterances (prompt {cfg.prompt_duration:g} s):  {rate:7.1f} batches/s "
+        f"({rate * 16 * 10:.0f} s of audio/s), first batch after {first:.2f} s"
+    )
 
 
 if __name__ == "__main__":

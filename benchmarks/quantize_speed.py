@@ -7,6 +7,7 @@ given (same network, same cost as the pretrained one), then times (a) the plain
 `EncodecModel.encode` one file at a time, the ceiling the task set, and (b) `tools.quantize` end
 to end (file reading, resampling, batching, writing). Medians over --repeats runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,14 @@ def main():
         report = quantize.quantize_dir(corpus, out, codec, args.batch_seconds, progress=False)
         tool.append(seconds / (time.perf_counter() - start))
         assert report.done == len(files) and not report.failed
-    print(f"EnCodec encode, one file per call : {statistics.median(raw):6.1f}x real time (runs {np.round(raw, 1).tolist()})")
-    print(f"tools.quantize (batch {args.batch_seconds:g} s)    : {statistics.median(tool):6.1f}x real time (runs {np.round(tool, 1).tolist()})")
+    print(
+        f"EnCodec encode, one file per call : {statistics.median(raw):6.1f}x real time"
+        f" (runs {np.round(raw, 1).tolist()})"
+    )
+    print(
+        f"tools.quantize (batch {args.batch_seconds:g} s)    : {statistics.median(tool):6.1f}x real time"
+        f" (runs {np.round(tool, 1).tolist()})"
+    )
 
 
 if __name__ == "__main__":

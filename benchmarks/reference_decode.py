@@ -10,6 +10,7 @@ timed at --samples response lengths spread over 0..R-1 (R = audio_seconds x 75),
 two passes, and its total is the sum over all R steps of the interpolated per-step time; the NAR
 levels are timed whole. Text: decode.py's TEXT_LEN phonemes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ from decode import TEXT_LEN
 def child(args) -> dict:
     import numpy as np
     import torch
-
     from reference_train_step import N_LEVELS, N_TOKENS, build
 
     torch.manual_seed(0)
@@ -46,25 +46,50 @@ def child(args) -> dict:
     with torch.inference_mode():
         model.inference_logits(text, lang, prom, resp[:8], 0)  # warm-up
         lengths = np.linspace(0, r_total - 1, args.samples).round().astype(int)
-        step_s = [timed(lambda n=n: model.inference_logits(text, lang, prom, resp[:n], 0)[-1].argmax()) for n in lengths]
+        step_s = [
+            timed(lambda n=n: model.inference_logits(text, lang, prom, resp[:n], 0)[-1].argmax()) for n in lengths
+        ]
         ar_s = float(np.interp(np.arange(r_total), lengths, step_s).sum())
         t0 = time.perf_counter()
         for level in range(1, N_LEVELS):
             model.inference_logits(text, lang, prom, resp[:, :level], level)[-r_total:].argmax(-1)
         nar_s = time.perf_counter() - t0
-    return {"impl": "reference (PyTorch, HF LlamaModel, no cache)", "size": args.size, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "ar_steps": r_total, "prompt_frames": p_len, "text": TEXT_LEN,
-            "sampled_lengths": lengths.tolist(), "step_s": [round(t, 4) for t in step_s], "ar_s": ar_s,
-            "ar_steps_per_s": r_total / ar_s, "nar_s": nar_s, "rtf": (ar_s + nar_s) / args.audio_seconds,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    return {
+        "impl": "reference (PyTorch, HF LlamaModel, no cache)",
+        "size": args.size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "ar_steps": r_total,
+        "prompt_frames": p_len,
+        "text": TEXT_LEN,
+        "sampled_lengths": lengths.tolist(),
+        "step_s": [round(t, 4) for t in step_s],
+        "ar_s": ar_s,
+        "ar_steps_per_s": r_total / ar_s,
+        "nar_s": nar_s,
+        "rtf": (ar_s + nar_s) / args.audio_seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def spawn(size: str, prompt_seconds: float, audio_seconds: float, samples: int = 6) -> dict:
     from child import run_child
 
-    return run_child(__file__, ["--size", size, "--prompt-seconds", str(prompt_seconds), "--audio-seconds",
-                                str(audio_seconds), "--samples", str(samples)], f"reference decoding ({size})",
-                     tcmalloc=False)
+    return run_child(
+        __file__,
+        [
+            "--size",
+            size,
+            "--prompt-seconds",
+            str(prompt_seconds),
+            "--audio-seconds",
+            str(audio_seconds),
+            "--samples",
+            str(samples),
+        ],
+        f"reference decoding ({size})",
+        tcmalloc=False,
+    )
 
 
 def main() -> None:
@@ -81,9 +106,11 @@ def main() -> None:
         return
     for size in args.sizes.split(","):
         r = spawn(size, args.prompt_seconds, args.audio_seconds, args.samples)
-        print(f"reference {size}: AR {r['ar_s']:.1f} s for {r['ar_steps']} steps ({r['ar_steps_per_s']:.2f} steps/s; "
-              f"{1e3 * r['step_s'][0]:.0f} -> {1e3 * r['step_s'][-1]:.0f} ms per step), NAR {r['nar_s']:.2f} s for 7 "
-              f"levels, RTF {r['rtf']:.1f} ({args.audio_seconds:g} s of audio, {args.prompt_seconds:g} s prompt)")
+        print(
+            f"reference {size}: AR {r['ar_s']:.1f} s for {r['ar_steps']} steps ({r['ar_steps_per_s']:.2f} steps/s; "
+            f"{1e3 * r['step_s'][0]:.0f} -> {1e3 * r['step_s'][-1]:.0f} ms per step), NAR {r['nar_s']:.2f} s for 7 "
+            f"levels, RTF {r['rtf']:.1f} ({args.audio_seconds:g} s of audio, {args.prompt_seconds:g} s prompt)"
+        )
         print("  " + json.dumps(r), flush=True)
 
 

@@ -18,6 +18,7 @@ sequence assembly is the reference's per-sample loop; at batch 8 its cost is sma
 backbone's. MFU uses valle_jax's FLOP count for the same shapes against a float32 2048^3 torch
 matmul measured in the same process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ def build(size, torch, nn):
     try:
         from transformers import LlamaConfig, LlamaModel
     except ImportError as e:
-        raise SystemExit(f"the reference's step needs HF transformers ({e}): pip install 'transformers==4.40.2' "
-                         "(a release of the reference's time; valle_jax itself does not need it)") from None
+        raise SystemExit(
+            f"the reference's step needs HF transformers ({e}): pip install 'transformers==4.40.2' "
+            "(a release of the reference's time; valle_jax itself does not need it)"
+        ) from None
 
     from valle_jax.config import SIZES
 
@@ -63,10 +66,20 @@ def build(size, torch, nn):
             self.proms_emb = AudioEmbedding([N_TOKENS] * N_LEVELS)
             self.resps_emb = AudioEmbedding([N_TOKENS + 1] + [N_TOKENS] * (N_LEVELS - 1))
             self.sep = nn.Parameter(torch.randn(d))
-            config = LlamaConfig(vocab_size=N_TOKENS + 1, hidden_size=d, intermediate_size=4 * d,
-                                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                 max_position_embeddings=75 * 60, attention_dropout=0.1, hidden_act="gelu",
-                                 sliding_window=75 * 12, is_encoder_decoder=False, is_decoder=True)
+            config = LlamaConfig(
+                vocab_size=N_TOKENS + 1,
+                hidden_size=d,
+                intermediate_size=4 * d,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads,
+                max_position_embeddings=75 * 60,
+                attention_dropout=0.1,
+                hidden_act="gelu",
+                sliding_window=75 * 12,
+                is_encoder_decoder=False,
+                is_decoder=True,
+            )
             self.model = LlamaModel(config)
             self.classifier = nn.Linear(d, N_TOKENS + 1)
 
@@ -80,8 +93,9 @@ def build(size, torch, nn):
 
         def inference_logits(self, text, lang, prom, resp_in, level):
             """Logits of one sample's every position, as the reference's inference computes them: no cache."""
-            return self.classifier(self.model(inputs_embeds=self.sequence(text, lang, prom, resp_in, level)[None])
-                                   .last_hidden_state)[0]
+            return self.classifier(
+                self.model(inputs_embeds=self.sequence(text, lang, prom, resp_in, level)[None]).last_hidden_state
+            )[0]
 
         def logits_and_targets(self, text, lang, prom, resps, levels):
             """Per sample: the logits the loss reads and their targets (causal items shifted)."""
@@ -104,7 +118,7 @@ def build(size, torch, nn):
             for i, level in enumerate(levels):
                 n = len(targets[i])
                 if level == 0:  # causal items are shifted: position j predicts target j+1
-                    flat_logits.append(logits[i, :n - 1]), flat_targets.append(targets[i][1:])
+                    flat_logits.append(logits[i, : n - 1]), flat_targets.append(targets[i][1:])
                 else:
                     flat_logits.append(logits[i, :n]), flat_targets.append(targets[i])
             return flat_logits, flat_targets
@@ -158,7 +172,7 @@ def child(args) -> dict:
             t0 = time.perf_counter()
             a @ a
             best = min(best, time.perf_counter() - t0)
-        return 2 * n ** 3 / best
+        return 2 * n**3 / best
 
     step()  # warm-up: allocator and oneDNN kernel selection
     peak_before = matmul_peak()
@@ -172,19 +186,34 @@ def child(args) -> dict:
     d, h, n = SIZES[args.size]
     seq = t_len + p_len + r_len + 5
     flops = train_flops(ModelConfig(arch="llama", d_model=d, n_heads=h, n_layers=n), b, seq)
-    return {"impl": "reference (PyTorch, HF LlamaModel)", "size": args.size, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "shape": [t_len, p_len, r_len], "batch": b, "step_s": step_s, "steps": [round(t, 3) for t in times],
-            "tokens_per_s": b * seq / step_s, "achieved_gflops": flops / step_s / 1e9,
-            "matmul_peak_gflops": peak / 1e9, "mfu": flops / step_s / peak,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "loss": loss}
+    return {
+        "impl": "reference (PyTorch, HF LlamaModel)",
+        "size": args.size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "shape": [t_len, p_len, r_len],
+        "batch": b,
+        "step_s": step_s,
+        "steps": [round(t, 3) for t in times],
+        "tokens_per_s": b * seq / step_s,
+        "achieved_gflops": flops / step_s / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "mfu": flops / step_s / peak,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "loss": loss,
+    }
 
 
 def spawn(size: str, shape: str, batch: int, steps: int) -> dict:
     from child import run_child
 
-    return run_child(__file__, ["--size", size, "--shape", shape, "--batch", str(batch), "--steps", str(steps)],
-                     f"reference step ({size})", tcmalloc=False)
+    return run_child(
+        __file__,
+        ["--size", size, "--shape", shape, "--batch", str(batch), "--steps", str(steps)],
+        f"reference step ({size})",
+        tcmalloc=False,
+    )
 
 
 def main() -> None:
@@ -201,8 +230,10 @@ def main() -> None:
         return
     for size in args.sizes.split(","):
         r = spawn(size, args.shape, args.batch, args.steps)
-        print(f"reference {size}: step {r['step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}% "
-              f"of {r['matmul_peak_gflops']:.1f} GFLOP/s, peak RSS {r['peak_rss_gb']:.2f} GB")
+        print(
+            f"reference {size}: step {r['step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}% "
+            f"of {r['matmul_peak_gflops']:.1f} GFLOP/s, peak RSS {r['peak_rss_gb']:.2f} GB"
+        )
         print("  " + json.dumps(r), flush=True)
 
 

@@ -1,7 +1,8 @@
 """Every default of valle_jax, with its unit. Other presets start from here and override.
 
-    python -m tools.draw_batches --config configs/base.py --config.data.store=STORE
+python -m tools.draw_batches --config configs/base.py --config.data.store=STORE
 """
+
 import ml_collections
 
 
@@ -56,8 +57,16 @@ def get_config() -> ml_collections.ConfigDict:
     h.shape = (-1, 1, 1)  # devices along (data, fsdp, tensor); one -1 takes the rest
     # logical axis -> mesh axes ("" = replicated; "a,b" = both). A dimension that a mesh axis size
     # does not divide stays replicated. "batch" shards the data over the data-parallel axes.
-    h.rules = (("batch", "data,fsdp"), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
-               ("kv_heads", "tensor"), ("mlp", "tensor"), ("layers", ""), ("head_dim", ""))
+    h.rules = (
+        ("batch", "data,fsdp"),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("layers", ""),
+        ("head_dim", ""),
+    )
 
     # ---- optim: optax optimizer, schedule, clipping, accumulation, freezing (SPEC §7.2) ----
     o = c.optim = ml_collections.ConfigDict()

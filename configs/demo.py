@@ -1,7 +1,8 @@
 """Quick-start preset (`make demo`): the tiny model on the demo corpus built by tools.demo.
 
-    python -m valle_jax.train --config configs/demo.py --workdir demo_out/run
+python -m valle_jax.train --config configs/demo.py --workdir demo_out/run
 """
+
 from configs import base
 
 

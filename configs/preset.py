@@ -5,6 +5,7 @@
 ARCH is transformer, llama or retnet; SIZE is quarter, half, full or double (SPEC §2.2: widths 256/512/1024,
 4/8/16 heads, 12 layers, double = 24 layers at full width).
 """
+
 from configs import base
 from valle_jax.config import ARCHS, SIZES
 

@@ -1,4 +1,5 @@
 """Tiny preset for tests: small batches and buckets, fast on a laptop CPU."""
+
 from configs import base
 
 

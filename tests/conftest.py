@@ -2,11 +2,15 @@
 
 XLA_FLAGS must be set before JAX starts its backend: 8 fake CPU devices for sharding tests.
 """
+
 import os
 
 # Tests are dominated by compile time of tiny programs: a cheaper XLA backend pass halves it.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                                   "--xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
@@ -22,7 +26,9 @@ GOLDEN_DIR = Path(os.environ.get("VALLE_JAX_GOLDEN", Path(__file__).resolve().pa
 
 def pytest_collection_modifyitems(config, items):
     if not espeak_available():
-        skip = pytest.mark.skip(reason="espeak-ng is not installed (make test installs it): sudo apt-get install -y espeak-ng")
+        skip = pytest.mark.skip(
+            reason="espeak-ng is not installed (make test installs it): sudo apt-get install -y espeak-ng"
+        )
         for item in items:
             if "needs_espeak" in item.keywords:
                 item.add_marker(skip)

@@ -20,8 +20,11 @@ def test_presets_build_valid_data_configs(preset):
 def test_model_presets(name):
     cfg = model_config(preset.get_config(name))
     arch, size = name.split("-")
-    assert cfg.arch == arch and (cfg.d_model, cfg.n_heads, cfg.n_layers) == {
-        "quarter": (256, 4, 12), "half": (512, 8, 12), "double": (1024, 16, 24)}[size]
+    assert (
+        cfg.arch == arch
+        and (cfg.d_model, cfg.n_heads, cfg.n_layers)
+        == {"quarter": (256, 4, 12), "half": (512, 8, 12), "double": (1024, 16, 24)}[size]
+    )
     assert model_config(tiny.get_config()).d_model == 48
     c = base.get_config()
     c.model.size = "huge"
@@ -37,10 +40,22 @@ def test_every_base_key_has_a_unit_comment():
 
 @pytest.mark.needs_espeak
 def test_command_line_overrides_and_typos(store_path):
-    cmd = [sys.executable, "-m", "tools.draw_batches", "--config", "configs/tiny.py",
-           f"--config.data.store={store_path}", "--batches", "2"]
-    ok = subprocess.run(cmd + ["--config.data.batch_size=2", "--config.data.text_buckets=(64,128)"],
-                        cwd=ROOT, capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.draw_batches",
+        "--config",
+        "configs/tiny.py",
+        f"--config.data.store={store_path}",
+        "--batches",
+        "2",
+    ]
+    ok = subprocess.run(
+        cmd + ["--config.data.batch_size=2", "--config.data.text_buckets=(64,128)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "text (2, 64)" in ok.stdout and "batches of 2 per epoch" in ok.stdout
     typo = subprocess.run(cmd + ["--config.data.batch_sise=2"], cwd=ROOT, capture_output=True, text=True)

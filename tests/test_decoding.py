@@ -1,5 +1,6 @@
 """Decoding: cached == uncached == teacher forcing, chunking, batching, seeds, early exit, beam
 search, mirostat, rolling context and the NAR levels."""
+
 import dataclasses
 
 import jax
@@ -61,14 +62,20 @@ def test_ar_logits_equal_teacher_forcing(model, decoder):
     out = decoder.ar(inputs, dataclasses.replace(GREEDY, ar_temp=1.0, seed=3), keep_logits=True)
     length = np.asarray(out.length)
     r = int(length.max())
-    batch = {"text": jnp.asarray(inputs.text), "text_len": jnp.asarray(inputs.text_len), "lang": jnp.asarray(inputs.lang),
-             "prompt": jnp.asarray(inputs.prompt), "prompt_len": jnp.asarray(inputs.prompt_len),
-             "resp": jnp.asarray(np.asarray(out.tokens)[:, :r, None]), "resp_len": jnp.asarray(length)}
+    batch = {
+        "text": jnp.asarray(inputs.text),
+        "text_len": jnp.asarray(inputs.text_len),
+        "lang": jnp.asarray(inputs.lang),
+        "prompt": jnp.asarray(inputs.prompt),
+        "prompt_len": jnp.asarray(inputs.prompt_len),
+        "resp": jnp.asarray(np.asarray(out.tokens)[:, :r, None]),
+        "resp_len": jnp.asarray(length),
+    }
     logits, _ = model(batch, jnp.zeros((3,), jnp.int32))
     plen = np.asarray(inputs.text_len) + np.asarray(inputs.prompt_len) + 4
     for i in range(3):
         n = length[i] + bool(out.stopped[i])  # the logits that chose frames 0..len (and the stop)
-        tf = np.asarray(logits)[i, plen[i] - 1: plen[i] - 1 + n]
+        tf = np.asarray(logits)[i, plen[i] - 1 : plen[i] - 1 + n]
         np.testing.assert_allclose(np.asarray(out.logits)[i, :n], tf, atol=2e-5)
 
 
@@ -109,19 +116,31 @@ def test_per_row_step_limits_and_stop_flags(decoder):
 
 def _constant_step(logits_V, stop_at=None):
     """A step_fn whose state counts its calls; its logits force the stop token from step `stop_at`."""
+
     def step(count, tok, t):
         logits = jnp.broadcast_to(logits_V, (tok.shape[0], logits_V.shape[0]))
         if stop_at is not None:
             logits = jnp.where(t + 1 >= stop_at, jnp.where(jnp.arange(logits_V.shape[0]) == STOP, 50.0, -50.0), logits)
         return logits, count + 1
+
     return step
 
 
 def test_early_exit_stops_the_loop():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=STOP + 1), jnp.float32).at[STOP].set(-1e9)
     knobs = D.Knobs.of(D.Settings(max_ar_steps=600, ar_temp=0.0), 2)
-    out = jax.jit(lambda: D.ar_loop(jnp.tile(logits, (2, 1)), _constant_step(logits, stop_at=3), jnp.zeros((), jnp.int32),
-                                    knobs, jax.random.key(0), n_slots=600, stop=STOP, chunk=8))()
+    out = jax.jit(
+        lambda: D.ar_loop(
+            jnp.tile(logits, (2, 1)),
+            _constant_step(logits, stop_at=3),
+            jnp.zeros((), jnp.int32),
+            knobs,
+            jax.random.key(0),
+            n_slots=600,
+            stop=STOP,
+            chunk=8,
+        )
+    )()
     np.testing.assert_array_equal(np.asarray(out.length), [3, 3])
     assert np.asarray(out.stopped).all()
     assert int(out.state) == 8  # one chunk of steps ran, not 600
@@ -167,13 +186,33 @@ def test_beam_search_beats_greedy_on_a_constructed_case():
 
     settings = D.Settings(max_ar_steps=6, ar_temp=1.0, beam_width=3)
     knobs = D.Knobs.of(settings, 3)
-    out, score = jax.jit(lambda: D.beam_loop(jnp.tile(jnp.asarray(first), (3, 1)), step, reorder,
-                                             jnp.zeros((3,), jnp.int32), knobs, width=3, n_slots=8, stop=STOP, chunk=4))()
-    greedy = D.ar_loop(jnp.asarray(first)[None], step, jnp.zeros((1,), jnp.int32), D.Knobs.of(
-        dataclasses.replace(settings, beam_width=0, ar_temp=0.0), 1), jax.random.key(0), n_slots=8, stop=STOP, chunk=4)
+    out, score = jax.jit(
+        lambda: D.beam_loop(
+            jnp.tile(jnp.asarray(first), (3, 1)),
+            step,
+            reorder,
+            jnp.zeros((3,), jnp.int32),
+            knobs,
+            width=3,
+            n_slots=8,
+            stop=STOP,
+            chunk=4,
+        )
+    )()
+    greedy = D.ar_loop(
+        jnp.asarray(first)[None],
+        step,
+        jnp.zeros((1,), jnp.int32),
+        D.Knobs.of(dataclasses.replace(settings, beam_width=0, ar_temp=0.0), 1),
+        jax.random.key(0),
+        n_slots=8,
+        stop=STOP,
+        chunk=4,
+    )
     g = np.asarray(greedy.tokens[0])
     logp = jax.nn.log_softmax(jnp.asarray(first))[g[0]] + sum(
-        jax.nn.log_softmax(table[min(g[i - 1], 7)])[g[i]] for i in range(1, 6))
+        jax.nn.log_softmax(table[min(g[i - 1], 7)])[g[i]] for i in range(1, 6)
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens)[0, :2], [1, STOP])
     assert int(out.length[0]) == 1 and int(greedy.length[0]) == 6
     assert float(score[0]) == pytest.approx(np.log(0.4 * 0.99), abs=1e-4)
@@ -184,9 +223,19 @@ def test_mirostat_tracks_tau():
     v = STOP + 1
     logits = jnp.asarray(-1.1 * np.log(np.arange(1, v + 1)), jnp.float32).at[STOP].set(-1e9)  # Zipf-like
     settings = D.Settings(max_ar_steps=400, mirostat_tau=4.0, mirostat_eta=0.1)
-    out = jax.jit(lambda: D.ar_loop(logits[None], _constant_step(logits), jnp.zeros((), jnp.int32),
-                                    D.Knobs.of(settings, 1), jax.random.key(1), n_slots=400, stop=STOP,
-                                    chunk=8, mode="mirostat"))()
+    out = jax.jit(
+        lambda: D.ar_loop(
+            logits[None],
+            _constant_step(logits),
+            jnp.zeros((), jnp.int32),
+            D.Knobs.of(settings, 1),
+            jax.random.key(1),
+            n_slots=400,
+            stop=STOP,
+            chunk=8,
+            mode="mirostat",
+        )
+    )()
     logp2 = np.asarray(jax.nn.log_softmax(logits)) / np.log(2)
     surprise = -logp2[np.asarray(out.tokens[0])]
     assert abs(surprise[100:].mean() - 4.0) < 0.5, surprise[100:].mean()
@@ -214,8 +263,9 @@ def test_nar_reuses_the_prefix_and_never_samples_stop(model, decoder):
     knobs = D.Knobs.of(settings, 3, ar=False)
     r = int(np.asarray(ar.length).max())
     key = jax.random.key(0)
-    with_cache = decoder._nar(params, inputs, ar.state[0], ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), key,
-                              sign_aware=True)
+    with_cache = decoder._nar(
+        params, inputs, ar.state[0], ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), key, sign_aware=True
+    )
     full = decoder._nar(params, inputs, None, ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), key, sign_aware=True)
     np.testing.assert_array_equal(np.asarray(with_cache), np.asarray(full))
     codes = np.asarray(with_cache)

@@ -9,8 +9,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.needs_espeak
 def test_demo_runs_end_to_end_and_reruns_quickly(tmp_path, codec_dir):
-    cmd = [sys.executable, "-m", "tools.demo", "--out", str(tmp_path / "demo"), "--voices", "3", "--sentences", "4",
-           "--codec-dir", str(codec_dir), "--steps", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--voices",
+        "3",
+        "--sentences",
+        "4",
+        "--codec-dir",
+        str(codec_dir),
+        "--steps",
+        "3",
+    ]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "16 batches at" in first.stdout and "demo finished" in first.stdout

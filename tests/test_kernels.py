@@ -1,5 +1,6 @@
 """The CPU decoding kernels (valle_jax/kernels): rows_linear against float64 products, decoding with
 them against decoding with XLA's dot, bfloat16 step weights, and the fallbacks."""
+
 import dataclasses
 import functools
 import os
@@ -19,8 +20,9 @@ from valle_jax.config import ModelConfig
 from valle_jax.models import init_model
 from valle_jax.models.layers import StepWeight
 
-needs_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.available(),
-                                   reason=f"CPU kernels unavailable here: {kernels._load()}")
+needs_kernels = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not kernels.available(), reason=f"CPU kernels unavailable here: {kernels._load()}"
+)
 GREEDY = D.Settings(max_ar_steps=16, ar_temp=0.0, nar_temp=0.0)
 
 
@@ -45,9 +47,25 @@ def as_float64(a):
 @needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("m,k,n", [(1, 512, 1536), (2, 24, 30), (3, 64, 101), (4, 37, 9), (5, 20, 40), (6, 200, 48),
-                                   (7, 3, 33), (8, 200, 48), (11, 16, 64), (12, 16, 70), (13, 16, 50), (25, 40, 20),
-                                   (32, 72, 97), (64, 20, 65)])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (1, 512, 1536),
+        (2, 24, 30),
+        (3, 64, 101),
+        (4, 37, 9),
+        (5, 20, 40),
+        (6, 200, 48),
+        (7, 3, 33),
+        (8, 200, 48),
+        (11, 16, 64),
+        (12, 16, 70),
+        (13, 16, 50),
+        (25, 40, 20),
+        (32, 72, 97),
+        (64, 20, 65),
+    ],
+)
 def test_rows_linear_matches_a_float64_product(dtype, m, k, n, isa):
     """Every row count of a pass (1..12), more rows split into passes (13, 25, 32, 64), widths that
     end in a partial panel or a partial vector of one, in every build."""
@@ -106,8 +124,12 @@ def logits_and_tokens(dec, inputs):
 
 def inputs_of(seed, sizes=((12, 40), (7, 25))):
     rng = np.random.default_rng(seed)
-    return D.make_inputs([list(rng.integers(1, 200, t)) for t, _ in sizes],
-                         [rng.integers(0, 1024, (p, 8)) for _, p in sizes], [0] * len(sizes), 8)
+    return D.make_inputs(
+        [list(rng.integers(1, 200, t)) for t, _ in sizes],
+        [rng.integers(0, 1024, (p, 8)) for _, p in sizes],
+        [0] * len(sizes),
+        8,
+    )
 
 
 @needs_kernels
@@ -148,8 +170,9 @@ def test_steps_wider_than_the_kernel_unpack_the_weights_once(monkeypatch):
     for computation in re.split(r"\n(?=\S)", hlo):
         if computation.split(" ", 1)[0].lstrip("%") in bodies:
             assert "transpose" not in computation
-    np.testing.assert_array_equal(logits_and_tokens(dec, inputs)[0],
-                                  logits_and_tokens(D.Decoder(model, cpu_kernels=False), inputs)[0])
+    np.testing.assert_array_equal(
+        logits_and_tokens(dec, inputs)[0], logits_and_tokens(D.Decoder(model, cpu_kernels=False), inputs)[0]
+    )
 
 
 @needs_kernels
@@ -208,12 +231,14 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
 
 def test_turned_off_kernels_fall_back_to_xla(tmp_path):
     """VALLE_JAX_CPU_KERNELS=0: unavailable with the reason logged, and a decoder uses XLA's dot."""
-    code = ("import logging; logging.basicConfig()\n"
-            "from valle_jax import kernels, decoding as D\n"
-            "from valle_jax.config import ModelConfig\nfrom valle_jax.models import init_model\n"
-            "assert not kernels.available()\n"
-            "d = D.Decoder(init_model(ModelConfig(arch='llama', d_model=48, n_heads=4, n_layers=2), 0))\n"
-            "assert d.step_layers is None\n")
+    code = (
+        "import logging; logging.basicConfig()\n"
+        "from valle_jax import kernels, decoding as D\n"
+        "from valle_jax.config import ModelConfig\nfrom valle_jax.models import init_model\n"
+        "assert not kernels.available()\n"
+        "d = D.Decoder(init_model(ModelConfig(arch='llama', d_model=48, n_heads=4, n_layers=2), 0))\n"
+        "assert d.step_layers is None\n"
+    )
     env = dict(os.environ, VALLE_JAX_CPU_KERNELS="0", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -286,8 +311,9 @@ def test_block_attention_equals_xla_over_the_filled_slots(s, r, dh, kv_dtype, is
 def test_block_attention_rejects_mismatched_operands():
     n, q, d, c = 2, 5, 8, 11
     with pytest.raises(ValueError, match="block_attention"):
-        kernels.block_attention(jnp.zeros((n, q, d)), jnp.zeros((n, c, d)), jnp.zeros((n, d, c)),
-                                jnp.zeros((1, q, c), bool), 3)
+        kernels.block_attention(
+            jnp.zeros((n, q, d)), jnp.zeros((n, c, d)), jnp.zeros((n, d, c)), jnp.zeros((1, q, c), bool), 3
+        )
 
 
 def test_isa_follows_the_environment(monkeypatch):
@@ -317,8 +343,12 @@ def test_bfloat16_cache_is_written_in_place():
     cache = ar.state[0]
     assert cache["k"][0].dtype == jnp.uint16 and cache["v"][0].dtype == jnp.uint16
     n_slots = dec.n_slots(GREEDY.max_ar_steps)
-    hlo = jax.jit(dec.ar_call(GREEDY, n_slots)).lower(dec.params, inputs, D.Knobs.of(GREEDY, 2),
-                                                       jax.random.key(0)).compile().as_text()
+    hlo = (
+        jax.jit(dec.ar_call(GREEDY, n_slots))
+        .lower(dec.params, inputs, D.Knobs.of(GREEDY, 2), jax.random.key(0))
+        .compile()
+        .as_text()
+    )
     for buf in (cache["k"][0], cache["v"][0]):
         shape = ",".join(map(str, buf.shape))
         assert re.search(rf"u16\[{shape}\]\S* dynamic-update-slice\(", hlo)

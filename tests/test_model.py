@@ -1,4 +1,5 @@
 """The model: golden parity, converter, causality, padding invariance, traced levels, KV cache, sizes."""
+
 import shutil
 import subprocess
 import sys
@@ -8,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN_DIR
 from flax import nnx
 
-from conftest import GOLDEN_DIR
 from tools import parity
 from valle_jax.checkpointing import load_model, model_with_params, params_of, save_model
 from valle_jax.config import SIZES, ModelConfig
@@ -19,8 +20,9 @@ from valle_jax.models import VALLE, init_model, jit_forward, jit_method, loss_an
 from valle_jax.models.convert import ConversionError, from_reference, infer_config
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_golden = pytest.mark.skipif(not (GOLDEN_DIR / "inputs.npz").exists(),
-                                  reason=f"golden files not found at {GOLDEN_DIR} (set VALLE_JAX_GOLDEN)")
+needs_golden = pytest.mark.skipif(
+    not (GOLDEN_DIR / "inputs.npz").exists(), reason=f"golden files not found at {GOLDEN_DIR} (set VALLE_JAX_GOLDEN)"
+)
 ARCHS = ["transformer", "llama", "retnet"]
 
 
@@ -54,9 +56,17 @@ def test_parity_cli_reads_the_batch2_format(arch, tmp_path):
         shutil.copy(GOLDEN_DIR / f, tmp_path / f)
     inp, out = np.load(GOLDEN_DIR / "inputs.npz"), np.load(GOLDEN_DIR / f"{arch}_outputs.npz")
     n1 = 20 + 75 + 60 + 4
-    np.savez(tmp_path / "inputs_batch2.npz", text_b0=inp["text"], text_b1=inp["text"], lang=inp["lang"],
-             prompt_b0=inp["prompt"], prompt_b1=inp["prompt"], response_b0=inp["response"],
-             response_b1=inp["response"][:60], quant_levels=np.array([0, 1]))
+    np.savez(
+        tmp_path / "inputs_batch2.npz",
+        text_b0=inp["text"],
+        text_b1=inp["text"],
+        lang=inp["lang"],
+        prompt_b0=inp["prompt"],
+        prompt_b1=inp["prompt"],
+        response_b0=inp["response"],
+        response_b1=inp["response"][:60],
+        quant_levels=np.array([0, 1]),
+    )
     logits = [out["logits_ar_l0"], out["logits_nar_l1"][:n1]]
     tgt = np.concatenate([out["loss_target_ar_l0"], out["loss_target_nar_l1"][:n1]])
     rows = np.concatenate([logits[0][:-1], logits[1]]).astype(np.float64)
@@ -64,24 +74,53 @@ def test_parity_cli_reads_the_batch2_format(arch, tmp_path):
     logp = rows - np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1, keepdims=True)) - rows.max(1, keepdims=True)
     loss = -logp[keep, tgt[keep]].mean()
     acc = np.mean([(rows[i] > rows[i, tgt[i]]).sum() < 10 for i in np.flatnonzero(keep)])
-    np.savez(tmp_path / f"{arch}_outputs_batch2.npz", quant_levels=np.array([0, 1]), logits_b0=logits[0],
-             logits_b1=logits[1], loss=np.float32(loss), acc_top10=np.float32(acc), loss_target=tgt)
-    run = subprocess.run([sys.executable, "-m", "tools.parity", str(tmp_path), "--arch", arch],
-                         cwd=ROOT, capture_output=True, text=True)
+    np.savez(
+        tmp_path / f"{arch}_outputs_batch2.npz",
+        quant_levels=np.array([0, 1]),
+        logits_b0=logits[0],
+        logits_b1=logits[1],
+        loss=np.float32(loss),
+        acc_top10=np.float32(acc),
+        loss_target=tgt,
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.parity", str(tmp_path), "--arch", arch], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "batch2" in run.stdout and "1/1 cases within" in run.stdout
     # a wrong reference makes it fail
-    np.savez(tmp_path / f"{arch}_outputs_batch2.npz", quant_levels=np.array([0, 1]), logits_b0=logits[0] + 1e-3,
-             logits_b1=logits[1], loss=np.float32(loss), acc_top10=np.float32(acc), loss_target=tgt)
-    bad = subprocess.run([sys.executable, "-m", "tools.parity", str(tmp_path), "--arch", arch],
-                         cwd=ROOT, capture_output=True, text=True)
+    np.savez(
+        tmp_path / f"{arch}_outputs_batch2.npz",
+        quant_levels=np.array([0, 1]),
+        logits_b0=logits[0] + 1e-3,
+        logits_b1=logits[1],
+        loss=np.float32(loss),
+        acc_top10=np.float32(acc),
+        loss_target=tgt,
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "tools.parity", str(tmp_path), "--arch", arch], cwd=ROOT, capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "FAILED: ['batch2']" in bad.stdout
 
 
 @needs_golden
 def test_pth_conversion_round_trip(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "tools.convert_reference", str(GOLDEN_DIR / "transformer_state_dict.pth"),
-                          "--out", str(tmp_path / "m"), "--heads", "4"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.convert_reference",
+            str(GOLDEN_DIR / "transformer_state_dict.pth"),
+            "--out",
+            str(tmp_path / "m"),
+            "--heads",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     model, cfg, symmap = load_model(tmp_path / "m")
     assert cfg.arch == "transformer" and cfg.n_heads == 4 and len(symmap) == 229
@@ -107,7 +146,7 @@ def test_converter_lists_every_bad_key():
     msg = str(e.value)
     assert "1 missing: ['blocks.1.attn.norm.bias']" in msg and "1 unexpected: ['extra.weight']" in msg
     assert "blocks.0.ffn.block.0.bias: (7,), expected (128,)" in msg
-    renamed = {("retnet." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+    renamed = {("retnet." + k[len("model.") :] if k.startswith("model.") else k): v for k, v in state.items()}
     assert infer_config(renamed, heads=4).arch == "transformer"
     with pytest.raises(ConversionError, match="pass --heads"):
         infer_config(state)
@@ -124,8 +163,8 @@ def test_causality_by_gradients(arch):
         valid = jnp.ones((2, s), bool)
         levels = jnp.array([0, 3])
         grad = jit_method(model, lambda m, x: jax.grad(lambda x: m.run(x, pos, valid, levels)[0][:, i].sum())(x))(x)
-        future = jnp.abs(grad[:, i + 1:]).sum((1, 2))
-        past = jnp.abs(grad[:, :i + 1]).sum((1, 2))
+        future = jnp.abs(grad[:, i + 1 :]).sum((1, 2))
+        past = jnp.abs(grad[:, : i + 1]).sum((1, 2))
         assert future[0] == 0 and past[0] > 0  # the AR row is causal
         assert (future[1] > 0) == bidirectional  # NAR rows: causal unless the option is on
 
@@ -137,8 +176,12 @@ def test_padding_invariance(arch):
     rng = np.random.default_rng(0)
     short = random_batch(rng, [(7, 9, 11)])
     long = random_batch(rng, [(15, 20, 30)])
-    both = pad_batch([short["text"][0], long["text"][0]], [0, 0], [short["prompt"][0], long["prompt"][0]],
-                     [short["resp"][0], long["resp"][0]])
+    both = pad_batch(
+        [short["text"][0], long["text"][0]],
+        [0, 0],
+        [short["prompt"][0], long["prompt"][0]],
+        [short["resp"][0], long["resp"][0]],
+    )
     forward = jit_forward(model)
     for level in (0, 2):
         alone, valid = forward({k: jnp.asarray(v) for k, v in short.items()}, jnp.array([level]))
@@ -192,7 +235,7 @@ def test_kv_cache_matches_teacher_forcing(arch):
     first, _, cache = step(x[:, :prefix], pos[:, :prefix], valid[:, :prefix], cache)
     outs = [first]
     for t in range(prefix, s):
-        o, _, cache = step(x[:, t:t + 1], pos[:, t:t + 1], valid[:, t:t + 1], cache)
+        o, _, cache = step(x[:, t : t + 1], pos[:, t : t + 1], valid[:, t : t + 1], cache)
         outs.append(o)
     cached = jnp.concatenate(outs, axis=1)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=2e-5)
@@ -209,12 +252,20 @@ def _count(cfg):
 
 # SPEC §3.5, minus the tables the reference holds but never uses: tasks_emb (8 x d) and llama's
 # embed_tokens (1025 x d)
-SPEC_COUNTS = {("transformer", "full"): 170_005_505, ("transformer", "half"): 47_254_529,
-               ("transformer", "quarter"): 14_190_593, ("transformer", "double"): 321_123_329,
-               ("llama", "full"): 221_289_473, ("llama", "half"): 60_313_601,
-               ("llama", "quarter"): 17_574_401, ("llama", "double"): 422_640_641,
-               ("retnet", "full"): 220_511_233, ("retnet", "half"): 59_924_481,  # the reference's fork
-               ("retnet", "quarter"): 17_379_841, ("retnet", "double"): 422_132_737}
+SPEC_COUNTS = {
+    ("transformer", "full"): 170_005_505,
+    ("transformer", "half"): 47_254_529,
+    ("transformer", "quarter"): 14_190_593,
+    ("transformer", "double"): 321_123_329,
+    ("llama", "full"): 221_289_473,
+    ("llama", "half"): 60_313_601,
+    ("llama", "quarter"): 17_574_401,
+    ("llama", "double"): 422_640_641,
+    ("retnet", "full"): 220_511_233,
+    ("retnet", "half"): 59_924_481,  # the reference's fork
+    ("retnet", "quarter"): 17_379_841,
+    ("retnet", "double"): 422_132_737,
+}
 
 
 @pytest.mark.parametrize("arch,size", sorted(SPEC_COUNTS))
@@ -250,6 +301,7 @@ def loss_grads(cfg, batch, levels, seed=4):
     def loss(state):
         logits, _ = nnx.merge(graph, state)(batch, levels)
         return loss_and_metrics(logits, targets(batch, levels, cfg.stop_token)[0], levels)[0]
+
     return jax.jit(jax.grad(loss))(state)
 
 
@@ -274,8 +326,9 @@ def test_save_and_load_model(tmp_path):
     save_model(tmp_path / "m", cfg, params_of(model), {"a": 1})
     loaded, cfg2, symmap = load_model(tmp_path / "m")
     assert cfg2 == cfg and symmap == {"a": 1}
-    jax.tree.map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), np.asarray(c)),
-                 params_of(model), params_of(loaded))
+    jax.tree.map(
+        lambda a, c: np.testing.assert_array_equal(np.asarray(a), np.asarray(c)), params_of(model), params_of(loaded)
+    )
     with pytest.raises(FileExistsError):
         save_model(tmp_path / "m", cfg, params_of(model), {})
 
@@ -298,12 +351,44 @@ def test_reference_fp32_export_converts_with_its_symmap(tmp_path):
     with np.load(GOLDEN_DIR / "llama_weights.npz") as z:
         module = {k: torch.from_numpy(z[k]) for k in z.files}
     symmap = {"<s>": 1, "</s>": 2, " ": 3, "x": 4}
-    torch.save({"module": module, "stats": {"global_step": 1234}, "userdata": {"symmap": symmap}}, tmp_path / "fp32.pth")
-    run = subprocess.run([sys.executable, "-m", "tools.convert_reference", str(tmp_path / "fp32.pth"), "--out",
-                          str(tmp_path / "m"), "--heads", "4", "--arch", "llama"], cwd=ROOT, capture_output=True, text=True)
+    torch.save(
+        {"module": module, "stats": {"global_step": 1234}, "userdata": {"symmap": symmap}}, tmp_path / "fp32.pth"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.convert_reference",
+            str(tmp_path / "fp32.pth"),
+            "--out",
+            str(tmp_path / "m"),
+            "--heads",
+            "4",
+            "--arch",
+            "llama",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     model, cfg, got_symmap = load_model(tmp_path / "m")
     assert got_symmap == symmap and cfg.arch == "llama"
-    wrong = subprocess.run([sys.executable, "-m", "tools.convert_reference", str(tmp_path / "fp32.pth"), "--out",
-                            str(tmp_path / "m2"), "--heads", "4", "--arch", "transformer"], cwd=ROOT, capture_output=True, text=True)
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.convert_reference",
+            str(tmp_path / "fp32.pth"),
+            "--out",
+            str(tmp_path / "m2"),
+            "--heads",
+            "4",
+            "--arch",
+            "transformer",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert wrong.returncode == 2 and "keys are those of a llama model" in wrong.stderr

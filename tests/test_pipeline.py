@@ -58,10 +58,10 @@ def test_shapes_come_from_the_buckets_and_masks_are_consistent(data_cfg):
         for i, u in enumerate(b["utt"]):
             codes, text = store.read(u)
             assert b["text_len"][i] == len(text) and b["text"][i, : len(text)].tolist() == text.tolist()
-            assert (b["text"][i, len(text):] == 0).all()
+            assert (b["text"][i, len(text) :] == 0).all()
             assert b["resp_len"][i] == len(codes) and np.array_equal(b["resp"][i, : len(codes)], codes)
             assert 1 <= b["prompt_len"][i] <= data_cfg.prompt_frames
-            assert (b["prompt"][i, b["prompt_len"][i]:] == 0).all()
+            assert (b["prompt"][i, b["prompt_len"][i] :] == 0).all()
         assert b["row_valid"].all()
     assert len(seen) <= len(allowed)
 
@@ -75,8 +75,13 @@ def test_prompts_come_from_other_utterances_of_the_same_speaker(data_cfg):
             prompt = b["prompt"][i, : b["prompt_len"][i]]
             same = [j for j in range(len(store)) if store.speaker[j] == store.speaker[u] and j != u]
             # the prompt starts with the first frames of another utterance of this speaker
-            starts = [j for j in same if np.array_equal(codes[j][: min(len(prompt), len(codes[j]))],
-                                                        prompt[: min(len(prompt), len(codes[j]))])]
+            starts = [
+                j
+                for j in same
+                if np.array_equal(
+                    codes[j][: min(len(prompt), len(codes[j]))], prompt[: min(len(prompt), len(codes[j]))]
+                )
+            ]
             assert starts, f"prompt of utterance {u} is not from its speaker's other utterances"
             assert not np.array_equal(codes[u][: len(prompt)], prompt)
             # prompt_duration 1 s in the tiny preset: 0 .. 2 s

@@ -84,6 +84,10 @@ def test_sigkill_mid_run_leaves_only_complete_files_and_resumes(corpus, codec_di
 
 def test_cli_reports_missing_codec(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"")
-    rc = subprocess.run([sys.executable, "-m", "tools.quantize", str(tmp_path), "--codec-dir", str(tmp_path / "none")],
-                        cwd=ROOT, capture_output=True, text=True)
+    rc = subprocess.run(
+        [sys.executable, "-m", "tools.quantize", str(tmp_path), "--codec-dir", str(tmp_path / "none")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert rc.returncode == 2 and "no codec checkpoint" in rc.stderr

@@ -2,6 +2,7 @@
 constant decoding memory, and a checkpoint in the reference fork's layout converting and running
 (its numerics checked against a float64 numpy transcription of SPEC §3.2). Golden parity for the
 upstream-torchscale variant runs with the other backbones in test_model.py."""
+
 import dataclasses
 
 import jax
@@ -38,7 +39,7 @@ def qkv(b=2, s=37, h=4, dk=12, seed=0):
     pos = jnp.broadcast_to(jnp.arange(s), (b, s))
     angle = R.angles(dk, 1e4)
     q = R.rotate(jax.random.normal(ks[0], (b, s, h, dk)), pos, angle)
-    k = R.rotate(jax.random.normal(ks[1], (b, s, h, dk)) * dk ** -0.5, pos, angle)
+    k = R.rotate(jax.random.normal(ks[1], (b, s, h, dk)) * dk**-0.5, pos, angle)
     return q, k, jax.random.normal(ks[2], (b, s, h, 2 * dk)), pos
 
 
@@ -69,7 +70,9 @@ def test_parallel_chunkwise_and_recurrent_forms_agree():
     # a state carried across calls (prefill, then steps) continues exactly
     head, st = chunked(R.retain_chunk, q[:, :20], k[:, :20], v[:, :20], pos[:, :20], valid[:, :20], empty, lam, 8)
     tail, st = chunked(R.retain_chunk, q[:, 20:], k[:, 20:], v[:, 20:], pos[:, 20:], valid[:, 20:], st, lam, 1)
-    np.testing.assert_allclose(np.where(keep, jnp.concatenate([head, tail], 1), 0), np.where(keep, parallel, 0), atol=1e-5)
+    np.testing.assert_allclose(
+        np.where(keep, jnp.concatenate([head, tail], 1), 0), np.where(keep, parallel, 0), atol=1e-5
+    )
     np.testing.assert_allclose(st.kv, final.kv, atol=1e-5)
 
 
@@ -103,6 +106,7 @@ def test_the_normaliser_is_detached():
     def held(q):
         s = jnp.einsum("bihd,bjhd->bhij", q, k) * p.decay_BHCC
         return (jnp.einsum("bhij,bjhe->bhie", s, v) * (p.inv_norm_BHC / denom)[..., None]).sum()
+
     np.testing.assert_allclose(g, jax.grad(held)(q), atol=1e-5)
 
 
@@ -110,8 +114,9 @@ def test_the_normaliser_is_detached():
 def test_chunkwise_teacher_forcing_equals_parallel(variant):
     from test_model import random_batch
 
-    parallel = init_model(ModelConfig(arch="retnet", d_model=32, n_heads=4, n_layers=2, n_tokens=64,
-                                      retnet_variant=variant), 0)
+    parallel = init_model(
+        ModelConfig(arch="retnet", d_model=32, n_heads=4, n_layers=2, n_tokens=64, retnet_variant=variant), 0
+    )
     batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(0), [(7, 9, 30), (12, 5, 21)]).items()}
     levels = jnp.array([0, 3])
     want, valid = jit_forward(parallel)(batch, levels)
@@ -134,12 +139,19 @@ def test_recurrent_decoding_equals_teacher_forced_parallel(variant, chunk):
     np.testing.assert_array_equal(np.asarray(rec.tokens), np.asarray(full.tokens))
     np.testing.assert_allclose(np.asarray(rec.logits)[:, :40], np.asarray(full.logits)[:, :40], atol=1e-5)
     length = np.asarray(rec.length)
-    batch = {"text": inputs.text, "text_len": inputs.text_len, "lang": inputs.lang, "prompt": inputs.prompt,
-             "prompt_len": inputs.prompt_len, "resp": np.asarray(rec.tokens)[:, :40, None], "resp_len": length}
+    batch = {
+        "text": inputs.text,
+        "text_len": inputs.text_len,
+        "lang": inputs.lang,
+        "prompt": inputs.prompt,
+        "prompt_len": inputs.prompt_len,
+        "resp": np.asarray(rec.tokens)[:, :40, None],
+        "resp_len": length,
+    }
     logits, _ = jit_forward(model)({k: jnp.asarray(v) for k, v in batch.items()}, jnp.zeros((3,), jnp.int32))
     plen = np.asarray(inputs.text_len) + np.asarray(inputs.prompt_len) + 4
     for i in range(3):
-        tf = np.asarray(logits)[i, plen[i] - 1: plen[i] - 1 + length[i]]
+        tf = np.asarray(logits)[i, plen[i] - 1 : plen[i] - 1 + length[i]]
         np.testing.assert_allclose(np.asarray(rec.logits)[i, : length[i]], tf, atol=2e-5)
 
 
@@ -192,12 +204,22 @@ def test_config_rejects_what_retnet_cannot_do():
 
 # ---- the reference fork's checkpoint layout (SPEC §3.2, §8.4) ----------------------------------
 
+
 def fork_state_dict(rng, d=32, h=4, n=2, v=64, prefix="model."):
     """A random AR+NAR state dict with the fork's key names and shapes, its buffers included."""
     f, s = 4 * d, {}
     w = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)  # noqa: E731
-    s.update({"sep": w(d), "text_emb.weight": w(v, d), "langs_emb.weight": w(1, d), "tasks_emb.weight": w(8, d),
-              "classifier.weight": w(v + 1, d), "classifier.bias": w(v + 1), "resps_emb.embeddings.0.weight": w(v + 1, d)})
+    s.update(
+        {
+            "sep": w(d),
+            "text_emb.weight": w(v, d),
+            "langs_emb.weight": w(1, d),
+            "tasks_emb.weight": w(8, d),
+            "classifier.weight": w(v + 1, d),
+            "classifier.bias": w(v + 1),
+            "resps_emb.embeddings.0.weight": w(v + 1, d),
+        }
+    )
     s.update({f"proms_emb.embeddings.{k}.weight": w(v, d) for k in range(8)})
     s.update({f"resps_emb.embeddings.{k}.weight": w(v, d) for k in range(1, 8)})
     for i in range(n):
@@ -225,7 +247,9 @@ def fork_backbone_numpy(s, x, h):
     n_pos = np.arange(t)
     angle, decay = g("retnet_rel_pos.angle"), g("retnet_rel_pos.decay")
     sin, cos = np.sin(n_pos[:, None] * angle), np.cos(n_pos[:, None] * angle)
-    mask = np.where(n_pos[:, None] >= n_pos[None, :], np.exp((n_pos[:, None] - n_pos[None, :])[None] * decay[:, None, None]), 0)
+    mask = np.where(
+        n_pos[:, None] >= n_pos[None, :], np.exp((n_pos[:, None] - n_pos[None, :])[None] * decay[:, None, None]), 0
+    )
     mask /= np.sqrt(mask.sum(-1, keepdims=True))
 
     def rot(u):  # [T, H, dk]; pairs (x1, x2) -> (-x2, x1)
@@ -238,7 +262,7 @@ def fork_backbone_numpy(s, x, h):
         lin = lambda u, name: u @ p(name + ".weight").T + p(name + ".bias")  # noqa: E731
         hdn = ln(x, p("retention_layer_norm.weight"), p("retention_layer_norm.bias"))
         q = rot(lin(hdn, "retention.q_proj").reshape(t, h, dk))
-        k = rot((lin(hdn, "retention.k_proj") * dk ** -0.5).reshape(t, h, dk))
+        k = rot((lin(hdn, "retention.k_proj") * dk**-0.5).reshape(t, h, dk))
         v = lin(hdn, "retention.v_proj").reshape(t, h, 2 * dk)
         a = np.einsum("ihd,jhd->hij", q, k) * mask
         a /= np.maximum(np.abs(a.sum(-1, keepdims=True)), 1)
@@ -257,8 +281,9 @@ def test_fork_checkpoint_converts_and_runs(tmp_path):
     import torch
 
     state = fork_state_dict(np.random.default_rng(0))
-    legacy = {("retnet." + k[len("model."):] if k.startswith("model.") else k): torch.from_numpy(v)
-              for k, v in state.items()}  # old checkpoints named the backbone `retnet.`
+    legacy = {
+        ("retnet." + k[len("model.") :] if k.startswith("model.") else k): torch.from_numpy(v) for k, v in state.items()
+    }  # old checkpoints named the backbone `retnet.`
     torch.save({"module": legacy}, tmp_path / "fp32.pth")
     convert(tmp_path / "fp32.pth", tmp_path / "m", arch="retnet")  # tools.convert_reference's work
     model, cfg, _ = load_model(tmp_path / "m")
@@ -271,7 +296,9 @@ def test_fork_checkpoint_converts_and_runs(tmp_path):
     assert set(back) == set(state) - {"tasks_emb.weight"}
     for k, v in back.items():
         np.testing.assert_allclose(v, state[k], rtol=1e-6, err_msg=k)
-    out = D.Decoder(model).generate(utterances(6, sizes=((9, 20),), vocab=64), dataclasses.replace(GREEDY, max_ar_steps=12))
+    out = D.Decoder(model).generate(
+        utterances(6, sizes=((9, 20),), vocab=64), dataclasses.replace(GREEDY, max_ar_steps=12)
+    )
     assert out.codes[0].shape == (12, 8) and out.codes[0].max() < 64
 
 
@@ -289,9 +316,9 @@ def test_sharded_training_step_equals_single_device():
     one device (parameters sharded by the logical-axis rules, the batch over data and fsdp)."""
     import optax
     from flax import nnx
+    from test_model import random_batch
 
     from configs import base
-    from test_model import random_batch
     from valle_jax.config import mesh_config
     from valle_jax.training.sharding import batch_sharding, make_mesh, param_shardings
     from valle_jax.training.step import abstract_model, init_params, make_train_step
@@ -300,8 +327,12 @@ def test_sharded_training_step_equals_single_device():
     abstract = abstract_model(cfg)
     tx = optax.sgd(0.5)  # the update is the gradient itself (Adam's first step is ~lr * sign(g): noise-sensitive)
     params = init_params(cfg, 0)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(1))}
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(1)),
+    }
     batch = random_batch(np.random.default_rng(2), [(7, 9, 30), (12, 5, 21), (5, 8, 12), (9, 9, 9)])
     batch = {k: jnp.asarray(v) for k, v in batch.items()} | {"row_valid": jnp.ones((4,), bool)}
     step = jax.jit(make_train_step(nnx.graphdef(abstract), cfg, tx))

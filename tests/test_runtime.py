@@ -1,4 +1,5 @@
 """Process set-up of the command-line tools (valle_jax.runtime): the XLA CPU flags and TCMalloc env."""
+
 import importlib.metadata
 import subprocess
 import sys
@@ -57,7 +58,10 @@ def test_large_dot_options_compile_and_know_when_to_stay_out(monkeypatch):
     import numpy as np
 
     options = runtime.large_dot_compiler_options()
-    if not importlib.metadata.version("jaxlib").startswith(runtime.CPU_XLA_FLAGS_JAXLIB) or jax.default_backend() != "cpu":
+    if (
+        not importlib.metadata.version("jaxlib").startswith(runtime.CPU_XLA_FLAGS_JAXLIB)
+        or jax.default_backend() != "cpu"
+    ):
         assert options is None
         return
     assert options == runtime.LARGE_DOT_OPTIONS

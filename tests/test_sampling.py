@@ -1,4 +1,5 @@
 """Samplers: each one's defining property, per-row settings, greedy and seeded reproducibility."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(logits):
         order = np.argsort(-probs[row])
         n = kept.sum()
         assert set(np.flatnonzero(kept)) == set(order[:n])  # the most likely tokens
-        assert probs[row][order[:n]].sum() >= pr > probs[row][order[:n - 1]].sum()  # smallest such set
+        assert probs[row][order[:n]].sum() >= pr > probs[row][order[: n - 1]].sum()  # smallest such set
     assert np.isfinite(out[2]).all()  # p = 1: off
     assert np.isfinite(out[3]).sum() == 1  # the top token is always kept
 
@@ -56,7 +57,9 @@ def test_sign_aware_penalties_never_raise_a_token():
     # invalid history positions are ignored, and factor 1 is a no-op
     masked = S.repetition_penalty(logits, history, valid.at[0, 3].set(False), jnp.array([2.0]), jnp.array([0.0]))
     np.testing.assert_allclose(masked[0], [1.0, -4.0, 0.5, -1.0, 1.0])
-    np.testing.assert_array_equal(S.repetition_penalty(logits, history, valid, jnp.array([1.0]), jnp.array([1.0])), logits)
+    np.testing.assert_array_equal(
+        S.repetition_penalty(logits, history, valid, jnp.array([1.0]), jnp.array([1.0])), logits
+    )
     lp = S.length_penalty(jnp.array([[0.0, 3.0, -3.0], [0.0, 3.0, -3.0]]), jnp.array([3, 3]), jnp.array([1.0, 0.0]), 2)
     np.testing.assert_allclose(lp, [[0.0, 3.0, -12.0], [0.0, 3.0, -3.0]])
 
@@ -78,7 +81,8 @@ def test_greedy_rows_seeded_draws_and_per_row_settings(logits):
     am = np.argmax(np.asarray(logits), -1)
     assert a[0] == am[0] and a[2] == am[2]
     draws = jax.vmap(lambda k: S.sample(k, logits, temperature_B=t, top_k_B=jnp.array([0, 2, 0, 0])))(
-        jax.random.split(jax.random.key(1), 200))
+        jax.random.split(jax.random.key(1), 200)
+    )
     assert set(np.asarray(draws[:, 1])) <= set(np.argsort(-np.asarray(logits[1]))[:2])
     assert len(set(np.asarray(draws[:, 3]))) > 3  # a warm row really samples
     # one compile serves other settings
@@ -108,8 +112,13 @@ def test_repetition_aware_sampling_escapes_loops():
     history = jnp.array([[0] * 10, list(range(3, 13))])  # row 0 repeats token 0, row 1 does not
     valid = jnp.ones_like(history, bool)
     keys = jax.random.split(jax.random.key(2), 300)
-    draws = np.asarray(jax.vmap(lambda k: S.repetition_aware(
-        k, logits, history, valid, top_p_B=jnp.array([0.5, 0.5]), temperature_B=jnp.array([1.0, 1.0])))(keys))
+    draws = np.asarray(
+        jax.vmap(
+            lambda k: S.repetition_aware(
+                k, logits, history, valid, top_p_B=jnp.array([0.5, 0.5]), temperature_B=jnp.array([1.0, 1.0])
+            )
+        )(keys)
+    )
     assert set(draws[:, 1]) == {0}  # the nucleus is token 0 alone, and it has not been repeated
     assert len(set(draws[:, 0])) > 2  # row 0 looped on token 0: drawn from the whole distribution
 

@@ -87,7 +87,21 @@ def test_import_reference_folder(tmp_path):
         codes, text = store.read(i)
         assert np.array_equal(codes, expected[uid])
         m = store.symmap
-        assert text.tolist() == [1, m["h"], m["ə"], m["l"], m["ˈ"], m["o"], m["ʊ"], 3, m["w"], m["ɜː"], m["l"], m["d"], 2]
+        assert text.tolist() == [
+            1,
+            m["h"],
+            m["ə"],
+            m["l"],
+            m["ˈ"],
+            m["o"],
+            m["ʊ"],
+            3,
+            m["w"],
+            m["ɜː"],
+            m["l"],
+            m["d"],
+            2,
+        ]
     assert store[0].speaker == "LibriTTS_1001" and store[0].group == "LibriTTS"
 
 
@@ -125,7 +139,9 @@ def test_phonemize_cli(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.txt").write_text("Hello, world!\n")
     (tmp_path / "a" / "empty.txt").write_text("  \n")
-    rc = subprocess.run([sys.executable, "-m", "tools.phonemize", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    rc = subprocess.run(
+        [sys.executable, "-m", "tools.phonemize", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
     assert rc.returncode == 1 and "empty transcript" in rc.stderr
     assert T.parse_phn_txt((tmp_path / "a" / "x.phn.txt").read_text()) == T.Phonemizer().tokens(["Hello, world!"])[0]
     again = phonemize.phonemize_dir(tmp_path, tmp_path, progress=False)

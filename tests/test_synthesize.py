@@ -1,5 +1,6 @@
 """Synthesis end to end: the TTS API and `python -m valle_jax.synthesize` with a tiny random model
 and a random codec, the checkpoint formats it reads, and the error cases."""
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -78,9 +79,26 @@ def test_reference_checkpoint_and_model_dir_give_the_same_speech(tts, model_dir,
 
 def test_cli_writes_a_wav_of_the_expected_length(model_dir, codec_dir, voice_wav, tmp_path, capsys):
     out = tmp_path / "out.wav"
-    rc = synthesize.main(["Hello world.", str(voice_wav), "--out", str(out), "--checkpoint", str(model_dir),
-                          "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS), "--max-nar-levels", "3",
-                          "--top-k", "20", "--seed", "1"])
+    rc = synthesize.main(
+        [
+            "Hello world.",
+            str(voice_wav),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(model_dir),
+            "--codec-dir",
+            str(codec_dir),
+            "--max-ar-steps",
+            str(STEPS),
+            "--max-nar-levels",
+            "3",
+            "--top-k",
+            "20",
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     wav, sr = sf.read(out)
     assert sr == SAMPLE_RATE and len(wav) == STEPS * HOP_LENGTH
@@ -95,8 +113,16 @@ def test_cli_synthesises_with_a_retnet_model(codec_dir, voice_wav, tmp_path, cap
 
     cfg = ModelConfig(arch="retnet", d_model=48, n_heads=4, n_layers=2, retention_chunk=32)
     save_model(tmp_path / "retnet", cfg, params_of(init_model(cfg, 0)), reference_symmap())
-    args = ["Hello world.", str(voice_wav), "--checkpoint", str(tmp_path / "retnet"), "--codec-dir", str(codec_dir),
-            "--max-ar-steps", str(STEPS)]
+    args = [
+        "Hello world.",
+        str(voice_wav),
+        "--checkpoint",
+        str(tmp_path / "retnet"),
+        "--codec-dir",
+        str(codec_dir),
+        "--max-ar-steps",
+        str(STEPS),
+    ]
     assert synthesize.main(args + ["--out", str(tmp_path / "out.wav")]) == 0
     wav, sr = sf.read(tmp_path / "out.wav")
     assert sr == SAMPLE_RATE and len(wav) == STEPS * HOP_LENGTH
@@ -108,9 +134,25 @@ def test_cli_text_file_writes_one_wav_per_line(model_dir, codec_dir, voice_wav, 
     lines = tmp_path / "lines.txt"
     lines.write_text("First line.\n\nSecond line here.\nThird.\n")
     out = tmp_path / "wavs"
-    rc = synthesize.main([str(voice_wav), "--text-file", str(lines), "--out", str(out), "--checkpoint", str(model_dir),
-                          "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS), "--batch-size", "2",
-                          "--beam-width", "2"])
+    rc = synthesize.main(
+        [
+            str(voice_wav),
+            "--text-file",
+            str(lines),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(model_dir),
+            "--codec-dir",
+            str(codec_dir),
+            "--max-ar-steps",
+            str(STEPS),
+            "--batch-size",
+            "2",
+            "--beam-width",
+            "2",
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0003.wav", "0004.wav"]  # by line number
 
@@ -121,21 +163,44 @@ def test_cli_text_file_skips_a_bad_line_and_keeps_the_rest(model_dir, codec_dir,
 
     model, cfg, symmap = load_any(model_dir)
     lacking = tmp_path / "lacking"  # the same model, its symbol map without "ð"
-    save_model(lacking, cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {k: v for k, v in symmap.items() if k != "ð"})
+    save_model(
+        lacking, cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {k: v for k, v in symmap.items() if k != "ð"}
+    )
     assert "ð" not in read_config(lacking)[1]
     lines = tmp_path / "lines.txt"
     lines.write_text("Hello.\nThen the weather.\nGood.\n")
     out = tmp_path / "wavs"
-    rc = synthesize.main([str(voice_wav), "--text-file", str(lines), "--out", str(out), "--checkpoint", str(lacking),
-                          "--codec-dir", str(codec_dir), "--max-ar-steps", "4"])
+    rc = synthesize.main(
+        [
+            str(voice_wav),
+            "--text-file",
+            str(lines),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(lacking),
+            "--codec-dir",
+            str(codec_dir),
+            "--max-ar-steps",
+            "4",
+        ]
+    )
     assert rc == 1
     assert "line 2: phoneme symbols not in the symbol map: ['ð']" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0003.wav"]
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("empty", "empty text"), ("language", "not supported"), ("missing", "not found"),
-    ("corrupt", "cannot read audio"), ("silent", "silent"), ("flags", "top_p")])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("empty", "empty text"),
+        ("language", "not supported"),
+        ("missing", "not found"),
+        ("corrupt", "cannot read audio"),
+        ("silent", "silent"),
+        ("flags", "top_p"),
+    ],
+)
 def test_cli_errors_are_specific(case, expect, model_dir, codec_dir, voice_wav, tmp_path, capsys):
     ref, text, extra = str(voice_wav), "Hello.", []
     if case == "empty":
@@ -153,8 +218,21 @@ def test_cli_errors_are_specific(case, expect, model_dir, codec_dir, voice_wav, 
     elif case == "flags":
         extra = ["--top-p", "0"]
     out = tmp_path / "out.wav"
-    rc = synthesize.main([text, str(ref), "--out", str(out), "--checkpoint", str(model_dir), "--codec-dir",
-                          str(codec_dir), "--max-ar-steps", "4", *extra])
+    rc = synthesize.main(
+        [
+            text,
+            str(ref),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(model_dir),
+            "--codec-dir",
+            str(codec_dir),
+            "--max-ar-steps",
+            "4",
+            *extra,
+        ]
+    )
     assert rc == 2 and expect in capsys.readouterr().err
     assert not out.exists()
 
@@ -181,8 +259,22 @@ def test_cli_kv_dtype_bfloat16_decodes_with_a_bfloat16_cache(model_dir, codec_di
     load = TTS.load.__func__
     monkeypatch.setattr(TTS, "load", classmethod(lambda cls, *a, **k: seen.append(load(cls, *a, **k)) or seen[-1]))
     out = tmp_path / "bf16.wav"
-    rc = synthesize.main(["Hello world.", str(voice_wav), "--out", str(out), "--checkpoint", str(model_dir),
-                          "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS), "--kv-dtype", "bfloat16"])
+    rc = synthesize.main(
+        [
+            "Hello world.",
+            str(voice_wav),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(model_dir),
+            "--codec-dir",
+            str(codec_dir),
+            "--max-ar-steps",
+            str(STEPS),
+            "--kv-dtype",
+            "bfloat16",
+        ]
+    )
     assert rc == 0 and seen[0].decoder.kv_dtype == "bfloat16"
     wav, sr = sf.read(out)
     assert len(wav) == STEPS * HOP_LENGTH

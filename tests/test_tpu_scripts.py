@@ -1,4 +1,5 @@
 """tools.tpu: argument checks and the exact commands printed by --dry-run (nothing is run)."""
+
 import shlex
 
 import pytest
@@ -31,8 +32,16 @@ def test_install_ships_head_to_every_worker(capsys):
 
 
 def test_launch_clears_stale_holders_then_trains_everywhere(capsys):
-    (launch,) = commands(capsys, "launch", *BASE, "--workdir", "/mnt/fs/run 1", "--",
-                         "--config=configs/preset.py:llama-full", "--config.data.store=/mnt/fs/store")
+    (launch,) = commands(
+        capsys,
+        "launch",
+        *BASE,
+        "--workdir",
+        "/mnt/fs/run 1",
+        "--",
+        "--config=configs/preset.py:llama-full",
+        "--config.data.store=/mnt/fs/store",
+    )
     assert launch[4] == "ssh" and "--worker=all" in launch
     remote = launch[-1]
     assert remote.index("rm -f /tmp/libtpu_lockfile") < remote.index("nohup")  # cleanup first
@@ -41,12 +50,15 @@ def test_launch_clears_stale_holders_then_trains_everywhere(capsys):
     assert "--config=configs/preset.py:llama-full" in remote
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["create", "--name", "Bad_Name", "--zone", "us-central2-b", "--type", "v4-32"], "--name"),
-    (["create", "--name", "ok", "--zone", "nowhere", "--type", "v4-32"], "--zone"),
-    (["create", "--name", "ok", "--zone", "us-central2-b", "--type", "tpu"], "--type"),
-    (["launch", "--name", "ok", "--zone", "us-central2-b", "--workdir", "/x"], "--config"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["create", "--name", "Bad_Name", "--zone", "us-central2-b", "--type", "v4-32"], "--name"),
+        (["create", "--name", "ok", "--zone", "nowhere", "--type", "v4-32"], "--zone"),
+        (["create", "--name", "ok", "--zone", "us-central2-b", "--type", "tpu"], "--type"),
+        (["launch", "--name", "ok", "--zone", "us-central2-b", "--workdir", "/x"], "--config"),
+    ],
+)
 def test_bad_arguments_are_refused_with_a_reason(capsys, argv, message):
     assert main(argv + ["--dry-run"]) == 2
     assert message in capsys.readouterr().err

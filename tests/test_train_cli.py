@@ -1,6 +1,7 @@
 """`python -m valle_jax.train` end to end, as subprocesses on 8 fake CPU devices: outputs, resume
 after SIGKILL == uninterrupted, SIGTERM saves, restore onto another mesh, console commands, two
 processes == one, torn checkpoints ignored, export and plot of a real run, overfitting."""
+
 import json
 import os
 import signal
@@ -20,8 +21,15 @@ STEPS = 8
 
 
 def overrides(store, **more) -> list[str]:
-    items = {**TEST_OVERRIDES, "data.store": str(store), "train.steps": STEPS, "train.log_every": 1,
-             "train.save_every": 2, "train.keep": 10, **more}
+    items = {
+        **TEST_OVERRIDES,
+        "data.store": str(store),
+        "train.steps": STEPS,
+        "train.log_every": 1,
+        "train.save_every": 2,
+        "train.keep": 10,
+        **more,
+    }
     return [f"--config.{k}={v}" for k, v in items.items()]
 
 
@@ -37,13 +45,23 @@ def env(tmp_path_factory):
 
 
 def train_cmd(workdir, store, *extra, **more):
-    return [sys.executable, "-m", "valle_jax.train", "--config", "configs/tiny.py", f"--workdir={workdir}",
-            "--commands=off", *overrides(store, **more), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "valle_jax.train",
+        "--config",
+        "configs/tiny.py",
+        f"--workdir={workdir}",
+        "--commands=off",
+        *overrides(store, **more),
+        *extra,
+    ]
 
 
 def run_train(workdir, store, env, *extra, timeout=400, **more):
-    p = subprocess.run(train_cmd(workdir, store, *extra, **more), cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        train_cmd(workdir, store, *extra, **more), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     return p
 
@@ -73,8 +91,9 @@ def final_params(workdir, step):
 
 def start(cmd, env, log_path, **kw):
     """A background run whose stderr goes to a file (a pipe nobody reads would fill and block it)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
-                            text=True, **kw)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), text=True, **kw
+    )
     proc.log_path = log_path
     return proc
 
@@ -90,8 +109,9 @@ def wait_for(predicate, proc, timeout=300, what=""):
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}: "
-                                 f"{Path(proc.log_path).read_text()[-3000:]}")
+            raise AssertionError(
+                f"the run ended (rc {proc.returncode}) before {what}: {Path(proc.log_path).read_text()[-3000:]}"
+            )
         time.sleep(0.01)
     proc.kill()
     raise AssertionError(f"timed out waiting for {what}")
@@ -99,16 +119,28 @@ def wait_for(predicate, proc, timeout=300, what=""):
 
 def finished_checkpoints(workdir):
     d = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists()) \
-        if d.exists() else []
+    return (
+        sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+        if d.exists()
+        else []
+    )
 
 
 @pytest.fixture(scope="session")
 def straight(store_path, codec_dir, env, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    p = run_train(workdir, store_path, env, **{"train.eval_every": STEPS, "train.eval_batches": 1,
-                                               "train.eval_audio": 2, "train.eval_audio_steps": 16,
-                                               "train.eval_codec_dir": str(codec_dir)})
+    p = run_train(
+        workdir,
+        store_path,
+        env,
+        **{
+            "train.eval_every": STEPS,
+            "train.eval_batches": 1,
+            "train.eval_audio": 2,
+            "train.eval_audio_steps": 16,
+            "train.eval_codec_dir": str(codec_dir),
+        },
+    )
     return workdir, p.stderr
 
 
@@ -126,8 +158,16 @@ def test_run_outputs_export_and_plot(straight, tmp_path):
 
     ea = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
-    for tag in ("train/loss", "train/acc_top10", "train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/mfu",
-                "perf/step_time_s", "train/loss_level0"):
+    for tag in (
+        "train/loss",
+        "train/acc_top10",
+        "train/grad_norm",
+        "train/lr",
+        "perf/tokens_per_s",
+        "perf/mfu",
+        "perf/step_time_s",
+        "train/loss_level0",
+    ):
         assert tag in ea.Tags()["scalars"], tag
     assert len(ea.Scalars("train/loss")) == STEPS
     # the final evaluation synthesised two validation utterances with the trained parameters
@@ -144,6 +184,7 @@ def test_run_outputs_export_and_plot(straight, tmp_path):
     assert cfg.d_model == 48 and len(symmap) > 100
     params8 = final_params(workdir, STEPS)
     from valle_jax.checkpointing import params_of
+
     np.testing.assert_array_equal(np.asarray(params_of(model)["sep"]), params8["sep"])
     assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "fp32.pth"), "--step", "4"]) == 0
     import torch
@@ -161,7 +202,9 @@ def test_run_outputs_export_and_plot(straight, tmp_path):
 
     assert plot_main(["--workdir", str(workdir), "--ys", "loss,acc,lr", "--out", str(tmp_path / "m.png")]) == 0
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
-    assert plot_main(["--workdir", str(workdir), "--xs", "tokens", "--ys", "nope", "--out", str(tmp_path / "n.png")]) == 1
+    assert (
+        plot_main(["--workdir", str(workdir), "--xs", "tokens", "--ys", "nope", "--out", str(tmp_path / "n.png")]) == 1
+    )
 
 
 def test_sigkill_then_resume_equals_uninterrupted(straight, store_path, env, tmp_path):
@@ -187,8 +230,9 @@ def test_sigkill_then_resume_equals_uninterrupted(straight, store_path, env, tmp
 def test_sigterm_saves_and_resumes_onto_another_mesh(straight, store_path, env, tmp_path):
     ref_dir, _ = straight
     workdir = tmp_path / "term"
-    proc = start(train_cmd(workdir, store_path, **{"train.steps": 1000, "train.save_every": 1000}), env,
-                 tmp_path / "term.log")
+    proc = start(
+        train_cmd(workdir, store_path, **{"train.steps": 1000, "train.save_every": 1000}), env, tmp_path / "term.log"
+    )
     wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 2, proc, what="step 2")
     proc.send_signal(signal.SIGTERM)
     err = finish(proc)
@@ -228,7 +272,9 @@ def test_torn_checkpoint_is_never_restored(straight, store_path, env, tmp_path):
 
 def test_console_commands_drive_the_run(store_path, env, tmp_path):
     workdir = tmp_path / "cmds"
-    cmd = [c if c != "--commands=off" else "--commands=on" for c in train_cmd(workdir, store_path, **{"train.steps": 1000})]
+    cmd = [
+        c if c != "--commands=off" else "--commands=on" for c in train_cmd(workdir, store_path, **{"train.steps": 1000})
+    ]
     proc = start(cmd, env, tmp_path / "cmds.log", stdin=subprocess.PIPE)
     wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 1, proc, what="step 1")
     proc.stdin.write("lr 0.01\nexport\nnonsense\neval\n")
@@ -253,9 +299,22 @@ def test_two_processes_match_one(straight, store_path, env, tmp_path):
     port = portpicker.pick_unused_port()
     e = dict(env, XLA_FLAGS=env.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4"))
     workdir = tmp_path / "two"
-    procs = [start(train_cmd(workdir, store_path, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-                             "--num_processes=2", f"--process_id={i}", **{"train.steps": 3}), e, tmp_path / f"p{i}.log")
-             for i in range(2)]
+    procs = [
+        start(
+            train_cmd(
+                workdir,
+                store_path,
+                "--distributed",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                **{"train.steps": 3},
+            ),
+            e,
+            tmp_path / f"p{i}.log",
+        )
+        for i in range(2)
+    ]
     errs = [finish(p, 400) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert "over 8 devices (2 processes)" in errs[0]
@@ -277,10 +336,24 @@ def test_small_model_overfits_a_small_subset(prepared, env, tmp_path):
     assert pack.pack([subset], tmp_path / "store", progress=False).finish() == 0
     workdir = tmp_path / "overfit"
     one_device = dict(env, XLA_FLAGS=env.get("XLA_FLAGS", "").replace("device_count=8", "device_count=1"))
-    run_train(workdir, tmp_path / "store", one_device, timeout=600, **{
-        "train.steps": OVERFIT_STEPS, "train.log_every": 10, "train.save_every": 1000, "optim.learning_rate": 3e-3,
-        "optim.warmup_steps": 10, "model.dropout": 0.0, "model.size": "", "model.d_model": 128, "model.n_heads": 4,
-        "model.n_layers": 2})
+    run_train(
+        workdir,
+        tmp_path / "store",
+        one_device,
+        timeout=600,
+        **{
+            "train.steps": OVERFIT_STEPS,
+            "train.log_every": 10,
+            "train.save_every": 1000,
+            "optim.learning_rate": 3e-3,
+            "optim.warmup_steps": 10,
+            "model.dropout": 0.0,
+            "model.size": "",
+            "model.d_model": 128,
+            "model.n_heads": 4,
+            "model.n_layers": 2,
+        },
+    )
     rows = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     assert last["train/acc_top10"] > 0.9, last

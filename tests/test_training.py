@@ -1,6 +1,7 @@
 """Training pieces in one process on 8 fake CPU devices: sharding rules, sharded == single-device
 steps, optimizers and schedules, frozen parameters, the non-finite guard, blocked attention,
 console commands, reference export."""
+
 import io
 import os
 
@@ -15,8 +16,14 @@ from valle_jax.config import ConfigError, MeshConfig, OptimConfig, model_config
 
 # a small fixed-shape training setup over the test store: one text and one response bucket
 TEST_OVERRIDES = {
-    "data.batch_size": 8, "data.text_buckets": (64,), "data.resp_buckets": (320,), "data.prompt_duration": 1.0,
-    "data.duration_range": (0.5, 4.2), "data.sample_type": "path", "train.eval_every": 0, "train.peak_flops": 1e12,
+    "data.batch_size": 8,
+    "data.text_buckets": (64,),
+    "data.resp_buckets": (320,),
+    "data.prompt_duration": 1.0,
+    "data.duration_range": (0.5, 4.2),
+    "data.sample_type": "path",
+    "train.eval_every": 0,
+    "train.peak_flops": 1e12,
 }
 
 
@@ -49,10 +56,10 @@ def run_steps(trainer, n):
 
 
 def test_mesh_shape_and_rules():
-    from valle_jax.training.sharding import make_mesh, param_shardings, resolve_shape, spec_for
-    from valle_jax.training.step import abstract_model
     from configs import base
     from valle_jax.config import mesh_config
+    from valle_jax.training.sharding import make_mesh, param_shardings, resolve_shape, spec_for
+    from valle_jax.training.step import abstract_model
 
     assert resolve_shape((-1, 2, 1), 8) == (4, 2, 1)
     with pytest.raises(ConfigError, match="needs 12 devices"):
@@ -90,8 +97,9 @@ def test_sharded_step_equals_single_device_step(store_path, tmp_path):
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 24, 2, 12)
     mu = jax.tree.leaves(s8["opt_state"], is_leaf=lambda x: hasattr(x, "sharding"))
-    assert any(getattr(x, "sharding", None) == q.sharding and x.shape == q.shape for x in mu), \
+    assert any(getattr(x, "sharding", None) == q.sharding and x.shape == q.shape for x in mu), (
         "the optimizer's moments of q are sharded like q"
+    )
     for a, b in zip(jax.tree.leaves(s8["params"]), jax.tree.leaves(s1["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     t8.checkpoints.close(), t1.checkpoints.close()
@@ -150,8 +158,17 @@ def test_embedding_injection_replaces_and_freezes_the_tables(store_path, tmp_pat
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nonfinite_loss_stops_or_skips(store_path, tmp_path, caplog, mode):
     """A learning rate of 1e30 blows the parameters up after one step; the loss then is not finite."""
-    cfg = test_config(store_path, **{"optim.learning_rate": 1e30, "optim.clip_norm": 0.0, "train.steps": 4,
-                                     "train.save_every": 1, "train.log_every": 1, "train.nonfinite": mode})
+    cfg = test_config(
+        store_path,
+        **{
+            "optim.learning_rate": 1e30,
+            "optim.clip_norm": 0.0,
+            "train.steps": 4,
+            "train.save_every": 1,
+            "train.log_every": 1,
+            "train.nonfinite": mode,
+        },
+    )
     t = make_trainer(cfg, tmp_path / mode)
     with caplog.at_level("INFO"):
         rc = t.run()
@@ -187,7 +204,7 @@ def test_schedules_and_optimizers():
     # clipping by global norm
     tx, _, _ = make_optimizer(OptimConfig(name="sgd", learning_rate=1.0, clip_norm=0.1), params, 10)
     u, _ = tx.update(grads, tx.init(params), params)
-    assert float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(u)))) == pytest.approx(0.1, rel=1e-5)
+    assert float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(u)))) == pytest.approx(0.1, rel=1e-5)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])
@@ -296,6 +313,7 @@ def test_feed_forward_backward_keeps_only_its_inputs():
             for wg, wu, wd in ws:
                 x = x + ffn(x, wg, wu, wd)
             return (x * x).sum()
+
         return loss
 
     plain = stack(lambda x, wg, wu, wd: (jax.nn.gelu(x @ wg, approximate=False) * (x @ wu)) @ wd)
@@ -303,8 +321,10 @@ def test_feed_forward_backward_keeps_only_its_inputs():
     spec = jax.ShapeDtypeStruct
     ws = [(spec((d, f), jnp.float32), spec((d, f), jnp.float32), spec((f, d), jnp.float32))] * n
     x = spec((1, s, d), jnp.float32)
-    temp = {name: jax.jit(jax.grad(fn)).lower(ws, x).compile().memory_analysis().temp_size_in_bytes
-            for name, fn in (("plain", plain), ("ours", ours))}
+    temp = {
+        name: jax.jit(jax.grad(fn)).lower(ws, x).compile().memory_analysis().temp_size_in_bytes
+        for name, fn in (("plain", plain), ("ours", ours))
+    }
     assert temp["ours"] < 0.6 * temp["plain"], temp
 
 

@@ -1,11 +1,12 @@
 """Shared pieces of the data tools: file discovery, failure reports, summaries."""
+
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 
 def utterance_id(path: Path) -> str:
@@ -21,9 +22,14 @@ def with_suffix(path: Path, suffix: str) -> Path:
 def find_files(root: Path, suffixes: Iterable[str], exclude: Iterable[str] = ()) -> list[Path]:
     """Files under `root` ending in one of `suffixes` (not in `exclude`), sorted, hidden files skipped."""
     suffixes, exclude = tuple(suffixes), tuple(exclude)
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.name.lower().endswith(suffixes) and not p.name.lower().endswith(exclude))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name.lower().endswith(suffixes)
+        and not p.name.lower().endswith(exclude)
+    )
 
 
 @dataclass

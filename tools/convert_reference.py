@@ -9,12 +9,12 @@ the reference presets (256 -> 4, 512 -> 8, 1024 -> 16); retnet checkpoints recor
 buffer. Both retnet layouts convert: the fork's (biases, LayerNorm) and upstream torchscale's (GLU).
 Legacy `retnet.` prefixes are renamed.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
 
 from valle_jax.config import ARCHS
 from valle_jax.models.convert import read_source
@@ -49,8 +49,10 @@ def main(argv=None) -> int:
     except (ConversionError, CheckpointError, FileExistsError, ValueError, OSError) as e:
         print(f"convert_reference: {e}", file=sys.stderr)
         return 2
-    print(f"convert_reference: {args.src} -> {out} ({cfg.arch}, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-          f"{cfg.n_layers} layers, version {cfg.version})")
+    print(
+        f"convert_reference: {args.src} -> {out} ({cfg.arch}, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+        f"{cfg.n_layers} layers, version {cfg.version})"
+    )
     return 0
 
 

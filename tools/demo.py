@@ -11,6 +11,7 @@
 6. synthesise a sentence in a held-out voice (python -m valle_jax.synthesize).
 Every step reuses what an earlier run finished (training resumes), so running it again is quick.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def get_codec(out: Path, corpus: Path, codec_dir: Path | None = None):
         print(f"pretrained EnCodec unavailable: {e}\n")
     wavs = [load_audio(f) for f in find_files(corpus, (".wav",))[::6][:16]]
     build_random_codec(wavs, codec_dir)
-    print(f"NOTE: built a RANDOM EnCodec in {codec_dir} (no network for the pretrained weights).\n"
-          "      Its codes are real and varied, but any audio decoded with it will NOT be speech.")
+    print(
+        f"NOTE: built a RANDOM EnCodec in {codec_dir} (no network for the pretrained weights).\n"
+        "      Its codes are real and varied, but any audio decoded with it will NOT be speech."
+    )
     return Codec.load(codec_dir), codec_dir
 
 
@@ -60,8 +63,12 @@ def main(argv=None) -> int:
     p.add_argument("--voices", type=int, default=8)
     p.add_argument("--sentences", type=int, default=12)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py's)")
-    p.add_argument("--codec-dir", type=Path, default=None,
-                   help="EnCodec weights folder (default: pretrained if reachable, else a random codec)")
+    p.add_argument(
+        "--codec-dir",
+        type=Path,
+        default=None,
+        help="EnCodec weights folder (default: pretrained if reachable, else a random codec)",
+    )
     args = p.parse_args(argv)
     setup_logging()
     corpus, store = args.out / "corpus", args.out / "store"
@@ -83,15 +90,34 @@ def main(argv=None) -> int:
         return 1
 
     step("4/6 draw batches through the grain pipeline (configs/demo.py)")
-    rc = subprocess.call([sys.executable, "-m", "tools.draw_batches", "--config", "configs/demo.py",
-                          f"--config.data.store={store}", "--batches", "16", "--alsologtostderr=false"])
+    rc = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "tools.draw_batches",
+            "--config",
+            "configs/demo.py",
+            f"--config.data.store={store}",
+            "--batches",
+            "16",
+            "--alsologtostderr=false",
+        ]
+    )
     if rc:
         return rc
 
     run = args.out / "run"
     step(f"5/6 train the tiny model (python -m valle_jax.train --config configs/demo.py --workdir {run})")
-    train = [sys.executable, "-m", "valle_jax.train", "--config", "configs/demo.py", f"--workdir={run}",
-             f"--config.data.store={store}", "--commands=off"]
+    train = [
+        sys.executable,
+        "-m",
+        "valle_jax.train",
+        "--config",
+        "configs/demo.py",
+        f"--workdir={run}",
+        f"--config.data.store={store}",
+        "--commands=off",
+    ]
     if args.steps is not None:
         train.append(f"--config.train.steps={args.steps}")
     if codec_dir is not None:  # the evaluation's audio samples decode with the same codec
@@ -105,23 +131,47 @@ def main(argv=None) -> int:
 
     voice = make_demo_corpus.held_out_voice(args.out / "held_out_voice.wav", args.voices)
     speech = args.out / "demo_speech.wav"
-    synth = [sys.executable, "-m", "valle_jax.synthesize", DEMO_TEXT, str(voice), "--checkpoint", str(run),
-             "--out", str(speech), "--max-ar-steps", "300", "--ar-temp", "0.9", "--nar-temp", "0.5"]
+    synth = [
+        sys.executable,
+        "-m",
+        "valle_jax.synthesize",
+        DEMO_TEXT,
+        str(voice),
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(speech),
+        "--max-ar-steps",
+        "300",
+        "--ar-temp",
+        "0.9",
+        "--nar-temp",
+        "0.5",
+    ]
     if codec_dir is not None:
         synth += ["--codec-dir", str(codec_dir)]
-    step(f"6/6 synthesise in a held-out voice ({voice}):\n    python -m valle_jax.synthesize "
-         + " ".join(f'"{a}"' if " " in a else a for a in synth[3:]))
+    step(
+        f"6/6 synthesise in a held-out voice ({voice}):\n    python -m valle_jax.synthesize "
+        + " ".join(f'"{a}"' if " " in a else a for a in synth[3:])
+    )
     rc = subprocess.call(synth)
     if rc:
         return rc
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s: corpus {corpus}, store {store}, run {run}\n"
-          f"  speech:       {speech} (held-out voice {voice}; the tiny model trained for minutes mumbles)\n"
-          f"  loss plot:    {png}\n"
-          f"  eval samples: {run / 'samples'} (validation texts synthesised during training)\n"
-          f"  TensorBoard:  .venv/bin/tensorboard --logdir {run / 'tb'}\n"
-          f"  metrics:      {run / 'metrics.jsonl'} (python -m valle_jax.plot --workdir {run} --ys loss,acc --out FILE.png)\n"
-          f"  export:       python -m valle_jax.export --workdir {run} --out {args.out / 'model'}"
-          + ("\nreminder: the codec is RANDOM here; audio decoded from these codes is not speech" if codec.is_random else ""))
+    print(
+        f"\ndemo finished in {time.perf_counter() - t0:.0f} s: corpus {corpus}, store {store}, run {run}\n"
+        f"  speech:       {speech} (held-out voice {voice}; the tiny model trained for minutes mumbles)\n"
+        f"  loss plot:    {png}\n"
+        f"  eval samples: {run / 'samples'} (validation texts synthesised during training)\n"
+        f"  TensorBoard:  .venv/bin/tensorboard --logdir {run / 'tb'}\n"
+        f"  metrics:      {run / 'metrics.jsonl'}"
+        f" (python -m valle_jax.plot --workdir {run} --ys loss,acc --out FILE.png)\n"
+        f"  export:       python -m valle_jax.export --workdir {run} --out {args.out / 'model'}"
+        + (
+            "\nreminder: the codec is RANDOM here; audio decoded from these codes is not speech"
+            if codec.is_random
+            else ""
+        )
+    )
     return 0
 
 

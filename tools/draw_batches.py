@@ -4,6 +4,7 @@
 
 Any config key can be overridden on the command line; a misspelt key is an error naming it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,8 +30,10 @@ def main(argv):
         raise app.UsageError("config.data.store is empty: pass --config.data.store=STORE")
     store = Store(cfg.store)
     plan = BatchPlan(store, cfg)
-    print(f"store {cfg.store}: {len(store)} utterances; {len(plan.eligible.utts)} pass the filters "
-          f"({len(plan.eligible.speaker_utts)} speakers); {plan.batches_per_epoch} batches of {cfg.batch_size} per epoch")
+    print(
+        f"store {cfg.store}: {len(store)} utterances; {len(plan.eligible.utts)} pass the filters "
+        f"({len(plan.eligible.speaker_utts)} speakers); {plan.batches_per_epoch} batches of {cfg.batch_size} per epoch"
+    )
     it = make_iterator(store, cfg)
     shapes = collections.Counter()
     start = time.perf_counter()
@@ -39,11 +42,15 @@ def main(argv):
         key = (b["text"].shape[1], b["prompt"].shape[1], b["resp"].shape[1])
         shapes[key] += 1
         if i < 3:
-            print(f"batch {i}: text {b['text'].shape} prompt {b['prompt'].shape} resp {b['resp'].shape}; "
-                  f"speakers {[str(store.speaker_names[s]) for s in b['speaker'][:3]]}...")
+            print(
+                f"batch {i}: text {b['text'].shape} prompt {b['prompt'].shape} resp {b['resp'].shape}; "
+                f"speakers {[str(store.speaker_names[s]) for s in b['speaker'][:3]]}..."
+            )
     rate = _BATCHES.value / (time.perf_counter() - start)
-    print(f"{_BATCHES.value} batches at {rate:.1f} batches/s (first one includes start-up); "
-          f"shapes (text, prompt, resp frames): {dict(shapes)}; iterator state {it.get_state()}")
+    print(
+        f"{_BATCHES.value} batches at {rate:.1f} batches/s (first one includes start-up); "
+        f"shapes (text, prompt, resp frames): {dict(shapes)}; iterator state {it.get_state()}"
+    )
 
 
 if __name__ == "__main__":

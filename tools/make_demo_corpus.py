@@ -6,6 +6,7 @@ One speaker = an espeak-ng accent + voice variant + pitch + speed. Layout:
 OUT_DIR/<group = accent>/<speaker>/<speaker>_<nnn>.wav (24 kHz mono 16-bit) and .txt (transcript).
 The same arguments give byte-identical files. Existing files are kept (a rerun only fills gaps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,14 @@ def speaker_specs(n: int) -> list[tuple[str, str, int, int]]:
     """n distinct (accent, variant, pitch, speed) tuples, always the same for the same n."""
     specs = []
     for i in range(n):
-        specs.append((ACCENTS[i % len(ACCENTS)], VARIANTS[i % len(VARIANTS)],
-                      PITCHES[(i // len(ACCENTS)) % len(PITCHES)], SPEEDS[(i // 3) % len(SPEEDS)]))
+        specs.append(
+            (
+                ACCENTS[i % len(ACCENTS)],
+                VARIANTS[i % len(VARIANTS)],
+                PITCHES[(i // len(ACCENTS)) % len(PITCHES)],
+                SPEEDS[(i // 3) % len(SPEEDS)],
+            )
+        )
     if len(set(specs)) != n:
         raise ValueError(f"cannot make {n} distinct voices from the built-in lists")
     return specs
@@ -106,8 +113,11 @@ def check_espeak(specs) -> str:
 def synthesize(exe: str, spec, text: str) -> np.ndarray:
     accent, variant, pitch, speed = spec
     with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-        subprocess.run([exe, "-v", f"{accent}+{variant}", "-p", str(pitch), "-s", str(speed), "-w", tmp.name, text],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [exe, "-v", f"{accent}+{variant}", "-p", str(pitch), "-s", str(speed), "-w", tmp.name, text],
+            check=True,
+            capture_output=True,
+        )
         wav, sr = sf.read(tmp.name, dtype="float32")
     return resample(wav, sr, SAMPLE_RATE)
 
@@ -146,8 +156,10 @@ def build(out_dir: Path, voices: int, sentences: int, jobs: int | None = None) -
         for _ in tqdm(pool.map(make, todo), total=len(todo), desc="synthesising", unit="utt"):
             report.done += 1
     seconds = sum(sf.info(str(w[2].with_suffix(".wav"))).duration for w in work)
-    report.extra.append(f"{voices} speakers x {sentences} sentences = {len(work)} utterances, "
-                        f"{seconds / 60:.1f} min of audio in {out_dir}")
+    report.extra.append(
+        f"{voices} speakers x {sentences} sentences = {len(work)} utterances, "
+        f"{seconds / 60:.1f} min of audio in {out_dir}"
+    )
     return report
 
 

@@ -6,6 +6,7 @@ Its RVQ codebooks are filled with encoder frames of real audio (a fresh EnCodec 
 code 0), so it yields varied codes and decodes to audio. That audio is NOT speech: use it for
 tests and demos only. OUT_DIR then works as `--codec-dir` everywhere.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -13,6 +13,7 @@ Speaker = `<group>_<speaker>` (the reference's default getter), group = the fold
 speaker's. Phonemes map through the reference's symbol map, extended with unseen symbols as its
 HDF5 builder does (next free id). Broken utterances are reported and skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ def load_qnt_pt(path: Path) -> np.ndarray:
 
     t = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != 1:
-        raise ValueError(f"expected a (1, levels, frames) tensor, got {type(t).__name__} "
-                         f"{tuple(getattr(t, 'shape', ()))}")
+        raise ValueError(
+            f"expected a (1, levels, frames) tensor, got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}"
+        )
     return t[0].T.numpy()
 
 
@@ -91,7 +93,9 @@ def hdf5_items(path: Path, kind: str, report: Report):
         if kind not in f:
             raise StoreError(f"{path} has no '{kind}' entries (it has {sorted(f.keys())})")
         leaves = []
-        f[kind].visititems(lambda name, obj: leaves.append(name) if isinstance(obj, h5py.Group) and "audio" in obj else None)
+        f[kind].visititems(
+            lambda name, obj: leaves.append(name) if isinstance(obj, h5py.Group) and "audio" in obj else None
+        )
         for name in sorted(leaves):
             g = f[kind][name]
             rel = Path(name)
@@ -125,9 +129,16 @@ def collapse_space_ids(ids: np.ndarray, space_id: int) -> np.ndarray:
     return ids[keep]
 
 
-def pack(sources: list[Path], out: Path, language: str = "en", group_language: dict[str, str] | None = None,
-         records_per_shard: int = 8192, overwrite: bool = False, hdf5_type: str = "training",
-         progress: bool = True) -> Report:
+def pack(
+    sources: list[Path],
+    out: Path,
+    language: str = "en",
+    group_language: dict[str, str] | None = None,
+    records_per_shard: int = 8192,
+    overwrite: bool = False,
+    hdf5_type: str = "training",
+    progress: bool = True,
+) -> Report:
     report = Report("pack")
     group_language = group_language or {}
     for lang in [language, *group_language.values()]:
@@ -166,21 +177,32 @@ def pack(sources: list[Path], out: Path, language: str = "en", group_language: d
     except BaseException:
         writer.abort()
         raise
-    report.extra.append(f"store {path}: {report.done} utterances, {len(set(writer.columns['speaker']))} speakers, "
-                        f"{len(set(writer.columns['group']))} groups, {seconds / 3600:.2f} h of audio")
+    report.extra.append(
+        f"store {path}: {report.done} utterances, {len(set(writer.columns['speaker']))} speakers, "
+        f"{len(set(writer.columns['group']))} groups, {seconds / 3600:.2f} h of audio"
+    )
     if new_symbols:
         report.extra.append(f"new symbols added to the symbol map: {new_symbols}")
     return report
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.pack", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        prog="python -m tools.pack",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("sources", type=Path, nargs="+", help="prepared/reference folders, or one reference HDF5 file")
     p.add_argument("--out", type=Path, required=True, help="store directory to create")
     p.add_argument("--language", default="en", help="language of every group not named by --group-language")
-    p.add_argument("--group-language", action="append", default=[], metavar="GROUP=LANG",
-                   help="language of one speaker group (repeatable)")
+    p.add_argument(
+        "--group-language",
+        action="append",
+        default=[],
+        metavar="GROUP=LANG",
+        help="language of one speaker group (repeatable)",
+    )
     p.add_argument("--shard-size", type=int, default=8192, help="utterances per ArrayRecord shard")
     p.add_argument("--hdf5-type", default="training", help="which entries of an HDF5 file: training, validation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -191,8 +213,9 @@ def main(argv=None) -> int:
     except ValueError:
         p.error("--group-language takes GROUP=LANG")
     try:
-        report = pack(args.sources, args.out, args.language, group_language, args.shard_size, args.overwrite,
-                      args.hdf5_type)
+        report = pack(
+            args.sources, args.out, args.language, group_language, args.shard_size, args.overwrite, args.hdf5_type
+        )
     except (StoreError, FileExistsError) as e:
         print(f"pack: {e}", file=sys.stderr)
         return 2

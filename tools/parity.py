@@ -8,6 +8,7 @@ Converts GOLDEN_DIR/{arch}_weights.npz, then runs every case found: `inputs.npz`
 (a padded two-sample batch at mixed levels). Prints the largest absolute logit error and the loss
 error per case and exits 1 if any exceeds the tolerance (float32), or if a target vector differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ class CaseResult:
         return self.logit_err <= tol and self.loss_err <= tol and self.targets_exact
 
     def line(self) -> str:
-        return (f"{self.name:8s} max |logit err| {self.logit_err:.2e}   loss err {self.loss_err:.2e}   "
-                f"top-10 acc err {self.acc_err:.2e}   targets {'exact' if self.targets_exact else 'DIFFER'}")
+        return (
+            f"{self.name:8s} max |logit err| {self.logit_err:.2e}   loss err {self.loss_err:.2e}   "
+            f"top-10 acc err {self.acc_err:.2e}   targets {'exact' if self.targets_exact else 'DIFFER'}"
+        )
 
 
 def load_golden_model(golden: Path, arch: str, heads: int | None = None):
@@ -66,8 +69,13 @@ def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, r
     logits, t = np.asarray(logits), np.asarray(t)
     err = max(float(np.abs(logits[i, : len(r)] - r).max()) for i, r in enumerate(ref_logits))
     ours = np.concatenate([t[i, : len(r) - (levels[i] == 0)] for i, r in enumerate(ref_logits)])
-    return CaseResult(name, err, abs(float(loss) - float(ref_loss)), abs(float(m["acc_top10"]) - float(ref_acc)),
-                      ours.shape == ref_targets.shape and bool((ours == ref_targets).all()))
+    return CaseResult(
+        name,
+        err,
+        abs(float(loss) - float(ref_loss)),
+        abs(float(m["acc_top10"]) - float(ref_acc)),
+        ours.shape == ref_targets.shape and bool((ours == ref_targets).all()),
+    )
 
 
 def cases(golden: Path, arch: str):
@@ -80,18 +88,36 @@ def cases(golden: Path, arch: str):
         for tag in sorted({m.group(1) for k in out.files if (m := re.match(r"logits_(.+)", k))}):
             level = int(re.search(r"(\d+)$", tag).group(1))
             batch = pad_batch([inp["text"]], [int(inp["lang"][0])], [inp["prompt"]], [inp["response"]])
-            yield (tag, batch, [level], [out[f"logits_{tag}"]], out[f"loss_{tag}"], out[f"acc_top10_{tag}"],
-                   out[f"loss_target_{tag}"])
+            yield (
+                tag,
+                batch,
+                [level],
+                [out[f"logits_{tag}"]],
+                out[f"loss_{tag}"],
+                out[f"acc_top10_{tag}"],
+                out[f"loss_target_{tag}"],
+            )
     pair, pair_out = golden / "inputs_batch2.npz", golden / f"{arch}_outputs_batch2.npz"
     if pair.exists() and pair_out.exists():
         inp, out = np.load(pair), np.load(pair_out)
         n = sum(1 for k in inp.files if re.fullmatch(r"text_b\d+", k))
         levels = [int(x) for x in out["quant_levels"]]
         lang = int(inp["lang"][0])
-        batch = pad_batch([inp[f"text_b{i}"] for i in range(n)], [lang] * n, [inp[f"prompt_b{i}"] for i in range(n)],
-                          [inp[f"response_b{i}"] for i in range(n)])
-        yield ("batch2", batch, levels, [out[f"logits_b{i}"] for i in range(n)], out["loss"], out["acc_top10"],
-               out["loss_target"])
+        batch = pad_batch(
+            [inp[f"text_b{i}"] for i in range(n)],
+            [lang] * n,
+            [inp[f"prompt_b{i}"] for i in range(n)],
+            [inp[f"response_b{i}"] for i in range(n)],
+        )
+        yield (
+            "batch2",
+            batch,
+            levels,
+            [out[f"logits_b{i}"] for i in range(n)],
+            out["loss"],
+            out["acc_top10"],
+            out["loss_target"],
+        )
 
 
 def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]:
@@ -108,9 +134,13 @@ def main(argv=None) -> int:
     p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--heads", type=int, default=None, help="default: the golden config's n_heads")
     p.add_argument("--tolerance", type=float, default=1e-4)
-    p.add_argument("--precision", default="highest", choices=("default", "high", "highest"),
-                   help="float32 matmul precision: GPUs and TPUs run 'default' with TF32/bf16 passes "
-                        "(H100: logit errors ~1e-3), so parity is checked at 'highest' unless asked")
+    p.add_argument(
+        "--precision",
+        default="highest",
+        choices=("default", "high", "highest"),
+        help="float32 matmul precision: GPUs and TPUs run 'default' with TF32/bf16 passes "
+        "(H100: logit errors ~1e-3), so parity is checked at 'highest' unless asked",
+    )
     args = p.parse_args(argv)
     import jax
 
@@ -122,8 +152,10 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{args.arch} {r.line()}")
     bad = [r.name for r in results if not r.ok(args.tolerance)]
-    print(f"parity {args.arch}: {len(results) - len(bad)}/{len(results)} cases within {args.tolerance:g}"
-          + (f"; FAILED: {bad}" if bad else ""))
+    print(
+        f"parity {args.arch}: {len(results) - len(bad)}/{len(results)} cases within {args.tolerance:g}"
+        + (f"; FAILED: {bad}" if bad else "")
+    )
     return 1 if bad else 0
 
 

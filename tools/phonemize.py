@@ -7,6 +7,7 @@ them (stress and punctuation kept, ˈ ˌ ː glued to the previous character), in
 (tokens joined by spaces, a word boundary written as two empty tokens). Readers keep one boundary
 token per word gap (docs/data.md). Existing outputs are skipped; empty transcripts are reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ PHN_SUFFIX = ".phn.txt"
 CHUNK = 256  # transcripts per espeak call: one call per chunk keeps the progress bar moving
 
 
-def phonemize_dir(text_dir: Path, out_dir: Path, language: str = "en", overwrite: bool = False,
-                  progress: bool = True) -> Report:
+def phonemize_dir(
+    text_dir: Path, out_dir: Path, language: str = "en", overwrite: bool = False, progress: bool = True
+) -> Report:
     report = Report("phonemize")
     phonemizer = T.Phonemizer(language)
     if out_dir.exists():
@@ -48,7 +50,7 @@ def phonemize_dir(text_dir: Path, out_dir: Path, language: str = "en", overwrite
     unseen: set[str] = set()
     with tqdm(total=len(todo), unit="utt", desc="phonemizing", disable=not progress) as bar:
         for i in range(0, len(todo), CHUNK):
-            chunk = todo[i: i + CHUNK]
+            chunk = todo[i : i + CHUNK]
             for (src, dst, _), tokens in zip(chunk, phonemizer.tokens([c for _, _, c in chunk])):
                 if not tokens:
                     report.fail(src, "espeak produced no phonemes")

@@ -8,6 +8,7 @@ and channel count: mixed to mono, resampled to 24 kHz). Files already encoded ar
 killed run resumes; each output is written to a temp file and renamed, so none is ever partial.
 A corrupt, empty or unreadable file is reported and skipped; the exit code is 1 if any failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,9 @@ def quantize_dir(audio_dir: Path, out_dir: Path, codec, batch_seconds: float = 6
     bar.close()
     elapsed = time.perf_counter() - start
     if audio_seconds:
-        report.extra.append(f"{audio_seconds:.1f} s of audio in {elapsed:.1f} s: "
-                            f"{audio_seconds / max(elapsed, 1e-9):.1f}x real time")
+        report.extra.append(
+            f"{audio_seconds:.1f} s of audio in {elapsed:.1f} s: {audio_seconds / max(elapsed, 1e-9):.1f}x real time"
+        )
     return report
 
 
@@ -103,12 +105,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("audio_dir", type=Path, help="folder searched recursively for audio files")
     p.add_argument("--out", type=Path, default=None, help="output root (default: beside the audio)")
-    p.add_argument("--codec-dir", type=Path, default=None,
-                   help="folder holding encodec_24khz-d7cc33bc.th (default: the encodec package's pretrained loader)")
+    p.add_argument(
+        "--codec-dir",
+        type=Path,
+        default=None,
+        help="folder holding encodec_24khz-d7cc33bc.th (default: the encodec package's pretrained loader)",
+    )
     p.add_argument("--bandwidth", type=float, default=6.0, help="kbps: 1.5, 3, 6 (8 levels, default), 12, 24")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    p.add_argument("--batch-seconds", type=float, default=60.0,
-                   help="padded seconds of audio per forward pass (default 60)")
+    p.add_argument(
+        "--batch-seconds", type=float, default=60.0, help="padded seconds of audio per forward pass (default 60)"
+    )
     args = p.parse_args(argv)
     setup_logging()
     if not args.audio_dir.is_dir():

@@ -7,6 +7,7 @@
 Data preparation lives in `tools/` (quantize, phonemize, pack) and `valle_jax.data`; training in
 `python -m valle_jax.train`; synthesis in `python -m valle_jax.synthesize` and `TTS`.
 """
+
 __version__ = "0.1.0"
 
 __all__ = ["TTS", "load_model"]

@@ -3,14 +3,15 @@
 A killed process therefore leaves either the old file or the complete new one, never a
 partial file under the final name. Temp files are named `.<name>.<random>.tmp[<suffix>]`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 TMP_SUFFIX = ".tmp"
 

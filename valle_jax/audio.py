@@ -3,6 +3,7 @@
 Kept apart from codec.py so that data tools and synthesis can read and write audio without
 importing torch.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,14 +6,15 @@ A model directory holds:
     params/       the parameters (orbax), nested exactly as nnx.state(VALLE(cfg), nnx.Param)
 It is written into a temp directory and renamed into place, so a killed save leaves no half model.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import numpy as np
@@ -44,8 +45,10 @@ def check_params(cfg: ModelConfig, params: Mapping) -> None:
     if own_flat != new_flat:
         missing, extra = sorted(set(own_flat) - set(new_flat)), sorted(set(new_flat) - set(own_flat))
         bad = sorted(k for k in set(own_flat) & set(new_flat) if own_flat[k] != new_flat[k])
-        raise CheckpointError(f"parameters do not fit the model: missing {missing}, unexpected {extra}, "
-                              f"mis-shaped {[(k, new_flat[k], own_flat[k]) for k in bad]}")
+        raise CheckpointError(
+            f"parameters do not fit the model: missing {missing}, unexpected {extra}, "
+            f"mis-shaped {[(k, new_flat[k], own_flat[k]) for k in bad]}"
+        )
 
 
 def model_with_params(cfg: ModelConfig, params: Mapping):
@@ -56,8 +59,14 @@ def model_with_params(cfg: ModelConfig, params: Mapping):
     return model_from_params(cfg, params)
 
 
-def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping, symmap: Mapping[str, int],
-               stats: Mapping | None = None, overwrite: bool = False) -> Path:
+def save_model(
+    directory: str | os.PathLike,
+    cfg: ModelConfig,
+    params: Mapping,
+    symmap: Mapping[str, int],
+    stats: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
     import orbax.checkpoint as ocp
 
     out = Path(directory).absolute()
@@ -68,8 +77,12 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping, 
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", jax.tree.map(np.asarray, dict(params)))
         ckptr.wait_until_finished()
-        (tmp / "config.json").write_text(json.dumps(
-            {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg), "stats": dict(stats or {})}, indent=1))
+        (tmp / "config.json").write_text(
+            json.dumps(
+                {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg), "stats": dict(stats or {})},
+                indent=1,
+            )
+        )
         (tmp / "symmap.json").write_text(json.dumps(dict(symmap), ensure_ascii=False))
         return publish_dir(tmp, out)
     finally:
@@ -83,7 +96,9 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
         raise CheckpointError(f"{path} is not a valle_jax model directory (no config.json)")
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{VERSION}")
+        raise CheckpointError(
+            f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{VERSION}"
+        )
     return ModelConfig(**meta["model"]), json.loads((path / "symmap.json").read_text("utf-8")), meta.get("stats", {})
 
 

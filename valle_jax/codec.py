@@ -9,6 +9,7 @@ pretrained weights: a fresh EnCodec encodes everything to code 0 (its RVQ codebo
 and are only k-means-initialised in training), so its codebooks are filled with real encoder
 frames instead. Its codes are varied and decode to audio, but that audio is not speech.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,9 +18,9 @@ import os
 import sys
 import types
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -47,7 +48,8 @@ def _torchaudio_stand_in() -> types.ModuleType:
     def _missing(name):
         raise AttributeError(
             f"torchaudio.{name} is unavailable: valle_jax replaces torchaudio with a stand-in "
-            "(its PyPI build cannot load beside torch+cpu); use valle_jax.audio instead")
+            "(its PyPI build cannot load beside torch+cpu); use valle_jax.audio instead"
+        )
 
     mod.__getattr__ = _missing  # type: ignore[attr-defined]
     transforms = types.ModuleType("torchaudio.transforms")
@@ -90,7 +92,8 @@ def load_encodec_model(codec_dir: str | os.PathLike | None = None):
             raise CodecUnavailable(
                 f"no codec checkpoint at {ckpt}: --codec-dir must be a directory holding "
                 f"{CHECKPOINT_NAME} (the pretrained EnCodec 24 kHz weights, or a random codec made by "
-                "`python -m tools.make_random_codec`)")
+                "`python -m tools.make_random_codec`)"
+            )
         model = _new_model(pretrained=False)
         try:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -106,7 +109,8 @@ def load_encodec_model(codec_dir: str | os.PathLike | None = None):
             f"the pretrained EnCodec 24 kHz weights could not be loaded ({type(e).__name__}: {e}). "
             f"Either allow the download once (it is cached at {hub}), place the weights there or in a "
             "directory passed as --codec-dir, or, for tests without network, build a random codec with "
-            "`python -m tools.make_random_codec DIR` (its audio is not speech)") from e
+            "`python -m tools.make_random_codec DIR` (its audio is not speech)"
+        ) from e
 
 
 def is_random_codec(codec_dir: str | os.PathLike | None) -> bool:
@@ -126,7 +130,7 @@ class Codec:
     is_random: bool = False
 
     @classmethod
-    def load(cls, codec_dir=None, bandwidth: float = 6.0, device: str = "cpu") -> "Codec":
+    def load(cls, codec_dir=None, bandwidth: float = 6.0, device: str = "cpu") -> Codec:
         if bandwidth not in BANDWIDTH_LEVELS:
             raise ValueError(f"bandwidth {bandwidth} kbps not supported; choose one of {sorted(BANDWIDTH_LEVELS)}")
         model = load_encodec_model(codec_dir)
@@ -165,8 +169,9 @@ class Codec:
         import torch
 
         def padded(arrays, axis_len):
-            out = torch.zeros((len(arrays), *arrays[0].shape[1:-1], axis_len), dtype=arrays[0].dtype,
-                              device=arrays[0].device)
+            out = torch.zeros(
+                (len(arrays), *arrays[0].shape[1:-1], axis_len), dtype=arrays[0].dtype, device=arrays[0].device
+            )
             for i, a in enumerate(arrays):
                 out[i, ..., : a.shape[-1]] = a[0]
             return out
@@ -205,8 +210,9 @@ def build_random_codec(wavs: Sequence[np.ndarray], out_dir: str | os.PathLike, s
     torch.manual_seed(seed)
     model = _new_model(pretrained=False)
     with torch.inference_mode():
-        frames = torch.cat([model.encoder(torch.from_numpy(np.asarray(w, np.float32))[None, None])[0].T
-                            for w in wavs])  # [N, D]
+        frames = torch.cat(
+            [model.encoder(torch.from_numpy(np.asarray(w, np.float32))[None, None])[0].T for w in wavs]
+        )  # [N, D]
         gen = torch.Generator().manual_seed(seed)
         residual = frames
         for layer in model.quantizer.vq.layers:
@@ -224,9 +230,19 @@ def build_random_codec(wavs: Sequence[np.ndarray], out_dir: str | os.PathLike, s
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / CHECKPOINT_NAME) as tmp:
         torch.save(model.state_dict(), tmp)
-    write_text(out / INFO_NAME, json.dumps({"random": True, "seed": seed, "note": "random EnCodec: its audio is not speech"}))
+    write_text(
+        out / INFO_NAME, json.dumps({"random": True, "seed": seed, "note": "random EnCodec: its audio is not speech"})
+    )
     return out
 
 
-__all__ = ["Codec", "CodecUnavailable", "build_random_codec", "load_encodec_model", "import_encodec",
-           "FRAME_RATE", "SAMPLE_RATE", "CHECKPOINT_NAME"]
+__all__ = [
+    "Codec",
+    "CodecUnavailable",
+    "build_random_codec",
+    "load_encodec_model",
+    "import_encodec",
+    "FRAME_RATE",
+    "SAMPLE_RATE",
+    "CHECKPOINT_NAME",
+]

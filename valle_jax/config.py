@@ -3,6 +3,7 @@
 Library code takes these dataclasses, never a ConfigDict: they can be jit static arguments and
 their fields are checked once, here, with messages that name the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,7 +113,9 @@ class ModelConfig:
     remat: bool = False  # recompute each layer's activations in the backward pass
     attention: str = "dense"  # teacher-forced attention: "dense" | "blocked" (query blocks, no S x S residuals)
     scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = all (fully unrolled)
-    retnet_variant: str = "fork"  # "fork": the reference's torchscale fork (its checkpoints); "torchscale": upstream 0.3.0
+    retnet_variant: str = (
+        "fork"  # "fork": the reference's torchscale fork (its checkpoints); "torchscale": upstream 0.3.0
+    )
     retention_chunk: int = 0  # retnet: positions per chunk of the chunkwise form; 0 = the parallel form
 
     def __post_init__(self):
@@ -137,7 +140,9 @@ class ModelConfig:
         if self.arch == "retnet" and self.bidirectional_nar:
             raise ConfigError("model.bidirectional_nar has no meaning for retnet: retention is causal at every level")
         if self.arch == "retnet" and self.head_dim % 2:
-            raise ConfigError(f"retnet rotates pairs of key dimensions: d_model / n_heads = {self.head_dim} must be even")
+            raise ConfigError(
+                f"retnet rotates pairs of key dimensions: d_model / n_heads = {self.head_dim} must be even"
+            )
         if self.version not in (3, 4):
             raise ConfigError(f"model.version must be 3 or 4, got {self.version}")
 

@@ -18,11 +18,13 @@ Samplers (valle_jax.sampling): temperature (0: greedy), dynamic temperature, top
 repetition and length penalties, mirostat, VALL-E 2's repetition-aware sampling, and a real beam
 search whose beams reorder the cache. The stop token is banned in NAR passes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +33,9 @@ from flax import nnx
 
 from valle_jax import kernels, runtime
 from valle_jax import sampling as S
-from valle_jax.models.valle import VALLE, prefix_len
 from valle_jax.models import layers as L
 from valle_jax.models.layers import cache_storage
+from valle_jax.models.valle import VALLE, prefix_len
 
 Array = jax.Array
 NEG_INF = -jnp.inf
@@ -97,8 +99,14 @@ class Settings:
             (self.beam_width >= 0, f"beam_width must be >= 0, got {self.beam_width}"),
             (self.mirostat_tau >= 0, f"mirostat_tau must be >= 0, got {self.mirostat_tau}"),
             (not (self.beam_width > 1 and self.mirostat_tau > 0), "beam search and mirostat cannot be combined"),
-            (not (self.beam_width > 1 and self.repetition_aware), "beam search and repetition-aware sampling cannot be combined"),
-            (not (self.mirostat_tau > 0 and self.repetition_aware), "mirostat and repetition-aware sampling cannot be combined"),
+            (
+                not (self.beam_width > 1 and self.repetition_aware),
+                "beam search and repetition-aware sampling cannot be combined",
+            ),
+            (
+                not (self.mirostat_tau > 0 and self.repetition_aware),
+                "mirostat and repetition-aware sampling cannot be combined",
+            ),
             (self.ras_window >= 1, f"ras_window must be >= 1, got {self.ras_window}"),
         ]
         for ok, message in checks:
@@ -136,13 +144,24 @@ class Knobs(NamedTuple):
     context: Array
 
     @classmethod
-    def of(cls, s: Settings, batch: int, ar: bool = True) -> "Knobs":
+    def of(cls, s: Settings, batch: int, ar: bool = True) -> Knobs:
         f = lambda v: np.full((batch,), v, np.float32)  # noqa: E731
         i = lambda v: np.full((batch,), v, np.int32)  # noqa: E731
-        return cls(f(s.ar_temp if ar else s.nar_temp), f(s.min_ar_temp if ar else s.min_nar_temp), i(s.top_k),
-                   f(s.top_p), f(s.min_p), f(s.repetition_penalty), f(s.repetition_penalty_decay),
-                   f(s.length_penalty if ar else 0.0), f(s.mirostat_tau), f(s.mirostat_eta), f(s.ras_threshold),
-                   i(s.max_ar_steps), i(s.max_ar_context))
+        return cls(
+            f(s.ar_temp if ar else s.nar_temp),
+            f(s.min_ar_temp if ar else s.min_nar_temp),
+            i(s.top_k),
+            f(s.top_p),
+            f(s.min_p),
+            f(s.repetition_penalty),
+            f(s.repetition_penalty_decay),
+            f(s.length_penalty if ar else 0.0),
+            f(s.mirostat_tau),
+            f(s.mirostat_eta),
+            f(s.ras_threshold),
+            i(s.max_ar_steps),
+            i(s.max_ar_context),
+        )
 
 
 class Inputs(NamedTuple):
@@ -155,8 +174,14 @@ class Inputs(NamedTuple):
     prompt_len: Array  # int32 [B]
 
 
-def make_inputs(texts: Sequence[Sequence[int]], prompts: Sequence[np.ndarray], langs: Sequence[int],
-                n_prom_levels: int, text_cap: int | None = None, prompt_cap: int | None = None) -> Inputs:
+def make_inputs(
+    texts: Sequence[Sequence[int]],
+    prompts: Sequence[np.ndarray],
+    langs: Sequence[int],
+    n_prom_levels: int,
+    text_cap: int | None = None,
+    prompt_cap: int | None = None,
+) -> Inputs:
     """Pads utterances to the text and prompt buckets (or the given caps)."""
     if not texts or len(texts) != len(prompts) or len(texts) != len(langs):
         raise DecodeError(f"need as many texts, prompts and languages (got {len(texts)}, {len(prompts)}, {len(langs)})")
@@ -173,35 +198,67 @@ def make_inputs(texts: Sequence[Sequence[int]], prompts: Sequence[np.ndarray], l
             raise DecodeError(f"utterance {i} does not fit the caps ({len(t)} > {t_cap} or {len(p)} > {p_cap})")
         text[i, : len(t)] = t
         prompt[i, : len(p)] = p[:, :n_prom_levels]
-    return Inputs(text, np.array([len(t) for t in texts], np.int32), np.asarray(langs, np.int32), prompt,
-                  np.array([len(p) for p in prompts], np.int32))
+    return Inputs(
+        text,
+        np.array([len(t) for t in texts], np.int32),
+        np.asarray(langs, np.int32),
+        prompt,
+        np.array([len(p) for p in prompts], np.int32),
+    )
 
 
 # ---- the sampling of one AR step ---------------------------------------------------------------
+
 
 def _generated(history_BN: Array, t: Array) -> Array:
     """Which slots of the token history hold generated tokens before step t."""
     return jnp.broadcast_to(jnp.arange(history_BN.shape[1]) < t, history_BN.shape)
 
 
-def _filtered(logits_BV: Array, knobs: Knobs, history_BN: Array, t: Array, stop: int, sign_aware: bool,
-              top_p: bool = True) -> Array:
+def _filtered(
+    logits_BV: Array, knobs: Knobs, history_BN: Array, t: Array, stop: int, sign_aware: bool, top_p: bool = True
+) -> Array:
     return S.filter_logits(
-        logits_BV, top_k_B=knobs.top_k, top_p_B=knobs.top_p if top_p else None, min_p_B=knobs.min_p,
-        history_BT=history_BN, history_valid_BT=_generated(history_BN, t),
-        repetition_penalty_B=knobs.rep, repetition_decay_B=knobs.rep_decay,
-        length_B=jnp.full(logits_BV.shape[:1], t), length_penalty_B=knobs.length_penalty, stop_token=stop,
-        sign_aware=sign_aware)
+        logits_BV,
+        top_k_B=knobs.top_k,
+        top_p_B=knobs.top_p if top_p else None,
+        min_p_B=knobs.min_p,
+        history_BT=history_BN,
+        history_valid_BT=_generated(history_BN, t),
+        repetition_penalty_B=knobs.rep,
+        repetition_decay_B=knobs.rep_decay,
+        length_B=jnp.full(logits_BV.shape[:1], t),
+        length_penalty_B=knobs.length_penalty,
+        stop_token=stop,
+        sign_aware=sign_aware,
+    )
 
 
-def _pick(mode: str, key: Array, logits_BV: Array, knobs: Knobs, history_BN: Array, t: Array, mu_B: Array,
-          stop: int, sign_aware: bool, ras_window: int) -> tuple[Array, Array]:
+def _pick(
+    mode: str,
+    key: Array,
+    logits_BV: Array,
+    knobs: Knobs,
+    history_BN: Array,
+    t: Array,
+    mu_B: Array,
+    stop: int,
+    sign_aware: bool,
+    ras_window: int,
+) -> tuple[Array, Array]:
     """(token [B], new mirostat mu [B]) for step t, after every penalty and filter."""
     if mode == "repetition_aware":
         x = _filtered(logits_BV, knobs, history_BN, t, stop, sign_aware, top_p=False)
-        tok = S.repetition_aware(key, x, history_BN, _generated(history_BN, t),
-                                 top_p_B=knobs.top_p, temperature_B=knobs.temp, window=ras_window,
-                                 threshold_B=knobs.ras_threshold)
+        tok = S.repetition_aware(
+            key,
+            x,
+            history_BN,
+            _generated(history_BN, t),
+            top_p_B=knobs.top_p,
+            temperature_B=knobs.temp,
+            window=ras_window,
+            threshold_B=knobs.ras_threshold,
+        )
         return tok, mu_B
     x = _filtered(logits_BV, knobs, history_BN, t, stop, sign_aware)
     if mode == "mirostat":
@@ -214,6 +271,7 @@ def _pick(mode: str, key: Array, logits_BV: Array, knobs: Knobs, history_BN: Arr
 # at step t (response frame t). The loops know nothing else about the model, so tests can drive
 # them with constructed distributions.
 
+
 class ArResult(NamedTuple):
     tokens: Array  # int32 [B, N]: level-0 codes, the stop token from each row's end on
     length: Array  # int32 [B]: frames before the stop (or the step limit)
@@ -222,9 +280,21 @@ class ArResult(NamedTuple):
     logits: Array | None  # float32 [B, N, V]: each step's raw logits (when asked for)
 
 
-def ar_loop(first_logits_BV: Array, step_fn: Callable, state, knobs: Knobs, key: Array, *, n_slots: int,
-            stop: int, mode: str = "sample", chunk: int = 8, sign_aware: bool = True, ras_window: int = 10,
-            keep_logits: bool = False) -> ArResult:
+def ar_loop(
+    first_logits_BV: Array,
+    step_fn: Callable,
+    state,
+    knobs: Knobs,
+    key: Array,
+    *,
+    n_slots: int,
+    stop: int,
+    mode: str = "sample",
+    chunk: int = 8,
+    sign_aware: bool = True,
+    ras_window: int = 10,
+    keep_logits: bool = False,
+) -> ArResult:
     """Samples up to `n_slots` tokens per row; exits when every row is done. `n_slots` must be a
     multiple of `chunk` (the steps one while-loop iteration scans)."""
     b, v = first_logits_BV.shape
@@ -233,7 +303,9 @@ def ar_loop(first_logits_BV: Array, step_fn: Callable, state, knobs: Knobs, key:
 
     def one(carry, _):
         t, logits, tokens, done, mu, state, kept = carry
-        tok, new_mu = _pick(mode, jax.random.fold_in(key, t), logits, knobs, tokens, t, mu, stop, sign_aware, ras_window)
+        tok, new_mu = _pick(
+            mode, jax.random.fold_in(key, t), logits, knobs, tokens, t, mu, stop, sign_aware, ras_window
+        )
         tok = jnp.where(done, stop, tok)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)
         if keep_logits:
@@ -251,8 +323,15 @@ def ar_loop(first_logits_BV: Array, step_fn: Callable, state, knobs: Knobs, key:
 
     tokens = jnp.full((b, n_slots), stop, jnp.int32)
     kept = jnp.zeros((b, n_slots, v), jnp.float32) if keep_logits else jnp.zeros((), jnp.float32)
-    carry = (jnp.zeros((), jnp.int32), first_logits_BV.astype(jnp.float32), tokens, jnp.zeros((b,), bool),
-             S.mirostat_init(knobs.tau), state, kept)
+    carry = (
+        jnp.zeros((), jnp.int32),
+        first_logits_BV.astype(jnp.float32),
+        tokens,
+        jnp.zeros((b,), bool),
+        S.mirostat_init(knobs.tau),
+        state,
+        kept,
+    )
     _, _, tokens, _, _, state, kept = jax.lax.while_loop(running, chunk_body, carry)
     return ArResult(tokens, *_ends(tokens, knobs.max_steps, stop), state, kept if keep_logits else None)
 
@@ -267,8 +346,19 @@ def _ends(tokens_BN: Array, max_steps_B: Array, stop: int) -> tuple[Array, Array
     return length, stopped
 
 
-def beam_loop(first_logits_BV: Array, step_fn: Callable, reorder_fn: Callable, state, knobs: Knobs, *,
-              width: int, n_slots: int, stop: int, chunk: int = 8, sign_aware: bool = True) -> tuple[ArResult, Array]:
+def beam_loop(
+    first_logits_BV: Array,
+    step_fn: Callable,
+    reorder_fn: Callable,
+    state,
+    knobs: Knobs,
+    *,
+    width: int,
+    n_slots: int,
+    stop: int,
+    chunk: int = 8,
+    sign_aware: bool = True,
+) -> tuple[ArResult, Array]:
     """Beam search over B utterances x `width` beams (rows b * width + w of `state`, which
     `reorder_fn(state, rows)` gathers). A beam's score is the sum of its tokens' log-probabilities
     (after penalties, filters and temperature; temperature 0 counts as 1); a finished beam keeps its
@@ -298,16 +388,27 @@ def beam_loop(first_logits_BV: Array, step_fn: Callable, reorder_fn: Callable, s
 
     # all beams start identical: only beam 0 may expand at the first step, or they would stay copies
     score = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF), b)
-    carry = (jnp.zeros((), jnp.int32), first_logits_BV.astype(jnp.float32), jnp.full((bw, n_slots), stop, jnp.int32),
-             jnp.zeros((bw,), bool), score, state)
-    _, _, tokens, _, score, state = jax.lax.while_loop(running, lambda c: jax.lax.scan(one, c, None, length=chunk)[0], carry)
+    carry = (
+        jnp.zeros((), jnp.int32),
+        first_logits_BV.astype(jnp.float32),
+        jnp.full((bw, n_slots), stop, jnp.int32),
+        jnp.zeros((bw,), bool),
+        score,
+        state,
+    )
+    _, _, tokens, _, score, state = jax.lax.while_loop(
+        running, lambda c: jax.lax.scan(one, c, None, length=chunk)[0], carry
+    )
     best_rows = jnp.arange(b) * width + jnp.argmax(score.reshape(b, width), axis=1)
     tokens = tokens[best_rows]
-    return (ArResult(tokens, *_ends(tokens, knobs.max_steps[best_rows], stop), reorder_fn(state, best_rows), None),
-            score[best_rows])
+    return (
+        ArResult(tokens, *_ends(tokens, knobs.max_steps[best_rows], stop), reorder_fn(state, best_rows), None),
+        score[best_rows],
+    )
 
 
 # ---- the model side ------------------------------------------------------------------------------
+
 
 def prefix_slots(inputs: Inputs) -> int:
     """Padded prefix length: text and prompt buckets, 2 separators, lang, separator."""
@@ -322,8 +423,9 @@ def cache_dtype(dtype: str, cpu_kernels: bool = False):
     return jnp.float32 if jax.default_backend() == "cpu" and not cpu_kernels else jnp.dtype(dtype)
 
 
-def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: list[dict] | None = None,
-             kv_dtype=None):
+def _prefill(
+    model: VALLE, inputs: Inputs, capacity: int | None = None, layers: list[dict] | None = None, kv_dtype=None
+):
     """The prefix through the model, into a new cache of `capacity` slots (None: no cache) in
     `kv_dtype` (None: `cache_dtype` of the model's dtype): (logits for response frame 0 [B, V],
     cache, prefix length [B], prefix inputs x, valid)."""
@@ -342,16 +444,20 @@ def _prefill(model: VALLE, inputs: Inputs, capacity: int | None = None, layers: 
 def _cached_step(model: VALLE, sp: int, context_B: Array, layers: list[dict]):
     """step_fn over the cache: token t sits at cache slot sp + t (a KV cache; a recurrent state
     just absorbs it), position prefix_len + t."""
+
     def step(state, tok_B, t):
         cache, plen = state
         b = tok_B.shape[0]
         if model.backbone.has_window:  # rolling context: the frame that falls out of the window is masked
             old = t - context_B
-            cache = model.backbone.forget(cache, jnp.where((context_B > 0) & (old >= 0), sp + old, cache["valid"].shape[1]))
+            cache = model.backbone.forget(
+                cache, jnp.where((context_B > 0) & (old >= 0), sp + old, cache["valid"].shape[1])
+            )
         level = jnp.zeros((b,), jnp.int32)
         x = model.embed_frames(tok_B[:, None, None], level)
         logits, _, cache = model.run(x, (plen + t)[:, None], jnp.ones((b, 1), bool), level, cache, layers=layers)
         return logits[:, 0], (cache, plen)
+
     return step
 
 
@@ -370,6 +476,7 @@ def _uncached_step(model: VALLE, x_prefix: Array, valid_prefix: Array, n_slots: 
         pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(sp), (b, sp)), plen[:, None] + slots], axis=1)
         logits, _, _ = model.run(x, pos, valid, level)
         return jax.lax.dynamic_index_in_dim(logits, sp + t, axis=1, keepdims=False), (frames, plen)
+
     return step
 
 
@@ -378,9 +485,24 @@ def _reorderer(model: VALLE):
     return lambda state, rows: (model.backbone.reorder_cache(state[0], rows), state[1][rows])
 
 
-def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int, chunk: int, mode: str,
-        width: int, sign_aware: bool, ras_window: int, cached: bool, keep_logits: bool,
-        step_layers: list[dict] | None = None, kv_dtype: str | None = None):
+def _ar(
+    graph,
+    params,
+    inputs: Inputs,
+    knobs: Knobs,
+    key: Array,
+    *,
+    n_slots: int,
+    chunk: int,
+    mode: str,
+    width: int,
+    sign_aware: bool,
+    ras_window: int,
+    cached: bool,
+    keep_logits: bool,
+    step_layers: list[dict] | None = None,
+    kv_dtype: str | None = None,
+):
     """`step_layers`: the backbone's layers as `backbone.step_layers()` gives them (CPU kernels), or
     None to slice them from `params`; `kv_dtype`: the cache's (None: `cache_dtype`'s)."""
     model = nnx.merge(graph, params)
@@ -389,8 +511,20 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
     if not cached:
         first, _, plen, x, valid = _prefill(model, inputs)
         state = (jnp.full((valid.shape[0], n_slots), stop, jnp.int32), plen)
-        return ar_loop(first, _uncached_step(model, x, valid, n_slots), state, knobs, key, n_slots=n_slots, stop=stop,
-                       mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window, keep_logits=keep_logits)
+        return ar_loop(
+            first,
+            _uncached_step(model, x, valid, n_slots),
+            state,
+            knobs,
+            key,
+            n_slots=n_slots,
+            stop=stop,
+            mode=mode,
+            chunk=chunk,
+            sign_aware=sign_aware,
+            ras_window=ras_window,
+            keep_logits=keep_logits,
+        )
     layers = step_layers if step_layers is not None else model.backbone.unstack()  # sliced once, outside the loop
     if len(inputs.text_len) * (width if mode == "beam" else 1) > kernels.MAX_ROWS:
         # steps with more rows than rows_linear takes run XLA's dot: over weights unpacked once, here
@@ -402,16 +536,50 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, *, n_slots: int
         reorder = _reorderer(model)
         cache, plen = reorder((cache, plen), rows)
         knobs = jax.tree.map(lambda a: a[rows], knobs)
-        result, _ = beam_loop(first[rows], _cached_step(model, sp, knobs.context, layers), reorder, (cache, plen), knobs,
-                              width=width, n_slots=n_slots, stop=stop, chunk=chunk, sign_aware=sign_aware)
+        result, _ = beam_loop(
+            first[rows],
+            _cached_step(model, sp, knobs.context, layers),
+            reorder,
+            (cache, plen),
+            knobs,
+            width=width,
+            n_slots=n_slots,
+            stop=stop,
+            chunk=chunk,
+            sign_aware=sign_aware,
+        )
         return result
-    return ar_loop(first, _cached_step(model, sp, knobs.context, layers), (cache, plen), knobs, key, n_slots=n_slots,
-                   stop=stop, mode=mode, chunk=chunk, sign_aware=sign_aware, ras_window=ras_window,
-                   keep_logits=keep_logits)
+    return ar_loop(
+        first,
+        _cached_step(model, sp, knobs.context, layers),
+        (cache, plen),
+        knobs,
+        key,
+        n_slots=n_slots,
+        stop=stop,
+        mode=mode,
+        chunk=chunk,
+        sign_aware=sign_aware,
+        ras_window=ras_window,
+        keep_logits=keep_logits,
+    )
 
 
-def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, length_B: Array, knobs: Knobs,
-         n_levels: Array, key: Array, layers: list[dict] | None = None, *, sign_aware: bool, kernels: bool = False):
+def _nar(
+    graph,
+    params,
+    inputs: Inputs,
+    cache: dict | None,
+    level0_BR: Array,
+    length_B: Array,
+    knobs: Knobs,
+    n_levels: Array,
+    key: Array,
+    layers: list[dict] | None = None,
+    *,
+    sign_aware: bool,
+    kernels: bool = False,
+):
     """Levels 1..n_levels (a traced count) of the response, each from the levels below it.
     `layers`: the backbone's per-layer parameters as an argument (the Decoder's float32
     `step_layers`, unpacked here, outside the levels' loop); None slices them from `params` here,
@@ -436,8 +604,15 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
             x = model.embed_frames(codes, level_B)
             logits, _, _ = model.run(x, positions, frame_valid, level_B, cache, layers=layers)
             return logits
-        batch = {"text": inputs.text, "text_len": inputs.text_len, "lang": inputs.lang, "prompt": inputs.prompt,
-                 "prompt_len": inputs.prompt_len, "resp": codes, "resp_len": length_B}
+        batch = {
+            "text": inputs.text,
+            "text_len": inputs.text_len,
+            "lang": inputs.lang,
+            "prompt": inputs.prompt,
+            "prompt_len": inputs.prompt_len,
+            "resp": codes,
+            "resp_len": length_B,
+        }
         logits, _ = model(batch, level_B)  # the whole sequence: bidirectional NAR attends to the response
         return jnp.take_along_axis(logits, positions[..., None], axis=1)
 
@@ -448,9 +623,15 @@ def _nar(graph, params, inputs: Inputs, cache: dict | None, level0_BR: Array, le
         penalty, applies = S.repetition_factors(prev, frame_valid, knobs.rep, knobs.rep_decay, logits.shape[-1])
         x = S.apply_penalty(logits, penalty[:, None], applies[:, None], sign_aware)
         rows = lambda a: jnp.repeat(a, r)  # noqa: E731
-        tok = S.sample(jax.random.fold_in(key, level), x.reshape(b * r, -1), temperature_B=rows(knobs.temp),
-                       min_temperature_B=rows(knobs.min_temp), top_k_B=rows(knobs.top_k), top_p_B=rows(knobs.top_p),
-                       min_p_B=rows(knobs.min_p)).reshape(b, r)
+        tok = S.sample(
+            jax.random.fold_in(key, level),
+            x.reshape(b * r, -1),
+            temperature_B=rows(knobs.temp),
+            min_temperature_B=rows(knobs.min_temp),
+            top_k_B=rows(knobs.top_k),
+            top_p_B=rows(knobs.top_p),
+            min_p_B=rows(knobs.min_p),
+        ).reshape(b, r)
         tok = jnp.where(frame_valid, tok, 0)
         return jax.lax.dynamic_update_slice_in_dim(codes, tok[..., None], level, axis=2)
 
@@ -495,10 +676,25 @@ class Decoder:
         if self.cfg.dtype == "bfloat16" and not self.cpu_kernels:  # matrices and tables; norms and biases stay float32
             params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
         self.params = params
-        self._ar = jax.jit(functools.partial(_ar, self.graph), static_argnames=(
-            "n_slots", "chunk", "mode", "width", "sign_aware", "ras_window", "cached", "keep_logits", "kv_dtype"))
-        self._nar = jax.jit(functools.partial(_nar, self.graph), static_argnames=("sign_aware", "kernels"),
-                            compiler_options=runtime.large_dot_compiler_options())
+        self._ar = jax.jit(
+            functools.partial(_ar, self.graph),
+            static_argnames=(
+                "n_slots",
+                "chunk",
+                "mode",
+                "width",
+                "sign_aware",
+                "ras_window",
+                "cached",
+                "keep_logits",
+                "kv_dtype",
+            ),
+        )
+        self._nar = jax.jit(
+            functools.partial(_nar, self.graph),
+            static_argnames=("sign_aware", "kernels"),
+            compiler_options=runtime.large_dot_compiler_options(),
+        )
         step_dtype = jnp.dtype(self.cfg.dtype)
         self._pack = jax.jit(lambda params: nnx.merge(self.graph, params).backbone.step_layers(step_dtype))
 
@@ -520,27 +716,46 @@ class Decoder:
     def n_slots(self, max_steps: int) -> int:
         return -(-bucket(max_steps, STEP_BUCKETS) // self.chunk) * self.chunk
 
-    def ar(self, inputs: Inputs, settings: Settings, *, cached: bool = True, keep_logits: bool = False,
-           knobs: Knobs | None = None, n_slots: int | None = None) -> ArResult:
+    def ar(
+        self,
+        inputs: Inputs,
+        settings: Settings,
+        *,
+        cached: bool = True,
+        keep_logits: bool = False,
+        knobs: Knobs | None = None,
+        n_slots: int | None = None,
+    ) -> ArResult:
         """Level 0. `knobs` overrides the per-row values `settings` gives; `n_slots` the step
         bucket (a multiple of the chunk)."""
         b = len(inputs.text_len)
         knobs = knobs if knobs is not None else Knobs.of(settings, b)
         if not self.has_window and bool(np.any(np.asarray(knobs.context) > 0)):
-            raise DecodeError(f"max_ar_context needs a cache that keeps every frame; the {self.cfg.arch} backbone "
-                              "decodes from a recurrent state, whose past already fades by its decay")
+            raise DecodeError(
+                f"max_ar_context needs a cache that keeps every frame; the {self.cfg.arch} backbone "
+                "decodes from a recurrent state, whose past already fades by its decay"
+            )
         n_slots = n_slots or self.n_slots(int(np.max(knobs.max_steps)))
-        return self.ar_call(settings, n_slots, cached, keep_logits)(self.params, inputs, knobs,
-                                                                      jax.random.key(settings.seed))
+        return self.ar_call(settings, n_slots, cached, keep_logits)(
+            self.params, inputs, knobs, jax.random.key(settings.seed)
+        )
 
     def ar_call(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False):
         """The jitted AR with the static choices of `settings` bound: `(params, inputs, knobs, key) ->
         ArResult` (for `jax.eval_shape` or `.lower()` too)."""
-        return functools.partial(self._ar, n_slots=n_slots, chunk=self.chunk, mode=settings.mode,
-                                 width=max(settings.beam_width, 1), sign_aware=settings.sign_aware_penalties,
-                                 ras_window=settings.ras_window, cached=cached, keep_logits=keep_logits,
-                                 step_layers=self.step_layers if cached else None,
-                                 kv_dtype=self.kv_dtype)
+        return functools.partial(
+            self._ar,
+            n_slots=n_slots,
+            chunk=self.chunk,
+            mode=settings.mode,
+            width=max(settings.beam_width, 1),
+            sign_aware=settings.sign_aware_penalties,
+            ras_window=settings.ras_window,
+            cached=cached,
+            keep_logits=keep_logits,
+            step_layers=self.step_layers if cached else None,
+            kv_dtype=self.kv_dtype,
+        )
 
     def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
         """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""
@@ -555,9 +770,20 @@ class Decoder:
         reuse = not self.cfg.bidirectional_nar
         cache = ar.state[0] if reuse else None
         key = jax.random.fold_in(jax.random.key(settings.seed), 1)
-        return ((self.params, inputs, cache, ar.tokens[:, :r], jnp.minimum(ar.length, r),
-                 Knobs.of(settings, b, ar=False), jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)), key,
-                 self.nar_layers), {"sign_aware": settings.sign_aware_penalties, "kernels": self.cpu_kernels})
+        return (
+            (
+                self.params,
+                inputs,
+                cache,
+                ar.tokens[:, :r],
+                jnp.minimum(ar.length, r),
+                Knobs.of(settings, b, ar=False),
+                jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
+                key,
+                self.nar_layers,
+            ),
+            {"sign_aware": settings.sign_aware_penalties, "kernels": self.cpu_kernels},
+        )
 
     @property
     def nar_layers(self) -> list[dict] | None:
@@ -580,6 +806,20 @@ class Decoder:
         return Output([codes[i, : length[i], :levels] for i in range(len(length))], stopped)
 
 
-__all__ = ["Decoder", "Settings", "Knobs", "Inputs", "Output", "ArResult", "make_inputs", "ar_loop", "beam_loop",
-           "bucket", "DecodeError", "TEXT_BUCKETS", "PROMPT_BUCKETS", "STEP_BUCKETS",
-           "NAR_BUCKETS"]
+__all__ = [
+    "Decoder",
+    "Settings",
+    "Knobs",
+    "Inputs",
+    "Output",
+    "ArResult",
+    "make_inputs",
+    "ar_loop",
+    "beam_loop",
+    "bucket",
+    "DecodeError",
+    "TEXT_BUCKETS",
+    "PROMPT_BUCKETS",
+    "STEP_BUCKETS",
+    "NAR_BUCKETS",
+]

@@ -7,14 +7,15 @@ with --format reference or an OUT ending in .pth, the reference's `fp32.pth` lay
 {"module": state dict, "stats": {...}, "userdata": {"symmap": ...}} for going back to PyTorch.
 Both are written to a temp path and renamed, so a killed export leaves nothing half-written.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -34,8 +35,9 @@ def read_run(workdir: Path) -> tuple[ModelConfig, dict, dict]:
     return ModelConfig(**run["model"]), run["symmap"], run["config"]
 
 
-def write_reference(out: Path, params: Mapping, cfg: ModelConfig, symmap: Mapping, stats: Mapping,
-                    overwrite: bool = False) -> Path:
+def write_reference(
+    out: Path, params: Mapping, cfg: ModelConfig, symmap: Mapping, stats: Mapping, overwrite: bool = False
+) -> Path:
     import torch
 
     from valle_jax.models.convert import to_reference
@@ -43,15 +45,25 @@ def write_reference(out: Path, params: Mapping, cfg: ModelConfig, symmap: Mappin
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_reference(params, cfg).items()}
-    payload = {"module": state, "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
-               "userdata": {"symmap": dict(symmap)}}
+    payload = {
+        "module": state,
+        "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
+        "userdata": {"symmap": dict(symmap)},
+    }
     with atomic_path(out, suffix=".pth") as tmp:
         torch.save(payload, tmp)
     return out
 
 
-def export(params: Mapping, cfg: ModelConfig, symmap: Mapping, stats: Mapping, out: str | Path,
-           fmt: str = "auto", overwrite: bool = False) -> Path:
+def export(
+    params: Mapping,
+    cfg: ModelConfig,
+    symmap: Mapping,
+    stats: Mapping,
+    out: str | Path,
+    fmt: str = "auto",
+    overwrite: bool = False,
+) -> Path:
     from valle_jax.checkpointing import save_model
 
     out = Path(out)
@@ -82,17 +94,21 @@ def run_params(workdir: str | Path, step: int | None = None) -> tuple[dict, Mode
     cfg, symmap, _ = read_run(workdir)
     ckpts = Checkpoints(workdir / "checkpoints", async_save=False)
     try:
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                             sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                              params_of(abstract_model(cfg)))
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            ),
+            params_of(abstract_model(cfg)),
+        )
         params, meta, step = ckpts.restore_params(step, target)
     finally:
         ckpts.close()
     return params, cfg, symmap, run_stats(meta), step
 
 
-def export_run(workdir: str | Path, out: str | Path, step: int | None = None, fmt: str = "auto",
-               overwrite: bool = False) -> tuple[Path, int]:
+def export_run(
+    workdir: str | Path, out: str | Path, step: int | None = None, fmt: str = "auto", overwrite: bool = False
+) -> tuple[Path, int]:
     """Exports checkpoint `step` (default: the latest complete one) of a training workdir."""
     params, cfg, symmap, stats, step = run_params(workdir, step)
     return export(params, cfg, symmap, stats, out, fmt, overwrite), step
@@ -101,8 +117,12 @@ def export_run(workdir: str | Path, out: str | Path, step: int | None = None, fm
 def run_stats(meta: Mapping) -> dict:
     """Training statistics for an export, under our names and the reference's (SPEC §7.8)."""
     stats = dict(meta.get("stats", {}))
-    stats.update(step=meta["step"], global_step=meta["step"], micro_step=meta.get("micro_step", meta["step"]),
-                 global_samples=stats.get("samples", 0))
+    stats.update(
+        step=meta["step"],
+        global_step=meta["step"],
+        micro_step=meta.get("micro_step", meta["step"]),
+        global_samples=stats.get("samples", 0),
+    )
     return stats
 
 

@@ -7,6 +7,7 @@ full name in metrics.jsonl (train/loss, perf/step_time_s, ...) works too. Each c
 (faint) and smoothed with an exponentially weighted mean (com = --smooth, as the reference's plot).
 After a resume, the latest value logged for a step wins.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,18 @@ from pathlib import Path
 
 from valle_jax.atomic import atomic_path
 
-ALIASES = {"loss": "train/loss", "acc": "train/acc_top10", "grad_norm": "train/grad_norm", "lr": "train/lr",
-           "val_loss": "val/loss", "val_acc": "val/acc_top10", "tokens_per_s": "perf/tokens_per_s",
-           "mfu": "perf/mfu", "step_time": "perf/step_time_s",
-           **{f"loss_level{i}": f"train/loss_level{i}" for i in range(8)}}
+ALIASES = {
+    "loss": "train/loss",
+    "acc": "train/acc_top10",
+    "grad_norm": "train/grad_norm",
+    "lr": "train/lr",
+    "val_loss": "val/loss",
+    "val_acc": "val/acc_top10",
+    "tokens_per_s": "perf/tokens_per_s",
+    "mfu": "perf/mfu",
+    "step_time": "perf/step_time_s",
+    **{f"loss_level{i}": f"train/loss_level{i}" for i in range(8)},
+}
 XS = {"step": "step", "tokens": "stats/tokens_processed"}
 
 
@@ -51,7 +60,9 @@ def ewm(values: list[float], com: float) -> list[float]:
     return out
 
 
-def plot(workdir: Path, out: Path, xs: str = "step", ys: tuple[str, ...] = ("loss", "acc"), smooth: float = 10.0) -> Path:
+def plot(
+    workdir: Path, out: Path, xs: str = "step", ys: tuple[str, ...] = ("loss", "acc"), smooth: float = 10.0
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

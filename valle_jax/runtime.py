@@ -24,6 +24,7 @@ training a backbone of YNN_TRAINING_ARCHS, unless XLA_FLAGS already names the fl
 VALLE_JAX_CPU_FLAGS=0. XLA aborts on a flag it does not know, so this is only done for the jaxlib
 release it was measured with.
 """
+
 from __future__ import annotations
 
 import glob
@@ -31,8 +32,12 @@ import importlib.metadata
 import os
 import sys
 
-CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-              "/usr/lib/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")
+CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
 
 
 CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # empty: no dot goes to YNNPACK
@@ -128,4 +133,3 @@ def reexec_with_tcmalloc(module: str) -> None:
     env = tcmalloc_env(lib)
     sys.stdout.flush(), sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
-

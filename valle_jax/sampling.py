@@ -9,6 +9,7 @@ Penalties are sign-aware by default: a positive logit is divided by the penalty,
 multiplied, so a penalty never makes a token more likely. `sign_aware=False` is the reference's
 variant (always divide), kept for comparison (docs/deviations.md).
 """
+
 from __future__ import annotations
 
 import jax
@@ -24,8 +25,9 @@ def _penalise(logits: Array, penalty: Array, sign_aware: bool) -> Array:
     return logits / penalty
 
 
-def repetition_factors(history_BT: Array, history_valid_BT: Array, factor_B: Array, decay_B: Array,
-                       vocab: int) -> tuple[Array, Array]:
+def repetition_factors(
+    history_BT: Array, history_valid_BT: Array, factor_B: Array, decay_B: Array, vocab: int
+) -> tuple[Array, Array]:
     """(penalty [B, V], applies [B, V]) for a row's history: each token already in it is penalised
     once, by factor * distance^decay, where distance is 1 for the most recent position of the
     history, 2 for the one before, ... and the token's most recent occurrence counts (the
@@ -46,15 +48,22 @@ def apply_penalty(logits: Array, penalty: Array, applies: Array, sign_aware: boo
     return jnp.where(applies, _penalise(logits, penalty, sign_aware), logits)
 
 
-def repetition_penalty(logits_BV: Array, history_BT: Array, history_valid_BT: Array, factor_B: Array,
-                       decay_B: Array, sign_aware: bool = True) -> Array:
+def repetition_penalty(
+    logits_BV: Array,
+    history_BT: Array,
+    history_valid_BT: Array,
+    factor_B: Array,
+    decay_B: Array,
+    sign_aware: bool = True,
+) -> Array:
     """`repetition_factors` applied to the row's own logits."""
     penalty, applies = repetition_factors(history_BT, history_valid_BT, factor_B, decay_B, logits_BV.shape[1])
     return apply_penalty(logits_BV, penalty, applies, sign_aware)
 
 
-def length_penalty(logits_BV: Array, length_B: Array, factor_B: Array, stop_token: int,
-                   sign_aware: bool = True) -> Array:
+def length_penalty(
+    logits_BV: Array, length_B: Array, factor_B: Array, stop_token: int, sign_aware: bool = True
+) -> Array:
     """The stop token's logit penalised by (length + 1)^factor (factor 0: off)."""
     penalty = (length_B.astype(jnp.float32) + 1.0) ** factor_B
     stop = logits_BV[:, stop_token]
@@ -101,20 +110,32 @@ def _when(active: Array, fn, x: Array) -> Array:
     return jax.lax.cond(jnp.any(active), fn, lambda x: x, x)
 
 
-def filter_logits(logits_BV: Array, *, top_k_B: Array | None = None, top_p_B: Array | None = None,
-                  min_p_B: Array | None = None, history_BT: Array | None = None,
-                  history_valid_BT: Array | None = None, repetition_penalty_B: Array | None = None,
-                  repetition_decay_B: Array | None = None, length_B: Array | None = None,
-                  length_penalty_B: Array | None = None, stop_token: int | None = None,
-                  sign_aware: bool = True) -> Array:
+def filter_logits(
+    logits_BV: Array,
+    *,
+    top_k_B: Array | None = None,
+    top_p_B: Array | None = None,
+    min_p_B: Array | None = None,
+    history_BT: Array | None = None,
+    history_valid_BT: Array | None = None,
+    repetition_penalty_B: Array | None = None,
+    repetition_decay_B: Array | None = None,
+    length_B: Array | None = None,
+    length_penalty_B: Array | None = None,
+    stop_token: int | None = None,
+    sign_aware: bool = True,
+) -> Array:
     """Penalties then truncation (SPEC §5.1 steps 4-6), in float32; filtered tokens become -inf."""
     b = logits_BV.shape[0]
     x = logits_BV.astype(jnp.float32)
     if repetition_penalty_B is not None and history_BT is not None:
         decay = repetition_decay_B if repetition_decay_B is not None else jnp.zeros((b,), jnp.float32)
         valid = history_valid_BT if history_valid_BT is not None else jnp.ones(history_BT.shape, bool)
-        x = _when(repetition_penalty_B != 1.0, lambda x: repetition_penalty(
-            x, history_BT, valid, repetition_penalty_B, decay, sign_aware), x)
+        x = _when(
+            repetition_penalty_B != 1.0,
+            lambda x: repetition_penalty(x, history_BT, valid, repetition_penalty_B, decay, sign_aware),
+            x,
+        )
     if length_penalty_B is not None and length_B is not None and stop_token is not None:
         x = length_penalty(x, length_B, length_penalty_B, stop_token, sign_aware)
     if top_k_B is not None:
@@ -140,8 +161,11 @@ def categorical(key: Array, logits_BV: Array) -> Array:
 def scale_by_temperature(x_BV: Array, temperature_B: Array, min_temperature_B: Array | None) -> Array:
     """Logits divided by each row's temperature (dynamic when min_temperature differs; < 0 means
     "as temperature", SPEC §5.1); rows at temperature 0 are left unscaled (greedy callers argmax)."""
-    t_min = temperature_B if min_temperature_B is None else jnp.where(min_temperature_B < 0, temperature_B,
-                                                                      min_temperature_B)
+    t_min = (
+        temperature_B
+        if min_temperature_B is None
+        else jnp.where(min_temperature_B < 0, temperature_B, min_temperature_B)
+    )
     temp = temperature_of(x_BV, temperature_B, t_min)
     return x_BV / jnp.where(temp > 0, temp, 1.0)[:, None]
 
@@ -153,8 +177,9 @@ def draw(key: Array, x_BV: Array, temperature_B: Array, min_temperature_B: Array
     return jnp.where(temperature_B > 0, drawn, greedy).astype(jnp.int32)
 
 
-def sample(key: Array, logits_BV: Array, *, temperature_B: Array, min_temperature_B: Array | None = None,
-           **filters) -> Array:
+def sample(
+    key: Array, logits_BV: Array, *, temperature_B: Array, min_temperature_B: Array | None = None, **filters
+) -> Array:
     """One token per row (int32[B]): `filter_logits(logits, **filters)`, then `draw`."""
     return draw(key, filter_logits(logits_BV, **filters), temperature_B, min_temperature_B)
 
@@ -176,10 +201,10 @@ def mirostat(key: Array, logits_BV: Array, mu_B: Array, tau_B: Array, eta_B: Arr
     m = min(100, v - 1)
     i = jnp.arange(m, dtype=jnp.float32)
     ln_t = jnp.log((i + 2) / (i + 1))
-    ln_b = jnp.log(jnp.maximum(p[:, :m], 1e-30) / jnp.maximum(p[:, 1:m + 1], 1e-30))
-    s = jnp.sum(ln_b * ln_t, axis=-1) / jnp.sum(ln_t ** 2)
+    ln_b = jnp.log(jnp.maximum(p[:, :m], 1e-30) / jnp.maximum(p[:, 1 : m + 1], 1e-30))
+    s = jnp.sum(ln_b * ln_t, axis=-1) / jnp.sum(ln_t**2)
     eps = jnp.maximum(s - 1.0, 1e-6)
-    k = jnp.round(((eps * 2.0 ** mu_B) / (1.0 - v ** (-eps))) ** (1.0 / jnp.maximum(s, 1e-6))) + 1
+    k = jnp.round(((eps * 2.0**mu_B) / (1.0 - v ** (-eps))) ** (1.0 / jnp.maximum(s, 1e-6))) + 1
     k = jnp.clip(jnp.nan_to_num(k, nan=v, posinf=v), 1, v).astype(jnp.int32)
     masked = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_desc, NEG_INF)
     idx = categorical(key, masked)
@@ -188,8 +213,17 @@ def mirostat(key: Array, logits_BV: Array, mu_B: Array, tau_B: Array, eta_B: Arr
     return tokens.astype(jnp.int32), mu_B - eta_B * (surprise - tau_B)
 
 
-def repetition_aware(key: Array, logits_BV: Array, history_BT: Array, history_valid_BT: Array, *,
-                     top_p_B: Array, temperature_B: Array, window: int = 10, threshold_B: Array | None = None) -> Array:
+def repetition_aware(
+    key: Array,
+    logits_BV: Array,
+    history_BT: Array,
+    history_valid_BT: Array,
+    *,
+    top_p_B: Array,
+    temperature_B: Array,
+    window: int = 10,
+    threshold_B: Array | None = None,
+) -> Array:
     """VALL-E 2's repetition-aware sampling: draw from the nucleus; if that token fills at least
     `threshold` of the last `window` valid history tokens, draw again from the whole distribution
     (which breaks the loops nucleus sampling falls into)."""

@@ -10,6 +10,7 @@ are concatenated into OUT.wav; --text-file writes one wav per non-empty line, na
 number (0001.wav, ...), into OUT_DIR, decoding --batch-size lines together; a line that cannot be
 phonemised is reported and skipped (exit status 1). Files are written atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,33 +49,68 @@ def parser() -> argparse.ArgumentParser:
     from valle_jax.decoding import Settings
 
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="python -m valle_jax.synthesize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("positional", nargs="+", metavar="TEXT REFERENCE",
-                   help="the text and the reference audio (';'-separated files); with --text-file only REFERENCE")
-    p.add_argument("--out", "--out-path", dest="out", type=Path, required=True,
-                   help="output wav (or directory, with --text-file)")
-    p.add_argument("--checkpoint", "--ar-ckpt", dest="checkpoint", type=Path, required=True,
-                   help="model directory, training directory or reference .pth")
+    p = argparse.ArgumentParser(
+        prog="python -m valle_jax.synthesize",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "positional",
+        nargs="+",
+        metavar="TEXT REFERENCE",
+        help="the text and the reference audio (';'-separated files); with --text-file only REFERENCE",
+    )
+    p.add_argument(
+        "--out", "--out-path", dest="out", type=Path, required=True, help="output wav (or directory, with --text-file)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        "--ar-ckpt",
+        dest="checkpoint",
+        type=Path,
+        required=True,
+        help="model directory, training directory or reference .pth",
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a training directory (default: latest)")
-    p.add_argument("--heads", type=int, default=None,
-                   help="attention heads of a reference .pth whose width is not a reference preset")
-    p.add_argument("--codec-dir", type=Path, default=None,
-                   help="EnCodec weights folder (default: the encodec package's pretrained weights)")
+    p.add_argument(
+        "--heads",
+        type=int,
+        default=None,
+        help="attention heads of a reference .pth whose width is not a reference preset",
+    )
+    p.add_argument(
+        "--codec-dir",
+        type=Path,
+        default=None,
+        help="EnCodec weights folder (default: the encodec package's pretrained weights)",
+    )
     p.add_argument("--text-file", type=Path, default=None, help="one utterance per line, one wav each")
     p.add_argument("--batch-size", type=int, default=8, help="utterances decoded together")
     p.add_argument("--language", default="en")
     p.add_argument("--input-prompt-length", type=float, default=3.0, help="seconds of reference kept (0: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute and weight dtype")
-    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="the AR's key/value cache (default: the model's dtype; bfloat16 halves what each step reads "
-                        "from it, which matters from batch 8 on)")
+    p.add_argument(
+        "--kv-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="the AR's key/value cache (default: the model's dtype; bfloat16 halves what each step reads "
+        "from it, which matters from batch 8 on)",
+    )
     for flag, (field, typ, text) in SAMPLING_FLAGS.items():
-        p.add_argument(flag, dest=field, type=typ, default=getattr(defaults, field),
-                       help=f"{text} (default {getattr(defaults, field)})")
+        p.add_argument(
+            flag,
+            dest=field,
+            type=typ,
+            default=getattr(defaults, field),
+            help=f"{text} (default {getattr(defaults, field)})",
+        )
     p.add_argument("--repetition-aware", action="store_true", help="VALL-E 2 repetition-aware sampling (AR)")
-    p.add_argument("--sign-blind-penalties", action="store_true",
-                   help="the reference's penalties, which can make negative logits likelier")
+    p.add_argument(
+        "--sign-blind-penalties",
+        action="store_true",
+        help="the reference's penalties, which can make negative logits likelier",
+    )
     return p
 
 
@@ -109,16 +145,28 @@ def run(args: argparse.Namespace) -> int:
     sampling.update(repetition_aware=args.repetition_aware, sign_aware_penalties=not args.sign_blind_penalties)
     try:
         if args.text_file is not None:  # (line number, text) of the non-empty lines
-            lines = [(n, line.strip()) for n, line in enumerate(args.text_file.read_text("utf-8").splitlines(), 1)
-                     if line.strip()]
+            lines = [
+                (n, line.strip())
+                for n, line in enumerate(args.text_file.read_text("utf-8").splitlines(), 1)
+                if line.strip()
+            ]
             if not lines:
                 raise TextError(f"{args.text_file}: no text")
         t0 = time.perf_counter()
-        tts = TTS.load(args.checkpoint, codec_dir=args.codec_dir, dtype=args.dtype, step=args.step, heads=args.heads,
-                       kv_dtype=args.kv_dtype)
+        tts = TTS.load(
+            args.checkpoint,
+            codec_dir=args.codec_dir,
+            dtype=args.dtype,
+            step=args.step,
+            heads=args.heads,
+            kv_dtype=args.kv_dtype,
+        )
         voice = tts.prompt(reference, args.input_prompt_length)
-        print(f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "
-              f"voice {voice.seconds:.2f} s", flush=True)
+        print(
+            f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "
+            f"voice {voice.seconds:.2f} s",
+            flush=True,
+        )
         t1 = time.perf_counter()
         skipped = 0
         if args.text_file is not None:
@@ -133,8 +181,14 @@ def run(args: argparse.Namespace) -> int:
             if not good:
                 raise TextError(f"{args.text_file}: no line could be synthesised")
             args.out.mkdir(parents=True, exist_ok=True)
-            wavs = tts.synthesize_batch([line for _, line in good], [voice] * len(good), language=args.language,
-                                        input_prompt_length=0.0, batch_size=args.batch_size, **sampling)
+            wavs = tts.synthesize_batch(
+                [line for _, line in good],
+                [voice] * len(good),
+                language=args.language,
+                input_prompt_length=0.0,
+                batch_size=args.batch_size,
+                **sampling,
+            )
             outs = [args.out / f"{n:04d}.wav" for n, _ in good]  # named by line number
         else:
             wavs = [tts.synthesize(text, voice, language=args.language, batch_size=args.batch_size, **sampling)]
@@ -144,12 +198,22 @@ def run(args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_wav(path, wav)
         audio = sum(len(w) for w in wavs) / SAMPLE_RATE
-        print(f"wrote {len(outs)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s including compilation "
-              f"(load {t1 - t0:.1f} s; real-time factor {seconds / max(audio, 1e-9):.2f}): "
-              f"{outs[0] if len(outs) == 1 and args.text_file is None else args.out}"
-              + (f"; {skipped} line(s) skipped" if skipped else ""))
+        print(
+            f"wrote {len(outs)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s including compilation "
+            f"(load {t1 - t0:.1f} s; real-time factor {seconds / max(audio, 1e-9):.2f}): "
+            f"{outs[0] if len(outs) == 1 and args.text_file is None else args.out}"
+            + (f"; {skipped} line(s) skipped" if skipped else "")
+        )
         return 1 if skipped else 0
-    except (TextError, AudioError, DecodeError, CheckpointError, ConversionError, CodecUnavailable, FileNotFoundError) as e:
+    except (
+        TextError,
+        AudioError,
+        DecodeError,
+        CheckpointError,
+        ConversionError,
+        CodecUnavailable,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

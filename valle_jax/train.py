@@ -7,6 +7,7 @@ on every host; on TPU jax finds the coordinator itself, elsewhere give --coordin
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 Exit status: 0 done or stopped cleanly (SIGTERM, SIGINT, `quit`), 3 non-finite loss, 1 bad config.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,21 +20,32 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, TensorBoard, exports")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", os.environ.get("VALLE_JAX_DISTRIBUTED", "") not in ("", "0"),
-                                 "call jax.distributed.initialize() (multi-host)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    os.environ.get("VALLE_JAX_DISTRIBUTED", "") not in ("", "0"),
+    "call jax.distributed.initialize() (multi-host)",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (not needed on TPU)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (not needed on TPU)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (not needed on TPU)")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "valle_jax" / "xla")),
-    "persistent XLA compilation cache directory (a resumed run skips compiling); empty = off")
-_COMMANDS = flags.DEFINE_enum("commands", "auto", ["auto", "on", "off"],
-                              "read save/quit/export/eval/lr commands from stdin: auto = when it is a terminal")
+    "compilation_cache",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "valle_jax" / "xla")),
+    "persistent XLA compilation cache directory (a resumed run skips compiling); empty = off",
+)
+_COMMANDS = flags.DEFINE_enum(
+    "commands",
+    "auto",
+    ["auto", "on", "off"],
+    "read save/quit/export/eval/lr commands from stdin: auto = when it is a terminal",
+)
 _CPU_ASYNC = flags.DEFINE_bool(
-    "cpu_async_dispatch", False,
+    "cpu_async_dispatch",
+    False,
     "on the CPU backend, let the next step start while the last one's buffers are being freed (JAX's default): "
     "with one step in flight two steps' XLA buffers can be alive at once (half preset: 8.6 GB resident "
-    "instead of 4.9 GB); off, each step returns once it is done, at the same speed")
+    "instead of 4.9 GB); off, each step returns once it is done, at the same speed",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -67,8 +79,9 @@ def main(argv) -> int:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if _DISTRIBUTED.value:
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+        )
     workdir = Path(_WORKDIR.value)
     setup_logging(workdir, jax.process_index() == 0)
     from valle_jax.config import ConfigError

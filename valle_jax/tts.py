@@ -12,14 +12,15 @@ EnCodec-encoded, concatenated in time (several files) and cut to their first
 `input_prompt_length` seconds (0: whole). Utterances of a batch are decoded together, sorted by
 length so that padding stays small.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class Prompt:
         return len(self.codes) / FRAME_RATE
 
 
-Reference = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Prompt, np.ndarray]
+Reference = str | os.PathLike | Sequence[str | os.PathLike] | Prompt | np.ndarray
 
 
 def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None = None, heads: int | None = None):
@@ -72,8 +73,10 @@ def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None
         state, symmap, _ = read_source(path)
         cfg = infer_config(state, heads, **over)
         return model_with_params(cfg, from_reference(state, cfg)), cfg, symmap or reference_symmap()
-    raise CheckpointError(f"{path}: not a model directory (config.json), a training directory ({RUN_FILE}) "
-                          "or a reference checkpoint (.pth / .npz)")
+    raise CheckpointError(
+        f"{path}: not a model directory (config.json), a training directory ({RUN_FILE}) "
+        "or a reference checkpoint (.pth / .npz)"
+    )
 
 
 def settings_of(**sampling):
@@ -87,8 +90,15 @@ def settings_of(**sampling):
 
 
 class TTS:
-    def __init__(self, model, cfg: ModelConfig, symmap: dict, codec_dir: str | os.PathLike | None = None,
-                 chunk: int = 8, kv_dtype: str | None = None):
+    def __init__(
+        self,
+        model,
+        cfg: ModelConfig,
+        symmap: dict,
+        codec_dir: str | os.PathLike | None = None,
+        chunk: int = 8,
+        kv_dtype: str | None = None,
+    ):
         from valle_jax.decoding import Decoder
 
         self.cfg, self.symmap = cfg, dict(symmap)
@@ -99,8 +109,16 @@ class TTS:
         self._ids: dict[tuple[str, str], list[int]] = {}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, codec_dir: str | os.PathLike | None = None, dtype: str | None = None,
-             step: int | None = None, heads: int | None = None, kv_dtype: str | None = None) -> "TTS":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        codec_dir: str | os.PathLike | None = None,
+        dtype: str | None = None,
+        step: int | None = None,
+        heads: int | None = None,
+        kv_dtype: str | None = None,
+    ) -> TTS:
         """`kv_dtype`: the AR's KV cache ("bfloat16" halves what a step reads from it; None: the
         model's dtype, see decoding.Decoder)."""
         model, cfg, symmap = load_any(path, dtype, step, heads)
@@ -142,8 +160,11 @@ class TTS:
         elif isinstance(references, np.ndarray):
             codes, sources = references, ()
         else:
-            paths = ([p for p in str(references).split(";") if p] if isinstance(references, (str, os.PathLike))
-                     else [str(p) for p in references])
+            paths = (
+                [p for p in str(references).split(";") if p]
+                if isinstance(references, (str, os.PathLike))
+                else [str(p) for p in references]
+            )
             if not paths:
                 raise AudioError("no reference audio given")
             wavs = []
@@ -163,8 +184,16 @@ class TTS:
         return Prompt(codes[:, : self.cfg.n_prom_levels].astype(np.int16), sources)
 
     # ---- synthesis ----------------------------------------------------------------------------
-    def generate_codes(self, texts: Sequence[str], references: Sequence[Reference], *, language: str = "en",
-                       input_prompt_length: float = 3.0, batch_size: int = 8, **sampling) -> list[np.ndarray]:
+    def generate_codes(
+        self,
+        texts: Sequence[str],
+        references: Sequence[Reference],
+        *,
+        language: str = "en",
+        input_prompt_length: float = 3.0,
+        batch_size: int = 8,
+        **sampling,
+    ) -> list[np.ndarray]:
         """Codes int32 [frames, levels] per text; one reference per text."""
         from valle_jax.decoding import DecodeError, make_inputs
 
@@ -185,16 +214,20 @@ class TTS:
         order = sorted(range(len(texts)), key=lambda i: (len(ids[i]), len(prompts[i].codes)))
         out: list[np.ndarray | None] = [None] * len(texts)
         for start in range(0, len(order), batch_size):
-            rows = order[start: start + batch_size]
-            inputs = make_inputs([ids[i] for i in rows], [prompts[i].codes for i in rows], [lang] * len(rows),
-                                 self.cfg.n_prom_levels)
+            rows = order[start : start + batch_size]
+            inputs = make_inputs(
+                [ids[i] for i in rows], [prompts[i].codes for i in rows], [lang] * len(rows), self.cfg.n_prom_levels
+            )
             result = self.decoder.generate(inputs, dataclasses.replace(settings, seed=settings.seed + start))
             for j, i in enumerate(rows):
                 out[i] = result.codes[j]
                 if not result.stopped[j]:
-                    warnings.warn(f"utterance {i} ({texts[i][:40]!r}) reached max_ar_steps={settings.max_ar_steps} "
-                                  "without a stop token: its audio may be cut off (raise --max-ar-steps)",
-                                  MaxStepsWarning, stacklevel=2)
+                    warnings.warn(
+                        f"utterance {i} ({texts[i][:40]!r}) reached max_ar_steps={settings.max_ar_steps} "
+                        "without a stop token: its audio may be cut off (raise --max-ar-steps)",
+                        MaxStepsWarning,
+                        stacklevel=2,
+                    )
         return out  # type: ignore[return-value]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:

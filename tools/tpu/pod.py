@@ -15,6 +15,7 @@ processes, other processes holding /dev/accel* or /dev/vfio, the libtpu lock fil
 The --workdir must be shared by all workers (Filestore/NFS, or a gcsfuse-mounted bucket): every
 host writes its shards of each checkpoint there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,34 @@ def _base(args) -> list[str]:
 
 
 def ssh(args, command: str, worker: str = "all") -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.name, *_base(args), f"--worker={worker}",
-            "--command", command]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        args.name,
+        *_base(args),
+        f"--worker={worker}",
+        "--command",
+        command,
+    ]
 
 
 def create_cmds(args) -> list[list[str]]:
-    cmd = ["gcloud", "compute", "tpus", "tpu-vm", "create", args.name, *_base(args),
-           "--accelerator-type", args.type, "--version", args.runtime]
+    cmd = [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        args.name,
+        *_base(args),
+        "--accelerator-type",
+        args.type,
+        "--version",
+        args.runtime,
+    ]
     if args.spot:
         cmd.append("--spot")
     return [cmd]
@@ -66,37 +88,67 @@ def create_cmds(args) -> list[list[str]]:
 
 def install_cmds(args) -> list[list[str]]:
     archive = f"/tmp/{REMOTE_DIR}.tar.gz"
-    setup = " && ".join([
-        f"rm -rf ~/{REMOTE_DIR} && mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/{REMOTE_DIR}.tar.gz -C ~/{REMOTE_DIR}",
-        "(command -v espeak-ng >/dev/null || (sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng libtcmalloc-minimal4))",
-        f"cd ~/{REMOTE_DIR} && python3 -m venv .venv",
-        ".venv/bin/pip install -q --upgrade pip",
-        # torch only serves the offline codec tools; the CPU build keeps the install small
-        ".venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu",
-        f".venv/bin/pip install -q -e . 'jax[tpu]=={JAX_VERSION}' "
-        "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html",
-        ".venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'",
-    ])
-    return [["git", "archive", "--format=tar.gz", "-o", archive, "HEAD"],
-            ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{args.name}:~/{REMOTE_DIR}.tar.gz", *_base(args),
-             "--worker=all"],
-            ssh(args, setup)]
+    setup = " && ".join(
+        [
+            f"rm -rf ~/{REMOTE_DIR} && mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/{REMOTE_DIR}.tar.gz -C ~/{REMOTE_DIR}",
+            "(command -v espeak-ng >/dev/null"
+            " || (sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng libtcmalloc-minimal4))",
+            f"cd ~/{REMOTE_DIR} && python3 -m venv .venv",
+            ".venv/bin/pip install -q --upgrade pip",
+            # torch only serves the offline codec tools; the CPU build keeps the install small
+            ".venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu",
+            f".venv/bin/pip install -q -e . 'jax[tpu]=={JAX_VERSION}' "
+            "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html",
+            ".venv/bin/python -c 'import jax"
+            "; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'",
+        ]
+    )
+    return [
+        ["git", "archive", "--format=tar.gz", "-o", archive, "HEAD"],
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "scp",
+            archive,
+            f"{args.name}:~/{REMOTE_DIR}.tar.gz",
+            *_base(args),
+            "--worker=all",
+        ],
+        ssh(args, setup),
+    ]
 
 
 # '[v]alle_jax' matches the training processes but not the remote shell whose command line holds it
 PATTERN = "'[v]alle_jax.train'"
-CLEANUP = " ; ".join([
-    f"pkill -f {PATTERN} || true",
-    "sleep 2",
-    "sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9 || true",
-    "sudo rm -f /tmp/libtpu_lockfile /tmp/tpu_logs/*.lock",
-])
+CLEANUP = " ; ".join(
+    [
+        f"pkill -f {PATTERN} || true",
+        "sleep 2",
+        "sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9 || true",
+        "sudo rm -f /tmp/libtpu_lockfile /tmp/tpu_logs/*.lock",
+    ]
+)
 
 
 def launch_cmds(args) -> list[list[str]]:
-    train = " ".join(["cd", f"~/{REMOTE_DIR}", "&&", "nohup", ".venv/bin/python", "-m", "valle_jax.train",
-                      "--distributed", "--commands=off", shlex.quote(f"--workdir={args.workdir}"),
-                      *map(shlex.quote, args.train_args), f"> {LOG} 2>&1 < /dev/null &"])
+    train = " ".join(
+        [
+            "cd",
+            f"~/{REMOTE_DIR}",
+            "&&",
+            "nohup",
+            ".venv/bin/python",
+            "-m",
+            "valle_jax.train",
+            "--distributed",
+            "--commands=off",
+            shlex.quote(f"--workdir={args.workdir}"),
+            *map(shlex.quote, args.train_args),
+            f"> {LOG} 2>&1 < /dev/null &",
+        ]
+    )
     return [ssh(args, f"{CLEANUP} ; {train}")]
 
 
@@ -105,7 +157,9 @@ def logs_cmds(args) -> list[list[str]]:
 
 
 def stop_cmds(args) -> list[list[str]]:
-    cmds = [ssh(args, f"pkill -TERM -f {PATTERN} ; while pgrep -f {PATTERN} >/dev/null; do sleep 2; done; echo stopped")]
+    cmds = [
+        ssh(args, f"pkill -TERM -f {PATTERN} ; while pgrep -f {PATTERN} >/dev/null; do sleep 2; done; echo stopped")
+    ]
     if args.delete:
         cmds.append(["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *_base(args), "--quiet"])
     return cmds
@@ -138,8 +192,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"create": create_cmds, "install": install_cmds, "launch": launch_cmds, "logs": logs_cmds,
-            "stop": stop_cmds}
+COMMANDS = {"create": create_cmds, "install": install_cmds, "launch": launch_cmds, "logs": logs_cmds, "stop": stop_cmds}
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ How it stays deterministic, resumable and fast:
   prompt to `prompt_frames`. A batch takes the largest bucket among its rows, and rows are
   grouped by bucket before batching, so the set of batch shapes is small and known in advance.
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,8 +104,16 @@ class BatchPlan:
     into global batches (dropping the N mod B left over) and shuffles the batch order.
     """
 
-    def __init__(self, store: Store, cfg: DataConfig, process_index: int = 0, process_count: int = 1,
-                 num_epochs: int | None = None, shuffle: bool = True, drop_remainder: bool = True):
+    def __init__(
+        self,
+        store: Store,
+        cfg: DataConfig,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_epochs: int | None = None,
+        shuffle: bool = True,
+        drop_remainder: bool = True,
+    ):
         if cfg.batch_size % process_count:
             raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} hosts")
         self.cfg = cfg
@@ -130,8 +139,10 @@ class BatchPlan:
         return self.batches_per_epoch * self.num_epochs
 
     def __repr__(self) -> str:
-        return (f"BatchPlan({self.store_repr}, {self.cfg}, host={self.process_index}/{self.process_count}, "
-                f"epochs={self.num_epochs}, shuffle={self.shuffle}, drop_remainder={self.drop_remainder})")
+        return (
+            f"BatchPlan({self.store_repr}, {self.cfg}, host={self.process_index}/{self.process_count}, "
+            f"epochs={self.num_epochs}, shuffle={self.shuffle}, drop_remainder={self.drop_remainder})"
+        )
 
     def epoch(self, epoch: int) -> np.ndarray:
         """int64[batches_per_epoch, batch_size]: store indices of every global batch (-1 = padding)."""
@@ -163,7 +174,7 @@ class BatchPlan:
 
     def __getitem__(self, k: int) -> np.ndarray:
         lo = self.process_index * self.local_batch
-        return self.global_rows(int(k))[lo: lo + self.local_batch]
+        return self.global_rows(int(k))[lo : lo + self.local_batch]
 
 
 class BatchAssembler:
@@ -220,27 +231,43 @@ class BatchAssembler:
             texts.append(text), langs.append(lang), prompts.append(prompt), resps.append(codes)
             speakers.append(speaker)
         out = pad_batch(texts, langs, prompts, resps, text_cap=tb, prompt_cap=cfg.prompt_frames, resp_cap=rb)
-        out.update(utt=np.where(valid, rows, -1).astype(np.int32), speaker=np.asarray(speakers, np.int32),
-                   row_valid=valid)
+        out.update(
+            utt=np.where(valid, rows, -1).astype(np.int32), speaker=np.asarray(speakers, np.int32), row_valid=valid
+        )
         return out
 
 
 def batch_shapes(cfg: DataConfig, n_levels: int = 8, local_batch: int | None = None) -> set[tuple]:
     """Every (text, prompt, resp) array shape the pipeline can emit: the compile budget."""
     b = local_batch or cfg.batch_size
-    return {((b, t), (b, cfg.prompt_frames, cfg.prompt_levels), (b, r, n_levels))
-            for t in cfg.text_buckets for r in cfg.resp_buckets}
+    return {
+        ((b, t), (b, cfg.prompt_frames, cfg.prompt_levels), (b, r, n_levels))
+        for t in cfg.text_buckets
+        for r in cfg.resp_buckets
+    }
 
 
-def make_dataset(store: Store | str, cfg: DataConfig, process_index: int = 0, process_count: int = 1,
-                 num_epochs: int | None = None, shuffle: bool = True, drop_remainder: bool = True):
+def make_dataset(
+    store: Store | str,
+    cfg: DataConfig,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+):
     """The grain IterDataset of this host's batches (dicts of numpy arrays)."""
     import grain
 
     store = store if isinstance(store, Store) else Store(store)
     plan = BatchPlan(store, cfg, process_index, process_count, num_epochs, shuffle, drop_remainder)
-    log.info("data: %d eligible utterances, %d speakers, %d batches/epoch; dropped %s",
-             len(plan.eligible.utts), len(plan.eligible.speaker_utts), plan.batches_per_epoch, plan.eligible.n_filtered)
+    log.info(
+        "data: %d eligible utterances, %d speakers, %d batches/epoch; dropped %s",
+        len(plan.eligible.utts),
+        len(plan.eligible.speaker_utts),
+        plan.batches_per_epoch,
+        plan.eligible.n_filtered,
+    )
     ds = grain.MapDataset.source(plan).map_with_index(BatchAssembler(store, plan))
     if cfg.num_workers > 0:
         from absl import flags
@@ -249,7 +276,8 @@ def make_dataset(store: Store | str, cfg: DataConfig, process_index: int = 0, pr
             flags.FLAGS.mark_as_parsed()
         # each worker builds whole batches; which worker builds a batch changes nothing in it
         return ds.to_iter_dataset().mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch)))
+            grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch))
+        )
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.prefetch))
 
 

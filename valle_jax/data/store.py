@@ -9,15 +9,16 @@ Layout of a store directory:
 The index holds everything filters and batch planning need, so they never open a record.
 A store is written into a temp directory and renamed into place: a killed pack leaves no store.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -65,8 +66,14 @@ class Utterance:
 class StoreWriter:
     """Writes utterances into shards; `close()` writes the index and publishes the store."""
 
-    def __init__(self, out_dir: str | os.PathLike, symmap: Mapping[str, int], lang_symmap: Mapping[str, int],
-                 records_per_shard: int = 8192, overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        symmap: Mapping[str, int],
+        lang_symmap: Mapping[str, int],
+        records_per_shard: int = 8192,
+        overwrite: bool = False,
+    ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -103,8 +110,14 @@ class StoreWriter:
             self._open_shard()
         self._writer.write(encode_record(codes_TQ, text))
         self._in_shard += 1
-        for k, v in (("id", id), ("speaker", speaker), ("group", group), ("lang", lang),
-                     ("frames", int(codes_TQ.shape[0])), ("phones", int(len(text)))):
+        for k, v in (
+            ("id", id),
+            ("speaker", speaker),
+            ("group", group),
+            ("lang", lang),
+            ("frames", int(codes_TQ.shape[0])),
+            ("phones", int(len(text))),
+        ):
             self.columns[k].append(v)
 
     def __len__(self) -> int:
@@ -116,9 +129,16 @@ class StoreWriter:
         if not len(self):
             self.abort()
             raise StoreError("no utterances to write: the store would be empty")
-        index = {"format": FORMAT, "version": VERSION, "frame_rate": FRAME_RATE, "n_levels": self._n_levels,
-                 "symmap": self.symmap, "lang_symmap": self.lang_symmap, "shards": self.shards,
-                 "columns": self.columns}
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "frame_rate": FRAME_RATE,
+            "n_levels": self._n_levels,
+            "symmap": self.symmap,
+            "lang_symmap": self.lang_symmap,
+            "shards": self.shards,
+            "columns": self.columns,
+        }
         (self._tmp / INDEX_NAME).write_text(json.dumps(index, ensure_ascii=False))
         return publish_dir(self._tmp, self.out_dir)
 
@@ -139,11 +159,15 @@ class Store:
         self.path = Path(path)
         index_path = self.path / INDEX_NAME
         if not index_path.is_file():
-            raise StoreError(f"{self.path} is not a valle_jax store (no {INDEX_NAME}); build one with `python -m tools.pack`")
+            raise StoreError(
+                f"{self.path} is not a valle_jax store (no {INDEX_NAME}); build one with `python -m tools.pack`"
+            )
         index = json.loads(index_path.read_text("utf-8"))
         if index.get("format") != FORMAT or index.get("version") != VERSION:
-            raise StoreError(f"{self.path}: store format {index.get('format')} v{index.get('version')}, "
-                             f"this code reads {FORMAT} v{VERSION}")
+            raise StoreError(
+                f"{self.path}: store format {index.get('format')} v{index.get('version')}, "
+                f"this code reads {FORMAT} v{VERSION}"
+            )
         self.symmap: dict[str, int] = index["symmap"]
         self.lang_symmap: dict[str, int] = index["lang_symmap"]
         self.n_levels: int = index["n_levels"]
@@ -193,5 +217,11 @@ class Store:
     def __getitem__(self, i: int) -> Utterance:
         codes, text = self.read(i)
         lang = next(k for k, v in self.lang_symmap.items() if v == self.lang[i])
-        return Utterance(self.ids[i], str(self.speaker_names[self.speaker[i]]), str(self.group_names[self.group[i]]),
-                         lang, codes, text)
+        return Utterance(
+            self.ids[i],
+            str(self.speaker_names[self.speaker[i]]),
+            str(self.group_names[self.group[i]]),
+            lang,
+            codes,
+            text,
+        )

@@ -6,13 +6,14 @@ a word boundary as two empty tokens; its HDF5 loader collapses them to one " " i
 keeps two. We keep **one " " token per word boundary** (the HDF5 behaviour, which is what its
 published models were trained on); docs/data.md says so.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Iterable, Mapping, Sequence
 
 BOS, EOS, SPACE = "<s>", "</s>", " "
 GLUE_TO_PREVIOUS = ("ˈ", "ˌ", "ː")  # U+02C8, U+02CC, U+02D0
@@ -97,7 +98,8 @@ class Phonemizer:
             raise TextError(f"unsupported language {language!r}; supported: {sorted(ESPEAK_LANGUAGE)}")
         if not espeak_available():
             raise TextError(
-                "espeak-ng is not installed, and phonemizer needs it: run `sudo apt-get install -y espeak-ng`")
+                "espeak-ng is not installed, and phonemizer needs it: run `sudo apt-get install -y espeak-ng`"
+            )
         from phonemizer.backend import EspeakBackend
 
         self.language = language

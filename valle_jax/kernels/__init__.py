@@ -15,6 +15,7 @@ an `isa` to pick one in-process. Where the kernels cannot be used (not an x86-64
 FMA, no compiler, a failed build, or VALLE_JAX_CPU_KERNELS=0), `available()` is False, the reason
 is logged once, and callers use XLA.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,12 +39,17 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # instruction sets, widest first: the CPU flags each needs, and the compiler flags of its build
 ISAS = {
-    "avx512": (("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
-               ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl")),
+    "avx512": (
+        ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+        ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"),
+    ),
     "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
 }
-TARGETS = {"valle_rows_linear": "ValleRowsLinear", "valle_cache_attention": "ValleCacheAttention",
-           "valle_block_attention": "ValleBlockAttention"}
+TARGETS = {
+    "valle_rows_linear": "ValleRowsLinear",
+    "valle_cache_attention": "ValleCacheAttention",
+    "valle_block_attention": "ValleBlockAttention",
+}
 MAX_ROWS = 128  # rows up to which rows_linear beats XLA's dot (docs/synthesis.md)
 # smaller weight matrices stay with XLA's dot, which fuses them with their neighbours: a custom call
 # costs ~1-2 us (tiny preset, d_model 48: 7.5k steps/s with the kernels, 11.7k without)
@@ -66,8 +72,16 @@ def _cpu_flags() -> frozenset[str] | str:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernels are written for x86-64 with AVX2, not {platform.machine()}"
     try:
-        return frozenset(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")), []))
+        return frozenset(
+            next(
+                (
+                    line.split(":", 1)[1].split()
+                    for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags")
+                ),
+                [],
+            )
+        )
     except OSError:
         return "cannot read /proc/cpuinfo to check for AVX2 and FMA"
 
@@ -161,8 +175,7 @@ def _load_isa(isa_name: str) -> str | None:
             build(cxx, path, isa_name)
         lib = ctypes.cdll.LoadLibrary(str(path))
         for name, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(target(name, isa_name), jax.ffi.pycapsule(getattr(lib, symbol)),
-                                        platform="cpu")
+            jax.ffi.register_ffi_target(target(name, isa_name), jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as e:
         return str(e)
     return None
@@ -215,17 +228,21 @@ def rows_linear(x_MK: jax.Array, w_PKC: jax.Array, n: int, isa: str | None = Non
     isa = _require(isa)
     m, k = x_MK.shape
     if w_PKC.shape != (panels(n), k, PANEL):
-        raise ValueError(f"rows_linear: x {x_MK.shape} and packed w {w_PKC.shape} do not make [{m}, {n}] (w must be "
-                         f"pack(w [K, N]): [{panels(n)}, {k}, {PANEL}])")
+        raise ValueError(
+            f"rows_linear: x {x_MK.shape} and packed w {w_PKC.shape} do not make [{m}, {n}] (w must be "
+            f"pack(w [K, N]): [{panels(n)}, {k}, {PANEL}])"
+        )
     if w_PKC.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_PKC.dtype}")
-    call = jax.ffi.ffi_call(target("valle_rows_linear", isa), jax.ShapeDtypeStruct((m, n), jnp.float32),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(
+        target("valle_rows_linear", isa), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )
     return call(x_MK.astype(jnp.float32), w_PKC)
 
 
-def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array,
-                    live: jax.Array, isa: str | None = None) -> jax.Array:
+def cache_attention(
+    q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array, live: jax.Array, isa: str | None = None
+) -> jax.Array:
     """float32 [N, Q, D]: softmax(q k^T / sqrt(D)) v per unit n (batch row n // (N / B), one kv head),
     over cache slots [0, live) that the mask allows; query q of a unit uses mask row q // (Q / S).
     Slots from `live` on must be masked: they are not read. Keys and values are float32 or
@@ -234,8 +251,9 @@ def cache_attention(q_NQD: jax.Array, k_NCD: jax.Array, v_NDC: jax.Array, mask_B
     return _attention_call("valle_cache_attention", isa, q_NQD, k_NCD, v_NDC, mask_BSC, live, keys_transposed=False)
 
 
-def block_attention(q_NQD: jax.Array, kT_NDC: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array,
-                    live: jax.Array, isa: str | None = None) -> jax.Array:
+def block_attention(
+    q_NQD: jax.Array, kT_NDC: jax.Array, v_NDC: jax.Array, mask_BSC: jax.Array, live: jax.Array, isa: str | None = None
+) -> jax.Array:
     """What `cache_attention` computes, for many queries per unit (a NAR level, a prefill): keys
     transposed, [N, D, C], like the values. Eight queries at a time; each group reads the slots up
     to the last one any of them may see (a causal group skips the rest)."""
@@ -249,10 +267,12 @@ def _attention_call(name: str, isa: str | None, q, k, v, mask, live, *, keys_tra
     b, s, c = mask.shape
     k_shape = (n, d, c) if keys_transposed else (n, c, d)
     if k.shape != k_shape or v.shape != (n, d, c) or n % b or nq % s:
-        raise ValueError(f"{name.removeprefix('valle_')}: q {q.shape}, k {k.shape}, v {v.shape} and mask "
-                         f"{mask.shape} disagree")
+        raise ValueError(
+            f"{name.removeprefix('valle_')}: q {q.shape}, k {k.shape}, v {v.shape} and mask {mask.shape} disagree"
+        )
     call = jax.ffi.ffi_call(target(name, isa), jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     # bfloat16 keys and values (or their bits, uint16: layers.cache_storage) are read as they are
     kv_dtype = k.dtype if k.dtype == v.dtype and k.dtype in (jnp.bfloat16, jnp.uint16) else jnp.float32
-    return call(q.astype(jnp.float32), k.astype(kv_dtype), v.astype(kv_dtype), mask.astype(bool),
-                jnp.asarray(live, jnp.int32))
+    return call(
+        q.astype(jnp.float32), k.astype(kv_dtype), v.astype(kv_dtype), mask.astype(bool), jnp.asarray(live, jnp.int32)
+    )

@@ -14,6 +14,7 @@ positions <= the query's). A query with no allowed key attends uniformly, as the
 all -max_float scores does. Dropout on probabilities uses the index-hash mask of layers.keep_mask,
 regenerated identically in the backward pass.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,7 @@ def _keep(seed, shape_BGRCK, q_start, s_total, keep_prob):
     row = row + jax.lax.broadcasted_iota(jnp.uint32, shape_BGRCK, 2)
     q = jax.lax.broadcasted_iota(jnp.uint32, shape_BGRCK, 3) + q_start.astype(jnp.uint32)
     idx = (row * jnp.uint32(s_total) + q) * jnp.uint32(k) + jax.lax.broadcasted_iota(jnp.uint32, shape_BGRCK, 4)
-    return hash_bits(idx, seed) < jnp.uint32(min(int(keep_prob * 2.0 ** 32), 2 ** 32 - 1))
+    return hash_bits(idx, seed) < jnp.uint32(min(int(keep_prob * 2.0**32), 2**32 - 1))
 
 
 def _scores(q_BGRCD, k_BGKD, scale):
@@ -50,14 +51,14 @@ def _scores(q_BGRCD, k_BGKD, scale):
 
 def _blocks(x, n_blocks, block, axis):
     """Splits `axis` (padded to n_blocks * block) into blocks, the block index leading."""
-    shape = x.shape[:axis] + (n_blocks, block) + x.shape[axis + 1:]
+    shape = x.shape[:axis] + (n_blocks, block) + x.shape[axis + 1 :]
     return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
 def _unblocks(x, s, axis):
     """Inverse of _blocks for a stacked scan output, cut back to length s."""
     x = jnp.moveaxis(x, 0, axis)
-    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
     return jax.lax.slice_in_dim(x, 0, s, axis=axis)
 
 
@@ -138,16 +139,33 @@ def _flash_bwd(rate, block, res, g_out):
     (dk, dv), dqb = jax.lax.scan(body, (zeros, zeros), (jnp.arange(n), qb, pb, gb, lse, db))
     dq = _unblocks(dqb, s, 3)
     none = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), none(q_pos), none(k_pos),
-            none(k_valid), none(causal), none(seed))
+    return (
+        dq.astype(q.dtype),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        none(q_pos),
+        none(k_pos),
+        none(k_valid),
+        none(causal),
+        none(seed),
+    )
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array,
-                 causal_B: Array, dropout_rate: float = 0.0, dropout_key: Array | None = None,
-                 block: int = 64) -> Array:
+def flash_attend(
+    q_BSHD: Array,
+    k_BKGD: Array,
+    v_BKGD: Array,
+    q_pos_BS: Array,
+    k_pos_BK: Array,
+    k_valid_BK: Array,
+    causal_B: Array,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+    block: int = 64,
+) -> Array:
     """Exact softmax attention ([B, S, H, Dh] float32 out), grouped-query when G < H."""
     q, k, v = grouped(q_BSHD, k_BKGD, v_BKGD)
     rate = float(dropout_rate) if dropout_key is not None else 0.0

@@ -1,5 +1,6 @@
 """The backbones, each a stack of identical layers stored with a leading "layers" axis and run
-with `lax.scan` (decoding caches hold one buffer per layer instead: see `continue_cache`). `model.scan_unroll` sets how many layers
+with `lax.scan` (decoding caches hold one buffer per layer instead: see `continue_cache`).
+`model.scan_unroll` sets how many layers
 one loop iteration holds: fully unrolled by default (faster and leaner on CPU, compile time grows
 with depth), 1 for one compiled layer body whatever the depth.
 
@@ -17,6 +18,7 @@ slot `cache["index"]` and attend to everything cached so far (retnet: continue t
 decoding needs of a cache beyond that is a small protocol on the backbone: `init_cache`,
 `mark_prefix`, `nar_cache`, `reorder_cache` (beams), `forget` (rolling context, where `has_window`).
 """
+
 from __future__ import annotations
 
 import jax
@@ -41,10 +43,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
     positions and validity [B, K], and the slot the next positions are written at."""
     k_shape = (batch * cfg.kv_heads, length, cfg.head_dim)
     v_shape = (batch * cfg.kv_heads, cfg.head_dim, length)
-    return {"k": tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
-            "v": tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
-            "pos": jnp.zeros((batch, length), jnp.int32), "valid": jnp.zeros((batch, length), bool),
-            "index": jnp.zeros((), jnp.int32)}
+    return {
+        "k": tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
+        "v": tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
+        "pos": jnp.zeros((batch, length), jnp.int32),
+        "valid": jnp.zeros((batch, length), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
 
 
 STEP_POSITIONS = 4  # new positions up to which a cached call counts as a decoding step (not a prefill)
@@ -81,14 +86,24 @@ class Backbone(nnx.Module):
     def teacher_mixer(self, positions_BS: Array, valid_BS: Array, causal_B: Array):
         """`mix(q, k, v, rate, key)` mixing positions over the whole given sequence (no cache)."""
         if self.cfg.attention == "blocked":
+
             def attend(q, k, v, rate, key):
                 return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key)
+
             return attend
         mask = L.attention_mask(positions_BS, positions_BS, valid_BS, causal_B)
         return lambda q, k, v, rate, key: dense_attend(q, k, v, mask, rate, key)
 
-    def __call__(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, causal_B: Array,
-                 cache: dict | None = None, dropout_key: Array | None = None, layers: list[dict] | None = None):
+    def __call__(
+        self,
+        x_BSD: Array,
+        positions_BS: Array,
+        valid_BS: Array,
+        causal_B: Array,
+        cache: dict | None = None,
+        dropout_key: Array | None = None,
+        layers: list[dict] | None = None,
+    ):
         cfg = self.cfg
         n = cfg.n_layers
         keys = jax.random.split(dropout_key, n + 1) if dropout_key is not None else None
@@ -129,6 +144,7 @@ class Backbone(nnx.Module):
         live = idx + x.shape[1] if is_step_layers(layers) else None
         many = x.shape[1] > STEP_POSITIONS
         for i, p in enumerate(layers):
+
             def cached_attend(q, k, v, rate, key, i=i):
                 ks[i], vs[i] = L.update_cache(ks[i], vs[i], k, v, idx)
                 return L.attend_cache(q, ks[i], vs[i], mask, live, many)
@@ -147,18 +163,25 @@ class Backbone(nnx.Module):
 
     def nar_cache(self, cache: dict, prefix: int, frames: int) -> dict:
         """The prefix's cache, ready for a NAR pass over `frames` response positions."""
-        return {"k": tuple(k[:, : prefix + frames] for k in cache["k"]),
-                "v": tuple(v[..., : prefix + frames] for v in cache["v"]),
-                "pos": cache["pos"][:, : prefix + frames],
-                "valid": cache["valid"][:, : prefix + frames] & (jnp.arange(prefix + frames) < prefix)[None, :],
-                "index": jnp.asarray(prefix, jnp.int32)}
+        return {
+            "k": tuple(k[:, : prefix + frames] for k in cache["k"]),
+            "v": tuple(v[..., : prefix + frames] for v in cache["v"]),
+            "pos": cache["pos"][:, : prefix + frames],
+            "valid": cache["valid"][:, : prefix + frames] & (jnp.arange(prefix + frames) < prefix)[None, :],
+            "index": jnp.asarray(prefix, jnp.int32),
+        }
 
     def reorder_cache(self, cache: dict, rows: Array) -> dict:
         """Batch row i of the result is row `rows[i]` of `cache` (beams taking over other beams)."""
         g = self.cfg.kv_heads
         kv_rows = (rows[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
-        return dict(cache, k=tuple(k[kv_rows] for k in cache["k"]), v=tuple(v[kv_rows] for v in cache["v"]),
-                    pos=cache["pos"][rows], valid=cache["valid"][rows])
+        return dict(
+            cache,
+            k=tuple(k[kv_rows] for k in cache["k"]),
+            v=tuple(v[kv_rows] for v in cache["v"]),
+            pos=cache["pos"][rows],
+            valid=cache["valid"][rows],
+        )
 
     def forget(self, cache: dict, slot_B: Array) -> dict:
         """Masks cache slot `slot_B[b]` of each row from here on (rolling context); a slot past the
@@ -168,8 +191,9 @@ class Backbone(nnx.Module):
 
     def stacked(self) -> dict:
         """The layer parameters, each with a leading layers axis."""
-        return {name: v[...] for name, v in vars(self).items()
-                if isinstance(v, nnx.Param) and v.logical_axes[0] == "layers"}
+        return {
+            name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param) and v.logical_axes[0] == "layers"
+        }
 
     def unstack(self) -> list[dict]:
         """The stacked layer parameters as one dict per layer (for decoding loops)."""
@@ -181,8 +205,13 @@ class Backbone(nnx.Module):
     def step_layers(self, dtype=jnp.float32, packed: bool = True) -> list[dict]:
         """`unstack()` with the matmul weights as layers.StepWeight in `dtype` (decoding on the CPU):
         packed for the steps' kernel, or (not `packed`) as they are, for products with many rows alone."""
-        return [{k: L.StepWeight.of(a.astype(dtype), self.STEP_MATMULS[k], packed) if k in self.STEP_MATMULS else a
-                 for k, a in p.items()} for p in self.unstack()]
+        return [
+            {
+                k: L.StepWeight.of(a.astype(dtype), self.STEP_MATMULS[k], packed) if k in self.STEP_MATMULS else a
+                for k, a in p.items()
+            }
+            for p in self.unstack()
+        ]
 
 
 class TransformerBackbone(Backbone):
@@ -215,7 +244,10 @@ class TransformerBackbone(Backbone):
         o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
         x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
         h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
-        f = feed_forward(h, p["ffn_in"], p["ffn_in_bias"], None, p["ffn_out"], dt, cfg.dropout, keys[1]) + p["ffn_out_bias"]
+        f = (
+            feed_forward(h, p["ffn_in"], p["ffn_in_bias"], None, p["ffn_out"], dt, cfg.dropout, keys[1])
+            + p["ffn_out_bias"]
+        )
         return (x + L.dropout(f, cfg.dropout, keys[2])) * m
 
 
@@ -277,7 +309,7 @@ class RetNetBackbone(Backbone):
         dv, f = 2 * dk, cfg.ffn_mult * d
         self.fork = cfg.retnet_variant == "fork"
         lin, xavier = L.torch_linear_init, R.xavier_uniform
-        small = 2 ** -2.5  # torchscale's gain for q, k, v and g
+        small = 2**-2.5  # torchscale's gain for q, k, v and g
         self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
         self.q = L.param(rngs, xavier(small, d, d), (n, d, h, dk), ("layers", "embed", "heads", "head_dim"))
         self.k = L.param(rngs, xavier(small, d, d), (n, d, h, dk), ("layers", "embed", "heads", "head_dim"))
@@ -333,7 +365,7 @@ class RetNetBackbone(Backbone):
         bias = (lambda name: p[name]) if self.fork else (lambda name: 0.0)
         h = self._norm(x, p, "attn_norm")
         q = _mm(h, p["q"], "bsd,dhk->bshk", dt) + bias("q_bias")
-        k = (_mm(h, p["k"], "bsd,dhk->bshk", dt) + bias("k_bias")) * cfg.head_dim ** -0.5
+        k = (_mm(h, p["k"], "bsd,dhk->bshk", dt) + bias("k_bias")) * cfg.head_dim**-0.5
         v = _mm(h, p["v"], "bsd,dhe->bshe", dt) + bias("v_bias")
         g = _mm(h, p["g"], "bsd,dhe->bshe", dt) + bias("g_bias")
         angle = self.angle
@@ -344,7 +376,10 @@ class RetNetBackbone(Backbone):
         h = self._norm(x, p, "mlp_norm")
         if self.fork:  # fc2(LayerNorm(gelu(fc1 h))): torchscale's sub-LN feed-forward
             f = jax.nn.gelu(_mm(h, p["fc1"], "bsd,df->bsf", dt) + p["fc1_bias"], approximate=False)
-            f = _mm(L.layer_norm(f, p["ffn_norm"], p["ffn_norm_bias"], cfg.eps), p["fc2"], "bsf,fd->bsd", dt) + p["fc2_bias"]
+            f = (
+                _mm(L.layer_norm(f, p["ffn_norm"], p["ffn_norm_bias"], cfg.eps), p["fc2"], "bsf,fd->bsd", dt)
+                + p["fc2_bias"]
+            )
         else:  # GLU: fc2(gelu(fc1 h) * gate h)
             f = feed_forward(h, p["fc1"], None, p["gate"], p["fc2"], dt)
         return x + L.dropout(f, cfg.dropout, keys[1])
@@ -360,12 +395,14 @@ class RetNetBackbone(Backbone):
         positions is appended to `sink` (None: not computed)."""
         lam, chunk, s = self.decay, self.cfg.retention_chunk, positions_BS.shape[1]
         if chunk and s > chunk:
+
             def mix(q, k, v, rate, key):
                 st = state if state is not None else R.empty_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
                 out, st = R.chunked(R.retain_chunk, q, k, v, positions_BS, valid_BS, st, lam, chunk)
                 if sink is not None:
                     sink.append(st)
                 return out
+
             return mix
         count = state.count if state is not None else jnp.zeros(positions_BS.shape[:1], jnp.int32)
         plan = R.plan(positions_BS, valid_BS, count, lam)  # computed once, shared by every layer
@@ -375,6 +412,7 @@ class RetNetBackbone(Backbone):
             if sink is not None:
                 sink.append(st)
             return out
+
         return mix
 
     def teacher_mixer(self, positions_BS, valid_BS, causal_B):
@@ -386,8 +424,9 @@ class RetNetBackbone(Backbone):
             state = R.State(cache["kv"][i], cache["k_sum"][i], cache["count"])
             mix = self._mixer(positions_BS, valid_BS, state, states)
             x = self.layer(p, x, positions_BS, valid_BS, mix, None if keys is None else keys[i])
-        new_cache = dict(cache, kv=tuple(s.kv for s in states), k_sum=tuple(s.k_sum for s in states),
-                         count=states[-1].count)
+        new_cache = dict(
+            cache, kv=tuple(s.kv for s in states), k_sum=tuple(s.k_sum for s in states), count=states[-1].count
+        )
         return self.final(x), new_cache
 
     def init_cache(self, batch, length, dtype=jnp.float32):

@@ -5,11 +5,12 @@ and needs the head count, which they do not; `from_reference` maps every key, ch
 shapes, and raises one ConversionError listing every missing, unexpected and mis-shaped key.
 PyTorch Linear weights are (out, in); ours are (in, out), with heads split out.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -35,8 +36,11 @@ def read_source(path: Path) -> tuple[dict, dict, dict]:
     symmap, stats = {}, {}
     if isinstance(obj, dict) and "module" in obj:
         symmap = (obj.get("userdata") or {}).get("symmap") or {}
-        stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in (obj.get("stats") or {}).items()
-                 if isinstance(v, (int, float)) or hasattr(v, "item")}
+        stats = {
+            k: (v.item() if hasattr(v, "item") else v)
+            for k, v in (obj.get("stats") or {}).items()
+            if isinstance(v, (int, float)) or hasattr(v, "item")
+        }
         obj = obj["module"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
@@ -47,7 +51,7 @@ def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Unwraps `{"module": ...}` exports and renames legacy `retnet.` prefixes to `model.`."""
     if "module" in state and isinstance(state["module"], Mapping):
         state = state["module"]
-    return {("model." + k[len("retnet."):] if k.startswith("retnet.") else k): np.asarray(v) for k, v in state.items()}
+    return {("model." + k[len("retnet.") :] if k.startswith("retnet.") else k): np.asarray(v) for k, v in state.items()}
 
 
 def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **overrides) -> ModelConfig:
@@ -62,15 +66,19 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
     elif any(k.startswith("model.layers.") and ".retention." in k for k in state):
         arch, pat = "retnet", r"model\.layers\.(\d+)\."
     else:
-        raise ConversionError("cannot tell the backbone: expected 'blocks.*' (transformer), "
-                              "'model.layers.*.self_attn.*' (llama) or 'model.layers.*.retention.*' (retnet) keys")
+        raise ConversionError(
+            "cannot tell the backbone: expected 'blocks.*' (transformer), "
+            "'model.layers.*.self_attn.*' (llama) or 'model.layers.*.retention.*' (retnet) keys"
+        )
     n_layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(pat, k)))
     if heads is None and arch == "retnet" and RETNET_DECAY in state:
         heads = state[RETNET_DECAY].shape[0]  # one decay per retention head
     if heads is None:
         if d not in PRESET_HEADS:
-            raise ConversionError(f"the state dict does not say how many attention heads d_model={d} uses: "
-                                  f"pass --heads (the reference's presets use {PRESET_HEADS})")
+            raise ConversionError(
+                f"the state dict does not say how many attention heads d_model={d} uses: "
+                f"pass --heads (the reference's presets use {PRESET_HEADS})"
+            )
         heads = PRESET_HEADS[d]
     if d % heads:
         raise ConversionError(f"--heads {heads} does not divide d_model {d}")
@@ -78,19 +86,28 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
     if arch == "llama":
         kv_heads = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // (d // heads)
         kv_heads = 0 if kv_heads == heads else kv_heads
-    ffn_key = {"transformer": "blocks.0.ffn.block.0.weight", "llama": "model.layers.0.mlp.gate_proj.weight",
-               "retnet": "model.layers.0.ffn.fc1.weight"}[arch]
+    ffn_key = {
+        "transformer": "blocks.0.ffn.block.0.weight",
+        "llama": "model.layers.0.mlp.gate_proj.weight",
+        "retnet": "model.layers.0.ffn.fc1.weight",
+    }[arch]
     extra = {}
     if arch == "retnet":  # the fork adds biases; upstream torchscale has a GLU gate instead
         extra["retnet_variant"] = "torchscale" if "model.layers.0.ffn.gate.weight" in state else "fork"
     cfg = dict(
-        arch=arch, d_model=d, n_heads=heads, n_layers=n_layers, n_kv_heads=kv_heads,
-        ffn_mult=state[ffn_key].shape[0] // d, **extra,
+        arch=arch,
+        d_model=d,
+        n_heads=heads,
+        n_layers=n_layers,
+        n_kv_heads=kv_heads,
+        ffn_mult=state[ffn_key].shape[0] // d,
+        **extra,
         n_tokens=state["text_emb.weight"].shape[0],
         n_prom_levels=sum(1 for k in state if re.fullmatch(r"proms_emb\.embeddings\.\d+\.weight", k)),
         n_resp_levels=sum(1 for k in state if re.fullmatch(r"resps_emb\.embeddings\.\d+\.weight", k)),
         n_langs=state["langs_emb.weight"].shape[0] if "langs_emb.weight" in state else 1,
-        version=4 if "proms_emb.weight.0" in state else 3)
+        version=4 if "proms_emb.weight.0" in state else 3,
+    )
     cfg.update(overrides)
     return ModelConfig(**cfg)
 
@@ -98,9 +115,14 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
 def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every key the reference state dict holds for `cfg` (the unused tables aside), with shape."""
     d, v, f, n = cfg.d_model, cfg.n_tokens, cfg.ffn_mult * cfg.d_model, cfg.n_layers
-    keys = {"sep": (d,), "text_emb.weight": (v, d), "langs_emb.weight": (cfg.n_langs, d),
-            "classifier.weight": (cfg.n_classes, d), "classifier.bias": (cfg.n_classes,),
-            "resps_emb.embeddings.0.weight": (v + 1, d)}
+    keys = {
+        "sep": (d,),
+        "text_emb.weight": (v, d),
+        "langs_emb.weight": (cfg.n_langs, d),
+        "classifier.weight": (cfg.n_classes, d),
+        "classifier.bias": (cfg.n_classes,),
+        "resps_emb.embeddings.0.weight": (v + 1, d),
+    }
     keys.update({f"proms_emb.embeddings.{k}.weight": (v, d) for k in range(cfg.n_prom_levels)})
     keys.update({f"resps_emb.embeddings.{k}.weight": (v, d) for k in range(1, cfg.n_resp_levels)})
     if cfg.version >= 4:
@@ -109,19 +131,38 @@ def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(n):
         if cfg.arch == "transformer":
             b = f"blocks.{i}."
-            keys.update({b + "attn.norm.weight": (d,), b + "attn.norm.bias": (d,), b + "attn.block.to_qkv.weight": (3 * d, d),
-                         b + "attn.block.to_out.weight": (d, d), b + "attn.block.to_out.bias": (d,),
-                         b + "ffn.norm.weight": (d,), b + "ffn.norm.bias": (d,), b + "ffn.block.0.weight": (f, d),
-                         b + "ffn.block.0.bias": (f,), b + "ffn.block.3.weight": (d, f), b + "ffn.block.3.bias": (d,)})
+            keys.update(
+                {
+                    b + "attn.norm.weight": (d,),
+                    b + "attn.norm.bias": (d,),
+                    b + "attn.block.to_qkv.weight": (3 * d, d),
+                    b + "attn.block.to_out.weight": (d, d),
+                    b + "attn.block.to_out.bias": (d,),
+                    b + "ffn.norm.weight": (d,),
+                    b + "ffn.norm.bias": (d,),
+                    b + "ffn.block.0.weight": (f, d),
+                    b + "ffn.block.0.bias": (f,),
+                    b + "ffn.block.3.weight": (d, f),
+                    b + "ffn.block.3.bias": (d,),
+                }
+            )
         elif cfg.arch == "retnet":
             keys.update(_retnet_layer_layout(cfg, f"model.layers.{i}."))
         else:
             b, kvd = f"model.layers.{i}.", cfg.kv_heads * cfg.head_dim
-            keys.update({b + "self_attn.q_proj.weight": (d, d), b + "self_attn.k_proj.weight": (kvd, d),
-                         b + "self_attn.v_proj.weight": (kvd, d), b + "self_attn.o_proj.weight": (d, d),
-                         b + "mlp.gate_proj.weight": (f, d), b + "mlp.up_proj.weight": (f, d),
-                         b + "mlp.down_proj.weight": (d, f), b + "input_layernorm.weight": (d,),
-                         b + "post_attention_layernorm.weight": (d,)})
+            keys.update(
+                {
+                    b + "self_attn.q_proj.weight": (d, d),
+                    b + "self_attn.k_proj.weight": (kvd, d),
+                    b + "self_attn.v_proj.weight": (kvd, d),
+                    b + "self_attn.o_proj.weight": (d, d),
+                    b + "mlp.gate_proj.weight": (f, d),
+                    b + "mlp.up_proj.weight": (f, d),
+                    b + "mlp.down_proj.weight": (d, f),
+                    b + "input_layernorm.weight": (d,),
+                    b + "post_attention_layernorm.weight": (d,),
+                }
+            )
     if cfg.arch == "llama":
         keys["model.norm.weight"] = (d,)
     if cfg.arch == "retnet":
@@ -135,14 +176,33 @@ def _retnet_layer_layout(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]
     """One retnet layer's keys (SPEC §8.4 for the fork; golden/README for upstream torchscale)."""
     d, f = cfg.d_model, cfg.ffn_mult * cfg.d_model
     r = b + "retention."
-    keys = {r + "q_proj.weight": (d, d), r + "k_proj.weight": (d, d), r + "v_proj.weight": (2 * d, d),
-            r + "g_proj.weight": (2 * d, d), r + "out_proj.weight": (d, 2 * d), b + "retention_layer_norm.weight": (d,),
-            b + "ffn.fc1.weight": (f, d), b + "ffn.fc2.weight": (d, f), b + "final_layer_norm.weight": (d,)}
+    keys = {
+        r + "q_proj.weight": (d, d),
+        r + "k_proj.weight": (d, d),
+        r + "v_proj.weight": (2 * d, d),
+        r + "g_proj.weight": (2 * d, d),
+        r + "out_proj.weight": (d, 2 * d),
+        b + "retention_layer_norm.weight": (d,),
+        b + "ffn.fc1.weight": (f, d),
+        b + "ffn.fc2.weight": (d, f),
+        b + "final_layer_norm.weight": (d,),
+    }
     if cfg.retnet_variant == "fork":
-        keys.update({r + "q_proj.bias": (d,), r + "k_proj.bias": (d,), r + "v_proj.bias": (2 * d,),
-                     r + "g_proj.bias": (2 * d,), r + "out_proj.bias": (d,), b + "retention_layer_norm.bias": (d,),
-                     b + "ffn.fc1.bias": (f,), b + "ffn.fc2.bias": (d,), b + "ffn.ffn_layernorm.weight": (f,),
-                     b + "ffn.ffn_layernorm.bias": (f,), b + "final_layer_norm.bias": (d,)})
+        keys.update(
+            {
+                r + "q_proj.bias": (d,),
+                r + "k_proj.bias": (d,),
+                r + "v_proj.bias": (2 * d,),
+                r + "g_proj.bias": (2 * d,),
+                r + "out_proj.bias": (d,),
+                b + "retention_layer_norm.bias": (d,),
+                b + "ffn.fc1.bias": (f,),
+                b + "ffn.fc2.bias": (d,),
+                b + "ffn.ffn_layernorm.weight": (f,),
+                b + "ffn.ffn_layernorm.bias": (f,),
+                b + "final_layer_norm.bias": (d,),
+            }
+        )
     else:
         keys[b + "ffn.gate.weight"] = (f, d)
     return keys
@@ -153,12 +213,16 @@ def check_buffers(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
     not parameters here), or its numerics would silently differ."""
     from valle_jax.models import retention as R
 
-    expected = {RETNET_ANGLE: np.asarray(R.angles(cfg.head_dim, cfg.rope_theta)),
-                RETNET_DECAY: np.asarray(R.decay_rates(cfg.n_heads))}
+    expected = {
+        RETNET_ANGLE: np.asarray(R.angles(cfg.head_dim, cfg.rope_theta)),
+        RETNET_DECAY: np.asarray(R.decay_rates(cfg.n_heads)),
+    }
     for key, want in expected.items():
         if key in state and not np.allclose(state[key], want, rtol=1e-5, atol=1e-7):
-            raise ConversionError(f"{key} differs from what base {cfg.rope_theta:g} and {cfg.n_heads} heads give: "
-                                  f"{np.asarray(state[key]).tolist()} vs {want.tolist()}")
+            raise ConversionError(
+                f"{key} differs from what base {cfg.rope_theta:g} and {cfg.n_heads} heads give: "
+                f"{np.asarray(state[key]).tolist()} vs {want.tolist()}"
+            )
 
 
 def check_keys(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
@@ -167,14 +231,21 @@ def check_keys(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
     ignorable |= {RETNET_ANGLE, RETNET_DECAY}  # buffers: checked by value (check_buffers), not stored
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected) - ignorable)
-    misshaped = sorted(f"{k}: {tuple(state[k].shape)}, expected {expected[k]}"
-                       for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    misshaped = sorted(
+        f"{k}: {tuple(state[k].shape)}, expected {expected[k]}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
     if missing or unexpected or misshaped:
-        parts = [f"{len(missing)} missing: {missing}" if missing else "",
-                 f"{len(unexpected)} unexpected: {unexpected}" if unexpected else "",
-                 f"{len(misshaped)} mis-shaped: {misshaped}" if misshaped else ""]
-        raise ConversionError(f"the state dict does not fit a {cfg.arch} model with d_model={cfg.d_model}, "
-                              f"{cfg.n_layers} layers, {cfg.n_heads} heads; " + "; ".join(p for p in parts if p))
+        parts = [
+            f"{len(missing)} missing: {missing}" if missing else "",
+            f"{len(unexpected)} unexpected: {unexpected}" if unexpected else "",
+            f"{len(misshaped)} mis-shaped: {misshaped}" if misshaped else "",
+        ]
+        raise ConversionError(
+            f"the state dict does not fit a {cfg.arch} model with d_model={cfg.d_model}, "
+            f"{cfg.n_layers} layers, {cfg.n_heads} heads; " + "; ".join(p for p in parts if p)
+        )
 
 
 def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
@@ -186,11 +257,14 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
     f32 = lambda k: np.asarray(s[k], np.float32)  # noqa: E731
     d, h, g, dh, n = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.n_layers
     out = {
-        "text_emb": f32("text_emb.weight"), "lang_emb": f32("langs_emb.weight"), "sep": f32("sep"),
+        "text_emb": f32("text_emb.weight"),
+        "lang_emb": f32("langs_emb.weight"),
+        "sep": f32("sep"),
         "prom_emb": np.stack([f32(f"proms_emb.embeddings.{k}.weight") for k in range(cfg.n_prom_levels)]),
         "resp_emb_ar": f32("resps_emb.embeddings.0.weight"),
         "resp_emb_nar": np.stack([f32(f"resps_emb.embeddings.{k}.weight") for k in range(1, cfg.n_resp_levels)]),
-        "classifier": f32("classifier.weight").T.copy(), "classifier_bias": f32("classifier.bias"),
+        "classifier": f32("classifier.weight").T.copy(),
+        "classifier_bias": f32("classifier.bias"),
     }
     if cfg.version >= 4:
         out["prom_level_w"] = np.concatenate([f32(f"proms_emb.weight.{k}") for k in range(cfg.n_prom_levels)])
@@ -202,13 +276,17 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
     if cfg.arch == "transformer":
         b = "blocks.{i}."
         out["backbone"] = {
-            "attn_norm_scale": stack(b + "attn.norm.weight"), "attn_norm_bias": stack(b + "attn.norm.bias"),
+            "attn_norm_scale": stack(b + "attn.norm.weight"),
+            "attn_norm_bias": stack(b + "attn.norm.bias"),
             "qkv": stack(b + "attn.block.to_qkv.weight", lambda w: w.T.reshape(d, 3, h, dh)),
             "out": stack(b + "attn.block.to_out.weight", lambda w: w.T.reshape(h, dh, d)),
             "out_bias": stack(b + "attn.block.to_out.bias"),
-            "ffn_norm_scale": stack(b + "ffn.norm.weight"), "ffn_norm_bias": stack(b + "ffn.norm.bias"),
-            "ffn_in": stack(b + "ffn.block.0.weight", lambda w: w.T), "ffn_in_bias": stack(b + "ffn.block.0.bias"),
-            "ffn_out": stack(b + "ffn.block.3.weight", lambda w: w.T), "ffn_out_bias": stack(b + "ffn.block.3.bias"),
+            "ffn_norm_scale": stack(b + "ffn.norm.weight"),
+            "ffn_norm_bias": stack(b + "ffn.norm.bias"),
+            "ffn_in": stack(b + "ffn.block.0.weight", lambda w: w.T),
+            "ffn_in_bias": stack(b + "ffn.block.0.bias"),
+            "ffn_out": stack(b + "ffn.block.3.weight", lambda w: w.T),
+            "ffn_out_bias": stack(b + "ffn.block.3.bias"),
         }
     elif cfg.arch == "retnet":
         out["backbone"] = _retnet_from_reference(f32, stack, cfg)
@@ -221,8 +299,10 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
             "v": stack(b + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, g, dh)),
             "o": stack(b + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, dh, d)),
             "mlp_norm": stack(b + "post_attention_layernorm.weight"),
-            "gate": stack(b + "mlp.gate_proj.weight", lambda w: w.T), "up": stack(b + "mlp.up_proj.weight", lambda w: w.T),
-            "down": stack(b + "mlp.down_proj.weight", lambda w: w.T), "final_norm": f32("model.norm.weight"),
+            "gate": stack(b + "mlp.gate_proj.weight", lambda w: w.T),
+            "up": stack(b + "mlp.up_proj.weight", lambda w: w.T),
+            "down": stack(b + "mlp.down_proj.weight", lambda w: w.T),
+            "final_norm": f32("model.norm.weight"),
         }
     return out
 
@@ -231,23 +311,35 @@ def _retnet_from_reference(f32, stack, cfg: ModelConfig) -> dict:
     d, h, dk = cfg.d_model, cfg.n_heads, cfg.head_dim
     b, r = "model.layers.{i}.", "model.layers.{i}.retention."
     heads = lambda width: lambda w: w.T.reshape(d, h, width)  # noqa: E731  (out, in) -> (in, heads, width)
-    bb = {"attn_norm": stack(b + "retention_layer_norm.weight"),
-          "q": stack(r + "q_proj.weight", heads(dk)), "k": stack(r + "k_proj.weight", heads(dk)),
-          "v": stack(r + "v_proj.weight", heads(2 * dk)), "g": stack(r + "g_proj.weight", heads(2 * dk)),
-          "o": stack(r + "out_proj.weight", lambda w: w.T.reshape(h, 2 * dk, d)),
-          "mlp_norm": stack(b + "final_layer_norm.weight"),
-          "fc1": stack(b + "ffn.fc1.weight", lambda w: w.T), "fc2": stack(b + "ffn.fc2.weight", lambda w: w.T),
-          "final_norm": f32("model.layer_norm.weight")}
+    bb = {
+        "attn_norm": stack(b + "retention_layer_norm.weight"),
+        "q": stack(r + "q_proj.weight", heads(dk)),
+        "k": stack(r + "k_proj.weight", heads(dk)),
+        "v": stack(r + "v_proj.weight", heads(2 * dk)),
+        "g": stack(r + "g_proj.weight", heads(2 * dk)),
+        "o": stack(r + "out_proj.weight", lambda w: w.T.reshape(h, 2 * dk, d)),
+        "mlp_norm": stack(b + "final_layer_norm.weight"),
+        "fc1": stack(b + "ffn.fc1.weight", lambda w: w.T),
+        "fc2": stack(b + "ffn.fc2.weight", lambda w: w.T),
+        "final_norm": f32("model.layer_norm.weight"),
+    }
     if cfg.retnet_variant == "fork":
-        bb.update({"attn_norm_bias": stack(b + "retention_layer_norm.bias"),
-                   "q_bias": stack(r + "q_proj.bias", lambda w: w.reshape(h, dk)),
-                   "k_bias": stack(r + "k_proj.bias", lambda w: w.reshape(h, dk)),
-                   "v_bias": stack(r + "v_proj.bias", lambda w: w.reshape(h, 2 * dk)),
-                   "g_bias": stack(r + "g_proj.bias", lambda w: w.reshape(h, 2 * dk)),
-                   "o_bias": stack(r + "out_proj.bias"), "mlp_norm_bias": stack(b + "final_layer_norm.bias"),
-                   "fc1_bias": stack(b + "ffn.fc1.bias"), "ffn_norm": stack(b + "ffn.ffn_layernorm.weight"),
-                   "ffn_norm_bias": stack(b + "ffn.ffn_layernorm.bias"), "fc2_bias": stack(b + "ffn.fc2.bias"),
-                   "final_norm_bias": f32("model.layer_norm.bias")})
+        bb.update(
+            {
+                "attn_norm_bias": stack(b + "retention_layer_norm.bias"),
+                "q_bias": stack(r + "q_proj.bias", lambda w: w.reshape(h, dk)),
+                "k_bias": stack(r + "k_proj.bias", lambda w: w.reshape(h, dk)),
+                "v_bias": stack(r + "v_proj.bias", lambda w: w.reshape(h, 2 * dk)),
+                "g_bias": stack(r + "g_proj.bias", lambda w: w.reshape(h, 2 * dk)),
+                "o_bias": stack(r + "out_proj.bias"),
+                "mlp_norm_bias": stack(b + "final_layer_norm.bias"),
+                "fc1_bias": stack(b + "ffn.fc1.bias"),
+                "ffn_norm": stack(b + "ffn.ffn_layernorm.weight"),
+                "ffn_norm_bias": stack(b + "ffn.ffn_layernorm.bias"),
+                "fc2_bias": stack(b + "ffn.fc2.bias"),
+                "final_norm_bias": f32("model.layer_norm.bias"),
+            }
+        )
     else:
         bb["gate"] = stack(b + "ffn.gate.weight", lambda w: w.T)
     return bb
@@ -258,18 +350,34 @@ def _retnet_to_reference(bb: dict, cfg: ModelConfig, i: int) -> dict[str, np.nda
     t = lambda w: np.ascontiguousarray(w.reshape(w.shape[0], -1).T)  # noqa: E731  (in, ...) -> (out, in)
     b = f"model.layers.{i}."
     r = b + "retention."
-    out = {b + "retention_layer_norm.weight": bb["attn_norm"][i], b + "final_layer_norm.weight": bb["mlp_norm"][i],
-           r + "q_proj.weight": t(bb["q"][i]), r + "k_proj.weight": t(bb["k"][i]), r + "v_proj.weight": t(bb["v"][i]),
-           r + "g_proj.weight": t(bb["g"][i]), r + "out_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
-           b + "ffn.fc1.weight": t(bb["fc1"][i]), b + "ffn.fc2.weight": t(bb["fc2"][i])}
+    out = {
+        b + "retention_layer_norm.weight": bb["attn_norm"][i],
+        b + "final_layer_norm.weight": bb["mlp_norm"][i],
+        r + "q_proj.weight": t(bb["q"][i]),
+        r + "k_proj.weight": t(bb["k"][i]),
+        r + "v_proj.weight": t(bb["v"][i]),
+        r + "g_proj.weight": t(bb["g"][i]),
+        r + "out_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
+        b + "ffn.fc1.weight": t(bb["fc1"][i]),
+        b + "ffn.fc2.weight": t(bb["fc2"][i]),
+    }
     if cfg.retnet_variant == "fork":
         flat = lambda w: np.ascontiguousarray(w.reshape(-1))  # noqa: E731
-        out.update({r + "q_proj.bias": flat(bb["q_bias"][i]), r + "k_proj.bias": flat(bb["k_bias"][i]),
-                    r + "v_proj.bias": flat(bb["v_bias"][i]), r + "g_proj.bias": flat(bb["g_bias"][i]),
-                    r + "out_proj.bias": bb["o_bias"][i], b + "retention_layer_norm.bias": bb["attn_norm_bias"][i],
-                    b + "final_layer_norm.bias": bb["mlp_norm_bias"][i], b + "ffn.fc1.bias": bb["fc1_bias"][i],
-                    b + "ffn.fc2.bias": bb["fc2_bias"][i], b + "ffn.ffn_layernorm.weight": bb["ffn_norm"][i],
-                    b + "ffn.ffn_layernorm.bias": bb["ffn_norm_bias"][i]})
+        out.update(
+            {
+                r + "q_proj.bias": flat(bb["q_bias"][i]),
+                r + "k_proj.bias": flat(bb["k_bias"][i]),
+                r + "v_proj.bias": flat(bb["v_bias"][i]),
+                r + "g_proj.bias": flat(bb["g_bias"][i]),
+                r + "out_proj.bias": bb["o_bias"][i],
+                b + "retention_layer_norm.bias": bb["attn_norm_bias"][i],
+                b + "final_layer_norm.bias": bb["mlp_norm_bias"][i],
+                b + "ffn.fc1.bias": bb["fc1_bias"][i],
+                b + "ffn.fc2.bias": bb["fc2_bias"][i],
+                b + "ffn.ffn_layernorm.weight": bb["ffn_norm"][i],
+                b + "ffn.ffn_layernorm.bias": bb["ffn_norm_bias"][i],
+            }
+        )
     else:
         out[b + "ffn.gate.weight"] = t(bb["gate"][i])
     return out
@@ -282,39 +390,55 @@ def to_reference(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     bb = {k: np.asarray(v, np.float32) for k, v in p["backbone"].items()}
     a = lambda k: np.asarray(p[k], np.float32)  # noqa: E731
     d, n = cfg.d_model, cfg.n_layers
-    out = {"text_emb.weight": a("text_emb"), "langs_emb.weight": a("lang_emb"), "sep": a("sep"),
-           "resps_emb.embeddings.0.weight": a("resp_emb_ar"),
-           "classifier.weight": a("classifier").T.copy(), "classifier.bias": a("classifier_bias")}
+    out = {
+        "text_emb.weight": a("text_emb"),
+        "langs_emb.weight": a("lang_emb"),
+        "sep": a("sep"),
+        "resps_emb.embeddings.0.weight": a("resp_emb_ar"),
+        "classifier.weight": a("classifier").T.copy(),
+        "classifier.bias": a("classifier_bias"),
+    }
     out.update({f"proms_emb.embeddings.{k}.weight": a("prom_emb")[k] for k in range(cfg.n_prom_levels)})
     out.update({f"resps_emb.embeddings.{k}.weight": a("resp_emb_nar")[k - 1] for k in range(1, cfg.n_resp_levels)})
     if cfg.version >= 4:
-        out.update({f"proms_emb.weight.{k}": a("prom_level_w")[k:k + 1] for k in range(cfg.n_prom_levels)})
-        out.update({f"resps_emb.weight.{k}": a("resp_level_w")[k:k + 1] for k in range(cfg.n_resp_levels)})
+        out.update({f"proms_emb.weight.{k}": a("prom_level_w")[k : k + 1] for k in range(cfg.n_prom_levels)})
+        out.update({f"resps_emb.weight.{k}": a("resp_level_w")[k : k + 1] for k in range(cfg.n_resp_levels)})
     t = lambda w: np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T) if w.ndim > 2 else np.ascontiguousarray(w.T)  # noqa: E731
     for i in range(n):
         if cfg.arch == "transformer":
             b = f"blocks.{i}."
-            out.update({
-                b + "attn.norm.weight": bb["attn_norm_scale"][i], b + "attn.norm.bias": bb["attn_norm_bias"][i],
-                b + "attn.block.to_qkv.weight": np.ascontiguousarray(bb["qkv"][i].reshape(d, -1).T),
-                b + "attn.block.to_out.weight": np.ascontiguousarray(bb["out"][i].reshape(-1, d).T),
-                b + "attn.block.to_out.bias": bb["out_bias"][i],
-                b + "ffn.norm.weight": bb["ffn_norm_scale"][i], b + "ffn.norm.bias": bb["ffn_norm_bias"][i],
-                b + "ffn.block.0.weight": t(bb["ffn_in"][i]), b + "ffn.block.0.bias": bb["ffn_in_bias"][i],
-                b + "ffn.block.3.weight": t(bb["ffn_out"][i]), b + "ffn.block.3.bias": bb["ffn_out_bias"][i]})
+            out.update(
+                {
+                    b + "attn.norm.weight": bb["attn_norm_scale"][i],
+                    b + "attn.norm.bias": bb["attn_norm_bias"][i],
+                    b + "attn.block.to_qkv.weight": np.ascontiguousarray(bb["qkv"][i].reshape(d, -1).T),
+                    b + "attn.block.to_out.weight": np.ascontiguousarray(bb["out"][i].reshape(-1, d).T),
+                    b + "attn.block.to_out.bias": bb["out_bias"][i],
+                    b + "ffn.norm.weight": bb["ffn_norm_scale"][i],
+                    b + "ffn.norm.bias": bb["ffn_norm_bias"][i],
+                    b + "ffn.block.0.weight": t(bb["ffn_in"][i]),
+                    b + "ffn.block.0.bias": bb["ffn_in_bias"][i],
+                    b + "ffn.block.3.weight": t(bb["ffn_out"][i]),
+                    b + "ffn.block.3.bias": bb["ffn_out_bias"][i],
+                }
+            )
         elif cfg.arch == "retnet":
             out.update(_retnet_to_reference(bb, cfg, i))
         else:
             b = f"model.layers.{i}."
-            out.update({
-                b + "input_layernorm.weight": bb["attn_norm"][i],
-                b + "self_attn.q_proj.weight": np.ascontiguousarray(bb["q"][i].reshape(d, -1).T),
-                b + "self_attn.k_proj.weight": np.ascontiguousarray(bb["k"][i].reshape(d, -1).T),
-                b + "self_attn.v_proj.weight": np.ascontiguousarray(bb["v"][i].reshape(d, -1).T),
-                b + "self_attn.o_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
-                b + "post_attention_layernorm.weight": bb["mlp_norm"][i],
-                b + "mlp.gate_proj.weight": t(bb["gate"][i]), b + "mlp.up_proj.weight": t(bb["up"][i]),
-                b + "mlp.down_proj.weight": t(bb["down"][i])})
+            out.update(
+                {
+                    b + "input_layernorm.weight": bb["attn_norm"][i],
+                    b + "self_attn.q_proj.weight": np.ascontiguousarray(bb["q"][i].reshape(d, -1).T),
+                    b + "self_attn.k_proj.weight": np.ascontiguousarray(bb["k"][i].reshape(d, -1).T),
+                    b + "self_attn.v_proj.weight": np.ascontiguousarray(bb["v"][i].reshape(d, -1).T),
+                    b + "self_attn.o_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
+                    b + "post_attention_layernorm.weight": bb["mlp_norm"][i],
+                    b + "mlp.gate_proj.weight": t(bb["gate"][i]),
+                    b + "mlp.up_proj.weight": t(bb["up"][i]),
+                    b + "mlp.down_proj.weight": t(bb["down"][i]),
+                }
+            )
     if cfg.arch == "llama":
         out["model.norm.weight"] = bb["final_norm"]
     if cfg.arch == "retnet":

@@ -11,6 +11,7 @@ Here every contraction over the query axis is written as (small operand)^T (larg
 The backward pass keeps the probabilities (before dropout) from the forward pass, as autodiff
 did; model.attention=blocked keeps none (valle_jax/models/attention.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,14 @@ from valle_jax.models.layers import NEG_INF, after_gradient, dropout, grouped, m
 Array = jax.Array
 
 
-def dense_attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropout_rate: float = 0.0,
-                 dropout_key: Array | None = None) -> Array:
+def dense_attend(
+    q_BSHD: Array,
+    k_BKGD: Array,
+    v_BKGD: Array,
+    mask_B1SK: Array,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> Array:
     """layers.attend's result ([B, S, H, Dh] float32), grouped-query when G < H."""
     q, k, v = grouped(q_BSHD, k_BKGD, v_BKGD)
     rate = float(dropout_rate) if dropout_key is not None else 0.0

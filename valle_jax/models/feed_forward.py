@@ -12,6 +12,7 @@ column by column (~0.2 s apiece at that size, three per layer). Here the backwar
 a and b, recomputes gelu elementwise (no matmul is recomputed), and writes every product as a 2D
 matmul whose large operand is contracted along its rows, which the CPU matmul reads as it lies.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,16 @@ from valle_jax.models.layers import StepWeight, after_gradient, dropout, matmul
 Array = jax.Array
 
 
-def feed_forward(h_BSD: Array, w_a: Array, bias_a: Array | None, w_b: Array | None, w_out: Array, dtype,
-                 rate: float = 0.0, key: Array | None = None) -> Array:
+def feed_forward(
+    h_BSD: Array,
+    w_a: Array,
+    bias_a: Array | None,
+    w_b: Array | None,
+    w_out: Array,
+    dtype,
+    rate: float = 0.0,
+    key: Array | None = None,
+) -> Array:
     """The block's output before any output bias, float32 [B, S, D_out]; matmul operands in
     `dtype` with float32 accumulation; dropout at `rate` on the product when `key` is given."""
     b, s, d = h_BSD.shape
@@ -80,8 +89,14 @@ def _ffn_bwd(dtype, rate, res, g_NE):
     if db_NF is not None:
         dh_ND = dh_ND + matmul("nf,df->nd", db_NF, w_b, dtype)
     d_bias = None if bias_a is None else da_NF.sum(0).astype(bias_a.dtype)
-    return (dh_ND.astype(h_ND.dtype), d_w_a.astype(w_a.dtype), d_bias,
-            None if w_b is None else d_w_b.astype(w_b.dtype), d_w_out.astype(w_out.dtype), None)
+    return (
+        dh_ND.astype(h_ND.dtype),
+        d_w_a.astype(w_a.dtype),
+        d_bias,
+        None if w_b is None else d_w_b.astype(w_b.dtype),
+        d_w_out.astype(w_out.dtype),
+        None,
+    )
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)

@@ -2,6 +2,7 @@
 
 Shapes: B batch, S sequence (query) positions, K key positions, H heads, G kv heads, Dh head width.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,7 @@ def rope_with(x_BSHD: Array, tables: tuple[Array, Array]) -> Array:
     cos, sin = tables
     dh = x_BSHD.shape[-1]
     x = x_BSHD.astype(jnp.float32)
-    rotated = jnp.concatenate([-x[..., dh // 2:], x[..., : dh // 2]], -1)
+    rotated = jnp.concatenate([-x[..., dh // 2 :], x[..., : dh // 2]], -1)
     return (x * cos + rotated * sin).astype(x_BSHD.dtype)
 
 
@@ -78,7 +79,7 @@ def keep_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
     The bits are as random as dropout needs (a well-mixed 32-bit hash), not cryptographic."""
     seed = jax.random.bits(key, (), jnp.uint32)
     idx = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    return hash_bits(idx, seed) < jnp.uint32(min(int(keep_prob * 2.0 ** 32), 2 ** 32 - 1))
+    return hash_bits(idx, seed) < jnp.uint32(min(int(keep_prob * 2.0**32), 2**32 - 1))
 
 
 def hash_bits(idx: Array, seed: Array) -> Array:
@@ -118,13 +119,12 @@ class StepWeight:
         self.w_PKC, self.w_KN, self.contracted, self.out_shape = w_PKC, w_KN, contracted, tuple(out_shape)
 
     @classmethod
-    def of(cls, w: Array, contracted: int, packed: bool = True) -> "StepWeight":
+    def of(cls, w: Array, contracted: int, packed: bool = True) -> StepWeight:
         """`w` packed for the kernel (`packed`), else as it is (for products with many rows only)."""
         from valle_jax import kernels  # not at import time: the model does not need it
 
         w_KN = w.reshape(math.prod(w.shape[:contracted]), -1)
-        return cls(kernels.pack(w_KN) if packed else None, None if packed else w_KN, contracted,
-                   w.shape[contracted:])
+        return cls(kernels.pack(w_KN) if packed else None, None if packed else w_KN, contracted, w.shape[contracted:])
 
     @property
     def n(self) -> int:
@@ -136,7 +136,7 @@ class StepWeight:
 
         return self.w_KN if self.w_KN is not None else kernels.unpack(self.w_PKC, self.n)
 
-    def unpacked(self) -> "StepWeight":
+    def unpacked(self) -> StepWeight:
         """This weight as it is, for products with many rows alone (a NAR's levels: unpacked once,
         outside their loop)."""
         return StepWeight(None, self.dense(), self.contracted, self.out_shape)
@@ -158,13 +158,18 @@ class StepWeight:
         if lhs[-c:] != rhs[:c] or len(rhs) != c + len(self.out_shape):
             raise ValueError(f"StepWeight contracting {c} axes cannot compute {spec!r}")
         lead = x.shape[: x.ndim - c]
-        x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - c:]))
-        if (self.w_PKC is not None and x_MK.shape[0] <= kernels.MAX_ROWS
-                and self.w_PKC.size >= kernels.MIN_WEIGHT_ELEMENTS and kernels.available()):
+        x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - c :]))
+        if (
+            self.w_PKC is not None
+            and x_MK.shape[0] <= kernels.MAX_ROWS
+            and self.w_PKC.size >= kernels.MIN_WEIGHT_ELEMENTS
+            and kernels.available()
+        ):
             y_MN = kernels.rows_linear(x_MK, self.w_PKC, self.n)
         else:
-            y_MN = jnp.einsum("mk,kn->mn", x_MK.astype(dtype), self.dense().astype(dtype),
-                              preferred_element_type=jnp.float32)
+            y_MN = jnp.einsum(
+                "mk,kn->mn", x_MK.astype(dtype), self.dense().astype(dtype), preferred_element_type=jnp.float32
+            )
         return y_MN.reshape(*lead, *self.out_shape)
 
 
@@ -213,8 +218,14 @@ def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B
     return allowed[:, None]
 
 
-def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropout_rate: float = 0.0,
-           dropout_key: Array | None = None) -> Array:
+def attend(
+    q_BSHD: Array,
+    k_BKGD: Array,
+    v_BKGD: Array,
+    mask_B1SK: Array,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> Array:
     """Softmax attention (float32 softmax); grouped-query when G < H. Returns [B, S, H, Dh].
     The plain expression: the model uses dense_attention.dense_attend, which computes the same
     values with a backward pass of its own (tests compare the two)."""
@@ -229,8 +240,9 @@ def attend(q_BSHD: Array, k_BKGD: Array, v_BKGD: Array, mask_B1SK: Array, dropou
     return out.reshape(b, s, h, dh)
 
 
-def attend_cache(q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, live: Array | None = None,
-                 many: bool = False) -> Array:
+def attend_cache(
+    q_BSHD: Array, ck_NKD: Array, cv_NDK: Array, mask_B1SK: Array, live: Array | None = None, many: bool = False
+) -> Array:
     """`attend` over one layer's cache: keys [B*G, K, Dh], values [B*G, Dh, K] (row b*G + g).
 
     Why this layout: at a decoding step each (row, kv head) is a matrix-vector product, which XLA's

@@ -21,6 +21,7 @@ before it); invalid positions (right padding) contribute nothing and do not adva
 
 Shapes: B batch, C chunk positions, H heads, Dk key width d/H, Dv value width 2d/H.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,11 @@ class State(NamedTuple):
 
 
 def empty_state(batch: int, heads: int, key_dim: int, value_dim: int) -> State:
-    return State(jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32),
-                 jnp.zeros((batch, heads, key_dim), jnp.float32), jnp.zeros((batch,), jnp.int32))
+    return State(
+        jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32),
+        jnp.zeros((batch, heads, key_dim), jnp.float32),
+        jnp.zeros((batch,), jnp.int32),
+    )
 
 
 def decay_rates(heads: int) -> Array:
@@ -87,7 +91,9 @@ def plan(positions_BC: Array, valid_BC: Array, count_B: Array, lam_H: Array) -> 
     pos = positions_BC.astype(jnp.int32)
     rel = pos[:, :, None] - pos[:, None, :]  # [B, C(i), C(j)]
     keep = valid_BC[:, None, :] & (rel >= 0)
-    decay = jnp.where(keep[:, None], jnp.exp(lam[..., None] * jnp.where(keep, rel, 0)[:, None].astype(jnp.float32)), 0.0)
+    decay = jnp.where(
+        keep[:, None], jnp.exp(lam[..., None] * jnp.where(keep, rel, 0)[:, None].astype(jnp.float32)), 0.0
+    )
     inv_norm = jax.lax.rsqrt(_mass((pos + 1).astype(jnp.float32)[:, None, :], lam))  # c_i >= 1
     n = count_B.astype(jnp.float32)[:, None, None]  # the state ends at e = n - 1
     root_c = jnp.sqrt(_mass(n, lam))
@@ -101,8 +107,9 @@ def plan(positions_BC: Array, valid_BC: Array, count_B: Array, lam_H: Array) -> 
     return Plan(decay, inv_norm, from_state, to_state * inv_root_c2, carry[..., 0], new_count)
 
 
-def retain_chunk(q_BCHD: Array, k_BCHD: Array, v_BCHE: Array, p: Plan, state: State | None,
-                 want_state: bool = True) -> tuple[Array, State | None]:
+def retain_chunk(
+    q_BCHD: Array, k_BCHD: Array, v_BCHE: Array, p: Plan, state: State | None, want_state: bool = True
+) -> tuple[Array, State | None]:
     """Retention outputs [B, C, H, Dv] (before the group norm) for a chunk whose queries and keys
     are already rotated, continuing `state` (None: the empty state); and the state after it."""
     f32 = jnp.float32
@@ -126,14 +133,24 @@ def retain_chunk(q_BCHD: Array, k_BCHD: Array, v_BCHE: Array, p: Plan, state: St
     return out.transpose(0, 2, 1, 3), State(kv, k_sum, p.count_B)
 
 
-def chunked(fn, q_BSHD: Array, k_BSHD: Array, v_BSHE: Array, positions_BS: Array, valid_BS: Array,
-            state: State, lam_H: Array, chunk: int) -> tuple[Array, State]:
+def chunked(
+    fn,
+    q_BSHD: Array,
+    k_BSHD: Array,
+    v_BSHE: Array,
+    positions_BS: Array,
+    valid_BS: Array,
+    state: State,
+    lam_H: Array,
+    chunk: int,
+) -> tuple[Array, State]:
     """`fn(q, k, v, plan, state) -> (out, state)` over consecutive chunks of `chunk` positions (a
     `lax.scan`), then the remainder as one shorter chunk; the outputs concatenated."""
     s = q_BSHD.shape[1]
     n_full, rest = divmod(s, chunk)
     outs = []
     if n_full:
+
         def split(a):
             a = a[:, : n_full * chunk]
             return jnp.moveaxis(a.reshape((a.shape[0], n_full, chunk) + a.shape[2:]), 1, 0)
@@ -143,12 +160,19 @@ def chunked(fn, q_BSHD: Array, k_BSHD: Array, v_BSHE: Array, positions_BS: Array
             out, st = fn(q, k, v, plan(pos, val, st.count, lam_H), st)
             return st, out
 
-        state, out = jax.lax.scan(body, state, tuple(split(a) for a in (q_BSHD, k_BSHD, v_BSHE, positions_BS, valid_BS)))
+        state, out = jax.lax.scan(
+            body, state, tuple(split(a) for a in (q_BSHD, k_BSHD, v_BSHE, positions_BS, valid_BS))
+        )
         outs.append(jnp.moveaxis(out, 0, 1).reshape((out.shape[1], n_full * chunk) + out.shape[3:]))
     if rest:
-        tail = lambda a: a[:, n_full * chunk:]  # noqa: E731
-        out, state = fn(tail(q_BSHD), tail(k_BSHD), tail(v_BSHE),
-                        plan(tail(positions_BS), tail(valid_BS), state.count, lam_H), state)
+        tail = lambda a: a[:, n_full * chunk :]  # noqa: E731
+        out, state = fn(
+            tail(q_BSHD),
+            tail(k_BSHD),
+            tail(v_BSHE),
+            plan(tail(positions_BS), tail(valid_BS), state.count, lam_H),
+            state,
+        )
         outs.append(out)
     return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), state
 

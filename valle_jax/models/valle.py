@@ -11,6 +11,7 @@ Batches are right-padded per segment (see valle_jax.data.pipeline); `assemble` p
 segments contiguously into S = T + P + R + 5 positions with one gather, so no per-sample Python
 concatenation happens inside jit. Valid positions form a prefix of each row.
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,12 +37,14 @@ def layout(batch: dict, level_B: Array) -> tuple[Array, Array]:
     [text (T) | sep (1) | lang (1) | prompt (P) | response with stop slot (R + 1)], and validity.
     """
     rl = batch["resp_len"] + (level_B == 0)  # the AR input carries a stop row
-    return segment_index(batch["text_len"], batch["prompt_len"], rl, batch["text"].shape[1],
-                         batch["prompt"].shape[1], seq_len(batch))
+    return segment_index(
+        batch["text_len"], batch["prompt_len"], rl, batch["text"].shape[1], batch["prompt"].shape[1], seq_len(batch)
+    )
 
 
-def segment_index(text_len_B: Array, prompt_len_B: Array, resp_rows_B: Array, t_cap: int, p_cap: int,
-                  s_len: int) -> tuple[Array, Array]:
+def segment_index(
+    text_len_B: Array, prompt_len_B: Array, resp_rows_B: Array, t_cap: int, p_cap: int, s_len: int
+) -> tuple[Array, Array]:
     """`layout` from lengths: each row's segments packed contiguously into `s_len` positions.
     With `resp_rows_B` = 0 it lays out the prefix `[text | sep | lang | sep | prompt | sep]` alone."""
     tl, pl, rl = text_len_B[:, None], prompt_len_B[:, None], resp_rows_B[:, None]
@@ -50,7 +53,9 @@ def segment_index(text_len_B: Array, prompt_len_B: Array, resp_rows_B: Array, t_
     sep = t_cap
     idx = jnp.select(
         [s < tl, s == tl, s == tl + 1, s == tl + 2, s < p0 + pl, s == p0 + pl, s < r0 + rl],
-        [s, sep, t_cap + 1, sep, t_cap + 2 + (s - p0), sep, t_cap + 2 + p_cap + (s - r0)], 0)
+        [s, sep, t_cap + 1, sep, t_cap + 2 + (s - p0), sep, t_cap + 2 + p_cap + (s - r0)],
+        0,
+    )
     return idx, s < r0 + rl
 
 
@@ -66,14 +71,22 @@ def targets(batch: dict, level_B: Array, stop_token: int) -> tuple[Array, Array]
     idx, valid = layout(batch, level_B)
     b, r_cap = batch["resp"].shape[:2]
     frames = jnp.arange(r_cap + 1)[None, :]
-    codes = jnp.take_along_axis(batch["resp"].astype(jnp.int32),
-                                jnp.minimum(level_B, batch["resp"].shape[2] - 1)[:, None, None], axis=2)[..., 0]
+    codes = jnp.take_along_axis(
+        batch["resp"].astype(jnp.int32), jnp.minimum(level_B, batch["resp"].shape[2] - 1)[:, None, None], axis=2
+    )[..., 0]
     codes = jnp.pad(codes, ((0, 0), (0, 1)))
     rl = batch["resp_len"][:, None]
     resp_t = jnp.where(frames < rl, codes, jnp.where((frames == rl) & (level_B[:, None] == 0), stop_token, IGNORE))
-    src = jnp.concatenate([
-        batch["text"].astype(jnp.int32), jnp.full((b, 1), IGNORE), batch["lang"][:, None].astype(jnp.int32),
-        jnp.full((b, batch["prompt"].shape[1]), IGNORE), resp_t], axis=1)
+    src = jnp.concatenate(
+        [
+            batch["text"].astype(jnp.int32),
+            jnp.full((b, 1), IGNORE),
+            batch["lang"][:, None].astype(jnp.int32),
+            jnp.full((b, batch["prompt"].shape[1]), IGNORE),
+            resp_t,
+        ],
+        axis=1,
+    )
     t = jnp.where(valid, jnp.take_along_axis(src, idx, axis=1), IGNORE)
     shifted = jnp.pad(t[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE)
     return jnp.where(level_B[:, None] == 0, shifted, t), valid
@@ -115,22 +128,35 @@ class VALLE(nnx.Module):
         ar_in = jnp.where(frames == resp_len_B[:, None], cfg.stop_token, codes[..., 0])
         ar = w[0] * self.resp_emb_ar[...][ar_in]
         tables = self.resp_emb_nar[...]
-        nar = sum(jnp.where((k < level_B)[:, None, None], w[k + 1] * tables[k][codes[..., k]], 0.0)
-                  for k in range(min(cfg.n_resp_levels - 1, codes.shape[-1])))
+        nar = sum(
+            jnp.where((k < level_B)[:, None, None], w[k + 1] * tables[k][codes[..., k]], 0.0)
+            for k in range(min(cfg.n_resp_levels - 1, codes.shape[-1]))
+        )
         return jnp.where((level_B == 0)[:, None, None], ar, nar)
 
-    def embed_prefix(self, text_BT: Array, text_len_B: Array, lang_B: Array, prompt_BPQ: Array,
-                     prompt_len_B: Array) -> tuple[Array, Array]:
+    def embed_prefix(
+        self, text_BT: Array, text_len_B: Array, lang_B: Array, prompt_BPQ: Array, prompt_len_B: Array
+    ) -> tuple[Array, Array]:
         """(x [B, T + P + 4, D], valid) of `[text | sep | lang | sep | prompt | sep]` alone: with causal
         attention these positions do not depend on the response, so decoding computes them once."""
         b, t_cap = text_BT.shape
-        sources = jnp.concatenate([
-            self.text_emb[...][text_BT],
-            jnp.broadcast_to(self.sep[...], (b, 1, self.cfg.d_model)),
-            self.lang_emb[...][lang_B][:, None],
-            self.embed_prompt(prompt_BPQ)], axis=1)
-        idx, valid = segment_index(text_len_B, prompt_len_B, jnp.zeros_like(text_len_B), t_cap,
-                                   prompt_BPQ.shape[1], t_cap + prompt_BPQ.shape[1] + 4)
+        sources = jnp.concatenate(
+            [
+                self.text_emb[...][text_BT],
+                jnp.broadcast_to(self.sep[...], (b, 1, self.cfg.d_model)),
+                self.lang_emb[...][lang_B][:, None],
+                self.embed_prompt(prompt_BPQ),
+            ],
+            axis=1,
+        )
+        idx, valid = segment_index(
+            text_len_B,
+            prompt_len_B,
+            jnp.zeros_like(text_len_B),
+            t_cap,
+            prompt_BPQ.shape[1],
+            t_cap + prompt_BPQ.shape[1] + 4,
+        )
         x = jnp.take_along_axis(sources, idx[..., None], axis=1)
         return jnp.where(valid[..., None], x.astype(jnp.float32), 0.0), valid
 
@@ -143,12 +169,16 @@ class VALLE(nnx.Module):
     def embed(self, batch: dict, level_B: Array) -> tuple[Array, Array]:
         """(x [B, S, D] packed input sequence, valid [B, S])."""
         b = batch["text"].shape[0]
-        sources = jnp.concatenate([
-            self.text_emb[...][batch["text"]],
-            jnp.broadcast_to(self.sep[...], (b, 1, self.cfg.d_model)),
-            self.lang_emb[...][batch["lang"]][:, None],
-            self.embed_prompt(batch["prompt"]),
-            self.embed_response(batch["resp"], batch["resp_len"], level_B)], axis=1)
+        sources = jnp.concatenate(
+            [
+                self.text_emb[...][batch["text"]],
+                jnp.broadcast_to(self.sep[...], (b, 1, self.cfg.d_model)),
+                self.lang_emb[...][batch["lang"]][:, None],
+                self.embed_prompt(batch["prompt"]),
+                self.embed_response(batch["resp"], batch["resp_len"], level_B),
+            ],
+            axis=1,
+        )
         idx, valid = layout(batch, level_B)
         x = jnp.take_along_axis(sources, idx[..., None], axis=1)
         return jnp.where(valid[..., None], x, 0.0), valid
@@ -158,17 +188,30 @@ class VALLE(nnx.Module):
         """Causal attention for every level (the reference), or only for the AR (option)."""
         return (level_B == 0) | (not self.cfg.bidirectional_nar)
 
-    def run(self, x_BSD: Array, positions_BS: Array, valid_BS: Array, level_B: Array, cache=None,
-            dropout_key=None, layers: list[dict] | None = None) -> tuple[Array, Array, dict | None]:
+    def run(
+        self,
+        x_BSD: Array,
+        positions_BS: Array,
+        valid_BS: Array,
+        level_B: Array,
+        cache=None,
+        dropout_key=None,
+        layers: list[dict] | None = None,
+    ) -> tuple[Array, Array, dict | None]:
         """Backbone + classifier on embedded positions: (logits f32 [B, S, V], hidden, new cache).
         `layers`: the backbone's per-layer parameters (`backbone.unstack()`) for cached decoding."""
         if self.cfg.arch == "transformer":
             x_BSD = x_BSD + L.sinusoidal(positions_BS, self.cfg.d_model)
-        hidden, cache = self.backbone(x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key,
-                                      layers)
+        hidden, cache = self.backbone(
+            x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key, layers
+        )
         dt = jnp.dtype(self.cfg.dtype)
-        logits = jnp.einsum("bsd,dv->bsv", hidden.astype(dt), self.classifier[...].astype(dt),
-                            preferred_element_type=jnp.float32) + self.classifier_bias[...]
+        logits = (
+            jnp.einsum(
+                "bsd,dv->bsv", hidden.astype(dt), self.classifier[...].astype(dt), preferred_element_type=jnp.float32
+            )
+            + self.classifier_bias[...]
+        )
         return jnp.where(valid_BS[..., None], logits, 0.0), hidden, cache
 
     def __call__(self, batch: dict, level_B: Array, dropout_key: Array | None = None) -> tuple[Array, Array]:
@@ -205,8 +248,13 @@ def loss_and_metrics(logits_BSV: Array, targets_BS: Array, level_B: Array, n_lev
     per_row_nll, per_row_n = nll.sum(-1), scored.sum(-1)
     onehot = jax.nn.one_hot(level_B, n_levels, dtype=jnp.float32)
     level_nll, level_n = per_row_nll @ onehot, per_row_n.astype(jnp.float32) @ onehot
-    metrics = {"loss": loss, "acc_top10": acc, "tokens": scored.sum(),
-               "loss_per_level": level_nll / jnp.maximum(level_n, 1), "tokens_per_level": level_n}
+    metrics = {
+        "loss": loss,
+        "acc_top10": acc,
+        "tokens": scored.sum(),
+        "loss_per_level": level_nll / jnp.maximum(level_n, 1),
+        "tokens_per_level": level_n,
+    }
     return loss, metrics
 
 

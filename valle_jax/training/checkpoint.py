@@ -6,6 +6,7 @@ Items: "params" and "opt_state" (sharded arrays, restored onto whatever mesh the
 and renames it when complete, so a run killed mid-save leaves a directory that `latest_step`
 never returns (and that the next start removes).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,13 @@ ITEMS = ("params", "opt_state", "train", "data", "meta")
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 4, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
-                                               enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=1,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
@@ -32,18 +38,27 @@ class Checkpoints:
 
     def save(self, step: int, state: dict, data_state: Any, meta: dict) -> bool:
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
             train=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]}),
-            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        )
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, Any, dict]:
         """(state, data state, meta) of `step`, arrays laid out as `abstract_state`'s shardings say."""
         train_target = {"step": abstract_state["step"], "rng": abstract_state["rng"]}
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state["params"]),
-            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
-            train=ocp.args.StandardRestore(train_target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state["params"]),
+                opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+                train=ocp.args.StandardRestore(train_target),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         state = {"params": out["params"], "opt_state": out["opt_state"], **out["train"]}
         return state, out["data"], out["meta"]
 
@@ -52,7 +67,9 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        target = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
+        target = (
+            ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
+        )
         out = self.manager.restore(step, args=ocp.args.Composite(params=target, meta=ocp.args.JsonRestore()))
         return out["params"], out["meta"], step
 

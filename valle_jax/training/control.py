@@ -5,6 +5,7 @@ daemon thread only when it is a terminal (or when asked), so a closed, redirecte
 stdin never blocks or breaks training. With several processes, process 0's commands and everyone's
 stop requests are shared at each sync point (multihost_utils), so all hosts act together.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,7 +91,7 @@ class StopRequest:
         self.signal: int | None = None
         self._previous = {}
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -100,8 +101,10 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
-        log.warning("received %s: finishing this step, saving, then exiting (Ctrl-C again to abort)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "received %s: finishing this step, saving, then exiting (Ctrl-C again to abort)",
+            signal.Signals(signum).name,
+        )
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

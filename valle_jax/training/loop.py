@@ -4,6 +4,7 @@ Nothing in the loop waits on the device except where it must: a step's metrics a
 the next step has been dispatched, and checkpoints are written asynchronously. The step is compiled
 ahead of time once per batch shape (the pipeline's buckets), so compile time is visible in the log.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from valle_jax.checkpointing import params_of
-from valle_jax.config import (ConfigError, data_config, mesh_config, model_config, optim_config,
-                              train_config)
+from valle_jax.config import ConfigError, data_config, mesh_config, model_config, optim_config, train_config
 from valle_jax.data.pipeline import make_iterator
 from valle_jax.data.store import Store
 from valle_jax.export import RUN_FILE, export, run_stats
@@ -29,8 +30,14 @@ from valle_jax.training import control, monitor, sharding
 from valle_jax.training.checkpoint import Checkpoints, abstract_like
 from valle_jax.training.inject import load_embeddings
 from valle_jax.training.optim import make_optimizer
-from valle_jax.training.step import (DEVICE_KEYS, abstract_model, init_params, make_eval_step,
-                                     make_train_step, train_flops)
+from valle_jax.training.step import (
+    DEVICE_KEYS,
+    abstract_model,
+    init_params,
+    make_eval_step,
+    make_train_step,
+    train_flops,
+)
 
 log = logging.getLogger("valle_jax.train")
 
@@ -57,8 +64,10 @@ class Trainer:
         self.mesh = sharding.make_mesh(self.mesh_cfg, devices)
         dp = sharding.data_parallel_size(self.mesh, self.mesh_cfg)
         if self.data_cfg.batch_size % dp:
-            raise ConfigError(f"data.batch_size={self.data_cfg.batch_size} is not divisible by the "
-                              f"{dp} data-parallel devices of mesh {dict(self.mesh.shape)}")
+            raise ConfigError(
+                f"data.batch_size={self.data_cfg.batch_size} is not divisible by the "
+                f"{dp} data-parallel devices of mesh {dict(self.mesh.shape)}"
+            )
         self.store = Store(self.data_cfg.store)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._check_run_file()
@@ -69,30 +78,42 @@ class Trainer:
         self.param_sh = sharding.param_shardings(abstract, self.mesh, self.mesh_cfg)
         self.injected = load_embeddings(self.optim_cfg.embeddings, self.model_cfg) if self.optim_cfg.embeddings else {}
         self.tx, self.schedule, self.frozen = make_optimizer(
-            self.optim_cfg, abstract_params, self.train_cfg.steps, [f"^{k}$" for k in self.injected])
+            self.optim_cfg, abstract_params, self.train_cfg.steps, [f"^{k}$" for k in self.injected]
+        )
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         self.replicated = NamedSharding(self.mesh, P())
-        self.state_sh = {"params": self.param_sh,
-                         "opt_state": sharding.mirror_shardings(abstract_opt, abstract_params, self.param_sh, self.mesh),
-                         "step": self.replicated, "rng": self.replicated}
+        self.state_sh = {
+            "params": self.param_sh,
+            "opt_state": sharding.mirror_shardings(abstract_opt, abstract_params, self.param_sh, self.mesh),
+            "step": self.replicated,
+            "rng": self.replicated,
+        }
         self.batch_sh = sharding.batch_sharding(self.mesh, self.mesh_cfg)
         self.batch_shardings = {k: self.batch_sh for k in DEVICE_KEYS}
 
         probs = self.train_cfg.level_probs
-        self._train_step = jax.jit(make_train_step(self.graph, self.model_cfg, self.tx, probs),
-                                   in_shardings=(self.state_sh, self.batch_shardings, self.replicated),
-                                   out_shardings=(self.state_sh, self.replicated), donate_argnums=(0,))
-        self._eval_step = jax.jit(make_eval_step(self.graph, self.model_cfg, probs),
-                                  in_shardings=(self.param_sh, self.batch_shardings, self.replicated),
-                                  out_shardings=self.replicated)
+        self._train_step = jax.jit(
+            make_train_step(self.graph, self.model_cfg, self.tx, probs),
+            in_shardings=(self.state_sh, self.batch_shardings, self.replicated),
+            out_shardings=(self.state_sh, self.replicated),
+            donate_argnums=(0,),
+        )
+        self._eval_step = jax.jit(
+            make_eval_step(self.graph, self.model_cfg, probs),
+            in_shardings=(self.param_sh, self.batch_shardings, self.replicated),
+            out_shardings=self.replicated,
+        )
         self.compiled: dict[tuple, object] = {}
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.train_cfg.keep)
         self.writer = monitor.MetricsWriter(self.workdir, enabled=self.primary)
         self._codec = self._decoder = None  # for evaluation audio, made on first use
         self._audio_off = False  # set when the codec for evaluation audio cannot be loaded
         self.peak_flops, self.peak_source = monitor.device_peak_flops(self.train_cfg.peak_flops)
-        self.commands = control.CommandReader(enabled={"on": True, "off": False, "auto": None}[commands]) \
-            if self.primary else control.CommandReader(enabled=False)
+        self.commands = (
+            control.CommandReader(enabled={"on": True, "off": False, "auto": None}[commands])
+            if self.primary
+            else control.CommandReader(enabled=False)
+        )
         self.lr_override: float | None = None
         self.stats = {"samples": 0, "tokens_processed": 0, "positions": 0, "train_seconds": 0.0}
 
@@ -103,27 +124,49 @@ class Trainer:
         model = dataclasses.asdict(self.model_cfg)
         if path.exists():
             old = json.loads(path.read_text("utf-8"))
-            keys = ("arch", "d_model", "n_heads", "n_layers", "n_kv_heads", "ffn_mult", "n_tokens", "n_prom_levels",
-                    "n_resp_levels", "n_langs", "version")
+            keys = (
+                "arch",
+                "d_model",
+                "n_heads",
+                "n_layers",
+                "n_kv_heads",
+                "ffn_mult",
+                "n_tokens",
+                "n_prom_levels",
+                "n_resp_levels",
+                "n_langs",
+                "version",
+            )
             changed = {k: (old["model"].get(k), model[k]) for k in keys if old["model"].get(k) != model[k]}
             if changed:
-                raise ConfigError(f"{self.workdir} holds a run of another model (old, new): {changed}; "
-                                  "use a new --workdir")
+                raise ConfigError(
+                    f"{self.workdir} holds a run of another model (old, new): {changed}; use a new --workdir"
+                )
             if old["symmap"] != self.store.symmap:
                 raise ConfigError(f"{self.store.path} uses another phoneme map than the run in {self.workdir}")
         if self.primary:
             from valle_jax.atomic import write_text
 
-            write_text(path, json.dumps({"model": model, "symmap": self.store.symmap,
-                                         "config": self.config.to_dict()}, indent=1, default=list))
+            write_text(
+                path,
+                json.dumps(
+                    {"model": model, "symmap": self.store.symmap, "config": self.config.to_dict()},
+                    indent=1,
+                    default=list,
+                ),
+            )
 
     def _fresh_state(self) -> dict:
         seed, cfg, tx = int(self.config.seed), self.model_cfg, self.tx
 
         def init():
             params = init_params(cfg, seed)
-            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                    "rng": jax.random.key_data(jax.random.key(seed + 1))}
+            return {
+                "params": params,
+                "opt_state": tx.init(params),
+                "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(jax.random.key(seed + 1)),
+            }
 
         return jax.jit(init, out_shardings=self.state_sh)()
 
@@ -150,8 +193,9 @@ class Trainer:
         return self._inject(state), data_state, step or 0
 
     def _iterator(self, data_state):
-        it = make_iterator(self.store, self.data_cfg, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+        it = make_iterator(
+            self.store, self.data_cfg, process_index=jax.process_index(), process_count=jax.process_count()
+        )
         if data_state is not None:
             it.set_state(data_state)
         return it
@@ -164,9 +208,14 @@ class Trainer:
         if key not in self.compiled:
             t0 = time.perf_counter()
             self.compiled[key] = self._train_step.lower(state, batch, lr).compile()
-            log.info("compiled the train step for text %d, prompt %d, response %d frames in %.1f s (%d shapes so far)",
-                     batch["text"].shape[1], batch["prompt"].shape[1], batch["resp"].shape[1],
-                     time.perf_counter() - t0, len(self.compiled))
+            log.info(
+                "compiled the train step for text %d, prompt %d, response %d frames in %.1f s (%d shapes so far)",
+                batch["text"].shape[1],
+                batch["prompt"].shape[1],
+                batch["resp"].shape[1],
+                time.perf_counter() - t0,
+                len(self.compiled),
+            )
         return self.compiled[key]
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -235,8 +284,12 @@ class Trainer:
                     log.info("stopped at step %d (checkpoint saved)", step)
                     break
         except NonFiniteLoss as e:
-            log.error("%s; the run stops here and the last good checkpoint (step %d) is kept; "
-                      "set --config.train.nonfinite=skip to skip such steps instead", e, last_saved)
+            log.error(
+                "%s; the run stops here and the last good checkpoint (step %d) is kept; "
+                "set --config.train.nonfinite=skip to skip such steps instead",
+                e,
+                last_saved,
+            )
             exit_code = EXIT_NONFINITE
         self.checkpoints.wait()
         if exit_code == EXIT_OK and step >= cfg.steps:
@@ -264,8 +317,10 @@ class Trainer:
         m = jax.device_get(metrics)
         if not bool(m["finite"]):
             if self.train_cfg.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])} "
-                                    f"at step {step} (the update was not applied)")
+                raise NonFiniteLoss(
+                    f"non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])} "
+                    f"at step {step} (the update was not applied)"
+                )
             log.warning("step %d: non-finite loss or gradient; update skipped", step)
         m["nll_per_level"] = m["loss_per_level"] * m["tokens_per_level"]
         averager.add(m)
@@ -277,14 +332,18 @@ class Trainer:
         if avg.n == 0:
             return
         self.stats["train_seconds"] += seconds
-        scalars = {"train/loss": float(avg.mean("loss")), "train/acc_top10": float(avg.mean("acc_top10")),
-                   "train/grad_norm": float(avg.mean("grad_norm")), "train/lr": self.current_lr(step),
-                   "perf/step_time_s": seconds / max(steps, 1),
-                   "perf/tokens_per_s": float(avg.sums["positions"]) / max(seconds, 1e-9),
-                   "perf/tflops_per_device": flops / max(seconds, 1e-9) / jax.device_count() / 1e12,
-                   "perf/mfu": flops / max(seconds, 1e-9) / (self.peak_flops * jax.device_count()),
-                   "stats/tokens_processed": float(self.stats["tokens_processed"]),
-                   "stats/samples": float(self.stats["samples"])}
+        scalars = {
+            "train/loss": float(avg.mean("loss")),
+            "train/acc_top10": float(avg.mean("acc_top10")),
+            "train/grad_norm": float(avg.mean("grad_norm")),
+            "train/lr": self.current_lr(step),
+            "perf/step_time_s": seconds / max(steps, 1),
+            "perf/tokens_per_s": float(avg.sums["positions"]) / max(seconds, 1e-9),
+            "perf/tflops_per_device": flops / max(seconds, 1e-9) / jax.device_count() / 1e12,
+            "perf/mfu": flops / max(seconds, 1e-9) / (self.peak_flops * jax.device_count()),
+            "stats/tokens_processed": float(self.stats["tokens_processed"]),
+            "stats/samples": float(self.stats["samples"]),
+        }
         for lv, (nll, tok) in enumerate(zip(avg.sums["nll_per_level"], avg.sums["tokens_per_level"])):
             if tok > 0:  # token-weighted over the interval, like the overall loss of each step
                 scalars[f"train/loss_level{lv}"] = float(nll / tok)
@@ -294,19 +353,36 @@ class Trainer:
 
     def _log_setup(self, state, step: int) -> None:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-        n_frozen = sum(int(np.prod(x.shape)) for x, f in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(self.frozen)) if f)
-        log.info("model %s: %.2fM parameters (%.2fM frozen); mesh %s over %d devices (%d processes); "
-                 "global batch %d x %d accumulation; optimizer %s, schedule %s; MFU against %.3g FLOP/s per device (%s)",
-                 self.model_cfg.arch, n_params / 1e6, n_frozen / 1e6, dict(self.mesh.shape), jax.device_count(),
-                 jax.process_count(), self.data_cfg.batch_size, self.accum, self.optim_cfg.name,
-                 self.optim_cfg.schedule, self.peak_flops, self.peak_source)
+        n_frozen = sum(
+            int(np.prod(x.shape)) for x, f in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(self.frozen)) if f
+        )
+        log.info(
+            "model %s: %.2fM parameters (%.2fM frozen); mesh %s over %d devices (%d processes); "
+            "global batch %d x %d accumulation; optimizer %s, schedule %s; MFU against %.3g FLOP/s per device (%s)",
+            self.model_cfg.arch,
+            n_params / 1e6,
+            n_frozen / 1e6,
+            dict(self.mesh.shape),
+            jax.device_count(),
+            jax.process_count(),
+            self.data_cfg.batch_size,
+            self.accum,
+            self.optim_cfg.name,
+            self.optim_cfg.schedule,
+            self.peak_flops,
+            self.peak_source,
+        )
         if self.commands.enabled:
             log.info("reading commands from stdin: %s", control.HELP)
 
     # ---- side jobs ----------------------------------------------------------------------------
     def _meta(self, step: int) -> dict:
-        return {"step": step, "micro_step": step * self.accum, "stats": dict(self.stats),
-                "lr_override": self.lr_override}
+        return {
+            "step": step,
+            "micro_step": step * self.accum,
+            "stats": dict(self.stats),
+            "lr_override": self.lr_override,
+        }
 
     def _save(self, step: int, state: dict, it) -> None:
         if step in self.checkpoints.all_steps():
@@ -325,8 +401,14 @@ class Trainer:
     def _export(self, state: dict, step: int) -> None:
         params = self._gather_params(state["params"])
         if self.primary:
-            out = export(params, self.model_cfg, self.store.symmap, run_stats(self._meta(step)),
-                         self.workdir / "export", overwrite=True)
+            out = export(
+                params,
+                self.model_cfg,
+                self.store.symmap,
+                run_stats(self._meta(step)),
+                self.workdir / "export",
+                overwrite=True,
+            )
             log.info("exported step %d to %s", step, out)
 
     def _command(self, cmd: control.Command, state: dict, it, step: int) -> None:
@@ -345,8 +427,15 @@ class Trainer:
         the validation store, read in order, with levels drawn from a fixed key per batch (so
         successive evaluations are comparable)."""
         cfg = dataclasses.replace(self.data_cfg, store=self.train_cfg.eval_store or self.data_cfg.store, num_workers=0)
-        it = make_iterator(cfg.store, cfg, process_index=jax.process_index(), process_count=jax.process_count(),
-                           num_epochs=1, shuffle=False, drop_remainder=False)
+        it = make_iterator(
+            cfg.store,
+            cfg,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_epochs=1,
+            shuffle=False,
+            drop_remainder=False,
+        )
         sums, first = None, None
         t0 = time.perf_counter()
         for i, local in zip(range(self.train_cfg.eval_batches), it):
@@ -363,8 +452,13 @@ class Trainer:
             if tok > 0:
                 scalars[f"val/loss_level{lv}"] = float(nll / tok)
         self.writer.write(step, scalars)
-        log.info("eval at step %d: loss %.4f, top-10 accuracy %.3f (%.1f s)", step, scalars["val/loss"],
-                 scalars["val/acc_top10"], time.perf_counter() - t0)
+        log.info(
+            "eval at step %d: loss %.4f, top-10 accuracy %.3f (%.1f s)",
+            step,
+            scalars["val/loss"],
+            scalars["val/acc_top10"],
+            time.perf_counter() - t0,
+        )
         if self.train_cfg.eval_audio > 0:
             self._eval_audio(params, first, step)
         return scalars
@@ -393,8 +487,9 @@ class Trainer:
             self._decoder.params = nnx.state(model_from_params(self._decoder.cfg, params))
         n = min(self.train_cfg.eval_audio, len(batch["text_len"]))
         inputs = Inputs(*(np.asarray(batch[k][:n]) for k in ("text", "text_len", "lang", "prompt", "prompt_len")))
-        out = self._decoder.generate(inputs, Settings(max_ar_steps=self.train_cfg.eval_audio_steps, ar_temp=0.95,
-                                                      nar_temp=0.5, seed=step))
+        out = self._decoder.generate(
+            inputs, Settings(max_ar_steps=self.train_cfg.eval_audio_steps, ar_temp=0.95, nar_temp=0.5, seed=step)
+        )
         folder = self.workdir / "samples" / f"{step:08d}"
         for i, codes in enumerate(out.codes):
             write_wav(folder / f"{i}_hyp.wav", self._codec.decode(codes) if len(codes) else np.zeros(1, np.float32))
@@ -405,4 +500,3 @@ class Trainer:
 
 def train(config, workdir: str | Path, commands: str = "auto") -> int:
     return Trainer(config, workdir, commands).run()
-

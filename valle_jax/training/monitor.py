@@ -1,5 +1,6 @@
 """What a run reports: TensorBoard events, a metrics.jsonl the plot command reads, console lines,
 and the device peak that MFU is measured against. Only process 0 writes."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 
 # dense bf16 peak FLOP/s per device (vendor figures; the MFU denominator when train.peak_flops is 0)
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-              "NVIDIA A100": 312e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12}
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+}
 
 
 def measure_matmul_peak(n: int = 2048, reps: int = 5, dtype=jnp.float32) -> float:
@@ -27,7 +39,7 @@ def measure_matmul_peak(n: int = 2048, reps: int = 5, dtype=jnp.float32) -> floa
         t0 = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def device_peak_flops(configured: float = 0.0) -> tuple[float, str]:
@@ -83,9 +95,15 @@ def format_duration(seconds: float) -> str:
 
 
 def console_line(step: int, total: int, m: dict) -> str:
-    parts = [f"step {step}/{total}", f"loss {m['train/loss']:.4f}", f"acc {m['train/acc_top10']:.3f}",
-             f"lr {m['train/lr']:.3g}", f"gnorm {m['train/grad_norm']:.3g}",
-             f"{m['perf/tokens_per_s'] / 1e3:.1f}k tok/s", f"{m['perf/step_time_s']:.3f} s/step"]
+    parts = [
+        f"step {step}/{total}",
+        f"loss {m['train/loss']:.4f}",
+        f"acc {m['train/acc_top10']:.3f}",
+        f"lr {m['train/lr']:.3g}",
+        f"gnorm {m['train/grad_norm']:.3g}",
+        f"{m['perf/tokens_per_s'] / 1e3:.1f}k tok/s",
+        f"{m['perf/step_time_s']:.3f} s/step",
+    ]
     if "perf/mfu" in m:
         parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
     parts.append(f"ETA {format_duration(m['perf/step_time_s'] * (total - step))}")

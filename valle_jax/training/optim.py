@@ -7,10 +7,11 @@ Frozen parameters (regexes over "a/b/c" paths, and injected embeddings) get no u
 decay. The learning rate follows the schedule; the loop may scale the final update by a factor
 (`lr VALUE` at the console), which for these optimizers is the same as changing the rate.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import optax
@@ -34,7 +35,8 @@ def frozen_mask(params: dict, patterns: Iterable[str]) -> dict:
     if unused:
         raise ConfigError(f"optim.frozen patterns {unused} match no parameter; parameters are {path_names(params)}")
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: any(c.search("/".join(str(k.key) for k in p)) for c in compiled), params)
+        lambda p, _: any(c.search("/".join(str(k.key) for k in p)) for c in compiled), params
+    )
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -45,15 +47,18 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     end = peak * cfg.end_lr_ratio
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warm, warm + decay, end)
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), optax.linear_schedule(peak, end, decay)], [warm])
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warm), optax.linear_schedule(peak, end, decay)], [warm]
+    )
 
 
 def base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     if cfg.name == "adamw":  # SPEC §7.2 defaults: betas (0.9, 0.96), eps 1e-7, weight decay 0.01
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "prodigy":
-        return optax.contrib.prodigy(schedule, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                     estim_lr_coef=cfg.d_coef)
+        return optax.contrib.prodigy(
+            schedule, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay, estim_lr_coef=cfg.d_coef
+        )
     return optax.sgd(schedule, momentum=cfg.momentum or None)
 
 

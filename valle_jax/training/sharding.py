@@ -5,6 +5,7 @@ logical name to zero or more mesh axes; a dimension that the mesh axes' size doe
 replicated (the vocabulary of 1025 classes, a single language row), and a mesh axis is used at most
 once per array. Optimizer state leaves that mirror a parameter get that parameter's sharding.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from valle_jax.config import MESH_AXES, ConfigError, MeshConfig
 
@@ -38,8 +40,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def spec_for(shape: tuple[int, ...], logical: tuple[str | None, ...], rules: dict[str, tuple[str, ...]],
-             mesh: Mesh) -> P:
+def spec_for(
+    shape: tuple[int, ...], logical: tuple[str | None, ...], rules: dict[str, tuple[str, ...]], mesh: Mesh
+) -> P:
     used: set[str] = set()
     out = []
     for size, name in zip(shape, logical):
@@ -77,8 +80,10 @@ def data_parallel_size(mesh: Mesh, cfg: MeshConfig) -> int:
 def mirror_shardings(tree: Any, params: dict, param_sh: dict, mesh: Mesh) -> Any:
     """Shardings for an optimizer state: a leaf whose path ends with a parameter's path and that
     has the parameter's shape gets its sharding; everything else (counts, scalars) is replicated."""
-    by_path = {tuple(str(getattr(k, "key", k)) for k in path): (np.shape(v), s) for (path, v), s in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh))}
+    by_path = {
+        tuple(str(getattr(k, "key", k)) for k in path): (np.shape(v), s)
+        for (path, v), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh))
+    }
     replicated = NamedSharding(mesh, P())
 
     def one(path, leaf):

@@ -7,9 +7,10 @@ The model's graph is split once; each step merges it with the params being diffe
 step's randomness (training levels, dropout) is folded from the base key and the step number, so a
 resumed run draws exactly what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,8 @@ def make_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, l
     def step(state: dict, batch: dict, lr_scale: Array):
         key = jax.random.fold_in(state["rng"], state["step"])
         (loss, metrics), grads = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
-            graph, state["params"], batch, key, cfg, level_probs, True)
+            graph, state["params"], batch, key, cfg, level_probs, True
+        )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -81,8 +83,13 @@ def make_eval_step(graph, cfg: ModelConfig, level_probs=()) -> Callable:
     def eval_step(params: dict, batch: dict, key: Array):
         loss, m = batch_loss(graph, params, batch, key, cfg, level_probs, False)
         n = m["tokens"].astype(jnp.float32)
-        return {"nll": loss * n, "tokens": n, "top10": m["acc_top10"] * n,
-                "nll_per_level": m["loss_per_level"] * m["tokens_per_level"], "tokens_per_level": m["tokens_per_level"]}
+        return {
+            "nll": loss * n,
+            "tokens": n,
+            "top10": m["acc_top10"] * n,
+            "nll_per_level": m["loss_per_level"] * m["tokens_per_level"],
+            "tokens_per_level": m["tokens_per_level"],
+        }
 
     return eval_step
 
@@ -103,5 +110,3 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
     tokens = batch_size * s
     forward = 2 * tokens * (n * per_layer + d * cfg.n_classes) + n * mixing
     return 3.0 * forward
-
-
