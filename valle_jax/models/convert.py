@@ -17,6 +17,7 @@ import numpy as np
 from valle_jax.config import ModelConfig
 
 UNUSED = ("tasks_emb.weight", "model.embed_tokens.weight")  # held by the reference, never used
+N_TASKS = 8  # rows of the reference's tasks_emb: its model config's `tasks` (SPEC §2.3, §8.1)
 PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # SPEC §2.2
 RETNET_ANGLE, RETNET_DECAY = "model.retnet_rel_pos.angle", "model.retnet_rel_pos.decay"  # buffers
 
@@ -169,6 +170,16 @@ def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         keys["model.layer_norm.weight"] = (d,)  # the angle/decay buffers are optional (check_buffers)
         if cfg.retnet_variant == "fork":
             keys["model.layer_norm.bias"] = (d,)
+    return keys
+
+
+def unused_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tables the reference's state dict holds but its forward never reads (SPEC §2.3, §8): the
+    task table (version >= 3) and, for llama, HF LlamaModel's token embedding (vocab = the 1025
+    response tokens). Its loader is strict, so an export must hold them for the file to load."""
+    keys = {"tasks_emb.weight": (N_TASKS, cfg.d_model)}
+    if cfg.arch == "llama":
+        keys["model.embed_tokens.weight"] = (cfg.n_classes, cfg.d_model)
     return keys
 
 
@@ -383,9 +394,12 @@ def _retnet_to_reference(bb: dict, cfg: ModelConfig, i: int) -> dict[str, np.nda
     return out
 
 
-def to_reference(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """valle_jax parameters -> the reference's state dict (the inverse of `from_reference`; the
-    unused tables the reference holds are not written, and its non-strict loading ignores that)."""
+def to_reference(params: Mapping, cfg: ModelConfig, with_unused: bool = False) -> dict[str, np.ndarray]:
+    """valle_jax parameters -> the reference's state dict (the inverse of `from_reference`).
+
+    With `with_unused`, also the tables the reference holds but never reads (`unused_layout`), which
+    its default strict loading requires (what `valle_jax.export` writes); without, exactly the keys
+    `from_reference` reads, for round trips."""
     p = {k: v for k, v in params.items()}
     bb = {k: np.asarray(v, np.float32) for k, v in p["backbone"].items()}
     a = lambda k: np.asarray(p[k], np.float32)  # noqa: E731
@@ -449,4 +463,9 @@ def to_reference(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
             out["model.layer_norm.bias"] = bb["final_norm_bias"]
         out[RETNET_ANGLE] = np.asarray(R.angles(cfg.head_dim, cfg.rope_theta))
         out[RETNET_DECAY] = np.asarray(R.decay_rates(cfg.n_heads))
+    if with_unused:
+        # Zeros, not the reference's random init: nothing reads these tables (no gradient ever reaches
+        # them, so a reference-trained file holds its init values, which carry no information either),
+        # and zeros keep exports deterministic, compressible and plainly "unused" to whoever looks.
+        out.update({k: np.zeros(shape, np.float32) for k, shape in unused_layout(cfg).items()})
     return out
