@@ -10,6 +10,7 @@ import torch
 
 from tools import pack, phonemize
 from tools.common import find_files
+from valle_jax.atomic import remove_stale_temps, temp_dir_beside
 from valle_jax.data import text as T
 from valle_jax.data.store import Store, StoreError, StoreWriter
 
@@ -149,8 +150,6 @@ def test_phonemize_cli(tmp_path):
 
 
 def test_stale_temp_files_and_directories_are_removed(tmp_path):
-    from valle_jax.atomic import remove_stale_temps, temp_dir_beside
-
     (tmp_path / ".a.npy.x1.tmp.npy").write_bytes(b"partial")
     half_store = temp_dir_beside(tmp_path / "store")
     (half_store / "shard").write_bytes(b"partial")

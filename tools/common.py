@@ -40,15 +40,25 @@ class Report:
     done: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # processed, but worth a look
     extra: list[str] = field(default_factory=list)
 
     def fail(self, path, reason: str) -> None:
         self.failed.append((str(path), reason))
         logging.getLogger(self.tool).warning("skipped %s: %s", path, reason)
 
+    def warn(self, path, reason: str) -> None:
+        """An input that was processed but looks wrong; does not change the exit code."""
+        self.warnings.append((str(path), reason))
+        logging.getLogger(self.tool).warning("%s: %s", path, reason)
+
     def summary(self) -> str:
-        lines = [f"{self.tool}: {self.done} done, {self.skipped} already done (skipped), {len(self.failed)} failed"]
+        head = f"{self.tool}: {self.done} done, {self.skipped} already done (skipped), {len(self.failed)} failed"
+        lines = [head + (f", {len(self.warnings)} warnings" if self.warnings else "")]
         lines += [f"  {x}" for x in self.extra]
+        if self.warnings:
+            lines.append("warnings:")
+            lines += [f"  {p}: {r}" for p, r in self.warnings]
         if self.failed:
             lines.append("failed inputs:")
             lines += [f"  {p}: {r}" for p, r in self.failed]

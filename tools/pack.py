@@ -1,7 +1,7 @@
 """Packs prepared utterances into a training store (ArrayRecord shards + index.json).
 
     python -m tools.pack SRC [SRC ...] --out STORE [--language en] [--group-language GROUP=LANG]
-                         [--shard-size N] [--overwrite]
+                         [--levels Q] [--text-tokens N] [--shard-size N] [--overwrite]
 
 SRC is one of:
 * a folder laid out `<group>/<speaker>/<id>.phn.txt` with codes beside each transcript:
@@ -11,30 +11,81 @@ SRC is one of:
   its text ids, and the symbol map stored in it.
 Speaker = `<group>_<speaker>` (the reference's default getter), group = the folder above the
 speaker's. Phonemes map through the reference's symbol map, extended with unseen symbols as its
-HDF5 builder does (next free id). Broken utterances are reported and skipped.
+HDF5 builder does (next free id).
+
+Every broken utterance is reported and skipped, and the exit code is then 1 (as tools.quantize):
+codes that are not [frames, levels] integers in 0..1023, codes or transcripts missing their
+partner, text ids outside the symbol map or the model's text table, and codes whose level count
+differs from the store's. The store's level count is `--levels`, else the count most inputs have.
+A symbol map with an id past the text table is refused whole (exit 2): see docs/data.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 from tqdm import tqdm
 
 from tools.common import Report, find_files, setup_logging, utterance_id
+from valle_jax.config import ModelConfig
 from valle_jax.data import text as T
 from valle_jax.data.store import StoreError, StoreWriter
 
 CODEBOOK_SIZE = 1024
+# EnCodec 24 kHz gives at most 32 levels (24 kbps): a bigger second axis is a transposed array
+MAX_LEVELS = 32
+# rows of the model's text embedding (model.n_tokens): every text id must index one of them
+TEXT_TOKENS = ModelConfig.n_tokens
+CODES_SUFFIXES = (".codes.npy", ".qnt.pt")
+PHN_SUFFIX = ".phn.txt"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An utterance the scan found, with its codes' shape checked; `load` reads it in full."""
+
+    label: str  # how reports name it: its transcript's path, or `data.h5:kind/name`
+    uid: str
+    speaker: str
+    group: str
+    frames: int
+    levels: int
+    load: Callable[[], tuple[np.ndarray, object]]  # -> (codes, phoneme tokens or text ids)
+
+
+# ---- codes ----
+
+
+def check_shape(shape: Sequence[int], dtype) -> tuple[int, int]:
+    """(frames, levels) of a codes array from its shape and dtype alone; ValueError says what is wrong."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        # truncating 3.7 to 3 would hide a file that is not codec output at all (features, audio)
+        raise ValueError(f"codes are {dtype}, not integers: codebook indices must be stored as integers")
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"codes must be [frames > 0, levels > 0], got shape {tuple(shape)}")
+    frames, levels = (int(x) for x in shape)
+    if levels > MAX_LEVELS:
+        raise ValueError(
+            f"shape {tuple(shape)}: {levels} levels is more than any codec setting gives ({MAX_LEVELS}); "
+            "a transposed [levels, frames] array? codes are [frames, levels]"
+        )
+    return frames, levels
 
 
 def check_codes(codes: np.ndarray) -> np.ndarray:
     codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[0] == 0:
-        raise ValueError(f"codes must be [frames > 0, levels], got shape {codes.shape}")
+    check_shape(codes.shape, codes.dtype)
     if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
         raise ValueError(f"codes outside 0..{CODEBOOK_SIZE - 1} (min {codes.min()}, max {codes.max()})")
     return codes.astype(np.int16)
@@ -42,7 +93,7 @@ def check_codes(codes: np.ndarray) -> np.ndarray:
 
 def load_qnt_pt(path: Path) -> np.ndarray:
     """The reference's `.qnt.pt`: a bare (1, Q, T) int64 tensor -> int16[T, Q]."""
-    import torch
+    import torch  # optional heavy dependency: torch  # noqa: PLC0415
 
     t = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != 1:
@@ -50,6 +101,24 @@ def load_qnt_pt(path: Path) -> np.ndarray:
             f"expected a (1, levels, frames) tensor, got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}"
         )
     return t[0].T.numpy()
+
+
+def load_codes_file(path: Path) -> np.ndarray:
+    if path.name.endswith(".qnt.pt"):
+        return load_qnt_pt(path)
+    return np.load(path, allow_pickle=False)
+
+
+def codes_file_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a codes file; a .npy is memory-mapped, so the scan reads only its header."""
+    if path.name.endswith(".qnt.pt"):
+        codes = load_qnt_pt(path)
+    else:
+        codes = np.load(path, mmap_mode="r", allow_pickle=False)
+    return codes.shape, codes.dtype
+
+
+# ---- finding utterances ----
 
 
 def speaker_and_group(rel: Path) -> tuple[str, str]:
@@ -60,66 +129,135 @@ def speaker_and_group(rel: Path) -> tuple[str, str]:
     return f"{group}_{speaker}", group
 
 
-def folder_items(root: Path, report: Report):
-    """Yields (id, speaker, group, codes, tokens) of a prepared or reference-format folder."""
-    for phn in find_files(root, (".phn.txt",)):
+def load_folder_utterance(codes_path: Path, phn: Path) -> tuple[np.ndarray, list[str]]:
+    codes = load_codes_file(codes_path)
+    tokens = T.parse_phn_txt(phn.read_text("utf-8"))
+    if not tokens:
+        raise ValueError("empty phoneme file")
+    return codes, tokens
+
+
+def report_codes_without_transcript(root: Path, report: Report) -> None:
+    """Codes with no `.phn.txt` beside them: quantized, but never (or unsuccessfully) phonemized."""
+    for codes in find_files(root, CODES_SUFFIXES):
+        if not (codes.parent / f"{utterance_id(codes)}{PHN_SUFFIX}").exists():
+            report.fail(codes, f"codes but no transcript ({PHN_SUFFIX}) beside them: phonemize the text first")
+
+
+def folder_candidates(root: Path, report: Report) -> Iterator[Candidate]:
+    """The utterances of a prepared or reference-format folder, each transcript with its codes."""
+    report_codes_without_transcript(root, report)
+    for phn in find_files(root, (PHN_SUFFIX,)):
         stem = phn.parent / utterance_id(phn)
-        npy, qnt = Path(f"{stem}.codes.npy"), Path(f"{stem}.qnt.pt")
-        rel = phn.relative_to(root)
+        codes_path = next((p for p in (Path(f"{stem}{s}") for s in CODES_SUFFIXES) if p.exists()), None)
+        if codes_path is None:
+            report.fail(phn, "no codes beside it (.codes.npy or .qnt.pt): quantize the audio first")
+            continue
         try:
-            if npy.exists():
-                codes = np.load(npy, allow_pickle=False)
-            elif qnt.exists():
-                codes = load_qnt_pt(qnt)
-            else:
-                report.fail(phn, "no codes beside it (.codes.npy or .qnt.pt): quantize the audio first")
-                continue
-            codes = check_codes(codes)
-            tokens = T.parse_phn_txt(phn.read_text("utf-8"))
-            if not tokens:
-                raise ValueError("empty phoneme file")
+            frames, levels = check_shape(*codes_file_header(codes_path))
         except Exception as e:
             report.fail(phn, str(e))
             continue
+        rel = phn.relative_to(root)
         speaker, group = speaker_and_group(rel)
-        yield str(rel.parent / utterance_id(phn)), speaker, group, codes, tokens
-
-
-def hdf5_items(path: Path, kind: str, report: Report):
-    """Yields (id, speaker, group, codes, text ids) of a reference HDF5 file, and sets its symmap."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if kind not in f:
-            raise StoreError(f"{path} has no '{kind}' entries (it has {sorted(f.keys())})")
-        leaves = []
-        f[kind].visititems(
-            lambda name, obj: leaves.append(name) if isinstance(obj, h5py.Group) and "audio" in obj else None
+        uid = str(rel.parent / utterance_id(phn))
+        yield Candidate(
+            str(phn), uid, speaker, group, frames, levels, functools.partial(load_folder_utterance, codes_path, phn)
         )
-        for name in sorted(leaves):
-            g = f[kind][name]
-            rel = Path(name)
-            try:
-                if "text" not in g:
-                    raise ValueError("no text (a noise entry)")
-                codes = check_codes(g["audio"][:, :])
-                ids = np.asarray(g["text"][:], np.int64)
-            except Exception as e:
-                report.fail(f"{path}:{kind}/{name}", str(e))
-                continue
-            _, group = speaker_and_group(rel)
-            speaker = str(g.attrs.get("speaker", rel.parent.name))  # the builder stores the dir name
-            yield str(rel), f"{group}_{speaker}", group, codes, ids
 
 
-def hdf5_symmap(path: Path) -> dict[str, int]:
-    import h5py
+def load_hdf5_entry(g: h5py.Group) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(g["text"][:])
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"text ids are {ids.dtype}, not integers")
+    return g["audio"][:, :], ids.astype(np.int64)
 
-    with h5py.File(path, "r") as f:
-        if "symmap" in f:
-            raw = f["symmap"][()]
-            return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+
+def hdf5_candidates(f: h5py.File, path: Path, kind: str, report: Report) -> Iterator[Candidate]:
+    """The utterances of an open reference HDF5 file's `kind` entries."""
+    if kind not in f:
+        raise StoreError(f"{path} has no '{kind}' entries (it has {sorted(f.keys())})")
+    leaves = []
+    f[kind].visititems(
+        lambda name, obj: (
+            leaves.append(name) if isinstance(obj, h5py.Group) and ("audio" in obj or "text" in obj) else None
+        )
+    )
+    for name in sorted(leaves):
+        g = f[kind][name]
+        label = f"{path}:{kind}/{name}"
+        try:
+            if "text" not in g:
+                raise ValueError("codes but no text (a noise entry)")
+            if "audio" not in g:
+                raise ValueError("text but no codes (audio)")
+            frames, levels = check_shape(g["audio"].shape, g["audio"].dtype)
+        except Exception as e:
+            report.fail(label, str(e))
+            continue
+        rel = Path(name)
+        _, group = speaker_and_group(rel)
+        speaker = str(g.attrs.get("speaker", rel.parent.name))  # the builder stores the dir name
+        yield Candidate(
+            label, str(rel), f"{group}_{speaker}", group, frames, levels, functools.partial(load_hdf5_entry, g)
+        )
+
+
+def hdf5_symmap(f: h5py.File) -> dict[str, int]:
+    if "symmap" in f:
+        raw = f["symmap"][()]
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
     return T.reference_symmap()
+
+
+# ---- level count ----
+
+
+def choose_levels(candidates: Sequence[Candidate], levels: int | None) -> tuple[int, str]:
+    """The store's level count and why: `--levels`, else the count most inputs have.
+
+    Never the first file's: one odd file must not decide the fate of every good one.
+    """
+    if levels is not None:
+        return levels, "--levels"
+    counts = Counter(c.levels for c in candidates).most_common()
+    if not counts:
+        raise StoreError("no usable utterances: the store would be empty")
+    (best, n), *others = counts
+    if others and others[0][1] == n:
+        raise StoreError(
+            f"as many inputs have {best} codec levels as {others[0][0]} ({n} each): pass --levels to choose"
+        )
+    return best, f"the majority: {n} of {len(candidates)} inputs"
+
+
+def keep_level_count(candidates: Sequence[Candidate], n_levels: int, report: Report) -> list[Candidate]:
+    kept = []
+    for c in candidates:
+        if c.levels == n_levels:
+            kept.append(c)
+            continue
+        hint = " (a transposed [levels, frames] array?)" if c.frames == n_levels else ""
+        report.fail(c.label, f"{c.levels} codec levels, the store has {n_levels}{hint}")
+    return kept
+
+
+# ---- text ids ----
+
+
+def check_symmap(symmap: Mapping[str, int], text_tokens: int) -> None:
+    """Every id the map gives must index the model's text table.
+
+    A map that breaks this is refused whole rather than remapped: remapping would silently change
+    what each id means to a checkpoint trained on that map, and would hide a corrupt file.
+    """
+    bad = {s: i for s, i in symmap.items() if not isinstance(i, int) or not 0 <= i < text_tokens}
+    if bad:
+        shown = ", ".join(f"{s!r} -> {i!r}" for s, i in list(bad.items())[:10])
+        raise StoreError(
+            f"the symbol map gives ids outside 0..{text_tokens - 1} ({shown}): the model's text table has "
+            f"{text_tokens} rows (model.n_tokens). Fix the map, or pass --text-tokens for a larger table"
+        )
 
 
 def collapse_space_ids(ids: np.ndarray, space_id: int) -> np.ndarray:
@@ -127,6 +265,101 @@ def collapse_space_ids(ids: np.ndarray, space_id: int) -> np.ndarray:
     keep = np.ones(len(ids), bool)
     keep[1:] = ~((ids[1:] == space_id) & (ids[:-1] == space_id))
     return ids[keep]
+
+
+class TextIds:
+    """Turns an utterance's text into checked ids; grows the map with unseen phoneme symbols."""
+
+    def __init__(self, symmap: Mapping[str, int], text_tokens: int):
+        self.symmap = dict(symmap)
+        self.text_tokens = text_tokens
+        self.new_symbols: list[str] = []
+        self._known = set(self.symmap.values())
+
+    def __call__(self, text) -> np.ndarray:
+        if isinstance(text, np.ndarray):  # HDF5: ids already
+            ids = collapse_space_ids(text, self.symmap.get(T.SPACE, 3))
+        else:
+            ids = np.asarray(T.encode(text, self._with_symbols(text)))
+        self._check(ids)
+        return ids
+
+    def _with_symbols(self, tokens: Sequence[str]) -> dict[str, int]:
+        unseen = [t for t in dict.fromkeys(tokens) if t not in self.symmap]
+        if not unseen:
+            return self.symmap
+        extended = T.extend_symmap(self.symmap, unseen)
+        past = [t for t in unseen if extended[t] >= self.text_tokens]
+        if past:  # leave the map as it was: the utterance is skipped
+            raise ValueError(
+                f"new phoneme symbols {past} would get ids past the text table's {self.text_tokens} rows "
+                "(model.n_tokens)"
+            )
+        self.symmap = extended
+        self._known.update(extended[t] for t in unseen)
+        self.new_symbols += unseen
+        return extended
+
+    def _check(self, ids: np.ndarray) -> None:
+        outside = sorted({int(i) for i in ids if not 0 <= i < self.text_tokens})
+        if outside:
+            raise ValueError(
+                f"text ids {outside} outside the text table (ids 0..{self.text_tokens - 1}, model.n_tokens)"
+            )
+        unknown = sorted({int(i) for i in ids} - self._known)
+        if unknown:
+            raise ValueError(f"text ids {unknown} are not in the symbol map")
+
+
+# ---- packing ----
+
+
+def split_sources(sources: Sequence[Path]) -> tuple[Path | None, list[Path]]:
+    """(the HDF5 file or None, the folders); one HDF5 file or any number of folders."""
+    missing = [s for s in sources if not s.exists()]
+    if missing:
+        raise StoreError(f"sources do not exist: {[str(m) for m in missing]}")
+    h5 = [s for s in sources if s.is_file()]
+    folders = [s for s in sources if s.is_dir()]
+    if h5 and folders or len(h5) > 1:
+        raise StoreError("pack one HDF5 file, or any number of folders, per store (their symbol maps differ)")
+    return (h5[0] if h5 else None), folders
+
+
+def check_options(language: str, group_language: Mapping[str, str], levels: int | None, text_tokens: int) -> None:
+    for lang in [language, *group_language.values()]:
+        if lang not in T.LANG_SYMMAP:
+            raise StoreError(f"unknown language {lang!r}; known: {sorted(T.LANG_SYMMAP)}")
+    if levels is not None and not 1 <= levels <= MAX_LEVELS:
+        raise StoreError(f"--levels must be in 1..{MAX_LEVELS}, got {levels}")
+    if text_tokens < 1:
+        raise StoreError(f"--text-tokens must be positive, got {text_tokens}")
+
+
+def write_candidates(
+    writer: StoreWriter,
+    candidates: Sequence[Candidate],
+    text_ids: TextIds,
+    lang_of: Callable[[str], str],
+    report: Report,
+    progress: bool,
+) -> float:
+    """Loads, checks and writes each candidate; returns the seconds of audio written."""
+    seconds = 0.0
+    for c in tqdm(candidates, desc="packing", unit="utt", disable=not progress):
+        try:
+            codes, text = c.load()
+            codes = check_codes(codes)
+            if codes.shape[1] != c.levels:  # the file changed since the scan
+                raise ValueError(f"{codes.shape[1]} codec levels, the store has {c.levels}")
+            ids = text_ids(text)
+        except Exception as e:
+            report.fail(c.label, str(e))
+            continue
+        writer.add(c.uid, c.speaker, c.group, lang_of(c.group), codes, ids)
+        seconds += len(codes) / 75
+        report.done += 1
+    return seconds
 
 
 def pack(
@@ -138,41 +371,33 @@ def pack(
     overwrite: bool = False,
     hdf5_type: str = "training",
     progress: bool = True,
+    levels: int | None = None,
+    text_tokens: int = TEXT_TOKENS,
 ) -> Report:
+    """Packs `sources` into a store at `out`. Broken utterances are reported and skipped;
+    StoreError (or FileExistsError) only for what spoils the whole store."""
     report = Report("pack")
     group_language = group_language or {}
-    for lang in [language, *group_language.values()]:
-        if lang not in T.LANG_SYMMAP:
-            raise StoreError(f"unknown language {lang!r}; known: {sorted(T.LANG_SYMMAP)}")
-    h5 = [s for s in sources if s.is_file()]
-    folders = [s for s in sources if s.is_dir()]
-    missing = [s for s in sources if not s.exists()]
-    if missing:
-        raise StoreError(f"sources do not exist: {[str(m) for m in missing]}")
-    if h5 and folders or len(h5) > 1:
-        raise StoreError("pack one HDF5 file, or any number of folders, per store (their symbol maps differ)")
-
-    if h5:
-        symmap = hdf5_symmap(h5[0])
-        items = hdf5_items(h5[0], hdf5_type, report)
-    else:
-        symmap = T.reference_symmap()
-        items = (it for root in folders for it in folder_items(root, report))
-    writer = StoreWriter(out, symmap, T.LANG_SYMMAP, records_per_shard, overwrite)
-    seconds, new_symbols = 0.0, []
+    check_options(language, group_language, levels, text_tokens)
+    h5, folders = split_sources(sources)
+    writer = StoreWriter(out, {}, T.LANG_SYMMAP, records_per_shard, overwrite)  # fails fast on an existing store
     try:
-        for uid, speaker, group, codes, text in tqdm(items, desc="packing", unit="utt", disable=not progress):
+        with contextlib.ExitStack() as stack:
+            # two passes: a scan that reads only shapes, to choose the level count, then the writing
             if h5:
-                ids = collapse_space_ids(text, writer.symmap.get(T.SPACE, 3))
+                f = stack.enter_context(h5py.File(h5, "r"))
+                symmap = hdf5_symmap(f)
+                candidates = list(hdf5_candidates(f, h5, hdf5_type, report))
             else:
-                unseen = [t for t in dict.fromkeys(text) if t not in writer.symmap]
-                if unseen:
-                    writer.symmap = T.extend_symmap(writer.symmap, unseen)
-                    new_symbols += unseen
-                ids = np.asarray(T.encode(text, writer.symmap))
-            writer.add(uid, speaker, group, group_language.get(group, language), codes, ids)
-            seconds += len(codes) / 75
-            report.done += 1
+                symmap = T.reference_symmap()
+                candidates = [c for root in folders for c in folder_candidates(root, report)]
+            check_symmap(symmap, text_tokens)
+            n_levels, why = choose_levels(candidates, levels)
+            usable = keep_level_count(candidates, n_levels, report)
+            text_ids = TextIds(symmap, text_tokens)
+            lang_of = lambda group: group_language.get(group, language)  # noqa: E731
+            seconds = write_candidates(writer, usable, text_ids, lang_of, report, progress)
+        writer.symmap = text_ids.symmap
         path = writer.close()
     except BaseException:
         writer.abort()
@@ -181,8 +406,9 @@ def pack(
         f"store {path}: {report.done} utterances, {len(set(writer.columns['speaker']))} speakers, "
         f"{len(set(writer.columns['group']))} groups, {seconds / 3600:.2f} h of audio"
     )
-    if new_symbols:
-        report.extra.append(f"new symbols added to the symbol map: {new_symbols}")
+    report.extra.append(f"{n_levels} codec levels ({why})")
+    if text_ids.new_symbols:
+        report.extra.append(f"new symbols added to the symbol map: {text_ids.new_symbols}")
     return report
 
 
@@ -203,6 +429,15 @@ def main(argv=None) -> int:
         metavar="GROUP=LANG",
         help="language of one speaker group (repeatable)",
     )
+    p.add_argument(
+        "--levels", type=int, default=None, help="codec levels per utterance (default: what most inputs have)"
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=TEXT_TOKENS,
+        help=f"rows of the model's text table (model.n_tokens, default {TEXT_TOKENS}): text ids must be below it",
+    )
     p.add_argument("--shard-size", type=int, default=8192, help="utterances per ArrayRecord shard")
     p.add_argument("--hdf5-type", default="training", help="which entries of an HDF5 file: training, validation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -214,7 +449,15 @@ def main(argv=None) -> int:
         p.error("--group-language takes GROUP=LANG")
     try:
         report = pack(
-            args.sources, args.out, args.language, group_language, args.shard_size, args.overwrite, args.hdf5_type
+            args.sources,
+            args.out,
+            args.language,
+            group_language,
+            args.shard_size,
+            args.overwrite,
+            args.hdf5_type,
+            levels=args.levels,
+            text_tokens=args.text_tokens,
         )
     except (StoreError, FileExistsError) as e:
         print(f"pack: {e}", file=sys.stderr)

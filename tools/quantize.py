@@ -7,6 +7,8 @@ Writes `<out>/<relative dir>/<id>.codes.npy` for every audio file under AUDIO_DI
 and channel count: mixed to mono, resampled to 24 kHz). Files already encoded are skipped, so a
 killed run resumes; each output is written to a temp file and renamed, so none is ever partial.
 A corrupt, empty or unreadable file is reported and skipped; the exit code is 1 if any failed.
+Audio shorter than 0.1 s, or silent (peak below about -80 dBFS), is encoded but reported as a
+warning: its codes are valid, and the training filters (data.duration_range) decide what to use.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from tqdm import tqdm
 
 from tools.common import Report, find_files, setup_logging, with_suffix
 from valle_jax.atomic import atomic_path, remove_stale_temps
-from valle_jax.audio import AUDIO_SUFFIXES, AudioError, load_audio
+from valle_jax.audio import AUDIO_SUFFIXES, SAMPLE_RATE, AudioError, is_silent, load_audio
+from valle_jax.codec import Codec, CodecUnavailable  # torch itself loads only when a codec does
 
 CODES_SUFFIX = ".codes.npy"
+# 7.5 codec frames: too short to hold a phoneme, let alone serve as a prompt or a target
+MIN_SECONDS = 0.1
 
 
 def plan_batches(items: list[tuple[Path, Path, float]], batch_seconds: float) -> list[list[tuple[Path, Path, float]]]:
@@ -51,6 +56,21 @@ def load_batch(batch):
         except AudioError as e:
             failed.append((src, str(e)))
     return loaded, failed
+
+
+def audio_warnings(wav: np.ndarray) -> list[str]:
+    """What looks wrong with decoded audio that can still be encoded.
+
+    Warned, not skipped: the codes are valid, skipping would turn the transcript into a pack
+    failure on every run, and whether to train on short clips is the pipeline filters' call.
+    """
+    problems = []
+    seconds = len(wav) / SAMPLE_RATE
+    if seconds < MIN_SECONDS:
+        problems.append(f"only {seconds * 1000:.0f} ms of audio, under the {MIN_SECONDS} s minimum (encoded anyway)")
+    if is_silent(wav):
+        problems.append("silent (peak below -80 dBFS): encoded anyway, but check the file and its transcript")
+    return problems
 
 
 def save_codes(path: Path, codes: np.ndarray) -> None:
@@ -88,9 +108,11 @@ def quantize_dir(audio_dir: Path, out_dir: Path, codec, batch_seconds: float = 6
             if loaded:
                 codes = codec.encode_batch([w for _, _, w in loaded])
                 for (src, dst, wav), c in zip(loaded, codes):
+                    for problem in audio_warnings(wav):
+                        report.warn(src, problem)
                     save_codes(dst, c)
                     report.done += 1
-                    audio_seconds += len(wav) / 24_000
+                    audio_seconds += len(wav) / SAMPLE_RATE
             bar.update(round(sum(it[2] for it in batches[i]), 1))
     bar.close()
     elapsed = time.perf_counter() - start
@@ -120,7 +142,6 @@ def main(argv=None) -> int:
     setup_logging()
     if not args.audio_dir.is_dir():
         p.error(f"{args.audio_dir} is not a directory")
-    from valle_jax.codec import Codec, CodecUnavailable
 
     try:
         codec = Codec.load(args.codec_dir, args.bandwidth, args.device)

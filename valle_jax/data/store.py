@@ -18,9 +18,10 @@ import shutil
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from valle_jax.atomic import publish_dir, temp_dir_beside
 from valle_jax.audio import FRAME_RATE
@@ -89,8 +90,6 @@ class StoreWriter:
         self._in_shard = 0
 
     def _open_shard(self):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         name = f"shard-{len(self.shards):05d}.array_record"
         self.shards.append(name)
         # group_size:1 makes every record its own chunk: fastest random access, what grain wants
@@ -149,6 +148,21 @@ class StoreWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+def shard_path(store_dir: Path, name) -> Path:
+    """`store_dir / name` for a shard named in the index, which must lie inside the store directory.
+
+    The index is data that may come from elsewhere: an absolute name or one climbing out with `..`
+    would make training read (and trust) whatever file it points at.
+    """
+    parts = PurePath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePath(name).is_absolute() or ".." in parts:
+        raise StoreError(
+            f"{store_dir}: {INDEX_NAME} names shard {name!r}, which is outside the store directory; "
+            "shard names must be relative paths inside it (as tools.pack writes them)"
+        )
+    return store_dir / name
+
+
 class Store:
     """Random access to a store's utterances, plus its index as numpy columns.
 
@@ -172,7 +186,7 @@ class Store:
         self.lang_symmap: dict[str, int] = index["lang_symmap"]
         self.n_levels: int = index["n_levels"]
         self.frame_rate: int = index["frame_rate"]
-        self.shards = [self.path / s for s in index["shards"]]
+        self.shards = [shard_path(self.path, s) for s in index["shards"]]
         missing = [str(s) for s in self.shards if not s.is_file()]
         if missing:
             raise StoreError(f"{self.path}: missing shards {missing}")
@@ -205,7 +219,7 @@ class Store:
 
     def _reader(self):
         if self._source is None:
-            import grain
+            import grain  # optional heavy dependency: grain (seconds to import)  # noqa: PLC0415
 
             self._source = grain.sources.ArrayRecordDataSource([str(s) for s in self.shards])
         return self._source
