@@ -27,13 +27,26 @@ class ConversionError(ValueError):
 
 
 def read_source(path: Path) -> tuple[dict, dict, dict]:
-    """(state dict of numpy arrays, symmap or {}, stats or {}) from a .pth or .npz file."""
+    """(state dict of numpy arrays, symmap or {}, stats or {}) from a .pth or .npz file; a file
+    neither torch nor numpy can read is one ConversionError (its first line), not a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: checkpoint file not found")
     if path.suffix == ".npz":
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}, {}, {}
-    import torch
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}, {}, {}
+        except Exception as e:  # BadZipFile, ValueError, OSError, pickle errors...
+            raise ConversionError(f"{path}: not a readable .npz state dict ({_first_line(e)})") from e
+    import torch  # optional heavy dependency: torch  # noqa: PLC0415
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (not a zip), EOFError...
+        raise ConversionError(
+            f"{path}: not a PyTorch checkpoint torch.load can read ({_first_line(e)}); expected the "
+            "reference's fp32.pth or a torch.save'd dict of tensors"
+        ) from e
     symmap, stats = {}, {}
     if isinstance(obj, dict) and "module" in obj:
         symmap = (obj.get("userdata") or {}).get("symmap") or {}
@@ -46,6 +59,15 @@ def read_source(path: Path) -> tuple[dict, dict, dict]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return {k: v.float().numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in obj.items()}, symmap, stats
+
+
+def _first_line(e: Exception) -> str:
+    """A one-line reason. torch's weights-only UnpicklingError opens with advice (load unsafely)
+    that is wrong for a file that is no checkpoint at all, so only its type is kept."""
+    lines = str(e).strip().splitlines()
+    if not lines or "weights_only" in lines[0]:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0]}"
 
 
 def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
