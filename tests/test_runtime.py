@@ -4,6 +4,9 @@ import importlib.metadata
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from valle_jax import runtime
@@ -53,10 +56,6 @@ def test_this_jaxlib_accepts_the_cpu_flags():
 def test_large_dot_options_compile_and_know_when_to_stay_out(monkeypatch):
     """The NAR's per-program YNNPACK dots: accepted by this jaxlib's CPU compiler (same product), and
     not given to another jaxlib or with the opt-out."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     options = runtime.large_dot_compiler_options()
     if (
         not importlib.metadata.version("jaxlib").startswith(runtime.CPU_XLA_FLAGS_JAXLIB)

@@ -4,16 +4,25 @@ processes == one, torn checkpoints ignored, export and plot of a real run, overf
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import portpicker
 import pytest
 
 from tests.test_training import TEST_OVERRIDES
+from tools import pack
+from valle_jax.checkpointing import load_model, params_of
+from valle_jax.export import main as export_main
+from valle_jax.models.convert import from_reference, infer_config
+from valle_jax.plot import main as plot_main
+from valle_jax.training.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.needs_espeak
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,14 +86,11 @@ def losses(workdir) -> dict[int, float]:
 
 
 def final_params(workdir, step):
-    from valle_jax.training.checkpoint import Checkpoints
-
     c = Checkpoints(Path(workdir) / "checkpoints", async_save=False)
     try:
         params, _, _ = c.restore_params(step)
     finally:
         c.close()
-    import jax
 
     return {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -176,20 +182,14 @@ def test_run_outputs_export_and_plot(straight, tmp_path):
     assert names == [f"{i}_{kind}.wav" for i in range(2) for kind in ("hyp", "prompt", "ref")]
     assert (workdir / "log.txt").read_text().count("step ") >= STEPS
 
-    from valle_jax.checkpointing import load_model
-    from valle_jax.export import main as export_main
-
     assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "model")]) == 0
     model, cfg, symmap = load_model(tmp_path / "model")
     assert cfg.d_model == 48 and len(symmap) > 100
     params8 = final_params(workdir, STEPS)
-    from valle_jax.checkpointing import params_of
 
     np.testing.assert_array_equal(np.asarray(params_of(model)["sep"]), params8["sep"])
     assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "fp32.pth"), "--step", "4"]) == 0
     import torch
-
-    from valle_jax.models.convert import from_reference, infer_config
 
     ref = torch.load(tmp_path / "fp32.pth", weights_only=True)
     assert ref["userdata"]["symmap"] == symmap and ref["stats"]["step"] == 4
@@ -197,8 +197,6 @@ def test_run_outputs_export_and_plot(straight, tmp_path):
     back = from_reference(state, infer_config(state, heads=4))
     np.testing.assert_array_equal(back["sep"], final_params(workdir, 4)["sep"])
     assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "model")]) == 1  # exists: refused
-
-    from valle_jax.plot import main as plot_main
 
     assert plot_main(["--workdir", str(workdir), "--ys", "loss,acc,lr", "--out", str(tmp_path / "m.png")]) == 0
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
@@ -253,8 +251,6 @@ def test_sigterm_saves_and_resumes_onto_another_mesh(straight, store_path, env, 
 
 
 def test_torn_checkpoint_is_never_restored(straight, store_path, env, tmp_path):
-    import shutil
-
     ref_dir, _ = straight
     workdir = tmp_path / "torn"
     shutil.copytree(ref_dir, workdir)
@@ -293,8 +289,6 @@ def test_console_commands_drive_the_run(store_path, env, tmp_path):
 
 
 def test_two_processes_match_one(straight, store_path, env, tmp_path):
-    import portpicker
-
     ref_dir, _ = straight
     port = portpicker.pick_unused_port()
     e = dict(env, XLA_FLAGS=env.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4"))
@@ -325,9 +319,6 @@ def test_two_processes_match_one(straight, store_path, env, tmp_path):
 
 def test_small_model_overfits_a_small_subset(prepared, env, tmp_path):
     """8 utterances of 2 speakers, the whole subset in every batch: the model must memorise them."""
-    import shutil
-
-    from tools import pack
 
     subset = tmp_path / "subset"
     speakers = sorted(p for p in prepared.iterdir() if p.is_dir())[:2]

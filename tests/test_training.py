@@ -4,15 +4,28 @@ console commands, reference export."""
 
 import io
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
+from configs import base, tiny
 from tests.conftest import GOLDEN_DIR
-from valle_jax.config import ConfigError, MeshConfig, OptimConfig, model_config
+from valle_jax.checkpointing import params_of, save_model
+from valle_jax.config import ConfigError, MeshConfig, OptimConfig, mesh_config, model_config
+from valle_jax.models import init_model
+from valle_jax.models import layers as L
+from valle_jax.models.attention import _flash, _forward, flash_attend
+from valle_jax.models.convert import from_reference, infer_config, normalise_keys, to_reference
+from valle_jax.models.dense_attention import dense_attend
+from valle_jax.models.feed_forward import feed_forward
+from valle_jax.training.control import Command, CommandReader, parse
+from valle_jax.training.loop import Trainer
+from valle_jax.training.optim import make_optimizer, make_schedule
+from valle_jax.training.sharding import make_mesh, param_shardings, resolve_shape, spec_for
+from valle_jax.training.step import abstract_model
 
 # a small fixed-shape training setup over the test store: one text and one response bucket
 TEST_OVERRIDES = {
@@ -39,28 +52,21 @@ test_config.__test__ = False  # a helper, not a test
 
 
 def make_trainer(cfg, workdir, devices=None):
-    from valle_jax.training.loop import Trainer
-
     return Trainer(cfg, workdir, commands="off", devices=devices)
 
 
 def run_steps(trainer, n):
     state, data_state, _ = trainer.restore_or_init()
-    it = trainer._iterator(data_state)
+    it = trainer.iterator(data_state)
     losses = []
     for _ in range(n):
-        batch = trainer._global_batch(next(it))
-        state, m = trainer._train_step(state, batch, np.float32(1.0))
+        batch = trainer.layout.global_batch(next(it))
+        state, m = trainer.train_step(state, batch, np.float32(1.0))
         losses.append(float(m["loss"]))
     return state, losses
 
 
 def test_mesh_shape_and_rules():
-    from configs import base
-    from valle_jax.config import mesh_config
-    from valle_jax.training.sharding import make_mesh, param_shardings, resolve_shape, spec_for
-    from valle_jax.training.step import abstract_model
-
     assert resolve_shape((-1, 2, 1), 8) == (4, 2, 1)
     with pytest.raises(ConfigError, match="needs 12 devices"):
         resolve_shape((3, 2, 2), 8)
@@ -111,9 +117,9 @@ def test_frozen_parameters_and_nonfinite_guard(store_path, tmp_path):
     t = make_trainer(cfg, tmp_path / "run")
     state, _, _ = t.restore_or_init()
     before = jax.device_get(state["params"])
-    it = t._iterator(None)
-    batch = t._global_batch(next(it))
-    state, m = t._train_step(state, batch, np.float32(1.0))
+    it = t.iterator(None)
+    batch = t.layout.global_batch(next(it))
+    state, m = t.train_step(state, batch, np.float32(1.0))
     after = jax.device_get(state["params"])
     np.testing.assert_array_equal(after["text_emb"], before["text_emb"])
     np.testing.assert_array_equal(after["backbone"]["q"], before["backbone"]["q"])
@@ -123,7 +129,7 @@ def test_frozen_parameters_and_nonfinite_guard(store_path, tmp_path):
     poisoned = dict(state["params"], sep=state["params"]["sep"] * jnp.nan)
     state2 = {**state, "params": poisoned}
     kept = jax.device_get(poisoned["backbone"]["k"])
-    state3, m = t._train_step(state2, t._global_batch(next(it)), np.float32(1.0))
+    state3, m = t.train_step(state2, t.layout.global_batch(next(it)), np.float32(1.0))
     assert not bool(m["finite"])
     np.testing.assert_array_equal(jax.device_get(state3["params"]["backbone"]["k"]), kept)
     assert int(state3["step"]) == 2
@@ -134,9 +140,6 @@ def test_frozen_parameters_and_nonfinite_guard(store_path, tmp_path):
 
 @pytest.mark.needs_espeak
 def test_embedding_injection_replaces_and_freezes_the_tables(store_path, tmp_path):
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-
     cfg = model_config(test_config(store_path))
     donor = jax.device_get(params_of(init_model(cfg, seed=7)))
     save_model(tmp_path / "donor", cfg, donor, {"a": 1})
@@ -181,8 +184,6 @@ def test_nonfinite_loss_stops_or_skips(store_path, tmp_path, caplog, mode):
 
 
 def test_schedules_and_optimizers():
-    from valle_jax.training.optim import make_optimizer, make_schedule
-
     cos = make_schedule(OptimConfig(learning_rate=1.0, schedule="cosine", warmup_steps=10, end_lr_ratio=0.1), 110)
     assert float(cos(0)) == 0.0 and float(cos(5)) == pytest.approx(0.5) and float(cos(10)) == pytest.approx(1.0)
     assert float(cos(60)) == pytest.approx(0.55, abs=1e-6) and float(cos(110)) == pytest.approx(0.1)
@@ -209,9 +210,6 @@ def test_schedules_and_optimizers():
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_blocked_attention_matches_dense_and_its_own_autodiff(rate):
-    from valle_jax.models import layers as L
-    from valle_jax.models.attention import _forward, flash_attend
-
     b, s, h, g, d = 2, 37, 4, 2, 8
     k = jax.random.split(jax.random.key(1), 5)
     q = jax.random.normal(k[0], (b, s, h, d))
@@ -233,7 +231,6 @@ def test_blocked_attention_matches_dense_and_its_own_autodiff(rate):
     kt, vv = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     wg = w.reshape(b, s, g, h // g, d).transpose(0, 2, 3, 1, 4)
     seed = jnp.uint32(12345)
-    from valle_jax.models.attention import _flash
 
     custom = jax.grad(lambda *a: (_flash(*a, pos, pos, valid, causal, seed, rate, 8) * wg).sum(), argnums=(0, 1, 2))
     auto = jax.grad(lambda *a: (_forward(*a, pos, pos, valid, causal, seed, rate, 8)[0] * wg).sum(), argnums=(0, 1, 2))
@@ -245,8 +242,6 @@ def test_blocked_attention_matches_dense_and_its_own_autodiff(rate):
 def test_dense_attention_backward_equals_autodiff(rate):
     """dense_attend (own backward pass) against autodiff of layers.attend: grouped-query, causal and
     bidirectional rows, padding, a fully masked query row, dropout."""
-    from valle_jax.models import layers as L
-    from valle_jax.models.dense_attention import dense_attend
 
     b, s, h, g, d = 2, 37, 4, 2, 8
     k = jax.random.split(jax.random.key(2), 5)
@@ -270,8 +265,6 @@ def test_dense_attention_backward_equals_autodiff(rate):
 def test_feed_forward_backward_equals_autodiff(gated, rate, dtype):
     """feed_forward's own backward pass gives autodiff's gradients of the plain expression, for the
     gated (llama, retnet) and the biased, dropped-out (transformer) block."""
-    from valle_jax.models import layers as L
-    from valle_jax.models.feed_forward import feed_forward
 
     k = jax.random.split(jax.random.key(3), 7)
     h, g_out = jax.random.normal(k[0], (2, 9, 6)), jax.random.normal(k[1], (2, 9, 5))
@@ -304,7 +297,6 @@ def test_feed_forward_backward_keeps_only_its_inputs():
     A property of XLA's CPU pipeline: on an H100 autodiff's fusions keep less (ratio 0.74 there)."""
     if jax.default_backend() != "cpu":
         pytest.skip("measures XLA's CPU buffer assignment; GPU compilers fuse the plain expression themselves")
-    from valle_jax.models.feed_forward import feed_forward
 
     n, s, d, f = 6, 1024, 64, 512
 
@@ -329,15 +321,12 @@ def test_feed_forward_backward_keeps_only_its_inputs():
 
 
 def test_console_commands():
-    from valle_jax.training.control import Command, CommandReader, parse
-
     assert parse("lr 1e-4") == Command("lr", 1e-4)
     assert parse("  SAVE ") == Command("save")
     assert parse("lr") is None and parse("lr -1") is None and parse("dance") is None and parse("") is None
     stream = io.StringIO("save\nbogus\nlr 0.5\nquit\n")
     assert not CommandReader(stream).enabled  # not a terminal: never read
     reader = CommandReader(stream, enabled=True)
-    import time
 
     deadline = time.time() + 5
     got = []
@@ -353,8 +342,6 @@ def test_console_commands():
 @pytest.mark.skipif(not (GOLDEN_DIR / "llama_weights.npz").exists(), reason=f"golden files not found in {GOLDEN_DIR}")
 @pytest.mark.parametrize("arch", ["transformer", "llama", "retnet"])
 def test_reference_export_round_trip(arch):
-    from valle_jax.models.convert import from_reference, infer_config, normalise_keys, to_reference
-
     state = normalise_keys(dict(np.load(GOLDEN_DIR / f"{arch}_weights.npz")))
     cfg = infer_config(state, heads=4)
     back = to_reference(from_reference(state, cfg), cfg)

@@ -16,15 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from valle_jax.checkpointing import CheckpointError, save_model
 from valle_jax.config import ARCHS
-from valle_jax.models.convert import read_source
+from valle_jax.data.text import reference_symmap
+from valle_jax.models.convert import ConversionError, from_reference, infer_config, read_source
 
 
 def convert(src: Path, out: Path, heads: int | None = None, arch: str | None = None, overwrite: bool = False):
-    from valle_jax.checkpointing import save_model
-    from valle_jax.data.text import reference_symmap
-    from valle_jax.models.convert import ConversionError, from_reference, infer_config
-
     state, symmap, stats = read_source(src)
     cfg = infer_config(state, heads)
     if arch and arch != cfg.arch:
@@ -41,9 +39,6 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=None, help="attention heads (not recorded in the weights)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    from valle_jax.checkpointing import CheckpointError
-    from valle_jax.models.convert import ConversionError
-
     try:
         out, cfg = convert(args.src, args.out, args.heads, args.arch, args.overwrite)
     except (ConversionError, CheckpointError, FileExistsError, ValueError, OSError) as e:

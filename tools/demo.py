@@ -34,7 +34,7 @@ def step(title: str) -> None:
 
 def get_codec(out: Path, corpus: Path, codec_dir: Path | None = None):
     """(codec, its directory or None for the pretrained weights)."""
-    from valle_jax.codec import Codec, CodecUnavailable, build_random_codec
+    from valle_jax.codec import Codec, CodecUnavailable, build_random_codec  # noqa: PLC0415 - optional heavy dependency: torch (codec)
 
     if codec_dir is not None:
         return Codec.load(codec_dir), codec_dir
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     rc = subprocess.call(train)
     if rc:
         return rc
-    from valle_jax.plot import plot
+    from valle_jax.plot import plot  # noqa: PLC0415 - optional heavy dependency: matplotlib (plot)
 
     png = plot(run, run / "loss.png", ys=("loss", "acc", "val_loss"), smooth=2.0)
 

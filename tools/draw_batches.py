@@ -13,6 +13,10 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from valle_jax.config import data_config
+from valle_jax.data.pipeline import BatchPlan, make_iterator
+from valle_jax.data.store import Store
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
 _BATCHES = flags.DEFINE_integer("batches", 8, "how many batches to draw")
 flags.mark_flag_as_required("config")
@@ -21,10 +25,6 @@ flags.mark_flag_as_required("config")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from valle_jax.config import data_config
-    from valle_jax.data.pipeline import BatchPlan, make_iterator
-    from valle_jax.data.store import Store
-
     cfg = data_config(_CONFIG.value)
     if not cfg.store:
         raise app.UsageError("config.data.store is empty: pass --config.data.store=STORE")

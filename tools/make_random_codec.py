@@ -35,7 +35,7 @@ def main(argv=None) -> int:
             wavs.append(load_audio(f))
         except AudioError as e:
             print(f"make_random_codec: skipped {e}", file=sys.stderr)
-    from valle_jax.codec import build_random_codec
+    from valle_jax.codec import build_random_codec  # noqa: PLC0415 - optional heavy dependency: torch (codec)
 
     out = build_random_codec(wavs, args.out_dir, args.seed)
     print(f"make_random_codec: random EnCodec written to {out} (from {len(wavs)} files); its audio is not speech")

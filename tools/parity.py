@@ -18,9 +18,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from valle_jax.checkpointing import model_with_params
 from valle_jax.config import ARCHS
+from valle_jax.data.batch import pad_batch
+from valle_jax.models import jit_forward, loss_and_metrics, targets
+from valle_jax.models.convert import from_reference, infer_config
 
 
 @dataclass
@@ -42,9 +48,6 @@ class CaseResult:
 
 
 def load_golden_model(golden: Path, arch: str, heads: int | None = None):
-    from valle_jax.checkpointing import model_with_params
-    from valle_jax.models.convert import from_reference, infer_config
-
     with np.load(golden / f"{arch}_weights.npz") as z:
         state = {k: z[k] for k in z.files}
     cfg_file = golden / f"{arch}_config.json"
@@ -57,9 +60,6 @@ def load_golden_model(golden: Path, arch: str, heads: int | None = None):
 def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, ref_targets) -> CaseResult:
     """ref_logits: per-sample arrays of their valid rows; ref_targets: the concatenated loss targets
     in the reference's order (AR rows shifted, so one fewer than their logits rows)."""
-    import jax.numpy as jnp
-
-    from valle_jax.models import loss_and_metrics, targets
 
     lv = jnp.asarray(levels, jnp.int32)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -80,7 +80,6 @@ def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, r
 
 def cases(golden: Path, arch: str):
     """Yields (name, batch, levels, ref_logits list, loss, acc, targets) for every case present."""
-    from valle_jax.data.batch import pad_batch
 
     single, single_out = golden / "inputs.npz", golden / f"{arch}_outputs.npz"
     if single.exists() and single_out.exists():
@@ -121,8 +120,6 @@ def cases(golden: Path, arch: str):
 
 
 def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]:
-    from valle_jax.models import jit_forward
-
     model, cfg = load_golden_model(golden, arch, heads)
     forward = jit_forward(model)
     return [run_case(forward, cfg, *c) for c in cases(golden, arch)]
@@ -142,8 +139,6 @@ def main(argv=None) -> int:
         "(H100: logit errors ~1e-3), so parity is checked at 'highest' unless asked",
     )
     args = p.parse_args(argv)
-    import jax
-
     jax.config.update("jax_default_matmul_precision", args.precision)
     results = check(args.golden, args.arch, args.heads)
     if not results:

@@ -15,11 +15,11 @@ __all__ = ["TTS", "load_model"]
 
 def __getattr__(name):  # imported on first use: `import valle_jax` stays light (no JAX, no torch)
     if name == "TTS":
-        from valle_jax.tts import TTS
+        from valle_jax.tts import TTS  # noqa: PLC0415 - lazy on purpose (see above)
 
         return TTS
     if name == "load_model":
-        from valle_jax.checkpointing import load_model
+        from valle_jax.checkpointing import load_model  # noqa: PLC0415 - lazy on purpose (see above)
 
         return load_model
     raise AttributeError(f"module 'valle_jax' has no attribute {name!r}")

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from valle_jax.atomic import publish_dir, temp_dir_beside
 from valle_jax.config import ModelConfig
+from valle_jax.models.valle import abstract_model, model_from_params
 
 FORMAT, VERSION = "valle_jax.model", 1
 
@@ -37,9 +39,7 @@ def params_of(model) -> dict:
 
 def check_params(cfg: ModelConfig, params: Mapping) -> None:
     """Raises CheckpointError unless `params` has exactly the structure and shapes of VALLE(cfg)."""
-    from valle_jax.models import VALLE
-
-    own = params_of(nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0))))
+    own = params_of(abstract_model(cfg))
     own_flat = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(own)[0]}
     new_flat = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     if own_flat != new_flat:
@@ -53,8 +53,6 @@ def check_params(cfg: ModelConfig, params: Mapping) -> None:
 
 def model_with_params(cfg: ModelConfig, params: Mapping):
     """A VALLE(cfg) holding `params`, checked for structure and shapes."""
-    from valle_jax.models import model_from_params
-
     check_params(cfg, params)
     return model_from_params(cfg, params)
 
@@ -67,8 +65,6 @@ def save_model(
     stats: Mapping | None = None,
     overwrite: bool = False,
 ) -> Path:
-    import orbax.checkpoint as ocp
-
     out = Path(directory).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -104,14 +100,9 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
 
 def load_model(directory: str | os.PathLike, **overrides):
     """(model, config, symmap) from a model directory; `overrides` change runtime fields (dtype, ...)."""
-    import orbax.checkpoint as ocp
-
-    from valle_jax.models import VALLE, model_from_params
-
     cfg, symmap, _ = read_config(directory)
     cfg = dataclasses.replace(cfg, **overrides)
-    abstract = nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0)))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract_model(cfg)))
     # restoring into `target` already checks the structure and shapes against the config
     params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params", target)
     return model_from_params(cfg, params), cfg, symmap

@@ -83,7 +83,7 @@ def _new_model(pretrained: bool):
 
 def load_encodec_model(codec_dir: str | os.PathLike | None = None):
     """Returns an EncodecModel (eval mode) from `codec_dir` or the package's pretrained loader."""
-    import torch
+    import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
     if codec_dir is not None:
         path = Path(codec_dir)
@@ -148,7 +148,7 @@ class Codec:
         The 24 kHz model is causal (convolutions and LSTM), so right-padding a short item to the
         batch's length does not change its codes: item i keeps its first ceil(n_i / 320) frames.
         """
-        import torch
+        import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
         if not wavs:
             return []
@@ -166,7 +166,7 @@ class Codec:
         at the full sample rate, stay in cache; batching them was measured 1.5-2x slower), then the
         LSTM and the rest run on the padded batch at 75 frames/s, where batching pays.
         """
-        import torch
+        import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
         def padded(arrays, axis_len):
             out = torch.zeros(
@@ -190,7 +190,7 @@ class Codec:
 
     def decode(self, codes_TQ: np.ndarray) -> np.ndarray:
         """int codes [T, Q] -> float32 waveform of T * 320 samples at 24 kHz."""
-        import torch
+        import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
         codes = torch.from_numpy(np.asarray(codes_TQ, np.int64).T[None]).to(self.device)
         with torch.inference_mode():
@@ -205,7 +205,7 @@ def build_random_codec(wavs: Sequence[np.ndarray], out_dir: str | os.PathLike, s
     random, following the residual chain (layer k is filled from what layers < k left over), so
     real audio maps to many distinct codes per level. About 1.5 s on 2 cores.
     """
-    import torch
+    import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
     torch.manual_seed(seed)
     model = _new_model(pretrained=False)

@@ -11,7 +11,6 @@ Both are written to a temp path and renamed, so a killed export leaves nothing h
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -20,31 +19,24 @@ from pathlib import Path
 import numpy as np
 
 from valle_jax.atomic import atomic_path
+from valle_jax.checkpointing import save_model
 from valle_jax.config import ModelConfig
+from valle_jax.models.convert import to_reference
+from valle_jax.runs import load_params
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"  # written by training into its workdir: model config, symmap, full config
-
-
-def read_run(workdir: Path) -> tuple[ModelConfig, dict, dict]:
-    """(model config, symmap, full config dict) a training run recorded in its workdir."""
-    path = Path(workdir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a valle_jax training directory (no {RUN_FILE})")
-    run = json.loads(path.read_text("utf-8"))
-    return ModelConfig(**run["model"]), run["symmap"], run["config"]
 
 
 def write_reference(
     out: Path, params: Mapping, cfg: ModelConfig, symmap: Mapping, stats: Mapping, overwrite: bool = False
 ) -> Path:
-    import torch
-
-    from valle_jax.models.convert import to_reference
+    import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_reference(params, cfg).items()}
+    state = {
+        k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_reference(params, cfg, with_unused=True).items()
+    }
     payload = {
         "module": state,
         "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
@@ -64,8 +56,6 @@ def export(
     fmt: str = "auto",
     overwrite: bool = False,
 ) -> Path:
-    from valle_jax.checkpointing import save_model
-
     out = Path(out)
     if fmt == "auto":
         fmt = "reference" if out.suffix == ".pth" else "valle_jax"
@@ -81,49 +71,12 @@ def _to_numpy(tree):
     return np.asarray(tree)
 
 
-def run_params(workdir: str | Path, step: int | None = None) -> tuple[dict, ModelConfig, dict, dict, int]:
-    """(params, model config, symmap, stats, step) of checkpoint `step` (default: the latest
-    complete one) of a training workdir, on the first device."""
-    import jax
-
-    from valle_jax.checkpointing import params_of
-    from valle_jax.training.checkpoint import Checkpoints
-    from valle_jax.training.step import abstract_model
-
-    workdir = Path(workdir)
-    cfg, symmap, _ = read_run(workdir)
-    ckpts = Checkpoints(workdir / "checkpoints", async_save=False)
-    try:
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            ),
-            params_of(abstract_model(cfg)),
-        )
-        params, meta, step = ckpts.restore_params(step, target)
-    finally:
-        ckpts.close()
-    return params, cfg, symmap, run_stats(meta), step
-
-
 def export_run(
     workdir: str | Path, out: str | Path, step: int | None = None, fmt: str = "auto", overwrite: bool = False
 ) -> tuple[Path, int]:
     """Exports checkpoint `step` (default: the latest complete one) of a training workdir."""
-    params, cfg, symmap, stats, step = run_params(workdir, step)
-    return export(params, cfg, symmap, stats, out, fmt, overwrite), step
-
-
-def run_stats(meta: Mapping) -> dict:
-    """Training statistics for an export, under our names and the reference's (SPEC §7.8)."""
-    stats = dict(meta.get("stats", {}))
-    stats.update(
-        step=meta["step"],
-        global_step=meta["step"],
-        micro_step=meta.get("micro_step", meta["step"]),
-        global_samples=stats.get("samples", 0),
-    )
-    return stats
+    run = load_params(workdir, step)
+    return export(run.params, run.model, run.symmap, run.stats, out, fmt, overwrite), run.step
 
 
 def main(argv=None) -> int:

@@ -63,10 +63,10 @@ def ewm(values: list[float], com: float) -> list[float]:
 def plot(
     workdir: Path, out: Path, xs: str = "step", ys: tuple[str, ...] = ("loss", "acc"), smooth: float = 10.0
 ) -> Path:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - optional heavy dependency: matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # before pyplot is imported: no display needed
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional heavy dependency: matplotlib
 
     metrics = read_metrics(workdir)
     names = [ALIASES.get(y, y) for y in ys]

@@ -80,7 +80,7 @@ LARGE_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYP
 def large_dot_compiler_options() -> dict | None:
     """`compiler_options` for a jitted CPU program made of large products (None elsewhere: another
     backend, another jaxlib, or VALLE_JAX_CPU_FLAGS=0)."""
-    import jax
+    import jax  # noqa: PLC0415 - heavy: this module runs before the TCMalloc re-exec and JAX's start
 
     if not cpu_flags_apply(os.environ) or jax.default_backend() != "cpu":
         return None
@@ -100,7 +100,7 @@ def start_training_process(training_arch: str, cpu_async_dispatch: bool = False)
     two steps' XLA buffers can be alive at once: half preset 8.55 GB resident instead of 4.95 GB, at
     the same speed (docs/training.md, CPU notes). The mode only concerns the CPU client."""
     use_cpu_xla_flags(training_arch)
-    import jax
+    import jax  # noqa: PLC0415 - heavy: this module runs before the TCMalloc re-exec and JAX's start
 
     jax.config.update("jax_cpu_enable_async_dispatch", cpu_async_dispatch)  # read when the CPU client is made
 

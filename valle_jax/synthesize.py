@@ -19,7 +19,13 @@ import time
 import warnings
 from pathlib import Path
 
-from valle_jax.audio import SAMPLE_RATE
+from valle_jax.audio import SAMPLE_RATE, AudioError, write_wav
+from valle_jax.checkpointing import CheckpointError
+from valle_jax.data.text import TextError
+from valle_jax.decoding import DecodeError, Settings
+from valle_jax.models.convert import ConversionError
+from valle_jax.runtime import use_cpu_xla_flags
+from valle_jax.tts import TTS
 
 # flag -> (Settings field, type, help); defaults come from Settings itself
 SAMPLING_FLAGS = {
@@ -46,8 +52,6 @@ SAMPLING_FLAGS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    from valle_jax.decoding import Settings
-
     defaults = Settings()
     p = argparse.ArgumentParser(
         prog="python -m valle_jax.synthesize",
@@ -123,13 +127,7 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from valle_jax.audio import AudioError, write_wav
-    from valle_jax.checkpointing import CheckpointError
-    from valle_jax.codec import CodecUnavailable
-    from valle_jax.data.text import TextError
-    from valle_jax.decoding import DecodeError
-    from valle_jax.models.convert import ConversionError
-    from valle_jax.tts import TTS
+    from valle_jax.codec import CodecUnavailable  # noqa: PLC0415 - optional heavy dependency: torch (codec)
 
     if args.text_file is not None:
         if len(args.positional) != 1:
@@ -219,7 +217,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from valle_jax.runtime import use_cpu_xla_flags
-
     use_cpu_xla_flags()  # before JAX starts (see valle_jax/runtime.py)
     sys.exit(main())

@@ -18,6 +18,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from valle_jax.runtime import reexec_with_tcmalloc, start_training_process
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, TensorBoard, exports")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -70,10 +72,11 @@ def setup_logging(workdir: Path, primary: bool) -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from valle_jax.runtime import start_training_process
-
     start_training_process(_CONFIG.value.model.arch, _CPU_ASYNC.value)  # before JAX's backend starts
-    import jax
+    # JAX and the trainer are imported here, not at the top: `python -m valle_jax.train` first
+    # re-executes itself with TCMalloc preloaded (__main__ below), and the first process should not
+    # pay for importing them
+    import jax  # noqa: PLC0415 - heavy, imported after the TCMalloc re-exec
 
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
@@ -84,9 +87,9 @@ def main(argv) -> int:
         )
     workdir = Path(_WORKDIR.value)
     setup_logging(workdir, jax.process_index() == 0)
-    from valle_jax.config import ConfigError
-    from valle_jax.data.store import StoreError
-    from valle_jax.training.loop import Trainer
+    from valle_jax.config import ConfigError  # noqa: PLC0415 - see `import jax` above
+    from valle_jax.data.store import StoreError  # noqa: PLC0415 - see `import jax` above
+    from valle_jax.training.loop import Trainer  # noqa: PLC0415 - see `import jax` above
 
     try:
         trainer = Trainer(_CONFIG.value, workdir, commands=_COMMANDS.value)
@@ -97,7 +100,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from valle_jax.runtime import reexec_with_tcmalloc
-
     reexec_with_tcmalloc("valle_jax.train")  # before JAX allocates anything (see valle_jax/runtime.py)
     app.run(lambda argv: sys.exit(main(argv)))

@@ -24,9 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from valle_jax import runs
 from valle_jax.audio import FRAME_RATE, AudioError, is_silent, load_audio
+from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
 from valle_jax.config import ModelConfig
-from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode
+from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode, reference_symmap
+from valle_jax.decoding import DecodeError, Decoder, Settings, make_inputs
+from valle_jax.models.convert import from_reference, infer_config, read_source
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +58,26 @@ def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None
     """(model, config, symmap) from a model directory (export / convert_reference), a training
     workdir (its latest checkpoint, or `step`) or a reference checkpoint file (.pth / .npz, whose
     head count is inferred for the reference's sizes, else taken from `heads`)."""
-    from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
-    from valle_jax.export import RUN_FILE, run_params
-
     path = Path(path)
     over = {"dtype": dtype} if dtype else {}
     if (path / "config.json").is_file():
         return load_model(path, **over)
-    if (path / RUN_FILE).is_file():
-        params, cfg, symmap, _, step = run_params(path, step)
-        cfg = dataclasses.replace(cfg, **over)
-        log.info("loaded step %d of the training run %s", step, path)
-        return model_with_params(cfg, params), cfg, symmap
+    if runs.is_run(path):
+        run = runs.load_params(path, step)
+        cfg = dataclasses.replace(run.model, **over)
+        log.info("loaded step %d of the training run %s", run.step, path)
+        return model_with_params(cfg, run.params), cfg, run.symmap
     if path.is_file() and path.suffix in (".pth", ".pt", ".npz"):
-        from valle_jax.data.text import reference_symmap
-        from valle_jax.models.convert import from_reference, infer_config, read_source
-
         state, symmap, _ = read_source(path)
         cfg = infer_config(state, heads, **over)
         return model_with_params(cfg, from_reference(state, cfg)), cfg, symmap or reference_symmap()
     raise CheckpointError(
-        f"{path}: not a model directory (config.json), a training directory ({RUN_FILE}) "
+        f"{path}: not a model directory (config.json), a training directory ({runs.RUN_FILE}) "
         "or a reference checkpoint (.pth / .npz)"
     )
 
 
 def settings_of(**sampling):
-    from valle_jax.decoding import DecodeError, Settings
-
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(sampling) - names)
     if unknown:
@@ -99,8 +95,6 @@ class TTS:
         chunk: int = 8,
         kv_dtype: str | None = None,
     ):
-        from valle_jax.decoding import Decoder
-
         self.cfg, self.symmap = cfg, dict(symmap)
         self.decoder = Decoder(model, chunk=chunk, kv_dtype=kv_dtype)
         self.codec_dir = codec_dir
@@ -127,7 +121,7 @@ class TTS:
     @property
     def codec(self):
         if self._codec is None:
-            from valle_jax.codec import Codec
+            from valle_jax.codec import Codec  # noqa: PLC0415 - optional heavy dependency: torch (codec)
 
             self._codec = Codec.load(self.codec_dir)
             if self._codec.is_random:
@@ -195,8 +189,6 @@ class TTS:
         **sampling,
     ) -> list[np.ndarray]:
         """Codes int32 [frames, levels] per text; one reference per text."""
-        from valle_jax.decoding import DecodeError, make_inputs
-
         settings = settings_of(**sampling)
         if len(texts) != len(references):
             raise DecodeError(f"{len(texts)} texts but {len(references)} references")

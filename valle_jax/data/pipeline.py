@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+from absl import flags
 
 from valle_jax.audio import FRAME_RATE
 from valle_jax.config import DataConfig
@@ -257,7 +258,7 @@ def make_dataset(
     drop_remainder: bool = True,
 ):
     """The grain IterDataset of this host's batches (dicts of numpy arrays)."""
-    import grain
+    import grain  # noqa: PLC0415 - optional heavy dependency: grain
 
     store = store if isinstance(store, Store) else Store(store)
     plan = BatchPlan(store, cfg, process_index, process_count, num_epochs, shuffle, drop_remainder)
@@ -270,8 +271,6 @@ def make_dataset(
     )
     ds = grain.MapDataset.source(plan).map_with_index(BatchAssembler(store, plan))
     if cfg.num_workers > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
             flags.FLAGS.mark_as_parsed()
         # each worker builds whole batches; which worker builds a batch changes nothing in it

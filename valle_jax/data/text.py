@@ -100,7 +100,7 @@ class Phonemizer:
             raise TextError(
                 "espeak-ng is not installed, and phonemizer needs it: run `sudo apt-get install -y espeak-ng`"
             )
-        from phonemizer.backend import EspeakBackend
+        from phonemizer.backend import EspeakBackend  # noqa: PLC0415 - optional heavy dependency: phonemizer
 
         self.language = language
         self._backend = EspeakBackend(ESPEAK_LANGUAGE[language], preserve_punctuation=True, with_stress=True)

@@ -270,16 +270,21 @@ def jit_forward(model: VALLE):
     return jit_method(model, lambda m, batch, levels: m(batch, levels))
 
 
+def abstract_model(cfg: ModelConfig, seed: int = 0) -> VALLE:
+    """VALLE(cfg) with shapes and dtypes but no arrays: its graph, parameter tree and shardings."""
+    return nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(seed)))
+
+
 def init_model(cfg: ModelConfig, seed: int = 0) -> VALLE:
     """A randomly initialised model, its initialisers run as one compiled function (eager NNX
     construction compiles every initializer call separately)."""
-    graph, _ = nnx.split(nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(seed))))
+    graph, _ = nnx.split(abstract_model(cfg, seed))
     state = jax.jit(lambda: nnx.split(VALLE(cfg, rngs=nnx.Rngs(seed)))[1])()
     return nnx.merge(graph, state)
 
 
 def model_from_params(cfg: ModelConfig, params) -> VALLE:
     """A model holding `params` (nested dict of arrays), without running any initializer."""
-    graph, state = nnx.split(nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0))))
+    graph, state = nnx.split(abstract_model(cfg))
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
     return nnx.merge(graph, state)

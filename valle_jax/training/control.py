@@ -13,9 +13,12 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +122,8 @@ _CODES = {name: i + 1 for i, name in enumerate(COMMANDS)}
 
 def agree(stop: bool, commands: list[Command]) -> tuple[bool, list[Command]]:
     """Across processes: stop if any process wants to; process 0's commands (one per sync) for all."""
-    import jax
-
     if jax.process_count() == 1:
         return stop, commands
-    from jax.experimental import multihost_utils
-
     first = commands[0] if commands else None
     mine = np.array([float(stop), _CODES[first.name] if first else 0, first.value if first else 0.0], np.float64)
     rows = np.asarray(multihost_utils.process_allgather(mine))
@@ -132,3 +131,36 @@ def agree(stop: bool, commands: list[Command]) -> tuple[bool, list[Command]]:
     code, value = int(rows[0, 1]), float(rows[0, 2])
     names = {v: k for k, v in _CODES.items()}
     return any_stop, ([Command(names[code], value)] if code else [])
+
+
+class Console:
+    """The run's steering wheel: at each sync point, agrees with the other processes on stopping and
+    on process 0's commands, then runs each command's handler (`handlers[name](progress, command)`)."""
+
+    def __init__(self, mode: str, primary: bool, handlers: dict[str, Callable]):
+        enabled = {"on": True, "off": False, "auto": None}[mode] if primary else False
+        self.reader = CommandReader(enabled=enabled)
+        self.handlers = handlers
+        self.multi = jax.process_count() > 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.reader.enabled
+
+    def _poll(self) -> list[Command]:
+        cmds = self.reader.poll()
+        if self.multi and len(cmds) > 1:  # one command per sync point across hosts; keep the rest for later
+            for c in cmds[1:]:
+                self.reader.queue.put(c)
+            cmds = cmds[:1]
+        return cmds
+
+    def sync(self, stop: StopRequest, progress) -> None:
+        want_stop, commands = agree(bool(stop), self._poll())
+        if want_stop and not stop:
+            stop.signal = -1  # another host was asked to stop
+        for cmd in commands:
+            log.info("command: %s%s", cmd.name, f" {cmd.value:g}" if cmd.name == "lr" else "")
+            self.handlers[cmd.name](progress, cmd)
+            if cmd.name == "quit":
+                stop.signal = stop.signal or -2

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from valle_jax.checkpointing import load_model, params_of
 from valle_jax.config import ConfigError, ModelConfig
+from valle_jax.models.convert import from_reference, infer_config, read_source
+from valle_jax.models.valle import abstract_model
 
 INJECTED = ("text_emb", "lang_emb", "prom_emb", "resp_emb_ar", "resp_emb_nar", "prom_level_w", "resp_level_w")
 
@@ -18,13 +21,9 @@ def load_embeddings(source: str | Path, cfg: ModelConfig) -> dict[str, np.ndarra
     """{parameter name: float32 array} from a valle_jax model dir or a reference .pth / .npz."""
     source = Path(source)
     if source.is_dir():
-        from valle_jax.checkpointing import load_model, params_of
-
         model, src_cfg, _ = load_model(source)
         params = {k: np.asarray(v) for k, v in params_of(model).items() if k in INJECTED}
     elif source.is_file():
-        from valle_jax.models.convert import from_reference, infer_config, read_source
-
         state, _, _ = read_source(source)
         src_cfg = infer_config(state, heads=cfg.n_heads)
         params = {k: v for k, v in from_reference(state, src_cfg).items() if k in INJECTED}
@@ -36,9 +35,6 @@ def load_embeddings(source: str | Path, cfg: ModelConfig) -> dict[str, np.ndarra
         if k in ("text_emb", "lang_emb", "prom_emb", "resp_emb_ar", "resp_emb_nar") or cfg.version >= 4
     }
     params = {k: v for k, v in params.items() if k in own}
-    from valle_jax.checkpointing import params_of
-    from valle_jax.training.step import abstract_model
-
     shapes = {k: tuple(v.shape) for k, v in params_of(abstract_model(cfg)).items() if k in own}
     bad = {k: (tuple(params[k].shape), shapes[k]) for k in params if tuple(params[k].shape) != shapes[k]}
     if bad or not params:

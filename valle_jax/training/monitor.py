@@ -61,7 +61,7 @@ class MetricsWriter:
         self.tb = None
         self.jsonl = None
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional heavy dependency: tensorboardX (protobuf)
 
             self.tb = SummaryWriter(str(workdir / "tb"), flush_secs=10)
             self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")

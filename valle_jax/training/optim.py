@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 
 import jax
+import numpy as np
 import optax
 
 from valle_jax.config import ConfigError, OptimConfig
@@ -75,3 +76,21 @@ def make_optimizer(cfg: OptimConfig, params: dict, total_steps: int, extra_froze
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
     return tx, schedule, frozen
+
+
+class LearningRate:
+    """The schedule, unless the console set a rate (`lr VALUE`); the step then scales its update."""
+
+    def __init__(self, schedule: optax.Schedule):
+        self.schedule = schedule
+        self.override: float | None = None
+
+    def at(self, step: int) -> float:
+        return self.override if self.override is not None else float(self.schedule(step))
+
+    def scale(self, step: int) -> np.ndarray:
+        """The factor on the scheduled update that gives the overriding rate (1 without one)."""
+        if self.override is None:
+            return np.float32(1.0)
+        scheduled = float(self.schedule(step))
+        return np.float32(self.override / scheduled) if scheduled > 0 else np.float32(1.0)

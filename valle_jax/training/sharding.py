@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -100,3 +101,10 @@ def mirror_shardings(tree: Any, params: dict, param_sh: dict, mesh: Mesh) -> Any
 def describe(shardings: dict) -> list[str]:
     """One line per parameter: path and partition spec (for logs and tests)."""
     return [f"{jax.tree_util.keystr(p)}: {s.spec}" for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]]
+
+
+def gather_to_host(tree: Any) -> Any:
+    """`tree`'s arrays, whole, as numpy on every process (a collective when there are several)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)

@@ -19,13 +19,10 @@ from flax import nnx
 
 from valle_jax.config import ModelConfig
 from valle_jax.models.valle import IGNORE, VALLE, draw_levels, loss_and_metrics, targets
+from valle_jax.models.valle import abstract_model as abstract_model  # re-exported: older callers import it here
 
 Array = jax.Array
 DEVICE_KEYS = ("text", "text_len", "lang", "prompt", "prompt_len", "resp", "resp_len", "row_valid")
-
-
-def abstract_model(cfg: ModelConfig) -> VALLE:
-    return nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(0)))
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:

@@ -1,0 +1,118 @@
+"""Reading and recording a training run directory (WORKDIR of `python -m valle_jax.train`).
+
+A run directory holds `run.json` (the model config, the phoneme map and the full training config,
+written by training) and `checkpoints/<step>/` (valle_jax.training.checkpoint). Export, synthesis
+and training all read a run through this module, so none of them needs another's code to do it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+
+from valle_jax.atomic import write_text
+from valle_jax.checkpointing import params_of
+from valle_jax.config import ConfigError, ModelConfig
+from valle_jax.models.valle import abstract_model
+from valle_jax.training.checkpoint import Checkpoints
+
+RUN_FILE = "run.json"  # written by training into its workdir: model config, symmap, full config
+
+# ModelConfig fields that change the parameters: resuming a run with other values is an error
+# (runtime fields such as dtype, remat or attention may change between restarts)
+SHAPE_FIELDS = (
+    "arch",
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "n_kv_heads",
+    "ffn_mult",
+    "n_tokens",
+    "n_prom_levels",
+    "n_resp_levels",
+    "n_langs",
+    "version",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What `run.json` says about a run."""
+
+    model: ModelConfig  # the model it trains
+    symmap: dict  # phoneme -> id of its store
+    config: dict  # the full training config (ml_collections, as a dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunParams:
+    """One checkpoint's parameters, with what an export or a synthesis needs beside them."""
+
+    params: dict  # nested dict of arrays, as nnx.state(VALLE(model), nnx.Param)
+    model: ModelConfig
+    symmap: dict
+    stats: dict  # run_stats of the checkpoint's meta
+    step: int
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def read_run(workdir: str | Path) -> RunRecord:
+    path = Path(workdir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir} is not a valle_jax training directory (no {RUN_FILE})")
+    run = json.loads(path.read_text("utf-8"))
+    return RunRecord(ModelConfig(**run["model"]), run["symmap"], run["config"])
+
+
+def check_run(workdir: Path, model: ModelConfig, symmap: Mapping, store: str | Path) -> None:
+    """Raises ConfigError when `workdir` already holds a run of another model or phoneme map."""
+    if not is_run(workdir):
+        return
+    old = json.loads((workdir / RUN_FILE).read_text("utf-8"))
+    new = dataclasses.asdict(model)
+    changed = {k: (old["model"].get(k), new[k]) for k in SHAPE_FIELDS if old["model"].get(k) != new[k]}
+    if changed:
+        raise ConfigError(f"{workdir} holds a run of another model (old, new): {changed}; use a new --workdir")
+    if old["symmap"] != symmap:
+        raise ConfigError(f"{store} uses another phoneme map than the run in {workdir}")
+
+
+def write_run(workdir: Path, model: ModelConfig, symmap: Mapping, config: Mapping) -> None:
+    record = {"model": dataclasses.asdict(model), "symmap": dict(symmap), "config": dict(config)}
+    write_text(workdir / RUN_FILE, json.dumps(record, indent=1, default=list))
+
+
+def run_stats(meta: Mapping) -> dict:
+    """Training statistics for an export, under our names and the reference's (SPEC §7.8)."""
+    stats = dict(meta.get("stats", {}))
+    stats.update(
+        step=meta["step"],
+        global_step=meta["step"],
+        micro_step=meta.get("micro_step", meta["step"]),
+        global_samples=stats.get("samples", 0),
+    )
+    return stats
+
+
+def load_params(workdir: str | Path, step: int | None = None) -> RunParams:
+    """Checkpoint `step` (default: the latest complete one) of a run, its parameters on the first
+    device and without the optimizer state."""
+    workdir = Path(workdir)
+    run = read_run(workdir)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params_of(abstract_model(run.model))
+    )
+    ckpts = Checkpoints(workdir / "checkpoints", async_save=False)
+    try:
+        params, meta, step = ckpts.restore_params(step, target)
+    finally:
+        ckpts.close()
+    return RunParams(params, run.model, run.symmap, run_stats(meta), step)
