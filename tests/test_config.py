@@ -60,3 +60,19 @@ def test_command_line_overrides_and_typos(store_path):
     assert "text (2, 64)" in ok.stdout and "batches of 2 per epoch" in ok.stdout
     typo = subprocess.run(cmd + ["--config.data.batch_sise=2"], cwd=ROOT, capture_output=True, text=True)
     assert typo.returncode != 0 and "batch_sise" in typo.stderr and "batch_size" in typo.stderr
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["--config", "configs/tiny.py", "--config.train.stepz=3"], "--config.train.stepz: no such config key"),
+        (["--config", "configs/nope.py"], "configs/nope.py"),
+    ],
+)
+def test_train_command_line_errors_are_one_line(tmp_path, args, names):
+    cmd = [sys.executable, "-m", "valle_jax.train", *args, f"--workdir={tmp_path / 'run'}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().count("\n") == 0 and names in p.stderr and "Traceback" not in p.stderr
+    verbose = subprocess.run([*cmd, "--verbose"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert verbose.returncode != 0 and ("Traceback" in verbose.stderr or "no such file" not in verbose.stderr)

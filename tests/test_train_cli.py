@@ -217,6 +217,7 @@ def test_sigkill_then_resume_equals_uninterrupted(straight, store_path, env, tmp
     assert done and done[-1] < STEPS, "the kill came too late to test anything"
     p = run_train(workdir, store_path, env)
     assert f"resumed from step {done[-1]}" in p.stderr
+    assert "taking over the lock" in p.stderr  # SIGKILL left the lock behind: it does not block a restart
     ref, got = losses(ref_dir), losses(workdir)
     assert sorted(got) == sorted(ref)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=1e-6)
@@ -276,6 +277,10 @@ def test_console_commands_drive_the_run(store_path, env, tmp_path):
     proc.stdin.write("lr 0.01\nexport\nnonsense\neval\n")
     proc.stdin.flush()
     wait_for(lambda: (workdir / "export" / "config.json").exists(), proc, what="the export")
+    # a second run on the same workdir stops at once, naming the holder
+    second = subprocess.run(train_cmd(workdir, store_path), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"in use by PID {proc.pid} on this host" in second.stderr and second.stderr.strip().count("\n") == 0
     proc.stdin.write("quit\n")
     proc.stdin.close()
     err = finish(proc)

@@ -3,7 +3,12 @@ steps, optimizers and schedules, frozen parameters, the non-finite guard, blocke
 console commands, reference export."""
 
 import io
+import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import jax
@@ -13,6 +18,7 @@ import pytest
 
 from configs import base, tiny
 from tests.conftest import GOLDEN_DIR
+from valle_jax import runs
 from valle_jax.checkpointing import params_of, save_model
 from valle_jax.config import ConfigError, MeshConfig, OptimConfig, mesh_config, model_config
 from valle_jax.models import init_model
@@ -21,7 +27,9 @@ from valle_jax.models.attention import _flash, _forward, flash_attend
 from valle_jax.models.convert import from_reference, infer_config, normalise_keys, to_reference
 from valle_jax.models.dense_attention import dense_attend
 from valle_jax.models.feed_forward import feed_forward
+from valle_jax.training.checkpoint import Checkpoints
 from valle_jax.training.control import Command, CommandReader, parse
+from valle_jax.training.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 from valle_jax.training.loop import Trainer
 from valle_jax.training.optim import make_optimizer, make_schedule
 from valle_jax.training.sharding import make_mesh, param_shardings, resolve_shape, spec_for
@@ -355,3 +363,89 @@ def test_reference_export_round_trip(arch):
 
 def test_environment_has_eight_devices():
     assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(store_path, tmp_path_factory):
+    """A run directory with complete checkpoints at steps 1 and 2."""
+    workdir = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    cfg = test_config(store_path, **{"train.steps": 2, "train.save_every": 1, "train.log_every": 1})
+    assert make_trainer(cfg, workdir).run() == 0
+    return workdir, cfg
+
+
+def _corrupt(step_dir, how: str) -> None:
+    """Breaks the largest parameter file of a complete checkpoint step."""
+    files = sorted((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim = files[-1]
+    if how == "truncated":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    elif how == "emptied":
+        victim.write_bytes(b"")
+    else:
+        victim.unlink()
+
+
+def _poison(workdir, cfg) -> None:
+    """Adds a complete step 3 that loads but holds a NaN parameter."""
+    c = Checkpoints(workdir / "checkpoints", async_save=False)
+    try:
+        params, meta, _ = c.restore_params(2)
+        params = jax.tree.map(np.asarray, params)
+        params["sep"] = params["sep"] * np.nan
+        t = make_trainer(cfg, workdir)
+        state, data_state, _ = t.restore_or_init()
+        t.checkpoints.close()
+        c.save(3, {**jax.device_get(state), "params": params}, data_state, {**meta, "step": 3})
+    finally:
+        c.close()
+
+
+@pytest.mark.needs_espeak
+@pytest.mark.parametrize("how", ["truncated", "emptied", "missing", "nonfinite"])
+def test_restore_walks_back_past_a_bad_checkpoint(two_checkpoints, tmp_path, caplog, how):
+    src, cfg = two_checkpoints
+    workdir = tmp_path / "run"
+    shutil.copytree(src, workdir)
+    if how == "nonfinite":
+        _poison(workdir, cfg)
+        bad, good = 3, 2
+    else:
+        _corrupt(workdir / "checkpoints" / "2", how)
+        bad, good = 2, 1
+    with caplog.at_level("WARNING"):
+        run = runs.load_params(workdir)  # what export and synthesis read
+    assert run.step == good
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and f"checkpoint {bad} " in warnings[0] and "\n" not in warnings[0]
+    assert (workdir / "checkpoints" / str(bad)).is_dir()  # left in place
+    caplog.clear()
+    t = make_trainer(cfg, workdir)
+    with caplog.at_level("INFO"):
+        _, _, step = t.restore_or_init()
+    assert step == good and f"resumed from step {good}" in caplog.text
+    assert caplog.text.count(f"checkpoint {bad} in") == 1
+    t.checkpoints.close()
+    # a run that saves the bad step again moves the bad directory aside first
+    cfg2 = test_config(store_path=cfg.data.store, **{"train.steps": bad, "train.save_every": 1, "train.log_every": 1})
+    assert make_trainer(cfg2, workdir).run() == 0
+    assert (workdir / "checkpoints" / f"{bad}.unreadable").is_dir()
+    assert runs.load_params(workdir).step == bad
+
+
+def test_workdir_lock(tmp_path, caplog):
+    held = WorkdirLock(tmp_path).acquire()
+    with pytest.raises(WorkdirBusy, match=rf"in use by PID {os.getpid()} on this host"):
+        WorkdirLock(tmp_path).acquire()
+    held.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+    # a lock left by a process that is gone (SIGKILL) is taken over, with a warning
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "1"}))
+    with caplog.at_level("WARNING"), WorkdirLock(tmp_path) as lock:
+        assert lock.held and f"from PID {gone.pid}, which is gone" in caplog.text
+    # on another host nothing can be checked: refused
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 123, "host": "elsewhere"}))
+    with pytest.raises(WorkdirBusy, match="PID 123 on host elsewhere"):
+        WorkdirLock(tmp_path).acquire()

@@ -5,7 +5,9 @@
 Multi-host (TPU pod slices, several GPU nodes): pass --distributed (or set VALLE_JAX_DISTRIBUTED=1)
 on every host; on TPU jax finds the coordinator itself, elsewhere give --coordinator_address,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
-Exit status: 0 done or stopped cleanly (SIGTERM, SIGINT, `quit`), 3 non-finite loss, 1 bad config.
+Exit status: 0 done or stopped cleanly (SIGTERM, SIGINT, `quit`), 3 non-finite loss, 1 bad config
+value or store, 2 bad command line (an unknown config key, a missing config file) or a workdir that
+another live run holds. Errors are one line; --verbose adds the traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from valle_jax.runtime import reexec_with_tcmalloc, start_training_process
+from valle_jax.training.lock import WorkdirBusy, WorkdirLock
+
+EXIT_USAGE = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, TensorBoard, exports")
@@ -48,7 +53,58 @@ _CPU_ASYNC = flags.DEFINE_bool(
     "with one step in flight two steps' XLA buffers can be alive at once (half preset: 8.6 GB resident "
     "instead of 4.9 GB); off, each step returns once it is done, at the same speed",
 )
+_VERBOSE = flags.DEFINE_bool("verbose", False, "print the traceback of a command-line error")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The --config file named on the command line (without a `:preset` suffix)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps a KeyError
+        e = e.args[0]
+    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback" in text:  # an error inside the config file: its last line says what
+        lines = lines[-1:]
+    return " ".join(lines)
+
+
+def _flag_error(e: BaseException, argv: list[str]) -> str:
+    """One line naming the mistyped --config key, or else the error itself."""
+    text = _one_line(e)
+    keys = [a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith("--config.")]
+    bad = [k for k in keys if any(f"'{part}'" in text or text == part for part in k.split(".")[1:])]
+    if bad and isinstance(e, (AttributeError, KeyError)):
+        hint = text[text.index("Did you mean") :] if "Did you mean" in text else ""
+        return f"--{bad[0]}: no such config key" + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
+    return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a mistyped config key or a missing config file reported in one line
+    (exit status 2) instead of a traceback; `--verbose` keeps the traceback."""
+    verbose = "--verbose" in argv
+    path = _config_path(argv)
+    if path and not Path(path).is_file() and not verbose:
+        print(f"error: --config {path}: no such file", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value  # loads the config file now, so that its errors are reported here
+    except Exception as e:
+        if verbose:
+            raise
+        print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return rest
 
 
 def setup_logging(workdir: Path, primary: bool) -> None:
@@ -86,7 +142,22 @@ def main(argv) -> int:
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
         )
     workdir = Path(_WORKDIR.value)
-    setup_logging(workdir, jax.process_index() == 0)
+    primary = jax.process_index() == 0
+    lock = WorkdirLock(workdir)
+    if primary:  # one lock per run: process 0 takes it for all hosts
+        try:
+            lock.acquire()
+        except WorkdirBusy as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        return _train(workdir, primary)
+    finally:
+        lock.release()
+
+
+def _train(workdir: Path, primary: bool) -> int:
+    setup_logging(workdir, primary)
     from valle_jax.config import ConfigError  # noqa: PLC0415 - see `import jax` above
     from valle_jax.data.store import StoreError  # noqa: PLC0415 - see `import jax` above
     from valle_jax.training.loop import Trainer  # noqa: PLC0415 - see `import jax` above
@@ -101,4 +172,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     reexec_with_tcmalloc("valle_jax.train")  # before JAX allocates anything (see valle_jax/runtime.py)
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

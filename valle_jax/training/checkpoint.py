@@ -5,15 +5,25 @@ Items: "params" and "opt_state" (sharded arrays, restored onto whatever mesh the
 (run statistics, JSON). Saves are asynchronous; orbax writes each step into a temporary directory
 and renames it when complete, so a run killed mid-save leaves a directory that `latest_step`
 never returns (and that the next start removes).
+
+A complete step can still be unreadable (a disk filled up, files truncated or removed afterwards) or
+hold non-finite parameters. Restoring the latest step therefore walks back from the newest complete
+step to the first that loads and is finite, warning once per bad step and leaving its directory in
+place; a run that later saves that step again first moves the bad directory aside.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("valle_jax.train")
 
 ITEMS = ("params", "opt_state", "train", "data", "meta")
 
@@ -29,6 +39,11 @@ class Checkpoints:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.bad: set[int] = set()  # complete steps found unreadable; saving one again moves it aside
+
+    def has(self, step: int) -> bool:
+        """Whether a good checkpoint of `step` exists (or is being written)."""
+        return step in self.manager.all_steps() and step not in self.bad
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -37,6 +52,8 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict, data_state: Any, meta: dict) -> bool:
+        if step in self.bad:
+            self._move_aside(step)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             opt_state=ocp.args.StandardSave(state["opt_state"]),
@@ -63,15 +80,52 @@ class Checkpoints:
         return state, out["data"], out["meta"]
 
     def restore_params(self, step: int | None = None, abstract_params: dict | None = None) -> tuple[dict, dict, int]:
-        """(params, meta, step) only: what export needs, without the optimizer state."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        """(params, meta, step) only: what export needs, without the optimizer state. Without
+        `step`, the newest good one (see `newest_good`)."""
         target = (
             ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
         )
-        out = self.manager.restore(step, args=ocp.args.Composite(params=target, meta=ocp.args.JsonRestore()))
-        return out["params"], out["meta"], step
+
+        def load(s: int):
+            out = self.manager.restore(s, args=ocp.args.Composite(params=target, meta=ocp.args.JsonRestore()))
+            return out["params"], out["meta"]
+
+        if step is not None:
+            params, meta = load(step)
+            return params, meta, step
+        (params, meta), step = self.newest_good(load, lambda out: out[0])
+        return params, meta, step
+
+    def newest_good(self, load: Callable[[int], Any], params_of: Callable[[Any], Any]) -> tuple[Any, int]:
+        """(load(step), step) for the newest complete step that loads and whose parameters
+        (`params_of(loaded)`) are finite; each bad step is named once in a warning and left in place.
+        Raises FileNotFoundError when there is no complete step, CheckpointUnreadable when none is good."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        for step in steps:
+            try:
+                out = load(step)
+                if not all_finite(params_of(out)):
+                    raise CheckpointUnreadable("its parameters are not all finite")
+                return out, step
+            except Exception as e:  # orbax and tensorstore raise many kinds; any of them makes the step bad
+                self.bad.add(step)
+                log.warning(
+                    "checkpoint %d in %s is unreadable, trying an older one: %s", step, self.directory, _one_line(e)
+                )
+        raise CheckpointUnreadable(f"no checkpoint in {self.directory} can be restored (steps {steps}, see above)")
+
+    def _move_aside(self, step: int) -> None:
+        src = self.directory / str(step)
+        dst, n = self.directory / f"{step}.unreadable", 1
+        while dst.exists():
+            dst, n = self.directory / f"{step}.unreadable{n}", n + 1
+        if src.exists():
+            src.rename(dst)
+            log.warning("moved the unreadable checkpoint %d aside to %s before saving step %d again", step, dst, step)
+        self.manager.reload()
+        self.bad.discard(step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -79,6 +133,23 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class CheckpointUnreadable(RuntimeError):
+    pass
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point array of `tree` is finite (one reduction on the device)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return True
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

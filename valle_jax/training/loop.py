@@ -47,7 +47,7 @@ class Progress:
     state: dict  # params, opt_state, step, rng, on the mesh
     data: Any  # the grain iterator (its position is saved with each checkpoint)
     step: int  # optimizer steps taken
-    last_saved: int  # the newest checkpoint written or restored (0: none yet)
+    last_saved: int | None  # the newest checkpoint written or restored (None: none yet)
 
 
 class Trainer:
@@ -107,19 +107,20 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------
     def restore_or_init(self) -> tuple[dict, Any, int]:
-        """(state, data iterator state or None, step): the latest checkpoint's, or a fresh run's."""
-        step = self.checkpoints.latest_step()
-        data_state = None
+        """(state, data iterator state or None, step): the newest good checkpoint's, or a fresh run's."""
+        data_state, step = None, 0
         seed = int(self.config.seed)
-        if step is None:
+        if not self.checkpoints.all_steps():
             state = S.fresh_state(self.model_cfg, self.tx, seed, self.layout)
             log.info("started a new run in %s", self.workdir)
         else:
             abstract = S.abstract_state(self.model_cfg, self.tx, seed, self.layout)
-            state, data_state, meta = self.checkpoints.restore(step, abstract)
+            (state, data_state, meta), step = self.checkpoints.newest_good(
+                lambda s: self.checkpoints.restore(s, abstract), lambda restored: restored[0]["params"]
+            )
             self.meter.stats.update(meta.get("stats", {}))
             log.info("resumed from step %d of %s", step, self.workdir)
-        return S.inject(state, self.injected, self.layout, self.optim_cfg.embeddings), data_state, step or 0
+        return S.inject(state, self.injected, self.layout, self.optim_cfg.embeddings), data_state, step
 
     def iterator(self, data_state=None):
         it = make_iterator(
@@ -134,7 +135,7 @@ class Trainer:
         it = self.iterator(data_state)
         self._log_setup(state)
         self.meter.restart_clock()
-        return Progress(state, it, step, last_saved=step)
+        return Progress(state, it, step, last_saved=step if step else None)
 
     def _log_setup(self, state: dict) -> None:
         leaves = jax.tree.leaves(state["params"])
@@ -192,11 +193,13 @@ class Trainer:
                     self.stop_here(progress)
                     break
         except NonFiniteLoss as e:
+            kept = (
+                f"the last good checkpoint (step {progress.last_saved}) is kept"
+                if progress.last_saved is not None
+                else "no checkpoint has been written yet"
+            )
             log.error(
-                "%s; the run stops here and the last good checkpoint (step %d) is kept; "
-                "set --config.train.nonfinite=skip to skip such steps instead",
-                e,
-                progress.last_saved,
+                "%s; the run stops here and %s; set --config.train.nonfinite=skip to skip such steps instead", e, kept
             )
             self.checkpoints.wait()
             return EXIT_NONFINITE
@@ -235,7 +238,7 @@ class Trainer:
     def save(self, p: Progress) -> None:
         """A checkpoint of step `p.step` (once: a second call for the same step does nothing)."""
         self.meter.flush()  # the checkpoint's stats include the last step
-        if p.step in self.checkpoints.all_steps():
+        if self.checkpoints.has(p.step):
             return
         t0 = time.perf_counter()
         self.checkpoints.save(p.step, p.state, p.data.get_state(), self._meta(p.step))

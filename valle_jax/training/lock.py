@@ -1,0 +1,103 @@
+"""One training process per workdir: WORKDIR/lock names the process that holds it.
+
+Two runs writing the same checkpoints, logs and exports would corrupt each other, so a second start
+on a held workdir stops at once. The lock is a file created exclusively (so it also works where
+`flock` does not, as on some network filesystems) holding the owner's PID, host and process start
+time. A process killed outright (SIGKILL, a crash) leaves the file behind; the next start on the
+same host sees that its process is gone and takes the lock over with a warning. On another host
+it cannot check, so it refuses and says which file to remove.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+log = logging.getLogger("valle_jax.train")
+
+LOCK_FILE = "lock"
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live process holds the workdir."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused PID apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(owner: dict) -> bool:
+    pid = int(owner.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    started = _start_time(pid)
+    return started is None or owner.get("started") in (None, started)
+
+
+class WorkdirLock:
+    def __init__(self, workdir: str | Path):
+        self.path = Path(workdir) / LOCK_FILE
+        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
+        self.held = False
+
+    def _create(self) -> bool:
+        """Creates the lock with its content in one step (a hard link fails if the name exists), so
+        no other start ever reads a half-written lock."""
+        tmp = self.path.with_name(f"{LOCK_FILE}.{self.me['pid']}.tmp")
+        tmp.write_text(json.dumps(self.me))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # unreadable: not a lock anyone can still hold
+
+    def acquire(self) -> WorkdirLock:
+        """Takes the lock, or raises WorkdirBusy naming the process and host that hold it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # another start may take or drop the lock between our steps
+            if self._create():
+                self.held = True
+                return self
+            owner = self._owner()
+            same_host = owner.get("host") == self.me["host"]
+            if owner and (not same_host or _alive(owner)):
+                where = "this host" if same_host else f"host {owner.get('host')}"
+                raise WorkdirBusy(
+                    f"{self.path.parent} is in use by PID {owner.get('pid')} on {where} "
+                    f"(remove {self.path} if that process is gone)"
+                )
+            log.warning("taking over the lock of %s from PID %s, which is gone", self.path.parent, owner.get("pid"))
+            self.path.unlink(missing_ok=True)
+        raise WorkdirBusy(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def release(self) -> None:
+        if self.held and self._owner().get("pid") == self.me["pid"]:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
