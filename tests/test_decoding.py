@@ -154,7 +154,7 @@ def test_reordered_cache_continues_as_the_rows_it_took(arch):
     inputs = inputs_of(*utterances(4))
     sp = D.prefix_slots(inputs)
     layers = model.backbone.unstack()
-    _, cache, plen, _, _ = D._prefill(model, inputs, sp + 8, layers)
+    _, cache, plen, _, _ = D._prefill(model, inputs, D.CacheSpec(sp + 8), layers)
     step = D._cached_step(model, sp, jnp.zeros((4,), jnp.int32), layers)
     tok = jnp.asarray([5, 6, 7])
     for t in range(2):  # two steps: the second reads keys the first wrote
@@ -263,10 +263,10 @@ def test_nar_reuses_the_prefix_and_never_samples_stop(model, decoder):
     knobs = D.Knobs.of(settings, 3, ar=False)
     r = int(np.asarray(ar.length).max())
     key = jax.random.key(0)
-    with_cache = decoder._nar(
-        params, inputs, ar.state[0], ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), key, sign_aware=True
-    )
-    full = decoder._nar(params, inputs, None, ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), key, sign_aware=True)
+    plan = D.NarPlan(sign_aware=True)
+    start = D.NarStart(ar.state[0], ar.tokens[:, :r], ar.length, jnp.asarray(7))
+    with_cache = decoder._nar(params, inputs, start, knobs, key, plan=plan)
+    full = decoder._nar(params, inputs, start._replace(cache=None), knobs, key, plan=plan)
     np.testing.assert_array_equal(np.asarray(with_cache), np.asarray(full))
     codes = np.asarray(with_cache)
     assert codes.max() < STOP and (codes[:, :, 1:] != 0).any()

@@ -16,9 +16,9 @@ from flax import nnx
 
 from valle_jax import decoding as D
 from valle_jax import kernels
+from valle_jax.backend import StepWeight
 from valle_jax.config import ModelConfig
 from valle_jax.models import init_model
-from valle_jax.models.layers import StepWeight
 
 needs_kernels = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not kernels.available(), reason=f"CPU kernels unavailable here: {kernels._load()}"

@@ -161,9 +161,10 @@ def test_nar_continues_the_prefix_state_and_beams_reorder_it():
     ar = dec.ar(inputs, GREEDY)
     knobs = D.Knobs.of(GREEDY, 3, ar=False)
     r = int(np.asarray(ar.length).max())
-    args = (ar.tokens[:, :r], ar.length, knobs, jnp.asarray(7), jax.random.key(0))
-    from_state = dec._nar(dec.params, inputs, ar.state[0], *args, sign_aware=True)
-    recomputed = dec._nar(dec.params, inputs, None, *args, sign_aware=True)
+    start = D.NarStart(ar.state[0], ar.tokens[:, :r], ar.length, jnp.asarray(7))
+    plan, key = D.NarPlan(sign_aware=True), jax.random.key(0)
+    from_state = dec._nar(dec.params, inputs, start, knobs, key, plan=plan)
+    recomputed = dec._nar(dec.params, inputs, start._replace(cache=None), knobs, key, plan=plan)
     np.testing.assert_array_equal(np.asarray(from_state), np.asarray(recomputed))
     beams = dec.ar(inputs, dataclasses.replace(GREEDY, beam_width=3))  # beams gather states by row
     assert np.asarray(beams.length).tolist() == [40, 40, 40]

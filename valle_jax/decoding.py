@@ -24,18 +24,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
-from valle_jax import kernels, runtime
+from valle_jax import backend
 from valle_jax import sampling as S
-from valle_jax.models import layers as L
-from valle_jax.models.layers import cache_storage
-from valle_jax.models.valle import VALLE, prefix_len
+from valle_jax.models.valle import VALLE, abstract_model, prefix_len
 
 Array = jax.Array
 NEG_INF = -jnp.inf
@@ -89,7 +87,22 @@ class Settings:
 
     def __post_init__(self):
         checks = [
+            (  # first: NaN fails every comparison below with a misleading message
+                not (
+                    bad := [
+                        f"{f.name}={getattr(self, f.name)}"
+                        for f in dataclasses.fields(self)
+                        if f.type in ("float", float) and not -float("inf") < getattr(self, f.name) < float("inf")
+                    ]
+                ),
+                f"settings must be finite numbers, got {', '.join(bad)}",
+            ),
             (self.max_ar_steps >= 1, f"max_ar_steps must be >= 1, got {self.max_ar_steps}"),
+            (  # twice the largest step bucket (72 s of audio; the reference's UI stops at 32 s): its KV cache fits
+                self.max_ar_steps <= 2 * STEP_BUCKETS[-1],
+                f"max_ar_steps must be <= {2 * STEP_BUCKETS[-1]} ({2 * STEP_BUCKETS[-1] // 75} s of audio at "
+                f"75 frames/s), got {self.max_ar_steps}",
+            ),
             (0 <= self.max_nar_levels, f"max_nar_levels must be >= 0, got {self.max_nar_levels}"),
             (self.ar_temp >= 0 and self.nar_temp >= 0, "temperatures must be >= 0 (0 = greedy)"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
@@ -280,6 +293,43 @@ class ArResult(NamedTuple):
     logits: Array | None  # float32 [B, N, V]: each step's raw logits (when asked for)
 
 
+@struct.dataclass
+class ArState:
+    """What the AR loop carries from one step to the next."""
+
+    t: Array  # int32 (): the step about to run (= response frames sampled so far)
+    logits: Array  # float32 [B, V]: the logits that step t samples from
+    tokens: Array  # int32 [B, N]: the tokens sampled so far; the stop token in every later slot
+    done: Array  # bool [B]: the row has ended (a stop token, or its step limit)
+    mu: Array  # float32 [B]: mirostat's surprise budget (carried unchanged by the other samplers)
+    model: Any  # the model's state after the last step (KV cache or recurrent state, prefix lengths)
+    kept: Array  # float32 [B, N, V]: each step's raw logits when asked for (else a () placeholder)
+
+
+@struct.dataclass
+class BeamState:
+    """What beam search carries from one step to the next (rows b * width + w: beam w of utterance b)."""
+
+    t: Array  # int32 (): the step about to run
+    logits: Array  # float32 [B*W, V]: each beam's logits for step t
+    tokens: Array  # int32 [B*W, N]: each beam's tokens so far; the stop token in every later slot
+    done: Array  # bool [B*W]: the beam has ended (it only "stays" from then on, keeping its score)
+    score: Array  # float32 [B*W]: the sum of the beam's token log-probabilities
+    model: Any  # the model's state, gathered along with the beams
+
+
+@struct.dataclass
+class NarState:
+    """What the NAR's level loop carries from one level to the next."""
+
+    codes: Array  # int32 [B, R, Q]: the response codes, levels up to the current one filled (0 past a row's end)
+
+
+def _running(n_slots: int):
+    """A while-loop condition: slots are left and some row has not ended."""
+    return lambda state: (state.t < n_slots) & ~jnp.all(state.done)
+
+
 def ar_loop(
     first_logits_BV: Array,
     step_fn: Callable,
@@ -301,39 +351,36 @@ def ar_loop(
     assert n_slots % chunk == 0, (n_slots, chunk)
     knobs = jax.tree.map(jnp.asarray, knobs)
 
-    def one(carry, _):
-        t, logits, tokens, done, mu, state, kept = carry
-        tok, new_mu = _pick(
-            mode, jax.random.fold_in(key, t), logits, knobs, tokens, t, mu, stop, sign_aware, ras_window
-        )
-        tok = jnp.where(done, stop, tok)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)
+    def one(s: ArState, _) -> tuple[ArState, None]:
+        key_t = jax.random.fold_in(key, s.t)
+        tok, mu = _pick(mode, key_t, s.logits, knobs, s.tokens, s.t, s.mu, stop, sign_aware, ras_window)
+        tok = jnp.where(s.done, stop, tok)
+        kept = s.kept
         if keep_logits:
-            kept = jax.lax.dynamic_update_slice_in_dim(kept, logits[:, None], t, axis=1)
-        mu = jnp.where(done, mu, new_mu)
-        done = done | (tok == stop) | (t + 1 >= knobs.max_steps)
-        logits, state = step_fn(state, tok, t)
-        return (t + 1, logits, tokens, done, mu, state, kept), None
+            kept = jax.lax.dynamic_update_slice_in_dim(kept, s.logits[:, None], s.t, axis=1)
+        logits, model = step_fn(s.model, tok, s.t)
+        return ArState(
+            t=s.t + 1,
+            logits=logits,
+            tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[:, None], s.t, axis=1),
+            done=s.done | (tok == stop) | (s.t + 1 >= knobs.max_steps),
+            mu=jnp.where(s.done, s.mu, mu),
+            model=model,
+            kept=kept,
+        ), None
 
-    def chunk_body(carry):
-        return jax.lax.scan(one, carry, None, length=chunk)[0]
-
-    def running(carry):
-        return (carry[0] < n_slots) & ~jnp.all(carry[3])
-
-    tokens = jnp.full((b, n_slots), stop, jnp.int32)
-    kept = jnp.zeros((b, n_slots, v), jnp.float32) if keep_logits else jnp.zeros((), jnp.float32)
-    carry = (
-        jnp.zeros((), jnp.int32),
-        first_logits_BV.astype(jnp.float32),
-        tokens,
-        jnp.zeros((b,), bool),
-        S.mirostat_init(knobs.tau),
-        state,
-        kept,
+    start = ArState(
+        t=jnp.zeros((), jnp.int32),
+        logits=first_logits_BV.astype(jnp.float32),
+        tokens=jnp.full((b, n_slots), stop, jnp.int32),
+        done=jnp.zeros((b,), bool),
+        mu=S.mirostat_init(knobs.tau),
+        model=state,
+        kept=jnp.zeros((b, n_slots, v), jnp.float32) if keep_logits else jnp.zeros((), jnp.float32),
     )
-    _, _, tokens, _, _, state, kept = jax.lax.while_loop(running, chunk_body, carry)
-    return ArResult(tokens, *_ends(tokens, knobs.max_steps, stop), state, kept if keep_logits else None)
+    end = jax.lax.while_loop(_running(n_slots), lambda s: jax.lax.scan(one, s, None, length=chunk)[0], start)
+    length, stopped = _ends(end.tokens, knobs.max_steps, stop)
+    return ArResult(end.tokens, length, stopped, end.model, end.kept if keep_logits else None)
 
 
 def _ends(tokens_BN: Array, max_steps_B: Array, stop: int) -> tuple[Array, Array]:
@@ -368,43 +415,38 @@ def beam_loop(
     assert n_slots % chunk == 0
     knobs = jax.tree.map(jnp.asarray, knobs)
 
-    def one(carry, _):
-        t, logits, tokens, done, score, state = carry
-        x = _filtered(logits, knobs, tokens, t, stop, sign_aware)
+    def one(s: BeamState, _) -> tuple[BeamState, None]:
+        x = _filtered(s.logits, knobs, s.tokens, s.t, stop, sign_aware)
         logp = jax.nn.log_softmax(S.scale_by_temperature(x, knobs.temp, knobs.min_temp), axis=-1)
         finished = jnp.where(jnp.arange(v)[None, :] == stop, 0.0, NEG_INF)  # a done beam only "stays"
-        logp = jnp.where(done[:, None], finished, logp)
-        cand = (score[:, None] + logp).reshape(b, width * v)
-        best, idx = jax.lax.top_k(cand, width)  # [b, width]
+        logp = jnp.where(s.done[:, None], finished, logp)
+        best, idx = jax.lax.top_k((s.score[:, None] + logp).reshape(b, width * v), width)  # [b, width]
         rows = (jnp.arange(b)[:, None] * width + idx // v).reshape(-1)
         tok = (idx % v).reshape(-1).astype(jnp.int32)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens[rows], tok[:, None], t, axis=1)
-        done = done[rows] | (tok == stop) | (t + 1 >= knobs.max_steps)
-        logits, state = step_fn(reorder_fn(state, rows), tok, t)
-        return (t + 1, logits, tokens, done, best.reshape(-1), state), None
+        logits, model = step_fn(reorder_fn(s.model, rows), tok, s.t)
+        return BeamState(
+            t=s.t + 1,
+            logits=logits,
+            tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens[rows], tok[:, None], s.t, axis=1),
+            done=s.done[rows] | (tok == stop) | (s.t + 1 >= knobs.max_steps),
+            score=best.reshape(-1),
+            model=model,
+        ), None
 
-    def running(carry):
-        return (carry[0] < n_slots) & ~jnp.all(carry[3])
-
-    # all beams start identical: only beam 0 may expand at the first step, or they would stay copies
-    score = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF), b)
-    carry = (
-        jnp.zeros((), jnp.int32),
-        first_logits_BV.astype(jnp.float32),
-        jnp.full((bw, n_slots), stop, jnp.int32),
-        jnp.zeros((bw,), bool),
-        score,
-        state,
+    start = BeamState(
+        t=jnp.zeros((), jnp.int32),
+        logits=first_logits_BV.astype(jnp.float32),
+        tokens=jnp.full((bw, n_slots), stop, jnp.int32),
+        done=jnp.zeros((bw,), bool),
+        # all beams start identical: only beam 0 may expand at the first step, or they would stay copies
+        score=jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF), b),
+        model=state,
     )
-    _, _, tokens, _, score, state = jax.lax.while_loop(
-        running, lambda c: jax.lax.scan(one, c, None, length=chunk)[0], carry
-    )
-    best_rows = jnp.arange(b) * width + jnp.argmax(score.reshape(b, width), axis=1)
-    tokens = tokens[best_rows]
-    return (
-        ArResult(tokens, *_ends(tokens, knobs.max_steps[best_rows], stop), reorder_fn(state, best_rows), None),
-        score[best_rows],
-    )
+    end = jax.lax.while_loop(_running(n_slots), lambda s: jax.lax.scan(one, s, None, length=chunk)[0], start)
+    best_rows = jnp.arange(b) * width + jnp.argmax(end.score.reshape(b, width), axis=1)
+    tokens = end.tokens[best_rows]
+    length, stopped = _ends(tokens, knobs.max_steps[best_rows], stop)
+    return ArResult(tokens, length, stopped, reorder_fn(end.model, best_rows), None), end.score[best_rows]
 
 
 # ---- the model side ------------------------------------------------------------------------------
@@ -415,24 +457,21 @@ def prefix_slots(inputs: Inputs) -> int:
     return inputs.text.shape[1] + inputs.prompt.shape[1] + 4
 
 
-def cache_dtype(dtype: str, cpu_kernels: bool = False):
-    """The KV cache's dtype: the model's dtype, except float32 on the CPU without the kernels,
-    where XLA has no batched bfloat16 dot and a bfloat16 cache was converted whole at every step
-    (half preset, batch 1: ~7 of ~17 ms per step). The kernels' attention reads a bfloat16 cache as
-    it is: half the bytes a step streams from it."""
-    return jnp.float32 if jax.default_backend() == "cpu" and not cpu_kernels else jnp.dtype(dtype)
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """The decoding cache a prefill makes (static)."""
+
+    capacity: int  # slots: the prefix and every response frame
+    storage: str = "float32"  # the buffers' dtype (backend.cache_storage: a bfloat16 cache may be held as bits)
+    layout: backend.CacheLayout = backend.CacheLayout()  # which backend attends over it
 
 
-def _prefill(
-    model: VALLE, inputs: Inputs, capacity: int | None = None, layers: list[dict] | None = None, kv_dtype=None
-):
-    """The prefix through the model, into a new cache of `capacity` slots (None: no cache) in
-    `kv_dtype` (None: `cache_dtype` of the model's dtype): (logits for response frame 0 [B, V],
-    cache, prefix length [B], prefix inputs x, valid)."""
+def _prefill(model: VALLE, inputs: Inputs, spec: CacheSpec | None = None, layers: list[dict] | None = None):
+    """The prefix through the model, into a new cache (`spec`; None: no cache): (logits for
+    response frame 0 [B, V], cache, prefix length [B], prefix inputs x, valid)."""
     x, valid = model.embed_prefix(inputs.text, inputs.text_len, inputs.lang, inputs.prompt, inputs.prompt_len)
     b, sp = valid.shape
-    kv_dtype = kv_dtype or cache_dtype(model.cfg.dtype)
-    cache = None if capacity is None else model.init_cache(b, capacity, cache_storage(kv_dtype))
+    cache = None if spec is None else model.init_cache(b, spec.capacity, jnp.dtype(spec.storage), spec.layout)
     level = jnp.zeros((b,), jnp.int32)
     logits, _, cache = model.run(x, jnp.broadcast_to(jnp.arange(sp), (b, sp)), valid, level, cache, layers=layers)
     if cache is not None:
@@ -450,9 +489,8 @@ def _cached_step(model: VALLE, sp: int, context_B: Array, layers: list[dict]):
         b = tok_B.shape[0]
         if model.backbone.has_window:  # rolling context: the frame that falls out of the window is masked
             old = t - context_B
-            cache = model.backbone.forget(
-                cache, jnp.where((context_B > 0) & (old >= 0), sp + old, cache["valid"].shape[1])
-            )
+            past_end = cache["valid"].shape[1]
+            cache = model.backbone.forget(cache, jnp.where((context_B > 0) & (old >= 0), sp + old, past_end))
         level = jnp.zeros((b,), jnp.int32)
         x = model.embed_frames(tok_B[:, None, None], level)
         logits, _, cache = model.run(x, (plen + t)[:, None], jnp.ones((b, 1), bool), level, cache, layers=layers)
@@ -485,143 +523,99 @@ def _reorderer(model: VALLE):
     return lambda state, rows: (model.backbone.reorder_cache(state[0], rows), state[1][rows])
 
 
-def _ar(
-    graph,
-    params,
-    inputs: Inputs,
-    knobs: Knobs,
-    key: Array,
-    *,
-    n_slots: int,
-    chunk: int,
-    mode: str,
-    width: int,
-    sign_aware: bool,
-    ras_window: int,
-    cached: bool,
-    keep_logits: bool,
-    step_layers: list[dict] | None = None,
-    kv_dtype: str | None = None,
-):
-    """`step_layers`: the backbone's layers as `backbone.step_layers()` gives them (CPU kernels), or
-    None to slice them from `params`; `kv_dtype`: the cache's (None: `cache_dtype`'s)."""
+@dataclasses.dataclass(frozen=True)
+class ArPlan:
+    """The static choices of one compiled AR (a change compiles another program)."""
+
+    n_slots: int  # the step bucket: tokens per row at most (a multiple of chunk)
+    chunk: int = 8  # steps per while-loop iteration
+    mode: str = "sample"  # Settings.mode
+    width: int = 1  # beams per utterance (mode "beam")
+    sign_aware: bool = True
+    ras_window: int = 10
+    cached: bool = True  # False: the reference's way, the whole sequence at every step
+    keep_logits: bool = False
+    kv_storage: str = "float32"  # the KV cache buffers' dtype
+    layout: backend.CacheLayout = backend.CacheLayout()
+
+    def loop_options(self, stop: int) -> dict:
+        """ar_loop's keyword options."""
+        return dict(
+            n_slots=self.n_slots,
+            stop=stop,
+            mode=self.mode,
+            chunk=self.chunk,
+            sign_aware=self.sign_aware,
+            ras_window=self.ras_window,
+            keep_logits=self.keep_logits,
+        )
+
+
+def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, layers: list[dict] | None = None, *, plan: ArPlan):
+    """Level 0 of a batch: its prefill, then the AR loop (or beam search) over `plan`. `layers`: the
+    backbone's per-layer weights as the decoder holds them (its step layers), or None to slice them
+    from `params`, once, outside the loop."""
     model = nnx.merge(graph, params)
     stop = model.cfg.stop_token
     sp = prefix_slots(inputs)
-    if not cached:
+    if not plan.cached:
         first, _, plen, x, valid = _prefill(model, inputs)
-        state = (jnp.full((valid.shape[0], n_slots), stop, jnp.int32), plen)
-        return ar_loop(
-            first,
-            _uncached_step(model, x, valid, n_slots),
-            state,
-            knobs,
-            key,
-            n_slots=n_slots,
-            stop=stop,
-            mode=mode,
-            chunk=chunk,
-            sign_aware=sign_aware,
-            ras_window=ras_window,
-            keep_logits=keep_logits,
-        )
-    layers = step_layers if step_layers is not None else model.backbone.unstack()  # sliced once, outside the loop
-    if len(inputs.text_len) * (width if mode == "beam" else 1) > kernels.MAX_ROWS:
-        # steps with more rows than rows_linear takes run XLA's dot: over weights unpacked once, here
-        # (else XLA unpacks them inside the loop, at every step)
-        layers = [L.unpacked(p) for p in layers]
-    first, cache, plen, _, _ = _prefill(model, inputs, sp + n_slots, layers, kv_dtype)
-    if mode == "beam":
-        rows = jnp.repeat(jnp.arange(first.shape[0]), width)
-        reorder = _reorderer(model)
-        cache, plen = reorder((cache, plen), rows)
-        knobs = jax.tree.map(lambda a: a[rows], knobs)
-        result, _ = beam_loop(
-            first[rows],
-            _cached_step(model, sp, knobs.context, layers),
-            reorder,
-            (cache, plen),
-            knobs,
-            width=width,
-            n_slots=n_slots,
-            stop=stop,
-            chunk=chunk,
-            sign_aware=sign_aware,
-        )
-        return result
-    return ar_loop(
-        first,
-        _cached_step(model, sp, knobs.context, layers),
-        (cache, plen),
-        knobs,
-        key,
-        n_slots=n_slots,
-        stop=stop,
-        mode=mode,
-        chunk=chunk,
-        sign_aware=sign_aware,
-        ras_window=ras_window,
-        keep_logits=keep_logits,
-    )
+        state = (jnp.full((valid.shape[0], plan.n_slots), stop, jnp.int32), plen)
+        step = _uncached_step(model, x, valid, plan.n_slots)
+        return ar_loop(first, step, state, knobs, key, **plan.loop_options(stop))
+    layers = layers if layers is not None else model.backbone.unstack()
+    if not backend.packed_rows_fit(len(inputs.text_len) * plan.width):
+        layers = [backend.unpacked(p) for p in layers]  # here, once: XLA would unpack them at every step
+    spec = CacheSpec(sp + plan.n_slots, plan.kv_storage, plan.layout)
+    first, cache, plen, _, _ = _prefill(model, inputs, spec, layers)
+    if plan.mode != "beam":
+        step = _cached_step(model, sp, knobs.context, layers)
+        return ar_loop(first, step, (cache, plen), knobs, key, **plan.loop_options(stop))
+    rows = jnp.repeat(jnp.arange(first.shape[0]), plan.width)
+    reorder = _reorderer(model)
+    state = reorder((cache, plen), rows)
+    knobs = jax.tree.map(lambda a: a[rows], knobs)
+    step = _cached_step(model, sp, knobs.context, layers)
+    options = dict(width=plan.width, n_slots=plan.n_slots, stop=stop, chunk=plan.chunk, sign_aware=plan.sign_aware)
+    return beam_loop(first[rows], step, reorder, state, knobs, **options)[0]
+
+
+class NarStart(NamedTuple):
+    """Where the NAR starts from: what the AR made."""
+
+    cache: dict | None  # the AR's cache (its prefix is reused), or None: rerun the whole sequence
+    level0: Array  # int32 [B, R]: the AR's tokens over the NAR's R response slots
+    length: Array  # int32 [B]: response frames per row
+    n_levels: Array  # int32 (): levels 1..n_levels are sampled (traced: no recompile per count)
+
+
+@dataclasses.dataclass(frozen=True)
+class NarPlan:
+    """The static choices of one compiled NAR."""
+
+    sign_aware: bool = True
 
 
 def _nar(
-    graph,
-    params,
-    inputs: Inputs,
-    cache: dict | None,
-    level0_BR: Array,
-    length_B: Array,
-    knobs: Knobs,
-    n_levels: Array,
-    key: Array,
-    layers: list[dict] | None = None,
-    *,
-    sign_aware: bool,
-    kernels: bool = False,
-):
-    """Levels 1..n_levels (a traced count) of the response, each from the levels below it.
-    `layers`: the backbone's per-layer parameters as an argument (the Decoder's float32
-    `step_layers`, unpacked here, outside the levels' loop); None slices them from `params` here,
-    where XLA copies every weight at every call (half preset: ~150 ms of ~2.5 s), as step layers
-    with `kernels` (so that attention runs the CPU kernel)."""
+    graph, params, inputs: Inputs, start: NarStart, knobs: Knobs, key: Array, layers=None, *, plan: NarPlan
+) -> Array:
+    """Levels 1..n_levels of the response, each from the levels below it: codes [B, R, Q].
+    `layers`: the backbone's per-layer weights as an argument (the decoder's float32 step layers,
+    unpacked here, once, outside the levels' loop); None slices them from `params` here, where XLA
+    copies every weight at every call (half preset: ~150 ms of ~2.5 s)."""
     model = nnx.merge(graph, params)
     cfg = model.cfg
-    b, r = level0_BR.shape
-    sp = prefix_slots(inputs)
-    plen = prefix_len(inputs.text_len, inputs.prompt_len)
-    frame_valid = jnp.arange(r)[None, :] < length_B[:, None]
-    positions = plen[:, None] + jnp.arange(r)[None, :]
-    codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, level0_BR, 0))
-    if layers is None:
-        layers = model.backbone.step_layers(jnp.float32, packed=False) if kernels else model.backbone.unstack()
-    layers = [L.unpacked(p) for p in layers]  # here, outside the levels' loop: once per call
-    if cache is not None:  # the prefix's keys/values (or recurrent state) alone
-        cache = model.backbone.nar_cache(cache, sp, r)
+    b, r = start.level0.shape
+    frame_valid = jnp.arange(r)[None, :] < start.length[:, None]
+    layers = [backend.unpacked(p) for p in (layers if layers is not None else model.backbone.unstack())]
+    level_logits = _nar_logits(model, inputs, start, frame_valid, layers)
 
-    def level_logits(level_B, codes):
-        if cache is not None:
-            x = model.embed_frames(codes, level_B)
-            logits, _, _ = model.run(x, positions, frame_valid, level_B, cache, layers=layers)
-            return logits
-        batch = {
-            "text": inputs.text,
-            "text_len": inputs.text_len,
-            "lang": inputs.lang,
-            "prompt": inputs.prompt,
-            "prompt_len": inputs.prompt_len,
-            "resp": codes,
-            "resp_len": length_B,
-        }
-        logits, _ = model(batch, level_B)  # the whole sequence: bidirectional NAR attends to the response
-        return jnp.take_along_axis(logits, positions[..., None], axis=1)
-
-    def body(level, codes):
-        logits = level_logits(jnp.full((b,), level), codes)
+    def body(level, s: NarState) -> NarState:
+        logits = level_logits(jnp.full((b,), level), s.codes)
         logits = logits.at[..., cfg.stop_token].set(NEG_INF)  # a NAR pass never ends the utterance
-        prev = jax.lax.dynamic_index_in_dim(codes, level - 1, axis=2, keepdims=False)
+        prev = jax.lax.dynamic_index_in_dim(s.codes, level - 1, axis=2, keepdims=False)
         penalty, applies = S.repetition_factors(prev, frame_valid, knobs.rep, knobs.rep_decay, logits.shape[-1])
-        x = S.apply_penalty(logits, penalty[:, None], applies[:, None], sign_aware)
+        x = S.apply_penalty(logits, penalty[:, None], applies[:, None], plan.sign_aware)
         rows = lambda a: jnp.repeat(a, r)  # noqa: E731
         tok = S.sample(
             jax.random.fold_in(key, level),
@@ -633,9 +627,34 @@ def _nar(
             min_p_B=rows(knobs.min_p),
         ).reshape(b, r)
         tok = jnp.where(frame_valid, tok, 0)
-        return jax.lax.dynamic_update_slice_in_dim(codes, tok[..., None], level, axis=2)
+        return NarState(jax.lax.dynamic_update_slice_in_dim(s.codes, tok[..., None], level, axis=2))
 
-    return jax.lax.fori_loop(1, n_levels + 1, body, codes)
+    codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[..., 0].set(jnp.where(frame_valid, start.level0, 0))
+    return jax.lax.fori_loop(1, start.n_levels + 1, body, NarState(codes)).codes
+
+
+def _nar_logits(model: VALLE, inputs: Inputs, start: NarStart, frame_valid: Array, layers: list[dict]):
+    """`(level_B, codes) -> logits [B, R, V]` of the response positions at a NAR level: over the
+    AR's cache of the prefix (only the response positions are computed), or over the whole sequence
+    when there is none (a bidirectional NAR attends to the response)."""
+    plen = prefix_len(inputs.text_len, inputs.prompt_len)
+    r = start.level0.shape[1]
+    positions = plen[:, None] + jnp.arange(r)[None, :]
+    if start.cache is not None:
+        cache = model.backbone.nar_cache(start.cache, prefix_slots(inputs), r)  # the prefix's keys/values alone
+
+        def from_cache(level_B, codes):
+            x = model.embed_frames(codes, level_B)
+            return model.run(x, positions, frame_valid, level_B, cache, layers=layers)[0]
+
+        return from_cache
+
+    def whole(level_B, codes):
+        batch = dict(inputs._asdict(), resp=codes, resp_len=start.length)
+        logits, _ = model(batch, level_B)
+        return jnp.take_along_axis(logits, positions[..., None], axis=1)
+
+    return whole
 
 
 class Output(NamedTuple):
@@ -643,60 +662,43 @@ class Output(NamedTuple):
     stopped: np.ndarray  # bool [B]: the AR produced a stop token (False: it ran to max_ar_steps)
 
 
-def _computing_in(model: VALLE, dtype: str) -> VALLE:
-    """A VALLE sharing `model`'s arrays whose layers compute in `dtype`."""
-    graph, state = nnx.split(model)
-    twin = nnx.merge(graph, state)
-    twin.cfg = twin.backbone.cfg = dataclasses.replace(model.cfg, dtype=dtype)
-    return twin
-
-
 class Decoder:
     """Jitted decoding for one model: compiled once per (batch, text, prompt, step) bucket and mode.
 
-    On the CPU (when valle_jax.kernels can be built here), the AR steps' matmuls run the
-    `rows_linear` kernel over `step_layers`: the layer weights packed (kernels.pack), in the model's dtype.
-    There `dtype="bfloat16"` means bfloat16 weights for the AR steps (half the bytes to stream per
-    step) while everything else computes in float32 (XLA's CPU dot is ~10x slower in bfloat16 than
-    in float32). Elsewhere (or with `cpu_kernels=False`), `dtype="bfloat16"` stores the matrices and
-    tables in bfloat16 and computes in it. `step_layers` are made on first use and again whenever
-    `params` is replaced. `kv_dtype`: the AR's KV cache (None: `cache_dtype`, the model's dtype
-    except float32 on a CPU without the kernels); "bfloat16" halves what a step reads from the
-    cache, which at batch 8 and more is about as much as the weights (recurrent states stay float32)."""
+    How it computes is decided once, by valle_jax.backend (`plan`): on the CPU, where the kernels
+    build, the AR steps' matmuls run `rows_linear` over `step_layers` (the layer weights packed, in
+    the model's dtype) and attention reads the filled cache slots alone. There `dtype="bfloat16"`
+    means bfloat16 weights for the AR steps (half the bytes to stream per step) while everything
+    else computes in float32. Elsewhere (or with `cpu_kernels=False`), `dtype="bfloat16"` stores the
+    matrices and tables in bfloat16 and computes in it. `step_layers` are made on first use and
+    again whenever `params` is replaced. `kv_dtype`: the AR's KV cache (None: the plan's default);
+    "bfloat16" halves what a step reads from the cache, which at batch 8 and more is about as much
+    as the weights (recurrent states stay float32)."""
 
     def __init__(self, model: VALLE, chunk: int = 8, cpu_kernels: bool = True, kv_dtype: str | None = None):
         self.cfg = model.cfg
         self.chunk = chunk
         self.has_window = model.backbone.has_window
-        self.cpu_kernels = cpu_kernels and jax.default_backend() == "cpu" and kernels.available()
-        self.kv_dtype = jnp.dtype(kv_dtype or cache_dtype(self.cfg.dtype, self.cpu_kernels)).name
-        if self.cpu_kernels and self.cfg.dtype != "float32":
-            model = _computing_in(model, "float32")
-        self.graph, params = nnx.split(model)
-        if self.cfg.dtype == "bfloat16" and not self.cpu_kernels:  # matrices and tables; norms and biases stay float32
+        self.plan = backend.DecodingPlan.make(self.cfg.dtype, cpu_kernels, kv_dtype)
+        graph, params = nnx.split(model)
+        if self.plan.compute_dtype != self.cfg.dtype:  # the same parameters, layers computing in another dtype
+            graph = nnx.split(abstract_model(dataclasses.replace(self.cfg, dtype=self.plan.compute_dtype)))[0]
+        if self.plan.stores_bfloat16:  # matrices and tables; norms and biases stay float32
             params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
-        self.params = params
-        self._ar = jax.jit(
-            functools.partial(_ar, self.graph),
-            static_argnames=(
-                "n_slots",
-                "chunk",
-                "mode",
-                "width",
-                "sign_aware",
-                "ras_window",
-                "cached",
-                "keep_logits",
-                "kv_dtype",
-            ),
-        )
+        self.graph, self.params = graph, params
+        self._ar = jax.jit(functools.partial(_ar, graph), static_argnames=("plan",))
         self._nar = jax.jit(
-            functools.partial(_nar, self.graph),
-            static_argnames=("sign_aware", "kernels"),
-            compiler_options=runtime.large_dot_compiler_options(),
+            functools.partial(_nar, graph), static_argnames=("plan",), compiler_options=backend.nar_compiler_options()
         )
-        step_dtype = jnp.dtype(self.cfg.dtype)
-        self._pack = jax.jit(lambda params: nnx.merge(self.graph, params).backbone.step_layers(step_dtype))
+        self._pack = jax.jit(lambda params: self.plan.step_layers(nnx.merge(graph, params).backbone))
+
+    @property
+    def cpu_kernels(self) -> bool:
+        return self.plan.kernels
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.plan.kv_dtype
 
     @property
     def params(self):
@@ -708,10 +710,15 @@ class Decoder:
 
     @property
     def step_layers(self) -> list[dict] | None:
-        """The layer weights the AR steps read (None: XLA's dot over `params`, off the CPU)."""
-        if self._step_layers is None and self.cpu_kernels:
+        """The layer weights the AR steps read (None: XLA's dot over `params`, off the kernels)."""
+        if self._step_layers is None and self.plan.kernels:
             self._step_layers = self._pack(self._params)
         return self._step_layers
+
+    @property
+    def nar_layers(self) -> list[dict] | None:
+        """The layer weights the NAR reads (backend.DecodingPlan.nar_layers)."""
+        return self.plan.nar_layers(self.step_layers)
 
     def n_slots(self, max_steps: int) -> int:
         return -(-bucket(max_steps, STEP_BUCKETS) // self.chunk) * self.chunk
@@ -736,15 +743,11 @@ class Decoder:
                 "decodes from a recurrent state, whose past already fades by its decay"
             )
         n_slots = n_slots or self.n_slots(int(np.max(knobs.max_steps)))
-        return self.ar_call(settings, n_slots, cached, keep_logits)(
-            self.params, inputs, knobs, jax.random.key(settings.seed)
-        )
+        call = self.ar_call(settings, n_slots, cached, keep_logits)
+        return call(self.params, inputs, knobs, jax.random.key(settings.seed))
 
-    def ar_call(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False):
-        """The jitted AR with the static choices of `settings` bound: `(params, inputs, knobs, key) ->
-        ArResult` (for `jax.eval_shape` or `.lower()` too)."""
-        return functools.partial(
-            self._ar,
+    def ar_plan(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False) -> ArPlan:
+        return ArPlan(
             n_slots=n_slots,
             chunk=self.chunk,
             mode=settings.mode,
@@ -753,9 +756,15 @@ class Decoder:
             ras_window=settings.ras_window,
             cached=cached,
             keep_logits=keep_logits,
-            step_layers=self.step_layers if cached else None,
-            kv_dtype=self.kv_dtype,
+            kv_storage=backend.cache_storage(self.plan.kv_dtype).name,
+            layout=self.plan.cache_layout,
         )
+
+    def ar_call(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False):
+        """The jitted AR with the static choices of `settings` bound: `(params, inputs, knobs, key) ->
+        ArResult` (for `jax.eval_shape` or `.lower()` too)."""
+        plan = self.ar_plan(settings, n_slots, cached, keep_logits)
+        return functools.partial(self._ar, layers=self.step_layers if cached else None, plan=plan)
 
     def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
         """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""
@@ -765,35 +774,16 @@ class Decoder:
     def nar_arguments(self, inputs: Inputs, ar: ArResult, settings: Settings) -> tuple[tuple, dict]:
         """What `nar` passes to the jitted NAR: (arguments, static arguments), for `._nar.lower()` too."""
         b = len(inputs.text_len)
-        n_slots = ar.tokens.shape[1]
-        r = min(bucket(max(int(np.max(ar.length)), 1), NAR_BUCKETS), n_slots)
-        reuse = not self.cfg.bidirectional_nar
-        cache = ar.state[0] if reuse else None
-        key = jax.random.fold_in(jax.random.key(settings.seed), 1)
-        return (
-            (
-                self.params,
-                inputs,
-                cache,
-                ar.tokens[:, :r],
-                jnp.minimum(ar.length, r),
-                Knobs.of(settings, b, ar=False),
-                jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
-                key,
-                self.nar_layers,
-            ),
-            {"sign_aware": settings.sign_aware_penalties, "kernels": self.cpu_kernels},
+        r = min(bucket(max(int(np.max(ar.length)), 1), NAR_BUCKETS), ar.tokens.shape[1])
+        start = NarStart(
+            cache=None if self.cfg.bidirectional_nar else ar.state[0],
+            level0=ar.tokens[:, :r],
+            length=jnp.minimum(ar.length, r),
+            n_levels=jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
         )
-
-    @property
-    def nar_layers(self) -> list[dict] | None:
-        """The layer weights the NAR reads: the float32 `step_layers` where there are some (unpacked
-        in the call, once), else None (sliced from the float32 `params` in the call: bfloat16 step
-        weights are for the AR's steps alone)."""
-        layers = self.step_layers
-        if layers is None or jnp.dtype(self.cfg.dtype) != jnp.float32:
-            return None
-        return layers
+        key = jax.random.fold_in(jax.random.key(settings.seed), 1)
+        args = (self.params, inputs, start, Knobs.of(settings, b, ar=False), key, self.nar_layers)
+        return args, {"plan": NarPlan(settings.sign_aware_penalties)}
 
     def generate(self, inputs: Inputs, settings: Settings) -> Output:
         ar = self.ar(inputs, settings)

@@ -126,6 +126,29 @@ def main(argv=None) -> int:
         return run(args)
 
 
+def usage_error(args: argparse.Namespace, sampling: dict, text: str | None) -> str | None:
+    """What makes the command line unusable, found before any model, codec or audio loads (None:
+    nothing): every sampling setting (finite, in range), the prompt length, the sizes, the paths."""
+    try:
+        Settings(**sampling)
+        TTS.check_prompt_length(args.input_prompt_length)
+    except (DecodeError, AudioError) as e:
+        return str(e)
+    if args.batch_size < 1:
+        return f"--batch-size must be >= 1, got {args.batch_size}"
+    if args.step is not None and args.step < 0:
+        return f"--step must be >= 0, got {args.step}"
+    if args.heads is not None and args.heads < 1:
+        return f"--heads must be >= 1, got {args.heads}"
+    if text is not None and not text.strip():
+        return "empty text: nothing to synthesise"
+    if not args.checkpoint.exists():
+        return f"{args.checkpoint}: checkpoint not found"
+    if args.text_file is not None and not args.text_file.is_file():
+        return f"{args.text_file}: text file not found"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from valle_jax.codec import CodecUnavailable  # noqa: PLC0415 - optional heavy dependency: torch (codec)
 
@@ -141,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         text, reference = args.positional
     sampling = {field: getattr(args, field) for field, _, _ in SAMPLING_FLAGS.values()}
     sampling.update(repetition_aware=args.repetition_aware, sign_aware_penalties=not args.sign_blind_penalties)
+    problem = usage_error(args, sampling, None if args.text_file is not None else text)
+    if problem:  # a usage error: exit status 2, before anything heavy loads
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.text_file is not None:  # (line number, text) of the non-empty lines
             lines = [
@@ -150,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
             ]
             if not lines:
                 raise TextError(f"{args.text_file}: no text")
+        TTS.read_references(reference, args.input_prompt_length)  # the voice's files, checked before the model loads
         t0 = time.perf_counter()
         tts = TTS.load(
             args.checkpoint,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from valle_jax import runs
-from valle_jax.audio import FRAME_RATE, AudioError, is_silent, load_audio
+from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
 from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
 from valle_jax.config import ModelConfig
 from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode, reference_symmap
@@ -86,6 +86,8 @@ def settings_of(**sampling):
 
 
 class TTS:
+    MIN_PROMPT_SECONDS = 0.5  # shortest voice (after trimming to input_prompt_length) synthesis accepts
+
     def __init__(
         self,
         model,
@@ -149,33 +151,73 @@ class TTS:
     def prompt(self, references: Reference, input_prompt_length: float = 3.0) -> Prompt:
         """A voice from one or more audio files (or `a.wav;b.wav`), codes [frames, levels] (used
         as they are), or a Prompt; trimmed to its first `input_prompt_length` seconds (0: whole)."""
+        self.check_prompt_length(input_prompt_length)
         if isinstance(references, Prompt):
             codes, sources = references.codes, references.sources
         elif isinstance(references, np.ndarray):
             codes, sources = references, ()
         else:
-            paths = (
-                [p for p in str(references).split(";") if p]
-                if isinstance(references, (str, os.PathLike))
-                else [str(p) for p in references]
-            )
-            if not paths:
-                raise AudioError("no reference audio given")
-            wavs = []
-            for p in paths:
-                if not Path(p).is_file():
-                    raise AudioError(f"{p}: reference audio not found")
-                wav = load_audio(p)
-                if is_silent(wav):
-                    raise AudioError(f"{p}: reference audio is silent")
-                wavs.append(wav)
-            codes, sources = np.concatenate(self.codec.encode_batch(wavs), axis=0), tuple(paths)
+            wavs, sources = self.read_references(references, input_prompt_length)
+            codes = np.concatenate(self.codec.encode_batch(wavs), axis=0)
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] < self.cfg.n_prom_levels or len(codes) == 0:
             raise AudioError(f"reference codes must be [frames, >= {self.cfg.n_prom_levels}], got {codes.shape}")
         if input_prompt_length > 0:
             codes = codes[: max(1, int(FRAME_RATE * input_prompt_length))]
+        if len(codes) < int(FRAME_RATE * self.MIN_PROMPT_SECONDS):
+            raise AudioError(
+                f"the reference is {len(codes) / FRAME_RATE:.2f} s long after trimming; "
+                f"at least {self.MIN_PROMPT_SECONDS:g} s is needed"
+            )
         return Prompt(codes[:, : self.cfg.n_prom_levels].astype(np.int16), sources)
+
+    @classmethod
+    def check_prompt_length(cls, seconds: float) -> None:
+        if not (seconds == 0 or cls.MIN_PROMPT_SECONDS <= seconds < float("inf")):  # NaN fails both
+            raise AudioError(
+                f"input prompt length must be 0 (the whole reference) or a finite number of seconds "
+                f">= {cls.MIN_PROMPT_SECONDS:g}, got {seconds:g}"
+            )
+
+    @classmethod
+    def read_references(
+        cls, references: str | os.PathLike | Sequence[str | os.PathLike], input_prompt_length: float = 3.0
+    ) -> tuple[list[np.ndarray], tuple[str, ...]]:
+        """(waveforms, paths) of reference audio (`a.wav;b.wav` or a list), checked before any
+        encoding: each file exists, is readable and not silent, and what `input_prompt_length`
+        seconds (0: all) keeps of them joined lasts MIN_PROMPT_SECONDS and is not silent. Needs no
+        model or codec, so callers can check a voice before loading them."""
+        cls.check_prompt_length(input_prompt_length)
+        paths = (
+            [p for p in str(references).split(";") if p]
+            if isinstance(references, (str, os.PathLike))
+            else [str(p) for p in references]
+        )
+        if not paths:
+            raise AudioError("no reference audio given")
+        wavs = []
+        for p in paths:
+            if not Path(p).is_file():
+                raise AudioError(f"{p}: reference audio not found")
+            wav = load_audio(p)
+            if is_silent(wav):
+                raise AudioError(f"{p}: reference audio is silent")
+            wavs.append(wav)
+        kept = np.concatenate(wavs)
+        if input_prompt_length > 0:
+            kept = kept[: int(SAMPLE_RATE * input_prompt_length)]
+        name = ";".join(paths)
+        if len(kept) < SAMPLE_RATE * cls.MIN_PROMPT_SECONDS:
+            raise AudioError(
+                f"{name}: the reference is {len(kept) / SAMPLE_RATE:.2f} s long after trimming; "
+                f"at least {cls.MIN_PROMPT_SECONDS:g} s is needed"
+            )
+        if is_silent(kept):
+            raise AudioError(
+                f"{name}: the {len(kept) / SAMPLE_RATE:.2f} s kept as the voice (input prompt length "
+                f"{input_prompt_length:g} s) are silent; at least {cls.MIN_PROMPT_SECONDS:g} s of sound is needed"
+            )
+        return wavs, tuple(paths)
 
     # ---- synthesis ----------------------------------------------------------------------------
     def generate_codes(

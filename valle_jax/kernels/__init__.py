@@ -13,7 +13,8 @@ where it has avx512f/bw/dq/vl, else AVX2 with FMA. VALLE_JAX_CPU_KERNELS=avx2 pi
 on an AVX-512 CPU (for comparison); `isas()` lists what this CPU can run, and every function takes
 an `isa` to pick one in-process. Where the kernels cannot be used (not an x86-64 CPU with AVX2 and
 FMA, no compiler, a failed build, or VALLE_JAX_CPU_KERNELS=0), `available()` is False, the reason
-is logged once, and callers use XLA.
+is logged once, and callers use XLA (valle_jax.backend decides). `python -m valle_jax.kernels build`
+builds them ahead of time. The kernels are frozen: they serve CPU decoding only, off the GPU/TPU path.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ MAX_ROWS = 128  # rows up to which rows_linear beats XLA's dot (docs/synthesis.m
 # smaller weight matrices stay with XLA's dot, which fuses them with their neighbours: a custom call
 # costs ~1-2 us (tiny preset, d_model 48: 7.5k steps/s with the kernels, 11.7k without)
 MIN_WEIGHT_ELEMENTS = 1 << 16
+# a build takes ~10-30 s; a compiler that hangs (a full disk, a broken toolchain) must not hang decoding
+BUILD_TIMEOUT_S = int(os.environ.get("VALLE_JAX_KERNEL_BUILD_TIMEOUT", "300"))
 
 
 class KernelUnavailable(RuntimeError):
@@ -141,7 +144,11 @@ def build(cxx: str, out: Path, isa_name: str = "avx2") -> None:
     os.close(fd)
     try:
         cmd = [cxx, *flags(isa_name), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        log.info("building the CPU decoding kernels (%s), once: %s", isa_name, out)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            raise KernelUnavailable(f"compiling {SOURCE.name} took over {BUILD_TIMEOUT_S} s ({' '.join(cmd)})") from e
         if done.returncode != 0:
             raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
         os.replace(tmp, out)
@@ -179,6 +186,12 @@ def _load_isa(isa_name: str) -> str | None:
     except (KernelUnavailable, OSError, AttributeError) as e:
         return str(e)
     return None
+
+
+def unavailable_reason(isa_name: str | None = None) -> str | None:
+    """None when decoding steps on the CPU can use the kernels (builds them on the first call),
+    else why not."""
+    return _load(isa_name)
 
 
 def available(isa_name: str | None = None) -> bool:
@@ -271,7 +284,7 @@ def _attention_call(name: str, isa: str | None, q, k, v, mask, live, *, keys_tra
             f"{name.removeprefix('valle_')}: q {q.shape}, k {k.shape}, v {v.shape} and mask {mask.shape} disagree"
         )
     call = jax.ffi.ffi_call(target(name, isa), jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-    # bfloat16 keys and values (or their bits, uint16: layers.cache_storage) are read as they are
+    # bfloat16 keys and values (or their bits, uint16: backend.cache_storage) are read as they are
     kv_dtype = k.dtype if k.dtype == v.dtype and k.dtype in (jnp.bfloat16, jnp.uint16) else jnp.float32
     return call(
         q.astype(jnp.float32), k.astype(kv_dtype), v.astype(kv_dtype), mask.astype(bool), jnp.asarray(live, jnp.int32)

@@ -23,15 +23,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from valle_jax.models.layers import NEG_INF, grouped, hash_bits, ungrouped
+from valle_jax.models.layers import NEG_INF, attention_mask, grouped, kept, ungrouped
 
 Array = jax.Array
 
 
 def _block_mask(q_pos_BC, k_pos_BK, k_valid_BK, causal_B):
-    causal = k_pos_BK[:, None, :] <= q_pos_BC[:, :, None]
-    allowed = k_valid_BK[:, None, :] & (causal | ~causal_B[:, None, None])
-    return allowed[:, None, None]  # [B, 1, 1, C, K]
+    return attention_mask(q_pos_BC, k_pos_BK, k_valid_BK, causal_B)[:, :, None]  # [B, 1, 1, C, K]
 
 
 def _keep(seed, shape_BGRCK, q_start, s_total, keep_prob):
@@ -42,7 +40,7 @@ def _keep(seed, shape_BGRCK, q_start, s_total, keep_prob):
     row = row + jax.lax.broadcasted_iota(jnp.uint32, shape_BGRCK, 2)
     q = jax.lax.broadcasted_iota(jnp.uint32, shape_BGRCK, 3) + q_start.astype(jnp.uint32)
     idx = (row * jnp.uint32(s_total) + q) * jnp.uint32(k) + jax.lax.broadcasted_iota(jnp.uint32, shape_BGRCK, 4)
-    return hash_bits(idx, seed) < jnp.uint32(min(int(keep_prob * 2.0**32), 2**32 - 1))
+    return kept(idx, seed, keep_prob)
 
 
 def _scores(q_BGRCD, k_BGKD, scale):

@@ -1,8 +1,4 @@
-"""The backbones, each a stack of identical layers stored with a leading "layers" axis and run
-with `lax.scan` (decoding caches hold one buffer per layer instead: see `continue_cache`).
-`model.scan_unroll` sets how many layers
-one loop iteration holds: fully unrolled by default (faster and leaner on CPU, compile time grows
-with depth), 1 for one compiled layer body whatever the depth.
+"""The backbones, each a stack of identical layers stored with a leading "layers" axis.
 
 transformer (SPEC §3.1): pre-LayerNorm, fused qkv without bias, exact GELU FFN with biases, outputs
 multiplied by the validity mask after every sub-layer, no final norm. Positions are added to the
@@ -12,19 +8,30 @@ grouped-query attention when n_kv_heads < n_heads.
 retnet (SPEC §3.2): multi-scale retention (valle_jax.models.retention) in the reference fork's or
 upstream torchscale's layout; its "cache" is a recurrent state per layer, not keys and values.
 
+A layer is a function `layer(p, x, features, valid, mix, key, state) -> (x, state)`: `mix(q, k, v,
+rate, key, state) -> (out, state)` mixes positions (attention or retention) and returns what it
+changed of the layer's `state` (its KV buffers or recurrent state; None in teacher forcing).
+
 `__call__(x, positions, valid, causal, cache=None, dropout_key=None)`: `cache=None` is teacher
-forcing over the given sequence; with a cache (see `init_cache`) the new positions are written at
-slot `cache["index"]` and attend to everything cached so far (retnet: continue the state). What
-decoding needs of a cache beyond that is a small protocol on the backbone: `init_cache`,
-`mark_prefix`, `nar_cache`, `reorder_cache` (beams), `forget` (rolling context, where `has_window`).
+forcing over the given sequence, the layers run by `lax.scan` over the stacked parameters
+(`model.scan_unroll` layers per iteration: fully unrolled by default, faster and leaner on CPU,
+compile time grows with depth; 1 for one compiled layer body whatever the depth). With a cache (see
+`init_cache`) the new positions are written at slot `cache["index"]` and attend to everything
+cached so far (retnet: continue the state); the layers then run one after another over per-layer
+parameters and per-layer buffers (`continue_cache` says why). What decoding needs of a cache beyond
+that is a small protocol on the backbone: `init_cache`, `mark_prefix`, `nar_cache`, `reorder_cache`
+(beams), `forget` (rolling context, where `has_window`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from valle_jax import backend
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
 from valle_jax.models import retention as R
@@ -37,10 +44,20 @@ normal = jax.nn.initializers.normal
 ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache of `length` slots: one keys buffer [B*G, K, Dh] and one values buffer
-    [B*G, Dh, K] per layer (row b*G + g: batch row b, kv head g; layouts: layers.attend_cache), key
-    positions and validity [B, K], and the slot the next positions are written at."""
+class KV(NamedTuple):
+    """One layer's KV cache: keys [B*G, K, Dh] and values [B*G, Dh, K] (row b*G + g: batch row b,
+    kv head g; why this layout: backend.attend_cache)."""
+
+    k: Array
+    v: Array
+
+
+def init_cache(
+    cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, layout: backend.CacheLayout | None = None
+) -> dict:
+    """An empty KV cache of `length` slots: per layer a KV in `dtype` (a storage dtype:
+    backend.cache_storage), key positions and validity [B, K], the slot the next positions are
+    written at, and the `layout` (which backend attends over it)."""
     k_shape = (batch * cfg.kv_heads, length, cfg.head_dim)
     v_shape = (batch * cfg.kv_heads, cfg.head_dim, length)
     return {
@@ -49,15 +66,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
         "pos": jnp.zeros((batch, length), jnp.int32),
         "valid": jnp.zeros((batch, length), bool),
         "index": jnp.zeros((), jnp.int32),
+        "layout": layout or backend.CacheLayout(),
     }
-
-
-STEP_POSITIONS = 4  # new positions up to which a cached call counts as a decoding step (not a prefill)
-
-
-def is_step_layers(layers: list[dict]) -> bool:
-    """Whether `layers` came from `Backbone.step_layers` (decoding on the CPU kernels)."""
-    return any(isinstance(a, L.StepWeight) for a in layers[0].values())
 
 
 def _mm(x: Array, w: Array, spec: str, dtype) -> Array:
@@ -65,9 +75,12 @@ def _mm(x: Array, w: Array, spec: str, dtype) -> Array:
 
 
 class Backbone(nnx.Module):
-    """Shared scan/cache plumbing; subclasses define `layer` and their stacked parameters."""
+    """Shared scan/cache plumbing; subclasses define `layer`, their stacked parameters and
+    `LAYER_PARAMS`, the names of those (each with a leading layers axis)."""
 
     has_window = True  # the cache holds every position, so a rolling context can mask old ones
+    LAYER_PARAMS: tuple[str, ...] = ()
+    STEP_MATMULS: dict[str, int] = {}  # the layer's matmul weights: name -> how many leading axes are contracted
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -84,15 +97,15 @@ class Backbone(nnx.Module):
         return x
 
     def teacher_mixer(self, positions_BS: Array, valid_BS: Array, causal_B: Array):
-        """`mix(q, k, v, rate, key)` mixing positions over the whole given sequence (no cache)."""
+        """`mix` over the whole given sequence (no cache: the state stays None)."""
         if self.cfg.attention == "blocked":
 
-            def attend(q, k, v, rate, key):
-                return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key)
+            def attend(q, k, v, rate, key, state=None):
+                return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key), state
 
             return attend
         mask = L.attention_mask(positions_BS, positions_BS, valid_BS, causal_B)
-        return lambda q, k, v, rate, key: dense_attend(q, k, v, mask, rate, key)
+        return lambda q, k, v, rate, key, state=None: (dense_attend(q, k, v, mask, rate, key), state)
 
     def __call__(
         self,
@@ -118,44 +131,55 @@ class Backbone(nnx.Module):
 
         def step(x, xs):
             p, key = xs
-            return self.layer(p, x, features, valid_BS, mix, key), None
+            return self.layer(p, x, features, valid_BS, mix, key)[0], None
 
         if cfg.remat:
             step = jax.checkpoint(step)
         x, _ = jax.lax.scan(step, x, (self.stacked(), None if keys is None else keys[:n]), length=n, unroll=unroll)
         return self.final(x), None
 
-    def continue_cache(self, x, positions_BS, valid_BS, causal_B, cache, keys, layers):
-        """The layers over new positions that attend to the cache and are written into it.
+    def through_layers(self, x, features, valid_BS, mix, keys, layers, states) -> tuple[Array, list]:
+        """The layers one after another over new positions, each continuing its own state: (x, the
+        states they return).
 
-        The layers run as a Python loop over per-layer parameters and per-layer cache buffers, so
-        that inside a decoding loop no array is sliced or rebuilt: a stacked [layers, ...] cache made
-        XLA copy all of it at every step, and slicing stacked weights copied them (quarter preset,
-        batch 1: 13 -> 7.7 ms per step). `layers` (from `unstack`) is computed once outside the loop.
-        Each layer writes its new keys/values into its buffer in place, then attends to the buffer."""
-        idx = cache["index"]
+        A Python loop over per-layer parameters and per-layer buffers, so that inside a decoding
+        loop no array is sliced or rebuilt: a stacked [layers, ...] cache made XLA copy all of it at
+        every step, and slicing stacked weights copied them (quarter preset, batch 1: 13 -> 7.7 ms
+        per step). `layers` (from `unstack`, or the decoder's step layers) is made once outside the loop."""
+        new_states = []
+        for i, (p, state) in enumerate(zip(layers, states, strict=True)):
+            x, state = self.layer(p, x, features, valid_BS, mix, None if keys is None else keys[i], state)
+            new_states.append(state)
+        return x, new_states
+
+    def continue_cache(self, x, positions_BS, valid_BS, causal_B, cache, keys, layers):
+        """The layers over new positions that attend to the cache: each writes its new keys and
+        values into its buffers (in place), then attends to them; (output, the new cache)."""
+        idx, filled = cache["index"], cache["index"] + x.shape[1]
         k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BS.astype(jnp.int32), idx, axis=1)
         k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BS, idx, axis=1)
         mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
-        ks, vs = list(cache["k"]), list(cache["v"])
-        features = self.position_features(positions_BS)
-        # over step_layers (the CPU kernels): attention reads only the filled slots, a step's few
-        # positions one query at a time, more (a prefill, a NAR level) eight at a time
-        live = idx + x.shape[1] if is_step_layers(layers) else None
-        many = x.shape[1] > STEP_POSITIONS
-        for i, p in enumerate(layers):
+        layout = cache["layout"]
 
-            def cached_attend(q, k, v, rate, key, i=i):
-                ks[i], vs[i] = L.update_cache(ks[i], vs[i], k, v, idx)
-                return L.attend_cache(q, ks[i], vs[i], mask, live, many)
+        def attend(q, k, v, rate, key, kv: KV):
+            kv = KV(*backend.write_cache(kv.k, kv.v, k, v, idx))
+            return backend.attend_cache(q, kv.k, kv.v, mask, filled, layout), kv
 
-            x = self.layer(p, x, features, valid_BS, cached_attend, None if keys is None else keys[i])
-        new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": k_pos, "valid": k_valid, "index": idx + x.shape[1]}
+        kvs = [KV(k, v) for k, v in zip(cache["k"], cache["v"], strict=True)]
+        x, kvs = self.through_layers(x, self.position_features(positions_BS), valid_BS, attend, keys, layers, kvs)
+        new_cache = dict(
+            cache,
+            k=tuple(kv.k for kv in kvs),
+            v=tuple(kv.v for kv in kvs),
+            pos=k_pos,
+            valid=k_valid,
+            index=filled,
+        )
         return self.final(x), new_cache
 
     # ---- the decoding cache: what decoding.py asks of it -------------------------------------
-    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
-        return init_cache(self.cfg, batch, length, dtype)
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32, layout: backend.CacheLayout | None = None):
+        return init_cache(self.cfg, batch, length, dtype, layout)
 
     def mark_prefix(self, cache: dict) -> dict:
         """Called once the cache holds exactly the prefix: keep what the NAR passes will need."""
@@ -163,13 +187,14 @@ class Backbone(nnx.Module):
 
     def nar_cache(self, cache: dict, prefix: int, frames: int) -> dict:
         """The prefix's cache, ready for a NAR pass over `frames` response positions."""
-        return {
-            "k": tuple(k[:, : prefix + frames] for k in cache["k"]),
-            "v": tuple(v[..., : prefix + frames] for v in cache["v"]),
-            "pos": cache["pos"][:, : prefix + frames],
-            "valid": cache["valid"][:, : prefix + frames] & (jnp.arange(prefix + frames) < prefix)[None, :],
-            "index": jnp.asarray(prefix, jnp.int32),
-        }
+        return dict(
+            cache,
+            k=tuple(k[:, : prefix + frames] for k in cache["k"]),
+            v=tuple(v[..., : prefix + frames] for v in cache["v"]),
+            pos=cache["pos"][:, : prefix + frames],
+            valid=cache["valid"][:, : prefix + frames] & (jnp.arange(prefix + frames) < prefix)[None, :],
+            index=jnp.asarray(prefix, jnp.int32),
+        )
 
     def reorder_cache(self, cache: dict, rows: Array) -> dict:
         """Batch row i of the result is row `rows[i]` of `cache` (beams taking over other beams)."""
@@ -190,31 +215,34 @@ class Backbone(nnx.Module):
         return dict(cache, valid=cache["valid"].at[jnp.arange(b), slot_B].set(False, mode="drop"))
 
     def stacked(self) -> dict:
-        """The layer parameters, each with a leading layers axis."""
-        return {
-            name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param) and v.logical_axes[0] == "layers"
-        }
+        """The layer parameters (`layer_params`), each with a leading layers axis."""
+        return {name: getattr(self, name)[...] for name in self.layer_params}
+
+    @property
+    def layer_params(self) -> tuple[str, ...]:
+        """The names of the parameters with a leading layers axis."""
+        return self.LAYER_PARAMS
 
     def unstack(self) -> list[dict]:
         """The stacked layer parameters as one dict per layer (for decoding loops)."""
         stacked = self.stacked()
         return [{k: a[i] for k, a in stacked.items()} for i in range(self.cfg.n_layers)]
 
-    STEP_MATMULS: dict[str, int] = {}  # the layer's matmul weights: name -> how many leading axes are contracted
-
-    def step_layers(self, dtype=jnp.float32, packed: bool = True) -> list[dict]:
-        """`unstack()` with the matmul weights as layers.StepWeight in `dtype` (decoding on the CPU):
-        packed for the steps' kernel, or (not `packed`) as they are, for products with many rows alone."""
-        return [
-            {
-                k: L.StepWeight.of(a.astype(dtype), self.STEP_MATMULS[k], packed) if k in self.STEP_MATMULS else a
-                for k, a in p.items()
-            }
-            for p in self.unstack()
-        ]
-
 
 class TransformerBackbone(Backbone):
+    LAYER_PARAMS = (
+        "attn_norm_scale",
+        "attn_norm_bias",
+        "qkv",
+        "out",
+        "out_bias",
+        "ffn_norm_scale",
+        "ffn_norm_bias",
+        "ffn_in",
+        "ffn_in_bias",
+        "ffn_out",
+        "ffn_out_bias",
+    )
     STEP_MATMULS = {"qkv": 1, "out": 2, "ffn_in": 1, "ffn_out": 1}
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -233,14 +261,14 @@ class TransformerBackbone(Backbone):
         self.ffn_out = L.param(rngs, lin(f), (n, f, d), ("layers", "mlp", "embed"))
         self.ffn_out_bias = L.param(rngs, lin(f), (n, d), ("layers", "embed"))
 
-    def layer(self, p, x, positions, valid, attend, key):
+    def layer(self, p, x, positions, valid, attend, key, state=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         m = valid[..., None].astype(jnp.float32)
         keys = jax.random.split(key, 3) if key is not None else (None, None, None)
         h = L.layer_norm(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.eps) * m
         qkv = _mm(h, p["qkv"], "bsd,dthk->bsthk", dt)
         k, v = qkv[:, :, 1].astype(dt), qkv[:, :, 2].astype(dt)
-        o = attend(qkv[:, :, 0].astype(dt), k, v, 0.0, None)  # no dropout on probabilities (SPEC §3.1)
+        o, state = attend(qkv[:, :, 0].astype(dt), k, v, 0.0, None, state)  # no dropout on probabilities (SPEC §3.1)
         o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
         x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
         h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
@@ -248,10 +276,11 @@ class TransformerBackbone(Backbone):
             feed_forward(h, p["ffn_in"], p["ffn_in_bias"], None, p["ffn_out"], dt, cfg.dropout, keys[1])
             + p["ffn_out_bias"]
         )
-        return (x + L.dropout(f, cfg.dropout, keys[2])) * m
+        return (x + L.dropout(f, cfg.dropout, keys[2])) * m, state
 
 
 class LlamaBackbone(Backbone):
+    LAYER_PARAMS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
     STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -273,17 +302,17 @@ class LlamaBackbone(Backbone):
     def position_features(self, positions_BS):
         return L.rope_tables(positions_BS, self.cfg.head_dim, self.cfg.rope_theta)
 
-    def layer(self, p, x, rope, valid, attend, key):
+    def layer(self, p, x, rope, valid, attend, key, state=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         h = L.rms_norm(x, p["attn_norm"], cfg.eps)
         q = L.rope_with(_mm(h, p["q"], "bsd,dhk->bshk", dt), rope)
         k = L.rope_with(_mm(h, p["k"], "bsd,dgk->bsgk", dt), rope)
         v = _mm(h, p["v"], "bsd,dgk->bsgk", dt)
         k, v = k.astype(dt), v.astype(dt)
-        o = attend(q.astype(dt), k, v, cfg.dropout, key)  # HF applies attention_dropout to probs
+        o, state = attend(q.astype(dt), k, v, cfg.dropout, key, state)  # HF applies attention_dropout to probs
         x = x + _mm(o, p["o"], "bshk,hkd->bsd", dt)
         h = L.rms_norm(x, p["mlp_norm"], cfg.eps)
-        return x + feed_forward(h, p["gate"], None, p["up"], p["down"], dt)
+        return x + feed_forward(h, p["gate"], None, p["up"], p["down"], dt), state
 
     def final(self, x):
         return L.rms_norm(x, self.final_norm[...], self.cfg.eps)
@@ -301,7 +330,25 @@ class RetNetBackbone(Backbone):
     chunkwise form when `model.retention_chunk` > 0 (also for prefills and NAR passes longer than a
     chunk); decoding steps are the recurrent form. All three give the same numbers."""
 
+    LAYER_PARAMS = ("attn_norm", "q", "k", "v", "g", "o", "mlp_norm", "fc1", "fc2")
+    FORK_LAYER_PARAMS = (
+        "attn_norm_bias",
+        "q_bias",
+        "k_bias",
+        "v_bias",
+        "g_bias",
+        "o_bias",
+        "mlp_norm_bias",
+        "fc1_bias",
+        "ffn_norm",
+        "ffn_norm_bias",
+        "fc2_bias",
+    )
     STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "g": 1, "o": 2, "fc1": 1, "fc2": 1, "gate": 1}
+
+    @property
+    def layer_params(self) -> tuple[str, ...]:
+        return self.LAYER_PARAMS + (self.FORK_LAYER_PARAMS if self.fork else ("gate",))
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg)
@@ -359,7 +406,7 @@ class RetNetBackbone(Backbone):
     def enter(self, x, key):
         return L.dropout(x, self.cfg.dropout, key)  # torchscale drops out the input embeddings
 
-    def layer(self, p, x, positions, valid, mix, key):
+    def layer(self, p, x, positions, valid, mix, key, state=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         keys = jax.random.split(key, 2) if key is not None else (None, None)
         bias = (lambda name: p[name]) if self.fork else (lambda name: 0.0)
@@ -369,7 +416,7 @@ class RetNetBackbone(Backbone):
         v = _mm(h, p["v"], "bsd,dhe->bshe", dt) + bias("v_bias")
         g = _mm(h, p["g"], "bsd,dhe->bshe", dt) + bias("g_bias")
         angle = self.angle
-        o = mix(R.rotate(q, positions, angle), R.rotate(k, positions, angle), v, 0.0, None)
+        o, state = mix(R.rotate(q, positions, angle), R.rotate(k, positions, angle), v, 0.0, None, state)
         o = jax.nn.silu(g) * self._group_norm(o)
         o = _mm(o, p["o"], "bshe,hed->bsd", dt) + bias("o_bias")
         x = x + L.dropout(o, cfg.dropout, keys[0])
@@ -382,56 +429,51 @@ class RetNetBackbone(Backbone):
             )
         else:  # GLU: fc2(gelu(fc1 h) * gate h)
             f = feed_forward(h, p["fc1"], None, p["gate"], p["fc2"], dt)
-        return x + L.dropout(f, cfg.dropout, keys[1])
+        return x + L.dropout(f, cfg.dropout, keys[1]), state
 
     def final(self, x):
         if self.fork:
             return L.layer_norm(x, self.final_norm[...], self.final_norm_bias[...], self.cfg.eps)
         return L.rms_norm(x, self.final_norm[...], self.cfg.eps)
 
-    def _mixer(self, positions_BS, valid_BS, state: R.State | None, sink: list | None):
-        """`mix` continuing `state` (None: from empty) over the given positions: one chunk, or a scan
-        of `model.retention_chunk`-sized chunks when the sequence is longer; the state after the
-        positions is appended to `sink` (None: not computed)."""
+    def _mixer(self, positions_BS, valid_BS, count_B: Array | None):
+        """`mix(q, k, v, rate, key, state) -> (out, state after the positions)` continuing `state`
+        (None: from empty, and no state is computed) over the given positions, whose earlier
+        positions number `count_B` (None: none): one chunk, or a scan of `model.retention_chunk`-sized
+        chunks when the sequence is longer."""
         lam, chunk, s = self.decay, self.cfg.retention_chunk, positions_BS.shape[1]
         if chunk and s > chunk:
 
-            def mix(q, k, v, rate, key):
-                st = state if state is not None else R.empty_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-                out, st = R.chunked(R.retain_chunk, q, k, v, positions_BS, valid_BS, st, lam, chunk)
-                if sink is not None:
-                    sink.append(st)
-                return out
+            def mix_chunks(q, k, v, rate, key, state=None):
+                start = state if state is not None else R.empty_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+                out, end = R.chunked(R.retain_chunk, q, k, v, positions_BS, valid_BS, start, lam, chunk)
+                return out, (end if state is not None else None)
 
-            return mix
-        count = state.count if state is not None else jnp.zeros(positions_BS.shape[:1], jnp.int32)
+            return mix_chunks
+        count = count_B if count_B is not None else jnp.zeros(positions_BS.shape[:1], jnp.int32)
         plan = R.plan(positions_BS, valid_BS, count, lam)  # computed once, shared by every layer
 
-        def mix(q, k, v, rate, key):
-            out, st = R.retain_chunk(q, k, v, plan, state, want_state=sink is not None)
-            if sink is not None:
-                sink.append(st)
-            return out
+        def mix(q, k, v, rate, key, state=None):
+            return R.retain_chunk(q, k, v, plan, state, want_state=state is not None)
 
         return mix
 
     def teacher_mixer(self, positions_BS, valid_BS, causal_B):
-        return self._mixer(positions_BS, valid_BS, None, None)  # retention is causal at every level
+        return self._mixer(positions_BS, valid_BS, None)  # retention is causal at every level
 
     def continue_cache(self, x, positions_BS, valid_BS, causal_B, cache, keys, layers):
-        states = []
-        for i, p in enumerate(layers):
-            state = R.State(cache["kv"][i], cache["k_sum"][i], cache["count"])
-            mix = self._mixer(positions_BS, valid_BS, state, states)
-            x = self.layer(p, x, positions_BS, valid_BS, mix, None if keys is None else keys[i])
+        count = cache["count"]
+        states = [R.State(kv, k_sum, count) for kv, k_sum in zip(cache["kv"], cache["k_sum"], strict=True)]
+        mix = self._mixer(positions_BS, valid_BS, count)
+        x, states = self.through_layers(x, positions_BS, valid_BS, mix, keys, layers, states)
         new_cache = dict(
             cache, kv=tuple(s.kv for s in states), k_sum=tuple(s.k_sum for s in states), count=states[-1].count
         )
         return self.final(x), new_cache
 
-    def init_cache(self, batch, length, dtype=jnp.float32):
-        """Per layer, an empty recurrent state (float32 whatever the compute dtype; `length` is not
-        needed: the state does not grow)."""
+    def init_cache(self, batch, length, dtype=jnp.float32, layout=None):
+        """Per layer, an empty recurrent state (float32 whatever the compute dtype; `length` and
+        `layout` are not needed: the state does not grow, and no backend attends over it)."""
         cfg = self.cfg
         st = R.empty_state(batch, cfg.n_heads, cfg.head_dim, 2 * cfg.head_dim)
         return {"kv": (st.kv,) * cfg.n_layers, "k_sum": (st.k_sum,) * cfg.n_layers, "count": st.count, "prefix": None}

@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from valle_jax.models.layers import StepWeight, after_gradient, dropout, matmul
+from valle_jax.models.layers import after_gradient, dropout, matmul
 
 Array = jax.Array
 
@@ -40,10 +40,7 @@ def feed_forward(
     `dtype` with float32 accumulation; dropout at `rate` on the product when `key` is given."""
     b, s, d = h_BSD.shape
     rate = float(rate) if key is not None else 0.0
-    if isinstance(w_out, StepWeight):  # decoding: nothing to differentiate
-        out_ND = _ffn_fwd(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), rate, key)[0]
-    else:
-        out_ND = _ffn(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), rate, key)
+    out_ND = _ffn(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), rate, key)
     return out_ND.reshape(b, s, -1)
 
 

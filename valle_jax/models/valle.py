@@ -221,8 +221,9 @@ class VALLE(nnx.Module):
         logits, _, _ = self.run(x, positions, valid, level_B, dropout_key=dropout_key)
         return logits, valid
 
-    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
-        return self.backbone.init_cache(batch, length, dtype)
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32, layout=None) -> dict:
+        """An empty decoding cache (`layout`: a backend.CacheLayout, which backend attends over it)."""
+        return self.backbone.init_cache(batch, length, dtype, layout)
 
 
 def draw_levels(key: Array, batch: int, probs: Array | None = None, n_levels: int = 8) -> Array:
