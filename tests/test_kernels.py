@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from valle_jax import backend, kernels
 from valle_jax import decoding as D
-from valle_jax import kernels
 from valle_jax.backend import StepWeight
 from valle_jax.config import ModelConfig
 from valle_jax.models import init_model
 
+XLA_LAYOUT = backend.CacheLayout(backend.Backend.XLA)
+kernel_attend = functools.partial(backend.attend_cache, layout=backend.CacheLayout(backend.Backend.CPU_KERNELS))
 needs_kernels = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not kernels.available(), reason=f"CPU kernels unavailable here: {kernels._load()}"
 )
@@ -254,7 +256,6 @@ def test_cache_attention_equals_xla_over_the_filled_slots(s, r, kv_dtype, isa, m
     holding garbage that must not be read, a masked gap inside the filled part (padding, a rolling
     window), and a batch row with nothing visible (XLA: uniform over every slot); a bfloat16 cache
     read as it is, in every build (head size 40: a 16-wide register and a tail)."""
-    from valle_jax.models import layers as L
 
     monkeypatch.setenv("VALLE_JAX_CPU_KERNELS", isa)
     rng = np.random.default_rng(s * 10 + r)
@@ -266,11 +267,11 @@ def test_cache_attention_equals_xla_over_the_filled_slots(s, r, kv_dtype, isa, m
     mask[..., live:] = False
     mask[2] = False
     garbage_k, garbage_v = k.at[:, live:].set(1e30), v.at[:, :, live:].set(jnp.nan)
-    want = L.attend_cache(q, k, v, jnp.asarray(mask))
-    got = jax.jit(L.attend_cache)(q, garbage_k, garbage_v, jnp.asarray(mask), jnp.int32(live))
+    want = backend.attend_cache(q, k, v, jnp.asarray(mask), jnp.int32(c), XLA_LAYOUT)
+    got = jax.jit(kernel_attend)(q, garbage_k, garbage_v, jnp.asarray(mask), jnp.int32(live))
     assert kernels.isa() == isa
     np.testing.assert_allclose(np.asarray(got)[:2], np.asarray(want)[:2], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(L.attend_cache(q, k, v, jnp.asarray(mask), jnp.int32(live))[2], want[2], atol=1e-6)
+    np.testing.assert_allclose(kernel_attend(q, k, v, jnp.asarray(mask), jnp.int32(live))[2], want[2], atol=1e-6)
 
 
 @needs_kernels
@@ -283,7 +284,6 @@ def test_block_attention_equals_xla_over_the_filled_slots(s, r, dh, kv_dtype, is
     whole groups or vectors, grouped-query r, slots from `live` on holding garbage that must not be
     read, and a query with nothing visible (XLA: uniform over every slot); a bfloat16 cache read as
     it is, in every build."""
-    from valle_jax.models import layers as L
 
     monkeypatch.setenv("VALLE_JAX_CPU_KERNELS", isa)
     rng = np.random.default_rng(s + r)
@@ -295,15 +295,15 @@ def test_block_attention_equals_xla_over_the_filled_slots(s, r, dh, kv_dtype, is
     causal = np.arange(c)[None, :] < (live - s + 1 + np.arange(s))[:, None]
     mask = (rng.random((b, 1, s, c)) < 0.8) & causal[None, None]
     mask[1, 0, 3] = False
-    want = np.asarray(L.attend_cache(q, k, v, jnp.asarray(mask)))
+    want = np.asarray(backend.attend_cache(q, k, v, jnp.asarray(mask), jnp.int32(c), XLA_LAYOUT))
     garbage_k, garbage_v = k.at[:, live:].set(1e30), v.at[:, :, live:].set(jnp.nan)
-    attend = jax.jit(L.attend_cache, static_argnums=5)
-    got = np.asarray(attend(q, garbage_k, garbage_v, jnp.asarray(mask), jnp.int32(live), True))
+    attend = jax.jit(kernel_attend)  # more than backend.STEP_POSITIONS queries: block_attention
+    got = np.asarray(attend(q, garbage_k, garbage_v, jnp.asarray(mask), jnp.int32(live)))
     assert kernels.isa() == isa
     seen = np.ones(got.shape[:2], bool)
     seen[1, 3] = False
     np.testing.assert_allclose(got[seen], want[seen], rtol=1e-5, atol=2e-6)
-    unseen = np.asarray(attend(q, k, v, jnp.asarray(mask), jnp.int32(live), True))[1, 3]
+    unseen = np.asarray(attend(q, k, v, jnp.asarray(mask), jnp.int32(live)))[1, 3]
     np.testing.assert_allclose(unseen, want[1, 3], atol=1e-6)
 
 
