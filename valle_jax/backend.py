@@ -154,9 +154,6 @@ class DecodingPlan:
             return None
         return step_layers
 
-    def nar_compiler_options(self) -> dict | None:
-        return nar_compiler_options()
-
 
 def nar_compiler_options() -> dict | None:
     """`compiler_options` for the NAR's jitted program, made of large products: YNNPACK's dots on
