@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from valle_jax import runtime
+from valle_jax import backend, runtime
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
@@ -56,7 +56,7 @@ def test_this_jaxlib_accepts_the_cpu_flags():
 def test_large_dot_options_compile_and_know_when_to_stay_out(monkeypatch):
     """The NAR's per-program YNNPACK dots: accepted by this jaxlib's CPU compiler (same product), and
     not given to another jaxlib or with the opt-out."""
-    options = runtime.large_dot_compiler_options()
+    options = backend.nar_compiler_options()
     if (
         not importlib.metadata.version("jaxlib").startswith(runtime.CPU_XLA_FLAGS_JAXLIB)
         or jax.default_backend() != "cpu"
@@ -67,10 +67,10 @@ def test_large_dot_options_compile_and_know_when_to_stay_out(monkeypatch):
     a, b = jnp.asarray(np.random.default_rng(0).standard_normal((300, 64)), jnp.float32), jnp.ones((64, 48))
     np.testing.assert_allclose(jax.jit(jnp.matmul, compiler_options=options)(a, b), a @ b, rtol=1e-5, atol=1e-4)
     monkeypatch.setenv("VALLE_JAX_CPU_FLAGS", "0")
-    assert runtime.large_dot_compiler_options() is None
+    assert backend.nar_compiler_options() is None
     monkeypatch.delenv("VALLE_JAX_CPU_FLAGS")
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.2")
-    assert runtime.large_dot_compiler_options() is None
+    assert backend.nar_compiler_options() is None
 
 
 def test_tcmalloc_env_preloads_and_keeps_a_chosen_release_rate():

@@ -77,16 +77,6 @@ def with_cpu_xla_flags(base: dict | None = None, training_arch: str | None = Non
 LARGE_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def large_dot_compiler_options() -> dict | None:
-    """`compiler_options` for a jitted CPU program made of large products (None elsewhere: another
-    backend, another jaxlib, or VALLE_JAX_CPU_FLAGS=0)."""
-    import jax  # noqa: PLC0415 - heavy: this module runs before the TCMalloc re-exec and JAX's start
-
-    if not cpu_flags_apply(os.environ) or jax.default_backend() != "cpu":
-        return None
-    return dict(LARGE_DOT_OPTIONS)
-
-
 def use_cpu_xla_flags(training_arch: str | None = None) -> None:
     """Applies `with_cpu_xla_flags` to this process: call before JAX's first computation (XLA reads
     XLA_FLAGS when its backend starts)."""
