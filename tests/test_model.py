@@ -25,6 +25,7 @@ needs_golden = pytest.mark.skipif(
     not (GOLDEN_DIR / "inputs.npz").exists(), reason=f"golden files not found at {GOLDEN_DIR} (set VALLE_JAX_GOLDEN)"
 )
 ARCHS = ["transformer", "llama", "retnet"]
+GOLDEN_ARCHS = ARCHS + ["mixtral"]  # mixtral: HF Mixtral, 4 experts (tests/test_moe.py has the rest)
 
 
 def tiny(arch="llama", **kw):
@@ -39,7 +40,7 @@ def random_batch(rng, lengths, q=8, n_tokens=64):
 
 
 @needs_golden
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", GOLDEN_ARCHS)
 def test_golden_parity(arch):
     results = parity.check(GOLDEN_DIR, arch)
     assert [r.name for r in results] == ["ar_l0", "nar_l1", "nar_l7"]
@@ -170,7 +171,7 @@ def test_causality_by_gradients(arch):
         assert (future[1] > 0) == bidirectional  # NAR rows: causal unless the option is on
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["mixtral"])
 def test_padding_invariance(arch):
     cfg = tiny(arch)
     model = init_model(cfg, 2)
@@ -288,7 +289,7 @@ def test_golden_tiny_counts():
 
 
 def test_every_parameter_has_logical_axes():
-    for arch, extra in [(a, {}) for a in ARCHS] + [("retnet", {"retnet_variant": "torchscale"})]:
+    for arch, extra in [(a, {}) for a in GOLDEN_ARCHS] + [("retnet", {"retnet_variant": "torchscale"})]:
         model = init_model(tiny(arch, version=4, **extra), 0)
         for path, var in nnx.iter_graph(model):
             if isinstance(var, nnx.Param):

@@ -1,23 +1,27 @@
 """Converts a reference (mrq/vall-e) AR+NAR checkpoint into a valle_jax model directory.
 
-    python -m tools.convert_reference SRC --out DIR [--arch transformer|llama|retnet] [--heads H] [--overwrite]
+    python -m tools.convert_reference SRC --out DIR [--arch transformer|llama|retnet|mistral|mixtral] [--heads H]
+        [--overwrite]
 
 SRC: the reference's exported `fp32.pth` ({"module", "stats", "userdata": {"symmap"}}), a bare state
 dict `.pth`, or an `.npz` of named arrays. Shapes give the backbone, width, depth, vocabularies,
 levels and version; the head count is not in the weights: pass --heads unless the width is one of
 the reference presets (256 -> 4, 512 -> 8, 1024 -> 16); retnet checkpoints record it in their decay
 buffer. Both retnet layouts convert: the fork's (biases, LayerNorm) and upstream torchscale's (GLU).
-Legacy `retnet.` prefixes are renamed.
+Legacy `retnet.` prefixes are renamed. Llama-family keys with `block_sparse_moe` experts convert to
+arch mixtral (what the reference builds for llama, mistral or mixtral with experts > 1); a dense
+llama-family checkpoint is llama unless --arch mistral says it was trained with Mistral's window.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from valle_jax.checkpointing import CheckpointError, save_model
-from valle_jax.config import ARCHS
+from valle_jax.config import ARCHS, LLAMA_FAMILY
 from valle_jax.data.text import reference_symmap
 from valle_jax.models.convert import ConversionError, from_reference, infer_config, read_source
 
@@ -25,10 +29,20 @@ from valle_jax.models.convert import ConversionError, from_reference, infer_conf
 def convert(src: Path, out: Path, heads: int | None = None, arch: str | None = None, overwrite: bool = False):
     state, symmap, stats = read_source(src)
     cfg = infer_config(state, heads)
-    if arch and arch != cfg.arch:
-        raise ConversionError(f"--arch {arch}, but the keys are those of a {cfg.arch} model")
+    cfg = _with_arch(cfg, arch)
     params = from_reference(state, cfg)
     return save_model(out, cfg, params, symmap or reference_symmap(), stats, overwrite), cfg
+
+
+def _with_arch(cfg, arch: str | None):
+    """`cfg` checked against --arch. The keys cannot tell llama from mistral (same layout: mistral
+    differs by its sliding window), nor which llama-family arch an MoE checkpoint was trained as
+    (the reference builds the same Mixtral for all three)."""
+    if not arch or arch == cfg.arch or (cfg.moe and arch in LLAMA_FAMILY):
+        return cfg
+    if arch == "mistral" and cfg.arch == "llama":
+        return dataclasses.replace(cfg, arch="mistral")
+    raise ConversionError(f"--arch {arch}, but the keys are those of a {cfg.arch} model")
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,15 @@
 """Checks valle_jax against the reference's golden outputs (../shared/golden format).
 
-    python -m tools.parity GOLDEN_DIR --arch transformer|llama|retnet [--heads H] [--tolerance 1e-4]
+    python -m tools.parity GOLDEN_DIR --arch transformer|llama|retnet|mixtral [--heads H] [--tolerance 1e-4]
         [--precision highest|high|default]
 
 Converts GOLDEN_DIR/{arch}_weights.npz, then runs every case found: `inputs.npz` with
 `{arch}_outputs.npz` (levels 0, 1 and 7) and `inputs_batch2.npz` with `{arch}_outputs_batch2.npz`
 (a padded two-sample batch at mixed levels). Prints the largest absolute logit error and the loss
 error per case and exits 1 if any exceeds the tolerance (float32), or if a target vector differs.
+The loss is the reference's whole training loss: for an MoE (mixtral) the cross-entropy plus the
+weighted load-balancing loss; where the golden file also holds `aux_loss_*`, that term's error is
+printed too.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from valle_jax.checkpointing import model_with_params
 from valle_jax.config import ARCHS
 from valle_jax.data.batch import pad_batch
-from valle_jax.models import jit_forward, loss_and_metrics, targets
+from valle_jax.models import jit_method, loss_and_metrics, targets
 from valle_jax.models.convert import from_reference, infer_config
 
 
@@ -36,6 +39,7 @@ class CaseResult:
     loss_err: float
     acc_err: float
     targets_exact: bool
+    aux_err: float | None = None  # the MoE load-balancing term, where the golden file holds it
 
     def ok(self, tol: float) -> bool:
         return self.logit_err <= tol and self.loss_err <= tol and self.targets_exact
@@ -44,6 +48,7 @@ class CaseResult:
         return (
             f"{self.name:8s} max |logit err| {self.logit_err:.2e}   loss err {self.loss_err:.2e}   "
             f"top-10 acc err {self.acc_err:.2e}   targets {'exact' if self.targets_exact else 'DIFFER'}"
+            + ("" if self.aux_err is None else f"   aux loss err {self.aux_err:.2e}")
         )
 
 
@@ -57,15 +62,17 @@ def load_golden_model(golden: Path, arch: str, heads: int | None = None):
     return model_with_params(cfg, from_reference(state, cfg)), cfg
 
 
-def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, ref_targets) -> CaseResult:
+def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, ref_targets, ref_aux=None) -> CaseResult:
     """ref_logits: per-sample arrays of their valid rows; ref_targets: the concatenated loss targets
-    in the reference's order (AR rows shifted, so one fewer than their logits rows)."""
+    in the reference's order (AR rows shifted, so one fewer than their logits rows); `forward`
+    gives (logits, valid, auxiliary loss) (VALLE.forward)."""
 
     lv = jnp.asarray(levels, jnp.int32)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    logits, valid = forward(jb, lv)
+    logits, valid, aux = forward(jb, lv)
     t, _ = targets(jb, lv, cfg.stop_token)
-    loss, m = loss_and_metrics(logits, t, lv, cfg.n_resp_levels)
+    ce, m = loss_and_metrics(logits, t, lv, cfg.n_resp_levels)
+    loss = ce + aux
     logits, t = np.asarray(logits), np.asarray(t)
     err = max(float(np.abs(logits[i, : len(r)] - r).max()) for i, r in enumerate(ref_logits))
     ours = np.concatenate([t[i, : len(r) - (levels[i] == 0)] for i, r in enumerate(ref_logits)])
@@ -75,11 +82,13 @@ def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, r
         abs(float(loss) - float(ref_loss)),
         abs(float(m["acc_top10"]) - float(ref_acc)),
         ours.shape == ref_targets.shape and bool((ours == ref_targets).all()),
+        None if ref_aux is None else abs(float(aux) - float(ref_aux)),
     )
 
 
 def cases(golden: Path, arch: str):
-    """Yields (name, batch, levels, ref_logits list, loss, acc, targets) for every case present."""
+    """Yields (name, batch, levels, ref_logits list, loss, acc, targets, aux loss or None) for every
+    case present."""
 
     single, single_out = golden / "inputs.npz", golden / f"{arch}_outputs.npz"
     if single.exists() and single_out.exists():
@@ -95,6 +104,7 @@ def cases(golden: Path, arch: str):
                 out[f"loss_{tag}"],
                 out[f"acc_top10_{tag}"],
                 out[f"loss_target_{tag}"],
+                out[f"aux_loss_{tag}"] if f"aux_loss_{tag}" in out.files else None,
             )
     pair, pair_out = golden / "inputs_batch2.npz", golden / f"{arch}_outputs_batch2.npz"
     if pair.exists() and pair_out.exists():
@@ -116,12 +126,13 @@ def cases(golden: Path, arch: str):
             out["loss"],
             out["acc_top10"],
             out["loss_target"],
+            out["aux_loss"] if "aux_loss" in out.files else None,
         )
 
 
 def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]:
     model, cfg = load_golden_model(golden, arch, heads)
-    forward = jit_forward(model)
+    forward = jit_method(model, lambda m, batch, levels: m.forward(batch, levels))
     return [run_case(forward, cfg, *c) for c in cases(golden, arch)]
 
 

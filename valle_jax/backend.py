@@ -233,7 +233,9 @@ class StepWeight:
 def step_layers(backbone, dtype=jnp.float32, packed: bool = True) -> list[dict]:
     """`backbone.unstack()` with its matmul weights (`backbone.STEP_MATMULS`) as StepWeights in
     `dtype`: packed for the steps' kernel, or (not `packed`) as they are, for products with many
-    rows alone."""
+    rows alone. Other weights stay float32 arrays: norms, and an MoE's router and experts, which run
+    as XLA's grouped matmuls over whichever tokens chose them (the kernels have no grouped product;
+    backbones.MixtralBackbone)."""
     matmuls = backbone.STEP_MATMULS
     return [
         {k: StepWeight.of(a.astype(dtype), matmuls[k], packed) if k in matmuls else a for k, a in p.items()}

@@ -84,7 +84,13 @@ def data_config(config) -> DataConfig:
     return _from_dict(DataConfig, config.data, seed=int(config.get("seed", 0)))
 
 
-ARCHS = ("transformer", "llama", "retnet")
+ARCHS = ("transformer", "llama", "retnet", "mistral", "mixtral")
+LLAMA_FAMILY = ("llama", "mistral", "mixtral")  # one backbone: HF's Llama, Mistral and Mixtral (SPEC §3.3)
+MOE_DISPATCHES = ("dropless", "capacity")
+DEFAULT_EXPERTS = 8  # arch "mixtral" with model.experts = 0: HF MixtralConfig's num_local_experts
+# the sliding attention window each HF class applies (SPEC §3.3): Mistral's default, and the 900
+# positions (12 s) the reference passes to Mixtral; Llama ignores it
+DEFAULT_WINDOWS = {"mistral": 4096, "mixtral": 900}
 RETNET_VARIANTS = ("fork", "torchscale")
 DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("dense", "blocked")
@@ -105,8 +111,8 @@ class ModelConfig:
     n_resp_levels: int = 8
     n_langs: int = 1
     version: int = 3  # 3: the reference; 4 adds learned per-level scalar weights to the code embeddings
-    norm_eps: float = 0.0  # 0: the arch's own (transformer LayerNorm 1e-5, llama and retnet 1e-6)
-    rope_theta: float = 10_000.0
+    norm_eps: float = 0.0  # 0: the arch's own (transformer and mixtral 1e-5, llama, mistral and retnet 1e-6)
+    rope_theta: float = 0.0  # 0: the arch's own RoPE base (mixtral 1e6, others 1e4)
     bidirectional_nar: bool = False  # False: causal attention at every level, as the reference
     dropout: float = 0.1  # applied only when a dropout key is given (training)
     dtype: str = "float32"  # compute dtype of matmuls; parameters, norms, softmax and loss stay float32
@@ -117,6 +123,13 @@ class ModelConfig:
         "fork"  # "fork": the reference's torchscale fork (its checkpoints); "torchscale": upstream 0.3.0
     )
     retention_chunk: int = 0  # retnet: positions per chunk of the chunkwise form; 0 = the parallel form
+    experts: int = 0  # llama family: feed-forward experts per layer; 0 = the arch's own (mixtral 8, others 1)
+    experts_per_token: int = 0  # experts each token is routed to; 0 = min(2, experts), as the reference
+    sliding_window: int = -1  # a query sees itself and at most this many earlier positions; -1 = the
+    # arch's own (mistral 4096, mixtral or experts > 1: 900, others none); 0 = no window
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss added to the training loss
+    moe_dispatch: str = "dropless"  # "dropless" (sorted tokens, grouped matmuls) | "capacity" (fixed slots)
+    capacity_factor: float = 1.25  # "capacity": slots per expert = factor * tokens * experts_per_token / experts
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -131,7 +144,7 @@ class ModelConfig:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
-        if self.arch != "llama" and self.kv_heads != self.n_heads:
+        if self.arch not in LLAMA_FAMILY and self.kv_heads != self.n_heads:
             raise ConfigError("grouped-query attention (model.n_kv_heads) is a llama option")
         if self.retnet_variant not in RETNET_VARIANTS:
             raise ConfigError(f"model.retnet_variant must be one of {RETNET_VARIANTS}, got {self.retnet_variant!r}")
@@ -143,8 +156,60 @@ class ModelConfig:
             raise ConfigError(
                 f"retnet rotates pairs of key dimensions: d_model / n_heads = {self.head_dim} must be even"
             )
+        self._check_moe()
         if self.version not in (3, 4):
             raise ConfigError(f"model.version must be 3 or 4, got {self.version}")
+
+    def _check_moe(self):
+        if self.experts < 0 or self.experts_per_token < 0:
+            raise ConfigError("model.experts and model.experts_per_token must be >= 0 (0 = the arch's own)")
+        if self.arch not in LLAMA_FAMILY and self.experts > 1:
+            raise ConfigError(f"model.experts > 1 is a llama/mistral/mixtral option, not {self.arch}'s")
+        if self.arch == "mixtral" and self.experts == 1:
+            raise ConfigError("arch mixtral needs model.experts > 1 (0 = 8); a dense model is arch llama or mistral")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"model.experts_per_token={self.top_k} exceeds model.experts={self.n_experts}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            raise ConfigError(f"model.moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+        if self.capacity_factor <= 0:
+            raise ConfigError(f"model.capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.sliding_window < -1:
+            raise ConfigError(
+                f"model.sliding_window must be >= 0 (0 = none) or -1 (the arch's own), got {self.sliding_window}"
+            )
+        if self.arch == "retnet" and self.sliding_window > 0:
+            raise ConfigError("model.sliding_window is an attention option; retnet's past decays instead")
+
+    @property
+    def n_experts(self) -> int:
+        """Feed-forward experts per layer (1: a dense feed-forward)."""
+        return self.experts or (DEFAULT_EXPERTS if self.arch == "mixtral" else 1)
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 1
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token (the reference: num_experts_per_tok = min(2, experts))."""
+        return self.experts_per_token or min(2, self.n_experts)
+
+    @property
+    def hf_class(self) -> str:
+        """Which HF model the reference builds for this config (SPEC §3.3): experts > 1 make any
+        llama-family arch a Mixtral; that decides the defaults of eps, RoPE base and window."""
+        return "mixtral" if self.moe else self.arch
+
+    @property
+    def window(self) -> int:
+        """Earlier positions a query may attend to (0: unlimited); static, so masks fold it in."""
+        if self.sliding_window >= 0:
+            return self.sliding_window
+        return DEFAULT_WINDOWS.get(self.hf_class, 0)
+
+    @property
+    def rope_base(self) -> float:
+        return self.rope_theta or (1e6 if self.hf_class == "mixtral" else 1e4)
 
     @property
     def kv_heads(self) -> int:
@@ -156,7 +221,7 @@ class ModelConfig:
 
     @property
     def eps(self) -> float:
-        return self.norm_eps or (1e-5 if self.arch == "transformer" else 1e-6)
+        return self.norm_eps or (1e-5 if self.hf_class in ("transformer", "mixtral") else 1e-6)
 
     @property
     def stop_token(self) -> int:

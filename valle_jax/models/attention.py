@@ -28,8 +28,8 @@ from valle_jax.models.layers import NEG_INF, attention_mask, grouped, kept, ungr
 Array = jax.Array
 
 
-def _block_mask(q_pos_BC, k_pos_BK, k_valid_BK, causal_B):
-    return attention_mask(q_pos_BC, k_pos_BK, k_valid_BK, causal_B)[:, :, None]  # [B, 1, 1, C, K]
+def _block_mask(q_pos_BC, k_pos_BK, k_valid_BK, causal_B, window):
+    return attention_mask(q_pos_BC, k_pos_BK, k_valid_BK, causal_B, window)[:, :, None]  # [B, 1, 1, C, K]
 
 
 def _keep(seed, shape_BGRCK, q_start, s_total, keep_prob):
@@ -60,9 +60,11 @@ def _unblocks(x, s, axis):
     return jax.lax.slice_in_dim(x, 0, s, axis=axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _flash(q_BGRSD, k_BGKD, v_BGKD, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate: float, block: int):
-    return _forward(q_BGRSD, k_BGKD, v_BGKD, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _flash(
+    q_BGRSD, k_BGKD, v_BGKD, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate: float, block: int, window: int = 0
+):
+    return _forward(q_BGRSD, k_BGKD, v_BGKD, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate, block, window)[0]
 
 
 def _pad_to(x, n, axis):
@@ -74,7 +76,7 @@ def _pad_to(x, n, axis):
     return jnp.pad(x, widths)
 
 
-def _forward(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block):
+def _forward(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block, window=0):
     s, d = q.shape[3], q.shape[4]
     n = -(-s // block)
     scale = 1.0 / math.sqrt(d)
@@ -83,7 +85,7 @@ def _forward(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block):
 
     def body(_, xs):
         i, q_c, pos_c = xs
-        sc = jnp.where(_block_mask(pos_c, k_pos, k_valid, causal), _scores(q_c, k, scale), NEG_INF)
+        sc = jnp.where(_block_mask(pos_c, k_pos, k_valid, causal, window), _scores(q_c, k, scale), NEG_INF)
         m = sc.max(-1, keepdims=True)
         p = jnp.exp(sc - m)
         l_sum = p.sum(-1, keepdims=True)
@@ -98,11 +100,11 @@ def _forward(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block):
     return out, (q, k, v, q_pos, k_pos, k_valid, causal, seed, out, lse)
 
 
-def _flash_fwd(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block):
-    return _forward(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block)
+def _flash_fwd(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block, window=0):
+    return _forward(q, k, v, q_pos, k_pos, k_valid, causal, seed, rate, block, window)
 
 
-def _flash_bwd(rate, block, res, g_out):
+def _flash_bwd(rate, block, window, res, g_out):
     q, k, v, q_pos, k_pos, k_valid, causal, seed, out, lse = res
     s, d = q.shape[3], q.shape[4]
     n = -(-s // block)
@@ -118,7 +120,7 @@ def _flash_bwd(rate, block, res, g_out):
     def body(carry, xs):
         dk, dv = carry
         i, q_c, pos_c, g_c, lse_c, delta_c = xs
-        sc = jnp.where(_block_mask(pos_c, k_pos, k_valid, causal), _scores(q_c, k, scale), NEG_INF)
+        sc = jnp.where(_block_mask(pos_c, k_pos, k_valid, causal, window), _scores(q_c, k, scale), NEG_INF)
         p = jnp.exp(sc - lse_c[..., None])  # [B, G, R, C, K]
         dp = jnp.einsum("bgrcd,bgkd->bgrck", g_c, v32)
         if rate > 0.0:
@@ -163,9 +165,12 @@ def flash_attend(
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
     block: int = 64,
+    window: int = 0,
 ) -> Array:
-    """Exact softmax attention ([B, S, H, Dh] float32 out), grouped-query when G < H."""
+    """Exact softmax attention ([B, S, H, Dh] float32 out), grouped-query when G < H; `window`:
+    layers.attention_mask's sliding window."""
     q, k, v = grouped(q_BSHD, k_BKGD, v_BKGD)
     rate = float(dropout_rate) if dropout_key is not None else 0.0
     seed = jax.random.bits(dropout_key, (), jnp.uint32) if rate > 0.0 else jnp.zeros((), jnp.uint32)
-    return ungrouped(_flash(q, k, v, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate, min(block, q.shape[3])))
+    block = min(block, q.shape[3])
+    return ungrouped(_flash(q, k, v, q_pos_BS, k_pos_BK, k_valid_BK, causal_B, seed, rate, block, window))

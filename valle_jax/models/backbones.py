@@ -4,16 +4,20 @@ transformer (SPEC §3.1): pre-LayerNorm, fused qkv without bias, exact GELU FFN 
 multiplied by the validity mask after every sub-layer, no final norm. Positions are added to the
 embeddings by the caller (sinusoidal).
 llama (SPEC §3.3): RMSNorm, q/k/v/o without biases, rotate-half RoPE, gated GELU FFN, final RMSNorm;
-grouped-query attention when n_kv_heads < n_heads.
+grouped-query attention when n_kv_heads < n_heads. mistral: the same with a sliding window.
+mixtral (llama-family archs with experts > 1): the same attention, a sliding window, and a sparse
+mixture of gated GELU experts in place of the FFN (valle_jax.models.moe).
 retnet (SPEC §3.2): multi-scale retention (valle_jax.models.retention) in the reference fork's or
 upstream torchscale's layout; its "cache" is a recurrent state per layer, not keys and values.
 
 A layer is a function `layer(p, x, features, valid, mix, key, state) -> (x, state)`: `mix(q, k, v,
 rate, key, state) -> (out, state)` mixes positions (attention or retention) and returns what it
 changed of the layer's `state` (its KV buffers or recurrent state; None in teacher forcing).
+Teacher forcing calls `layer_with_stats`, the layer plus what the training loss needs of it beyond x
+(an MoE layer's router statistics; None elsewhere), and returns the auxiliary loss they give.
 
-`__call__(x, positions, valid, causal, cache=None, dropout_key=None)`: `cache=None` is teacher
-forcing over the given sequence, the layers run by `lax.scan` over the stacked parameters
+`__call__(x, positions, valid, causal, cache=None, dropout_key=None) -> (x, cache, aux loss)`:
+`cache=None` is teacher forcing over the given sequence, the layers run by `lax.scan` over the stacked parameters
 (`model.scan_unroll` layers per iteration: fully unrolled by default, faster and leaner on CPU,
 compile time grows with depth; 1 for one compiled layer body whatever the depth). With a cache (see
 `init_cache`) the new positions are written at slot `cache["index"]` and attend to everything
@@ -34,6 +38,7 @@ from flax import nnx
 from valle_jax import backend
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
+from valle_jax.models import moe
 from valle_jax.models import retention as R
 from valle_jax.models.attention import flash_attend
 from valle_jax.models.dense_attention import dense_attend
@@ -101,10 +106,13 @@ class Backbone(nnx.Module):
         if self.cfg.attention == "blocked":
 
             def attend(q, k, v, rate, key, state=None):
-                return flash_attend(q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key), state
+                out = flash_attend(
+                    q, k, v, positions_BS, positions_BS, valid_BS, causal_B, rate, key, window=self.cfg.window
+                )
+                return out, state
 
             return attend
-        mask = L.attention_mask(positions_BS, positions_BS, valid_BS, causal_B)
+        mask = L.attention_mask(positions_BS, positions_BS, valid_BS, causal_B, self.cfg.window)
         return lambda q, k, v, rate, key, state=None: (dense_attend(q, k, v, mask, rate, key), state)
 
     def __call__(
@@ -122,7 +130,8 @@ class Backbone(nnx.Module):
         keys = jax.random.split(dropout_key, n + 1) if dropout_key is not None else None
         x = self.enter(x_BSD.astype(jnp.float32), None if keys is None else keys[n])
         if cache is not None:
-            return self.continue_cache(x, positions_BS, valid_BS, causal_B, cache, keys, layers or self.unstack())
+            x, cache = self.continue_cache(x, positions_BS, valid_BS, causal_B, cache, keys, layers or self.unstack())
+            return x, cache, None
         # unrolled, XLA schedules and frees each layer's buffers on its own: on CPU the half preset's
         # training step ran 13% faster and its peak memory halved against a rolled loop
         unroll = n if cfg.scan_unroll == 0 else min(cfg.scan_unroll, n)
@@ -131,12 +140,21 @@ class Backbone(nnx.Module):
 
         def step(x, xs):
             p, key = xs
-            return self.layer(p, x, features, valid_BS, mix, key)[0], None
+            x, _, stats = self.layer_with_stats(p, x, features, valid_BS, mix, key)
+            return x, stats
 
         if cfg.remat:
             step = jax.checkpoint(step)
-        x, _ = jax.lax.scan(step, x, (self.stacked(), None if keys is None else keys[:n]), length=n, unroll=unroll)
-        return self.final(x), None
+        x, stats = jax.lax.scan(step, x, (self.stacked(), None if keys is None else keys[:n]), length=n, unroll=unroll)
+        return self.final(x), None, self.aux_loss(stats, valid_BS)
+
+    def layer_with_stats(self, p, x, features, valid, mix, key, state=None):
+        """`layer`, plus what the training loss needs of it beyond x (None: nothing)."""
+        return (*self.layer(p, x, features, valid, mix, key, state), None)
+
+    def aux_loss(self, stats, valid_BS: Array) -> Array:
+        """The auxiliary training loss from every layer's stats (stacked by the layer scan)."""
+        return jnp.zeros((), jnp.float32)
 
     def through_layers(self, x, features, valid_BS, mix, keys, layers, states) -> tuple[Array, list]:
         """The layers one after another over new positions, each continuing its own state: (x, the
@@ -158,7 +176,7 @@ class Backbone(nnx.Module):
         idx, filled = cache["index"], cache["index"] + x.shape[1]
         k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BS.astype(jnp.int32), idx, axis=1)
         k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BS, idx, axis=1)
-        mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B)
+        mask = L.attention_mask(positions_BS, k_pos, k_valid, causal_B, self.cfg.window)
         layout = cache["layout"]
 
         def attend(q, k, v, rate, key, kv: KV):
@@ -300,9 +318,10 @@ class LlamaBackbone(Backbone):
         self.final_norm = L.param(rngs, ones, (d,), ("embed",))
 
     def position_features(self, positions_BS):
-        return L.rope_tables(positions_BS, self.cfg.head_dim, self.cfg.rope_theta)
+        return L.rope_tables(positions_BS, self.cfg.head_dim, self.cfg.rope_base)
 
-    def layer(self, p, x, rope, valid, attend, key, state=None):
+    def attention_block(self, p, x, rope, attend, key, state):
+        """x plus the attention sub-layer's output, and the attention's state."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         h = L.rms_norm(x, p["attn_norm"], cfg.eps)
         q = L.rope_with(_mm(h, p["q"], "bsd,dhk->bshk", dt), rope)
@@ -310,9 +329,12 @@ class LlamaBackbone(Backbone):
         v = _mm(h, p["v"], "bsd,dgk->bsgk", dt)
         k, v = k.astype(dt), v.astype(dt)
         o, state = attend(q.astype(dt), k, v, cfg.dropout, key, state)  # HF applies attention_dropout to probs
-        x = x + _mm(o, p["o"], "bshk,hkd->bsd", dt)
-        h = L.rms_norm(x, p["mlp_norm"], cfg.eps)
-        return x + feed_forward(h, p["gate"], None, p["up"], p["down"], dt), state
+        return x + _mm(o, p["o"], "bshk,hkd->bsd", dt), state
+
+    def layer(self, p, x, rope, valid, attend, key, state=None):
+        x, state = self.attention_block(p, x, rope, attend, key, state)
+        h = L.rms_norm(x, p["mlp_norm"], self.cfg.eps)
+        return x + feed_forward(h, p["gate"], None, p["up"], p["down"], jnp.dtype(self.cfg.dtype)), state
 
     def final(self, x):
         return L.rms_norm(x, self.final_norm[...], self.cfg.eps)
@@ -390,7 +412,7 @@ class RetNetBackbone(Backbone):
 
     @property
     def angle(self) -> Array:
-        return R.angles(self.cfg.head_dim, self.cfg.rope_theta)
+        return R.angles(self.cfg.head_dim, self.cfg.rope_base)
 
     def _norm(self, x, p, name):
         if self.fork:
@@ -490,5 +512,51 @@ class RetNetBackbone(Backbone):
     has_window = False  # a recurrent state cannot drop one past position (its past decays instead)
 
 
+class MixtralBackbone(LlamaBackbone):
+    """HF Mixtral (SPEC §3.3): Llama's attention (with its sliding window: `cfg.window`) and a sparse
+    mixture of `cfg.n_experts` gated GELU experts, `cfg.top_k` per token, in place of the FFN
+    (valle_jax.models.moe). The experts stay out of STEP_MATMULS: they run as grouped matmuls over
+    whichever tokens chose them (XLA's ragged_dot), so decoding on the CPU kernels packs the
+    attention's matrices alone and reads the experts as they are."""
+
+    LAYER_PARAMS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "router", "w1", "w3", "w2")
+    STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "o": 2}
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        Backbone.__init__(self, cfg)
+        n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        e, f = cfg.n_experts, cfg.ffn_mult * d
+        init = normal(0.02)  # HF's initializer_range
+        self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.q = L.param(rngs, init, (n, d, h, dh), ("layers", "embed", "heads", "head_dim"))
+        self.k = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o = L.param(rngs, init, (n, h, dh, d), ("layers", "heads", "head_dim", "embed"))
+        self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.router = L.param(rngs, init, (n, d, e), ("layers", "embed", "experts"))
+        self.w1 = L.param(rngs, init, (n, e, d, f), ("layers", "experts", "embed", "mlp"))  # gate
+        self.w3 = L.param(rngs, init, (n, e, d, f), ("layers", "experts", "embed", "mlp"))  # up
+        self.w2 = L.param(rngs, init, (n, e, f, d), ("layers", "experts", "mlp", "embed"))  # down
+        self.final_norm = L.param(rngs, ones, (d,), ("embed",))
+
+    def layer_with_stats(self, p, x, rope, valid, attend, key, state=None):
+        x, state = self.attention_block(p, x, rope, attend, key, state)
+        h = L.rms_norm(x, p["mlp_norm"], self.cfg.eps)
+        f, stats = moe.moe_ffn(h, p["router"], p["w1"], p["w3"], p["w2"], valid, self.cfg)
+        return x + f, state, stats
+
+    def layer(self, p, x, rope, valid, attend, key, state=None):
+        return self.layer_with_stats(p, x, rope, valid, attend, key, state)[:2]
+
+    def aux_loss(self, stats_L2E, valid_BS):
+        """router_aux_loss_coef * HF's load-balancing loss over every layer (SPEC §2.9)."""
+        return self.cfg.router_aux_loss_coef * moe.balance_loss(stats_L2E, valid_BS.sum())
+
+
 def make_backbone(cfg: ModelConfig, rngs: nnx.Rngs) -> Backbone:
-    return {"transformer": TransformerBackbone, "llama": LlamaBackbone, "retnet": RetNetBackbone}[cfg.arch](cfg, rngs)
+    if cfg.moe:
+        return MixtralBackbone(cfg, rngs)
+    llama = LlamaBackbone  # mistral is llama with a window (cfg.window); a dense "mixtral" is refused by the config
+    return {"transformer": TransformerBackbone, "llama": llama, "mistral": llama, "retnet": RetNetBackbone}[cfg.arch](
+        cfg, rngs
+    )

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from valle_jax.config import ModelConfig
+from valle_jax.config import LLAMA_FAMILY, ModelConfig
 
 UNUSED = ("tasks_emb.weight", "model.embed_tokens.weight")  # held by the reference, never used
 N_TASKS = 8  # rows of the reference's tasks_emb: its model config's `tasks` (SPEC §2.3, §8.1)
 PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # SPEC §2.2
 RETNET_ANGLE, RETNET_DECAY = "model.retnet_rel_pos.angle", "model.retnet_rel_pos.decay"  # buffers
+MOE = "model.layers.{i}.block_sparse_moe."  # HF Mixtral's sparse MoE block (SPEC §8.3)
 
 
 class ConversionError(ValueError):
@@ -105,16 +106,20 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
         heads = PRESET_HEADS[d]
     if d % heads:
         raise ConversionError(f"--heads {heads} does not divide d_model {d}")
+    extra = {}
+    if arch == "llama" and MOE.format(i=0) + "gate.weight" in state:  # llama/mistral/mixtral, experts > 1
+        arch = "mixtral"
+        extra["experts"] = state[MOE.format(i=0) + "gate.weight"].shape[0]
     kv_heads = 0
-    if arch == "llama":
+    if arch in LLAMA_FAMILY:
         kv_heads = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // (d // heads)
         kv_heads = 0 if kv_heads == heads else kv_heads
     ffn_key = {
         "transformer": "blocks.0.ffn.block.0.weight",
         "llama": "model.layers.0.mlp.gate_proj.weight",
+        "mixtral": MOE.format(i=0) + "experts.0.w1.weight",
         "retnet": "model.layers.0.ffn.fc1.weight",
     }[arch]
-    extra = {}
     if arch == "retnet":  # the fork adds biases; upstream torchscale has a GLU gate instead
         extra["retnet_variant"] = "torchscale" if "model.layers.0.ffn.gate.weight" in state else "fork"
     cfg = dict(
@@ -172,21 +177,8 @@ def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         elif cfg.arch == "retnet":
             keys.update(_retnet_layer_layout(cfg, f"model.layers.{i}."))
         else:
-            b, kvd = f"model.layers.{i}.", cfg.kv_heads * cfg.head_dim
-            keys.update(
-                {
-                    b + "self_attn.q_proj.weight": (d, d),
-                    b + "self_attn.k_proj.weight": (kvd, d),
-                    b + "self_attn.v_proj.weight": (kvd, d),
-                    b + "self_attn.o_proj.weight": (d, d),
-                    b + "mlp.gate_proj.weight": (f, d),
-                    b + "mlp.up_proj.weight": (f, d),
-                    b + "mlp.down_proj.weight": (d, f),
-                    b + "input_layernorm.weight": (d,),
-                    b + "post_attention_layernorm.weight": (d,),
-                }
-            )
-    if cfg.arch == "llama":
+            keys.update(_llama_layer_layout(cfg, i))
+    if cfg.arch in LLAMA_FAMILY:
         keys["model.norm.weight"] = (d,)
     if cfg.arch == "retnet":
         keys["model.layer_norm.weight"] = (d,)  # the angle/decay buffers are optional (check_buffers)
@@ -200,8 +192,33 @@ def unused_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     task table (version >= 3) and, for llama, HF LlamaModel's token embedding (vocab = the 1025
     response tokens). Its loader is strict, so an export must hold them for the file to load."""
     keys = {"tasks_emb.weight": (N_TASKS, cfg.d_model)}
-    if cfg.arch == "llama":
+    if cfg.arch in LLAMA_FAMILY:
         keys["model.embed_tokens.weight"] = (cfg.n_classes, cfg.d_model)
+    return keys
+
+
+def _llama_layer_layout(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """One HF Llama/Mistral/Mixtral decoder layer's keys: Mixtral's `block_sparse_moe` (a router
+    `gate` and per expert w1 = gate, w3 = up, w2 = down) replaces the dense `mlp`."""
+    d, f, kvd = cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.kv_heads * cfg.head_dim
+    b = f"model.layers.{i}."
+    keys = {
+        b + "self_attn.q_proj.weight": (d, d),
+        b + "self_attn.k_proj.weight": (kvd, d),
+        b + "self_attn.v_proj.weight": (kvd, d),
+        b + "self_attn.o_proj.weight": (d, d),
+        b + "input_layernorm.weight": (d,),
+        b + "post_attention_layernorm.weight": (d,),
+    }
+    if cfg.moe:
+        m = MOE.format(i=i)
+        keys[m + "gate.weight"] = (cfg.n_experts, d)
+        for j in range(cfg.n_experts):
+            keys.update({f"{m}experts.{j}.w1.weight": (f, d), f"{m}experts.{j}.w3.weight": (f, d)})
+            keys[f"{m}experts.{j}.w2.weight"] = (d, f)
+    else:
+        keys.update({b + "mlp.gate_proj.weight": (f, d), b + "mlp.up_proj.weight": (f, d)})
+        keys[b + "mlp.down_proj.weight"] = (d, f)
     return keys
 
 
@@ -244,16 +261,16 @@ def _retnet_layer_layout(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]
 def check_buffers(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
     """A retnet checkpoint's angle and decay buffers must be what the config recomputes (they are
     not parameters here), or its numerics would silently differ."""
-    from valle_jax.models import retention as R
+    from valle_jax.models import retention as R  # noqa: PLC0415 - jax: the key tables need only numpy
 
     expected = {
-        RETNET_ANGLE: np.asarray(R.angles(cfg.head_dim, cfg.rope_theta)),
+        RETNET_ANGLE: np.asarray(R.angles(cfg.head_dim, cfg.rope_base)),
         RETNET_DECAY: np.asarray(R.decay_rates(cfg.n_heads)),
     }
     for key, want in expected.items():
         if key in state and not np.allclose(state[key], want, rtol=1e-5, atol=1e-7):
             raise ConversionError(
-                f"{key} differs from what base {cfg.rope_theta:g} and {cfg.n_heads} heads give: "
+                f"{key} differs from what base {cfg.rope_base:g} and {cfg.n_heads} heads give: "
                 f"{np.asarray(state[key]).tolist()} vs {want.tolist()}"
             )
 
@@ -332,12 +349,34 @@ def from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
             "v": stack(b + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, g, dh)),
             "o": stack(b + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, dh, d)),
             "mlp_norm": stack(b + "post_attention_layernorm.weight"),
-            "gate": stack(b + "mlp.gate_proj.weight", lambda w: w.T),
-            "up": stack(b + "mlp.up_proj.weight", lambda w: w.T),
-            "down": stack(b + "mlp.down_proj.weight", lambda w: w.T),
             "final_norm": f32("model.norm.weight"),
         }
+        out["backbone"].update(_moe_from_reference(f32, cfg) if cfg.moe else _mlp_from_reference(stack))
     return out
+
+
+def _mlp_from_reference(stack) -> dict:
+    b = "model.layers.{i}.mlp."
+    return {
+        "gate": stack(b + "gate_proj.weight", lambda w: w.T),
+        "up": stack(b + "up_proj.weight", lambda w: w.T),
+        "down": stack(b + "down_proj.weight", lambda w: w.T),
+    }
+
+
+def _moe_from_reference(f32, cfg: ModelConfig) -> dict:
+    """Mixtral's experts, stacked [layers, experts, in, out] (torch's Linear is (out, in))."""
+
+    def experts(name):
+        return np.stack(
+            [
+                np.stack([f32(f"{MOE.format(i=i)}experts.{j}.{name}.weight").T for j in range(cfg.n_experts)])
+                for i in range(cfg.n_layers)
+            ]
+        )
+
+    router = np.stack([f32(MOE.format(i=i) + "gate.weight").T for i in range(cfg.n_layers)])
+    return {"router": router, "w1": experts("w1"), "w3": experts("w3"), "w2": experts("w2")}
 
 
 def _retnet_from_reference(f32, stack, cfg: ModelConfig) -> dict:
@@ -416,6 +455,52 @@ def _retnet_to_reference(bb: dict, cfg: ModelConfig, i: int) -> dict[str, np.nda
     return out
 
 
+def _transposed(w: np.ndarray) -> np.ndarray:
+    """A [d_in, ..., d_out] matrix as torch's Linear stores it: [d_out, d_in] (leading axes merged)."""
+    return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T) if w.ndim > 2 else np.ascontiguousarray(w.T)
+
+
+def _transformer_to_reference(bb: Mapping, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
+    """One transformer block's keys (`blocks.{i}.*`)."""
+    b, d = f"blocks.{i}.", cfg.d_model
+    return {
+        b + "attn.norm.weight": bb["attn_norm_scale"][i],
+        b + "attn.norm.bias": bb["attn_norm_bias"][i],
+        b + "attn.block.to_qkv.weight": np.ascontiguousarray(bb["qkv"][i].reshape(d, -1).T),
+        b + "attn.block.to_out.weight": np.ascontiguousarray(bb["out"][i].reshape(-1, d).T),
+        b + "attn.block.to_out.bias": bb["out_bias"][i],
+        b + "ffn.norm.weight": bb["ffn_norm_scale"][i],
+        b + "ffn.norm.bias": bb["ffn_norm_bias"][i],
+        b + "ffn.block.0.weight": _transposed(bb["ffn_in"][i]),
+        b + "ffn.block.0.bias": bb["ffn_in_bias"][i],
+        b + "ffn.block.3.weight": _transposed(bb["ffn_out"][i]),
+        b + "ffn.block.3.bias": bb["ffn_out_bias"][i],
+    }
+
+
+def _llama_to_reference(bb: Mapping, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
+    """One llama/mistral/mixtral decoder layer's keys (`model.layers.{i}.*`)."""
+    b, d = f"model.layers.{i}.", cfg.d_model
+    out = {
+        b + "input_layernorm.weight": bb["attn_norm"][i],
+        b + "self_attn.q_proj.weight": np.ascontiguousarray(bb["q"][i].reshape(d, -1).T),
+        b + "self_attn.k_proj.weight": np.ascontiguousarray(bb["k"][i].reshape(d, -1).T),
+        b + "self_attn.v_proj.weight": np.ascontiguousarray(bb["v"][i].reshape(d, -1).T),
+        b + "self_attn.o_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
+        b + "post_attention_layernorm.weight": bb["mlp_norm"][i],
+    }
+    if not cfg.moe:
+        out[b + "mlp.gate_proj.weight"] = _transposed(bb["gate"][i])
+        out[b + "mlp.up_proj.weight"] = _transposed(bb["up"][i])
+        out[b + "mlp.down_proj.weight"] = _transposed(bb["down"][i])
+        return out
+    m = MOE.format(i=i)
+    out[m + "gate.weight"] = _transposed(bb["router"][i])
+    for j in range(cfg.n_experts):
+        out.update({f"{m}experts.{j}.{w}.weight": _transposed(bb[w][i, j]) for w in ("w1", "w3", "w2")})
+    return out
+
+
 def to_reference(params: Mapping, cfg: ModelConfig, with_unused: bool = False) -> dict[str, np.ndarray]:
     """valle_jax parameters -> the reference's state dict (the inverse of `from_reference`).
 
@@ -425,7 +510,6 @@ def to_reference(params: Mapping, cfg: ModelConfig, with_unused: bool = False) -
     p = {k: v for k, v in params.items()}
     bb = {k: np.asarray(v, np.float32) for k, v in p["backbone"].items()}
     a = lambda k: np.asarray(p[k], np.float32)  # noqa: E731
-    d, n = cfg.d_model, cfg.n_layers
     out = {
         "text_emb.weight": a("text_emb"),
         "langs_emb.weight": a("lang_emb"),
@@ -439,51 +523,24 @@ def to_reference(params: Mapping, cfg: ModelConfig, with_unused: bool = False) -
     if cfg.version >= 4:
         out.update({f"proms_emb.weight.{k}": a("prom_level_w")[k : k + 1] for k in range(cfg.n_prom_levels)})
         out.update({f"resps_emb.weight.{k}": a("resp_level_w")[k : k + 1] for k in range(cfg.n_resp_levels)})
-    t = lambda w: np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T) if w.ndim > 2 else np.ascontiguousarray(w.T)  # noqa: E731
-    for i in range(n):
-        if cfg.arch == "transformer":
-            b = f"blocks.{i}."
-            out.update(
-                {
-                    b + "attn.norm.weight": bb["attn_norm_scale"][i],
-                    b + "attn.norm.bias": bb["attn_norm_bias"][i],
-                    b + "attn.block.to_qkv.weight": np.ascontiguousarray(bb["qkv"][i].reshape(d, -1).T),
-                    b + "attn.block.to_out.weight": np.ascontiguousarray(bb["out"][i].reshape(-1, d).T),
-                    b + "attn.block.to_out.bias": bb["out_bias"][i],
-                    b + "ffn.norm.weight": bb["ffn_norm_scale"][i],
-                    b + "ffn.norm.bias": bb["ffn_norm_bias"][i],
-                    b + "ffn.block.0.weight": t(bb["ffn_in"][i]),
-                    b + "ffn.block.0.bias": bb["ffn_in_bias"][i],
-                    b + "ffn.block.3.weight": t(bb["ffn_out"][i]),
-                    b + "ffn.block.3.bias": bb["ffn_out_bias"][i],
-                }
-            )
-        elif cfg.arch == "retnet":
-            out.update(_retnet_to_reference(bb, cfg, i))
-        else:
-            b = f"model.layers.{i}."
-            out.update(
-                {
-                    b + "input_layernorm.weight": bb["attn_norm"][i],
-                    b + "self_attn.q_proj.weight": np.ascontiguousarray(bb["q"][i].reshape(d, -1).T),
-                    b + "self_attn.k_proj.weight": np.ascontiguousarray(bb["k"][i].reshape(d, -1).T),
-                    b + "self_attn.v_proj.weight": np.ascontiguousarray(bb["v"][i].reshape(d, -1).T),
-                    b + "self_attn.o_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
-                    b + "post_attention_layernorm.weight": bb["mlp_norm"][i],
-                    b + "mlp.gate_proj.weight": t(bb["gate"][i]),
-                    b + "mlp.up_proj.weight": t(bb["up"][i]),
-                    b + "mlp.down_proj.weight": t(bb["down"][i]),
-                }
-            )
-    if cfg.arch == "llama":
+    layer_to_reference = {
+        "transformer": _transformer_to_reference,
+        "llama": _llama_to_reference,
+        "mistral": _llama_to_reference,
+        "mixtral": _llama_to_reference,
+        "retnet": _retnet_to_reference,
+    }[cfg.arch]
+    for i in range(cfg.n_layers):
+        out.update(layer_to_reference(bb, cfg, i))
+    if cfg.arch in LLAMA_FAMILY:
         out["model.norm.weight"] = bb["final_norm"]
     if cfg.arch == "retnet":
-        from valle_jax.models import retention as R
+        from valle_jax.models import retention as R  # noqa: PLC0415 - jax: the key tables need only numpy
 
         out["model.layer_norm.weight"] = bb["final_norm"]
         if cfg.retnet_variant == "fork":
             out["model.layer_norm.bias"] = bb["final_norm_bias"]
-        out[RETNET_ANGLE] = np.asarray(R.angles(cfg.head_dim, cfg.rope_theta))
+        out[RETNET_ANGLE] = np.asarray(R.angles(cfg.head_dim, cfg.rope_base))
         out[RETNET_DECAY] = np.asarray(R.decay_rates(cfg.n_heads))
     if with_unused:
         # Zeros, not the reference's random init: nothing reads these tables (no gradient ever reaches

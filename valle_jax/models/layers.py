@@ -126,10 +126,16 @@ def ungrouped(out_BGRSD: Array) -> Array:
     return out_BGRSD.transpose(0, 3, 1, 2, 4).reshape(b, s, g * r, d)
 
 
-def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B: Array) -> Array:
-    """bool[B, 1, S, K]: key valid, and (for causal rows) key position <= query position."""
+def attention_mask(q_pos_BS: Array, k_pos_BK: Array, k_valid_BK: Array, causal_B: Array, window: int = 0) -> Array:
+    """bool[B, 1, S, K]: key valid, (for causal rows) key position <= query position, and with a
+    `window` (static; 0: none) the key at most `window` positions away: HF's sliding window (sdpa
+    mask of transformers 4.40), under which a query sees itself and `window` earlier positions.
+    Every attention path (teacher forcing, blocked, the KV cache on either backend) takes this mask,
+    so the window is decided here alone."""
     causal = k_pos_BK[:, None, :] <= q_pos_BS[:, :, None]
     allowed = k_valid_BK[:, None, :] & (causal | ~causal_B[:, None, None])
+    if window:
+        allowed &= jnp.abs(q_pos_BS[:, :, None] - k_pos_BK[:, None, :]) <= window
     return allowed[:, None]
 
 

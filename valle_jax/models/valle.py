@@ -14,6 +14,8 @@ concatenation happens inside jit. Valid positions form a prefix of each row.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -200,9 +202,14 @@ class VALLE(nnx.Module):
     ) -> tuple[Array, Array, dict | None]:
         """Backbone + classifier on embedded positions: (logits f32 [B, S, V], hidden, new cache).
         `layers`: the backbone's per-layer parameters (`backbone.unstack()`) for cached decoding."""
+        return self.run_with_aux(x_BSD, positions_BS, valid_BS, level_B, cache, dropout_key, layers)[:3]
+
+    def run_with_aux(self, x_BSD, positions_BS, valid_BS, level_B, cache=None, dropout_key=None, layers=None):
+        """`run`, and the backbone's auxiliary training loss (an MoE's load balancing; 0 for dense
+        backbones; None with a cache): (logits, hidden, new cache, aux loss)."""
         if self.cfg.arch == "transformer":
             x_BSD = x_BSD + L.sinusoidal(positions_BS, self.cfg.d_model)
-        hidden, cache = self.backbone(
+        hidden, cache, aux = self.backbone(
             x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key, layers
         )
         dt = jnp.dtype(self.cfg.dtype)
@@ -212,14 +219,19 @@ class VALLE(nnx.Module):
             )
             + self.classifier_bias[...]
         )
-        return jnp.where(valid_BS[..., None], logits, 0.0), hidden, cache
+        return jnp.where(valid_BS[..., None], logits, 0.0), hidden, cache, aux
 
     def __call__(self, batch: dict, level_B: Array, dropout_key: Array | None = None) -> tuple[Array, Array]:
         """Teacher-forced logits [B, S, V] (zero at padding) and validity [B, S]."""
+        return self.forward(batch, level_B, dropout_key)[:2]
+
+    def forward(self, batch: dict, level_B: Array, dropout_key: Array | None = None) -> tuple[Array, Array, Array]:
+        """Teacher-forced (logits [B, S, V], validity [B, S], auxiliary loss): the term the
+        reference adds to its cross-entropy (an MoE's weighted load-balancing loss; 0 otherwise)."""
         x, valid = self.embed(batch, level_B)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), valid.shape)
-        logits, _, _ = self.run(x, positions, valid, level_B, dropout_key=dropout_key)
-        return logits, valid
+        logits, _, _, aux = self.run_with_aux(x, positions, valid, level_B, dropout_key=dropout_key)
+        return logits, valid, aux
 
     def init_cache(self, batch: int, length: int, dtype=jnp.float32, layout=None) -> dict:
         """An empty decoding cache (`layout`: a backend.CacheLayout, which backend attends over it)."""
@@ -274,6 +286,14 @@ def jit_forward(model: VALLE):
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> VALLE:
     """VALLE(cfg) with shapes and dtypes but no arrays: its graph, parameter tree and shardings."""
     return nnx.eval_shape(lambda: VALLE(cfg, rngs=nnx.Rngs(seed)))
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters of VALLE(cfg): active leaves out the experts a token is not routed
+    to (n_experts - top_k per MoE layer); for dense models the two are equal."""
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
+    idle = cfg.n_layers * (cfg.n_experts - cfg.top_k) * 3 * cfg.d_model * cfg.ffn_mult * cfg.d_model
+    return total, total - (idle if cfg.moe else 0)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> VALLE:

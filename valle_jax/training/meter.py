@@ -127,6 +127,9 @@ class Meter:
             "stats/tokens_processed": float(self.stats["tokens_processed"]),
             "stats/samples": float(self.stats["samples"]),
         }
+        if self.model_cfg.moe:  # the load-balancing term, apart from the loss it is part of
+            scalars["train/router_aux"] = float(avg.mean("router_aux"))
+            scalars["train/ce"] = float(avg.mean("ce"))
         for lv, (nll, tok) in enumerate(zip(avg.sums["nll_per_level"], avg.sums["tokens_per_level"])):
             if tok > 0:  # token-weighted over the interval, like the overall loss of each step
                 scalars[f"train/loss_level{lv}"] = float(nll / tok)

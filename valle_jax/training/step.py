@@ -31,15 +31,19 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 def batch_loss(graph, params: dict, batch: dict, key: Array, cfg: ModelConfig, level_probs, train: bool):
-    """(loss, metrics) of one batch with levels drawn from `key` (dropout only when training)."""
+    """(loss, metrics) of one batch with levels drawn from `key` (dropout only when training). The
+    loss is the reference's: the cross-entropy plus the backbone's auxiliary term (an MoE's weighted
+    load-balancing loss, SPEC §2.9; 0 for dense backbones); metrics hold both ("ce", "router_aux")."""
     model = nnx.merge(graph, params)
     level_key, dropout_key = jax.random.split(key)
     b = batch["text"].shape[0]
     levels = draw_levels(level_key, b, level_probs or None, cfg.n_resp_levels)
-    logits, valid = model(batch, levels, dropout_key if (train and cfg.dropout > 0) else None)
+    logits, valid, aux = model.forward(batch, levels, dropout_key if (train and cfg.dropout > 0) else None)
     t, _ = targets(batch, levels, cfg.stop_token)
     t = jnp.where(batch["row_valid"][:, None], t, IGNORE)  # padding rows (evaluation) score nothing
-    loss, metrics = loss_and_metrics(logits, t, levels, cfg.n_resp_levels)
+    ce, metrics = loss_and_metrics(logits, t, levels, cfg.n_resp_levels)
+    loss = ce + aux
+    metrics.update(loss=loss, ce=ce, router_aux=aux)
     rows = batch["row_valid"]
     metrics["positions"] = (valid & rows[:, None]).sum()  # sequence positions the model processed
     # the reference's tokens_processed: text + response lengths
@@ -78,10 +82,10 @@ def make_eval_step(graph, cfg: ModelConfig, level_probs=()) -> Callable:
     """eval_step(params, batch, key) -> summed metrics (nll sum, scored tokens, top-10 hits, per level)."""
 
     def eval_step(params: dict, batch: dict, key: Array):
-        loss, m = batch_loss(graph, params, batch, key, cfg, level_probs, False)
+        _, m = batch_loss(graph, params, batch, key, cfg, level_probs, False)
         n = m["tokens"].astype(jnp.float32)
         return {
-            "nll": loss * n,
+            "nll": m["ce"] * n,  # the cross-entropy alone: the MoE balance term is no likelihood
             "tokens": n,
             "top10": m["acc_top10"] * n,
             "nll_per_level": m["loss_per_level"] * m["tokens_per_level"],
@@ -93,7 +97,8 @@ def make_eval_step(graph, cfg: ModelConfig, level_probs=()) -> Callable:
 
 def train_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward; matmuls and attention
-    scores/values over the full padded sequence; remat recomputation is not counted)."""
+    scores/values over the full padded sequence; remat recomputation is not counted; an MoE counts
+    its router and the experts each token is routed to, not the slots a capacity dispatch fills)."""
     d, f, n, s = cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.n_layers, seq
     kv = cfg.kv_heads * cfg.head_dim
     mixing = 4 * batch_size * s * s * d  # scores and weighted values, 2 FLOPs per multiply-add
@@ -103,7 +108,7 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
         per_layer = 2 * d * d + 4 * d * d + 2 * d * d + (2 if cfg.retnet_variant == "fork" else 3) * d * f
         mixing = 6 * batch_size * s * s * d
     else:
-        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f * cfg.top_k + (d * cfg.n_experts if cfg.moe else 0)
     tokens = batch_size * s
     forward = 2 * tokens * (n * per_layer + d * cfg.n_classes) + n * mixing
     return 3.0 * forward

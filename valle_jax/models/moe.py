@@ -1,0 +1,128 @@
+"""Mixtral's sparse mixture-of-experts feed-forward (HF `MixtralSparseMoeBlock`, transformers 4.40,
+as the reference builds it for experts > 1; SPEC §3.3) and its load-balancing loss.
+
+Routing: router logits `h @ W_r` (no bias), a float32 softmax over the E experts, the k best, their k
+probabilities renormalised to sum to 1. Expert e is `w2(gelu(w1 h) * w3 h)` (exact gelu: the
+reference's hidden_act "gelu"). A token's output is the weighted sum of its k experts' outputs.
+
+Two dispatches, equal wherever no assignment is dropped (tests/test_moe.py):
+- "dropless": the N*k (token, expert) assignments sorted by expert, each expert's three matmuls a
+  grouped matmul over its run of sorted rows (`jax.lax.ragged_dot`), the results put back in token
+  order. Every assignment is computed once and none is dropped, with static shapes.
+- "capacity": each expert has C = ceil(capacity_factor * N * k / E) slots (at most N), filled first
+  come first served with every token's first choice before any second choice (GShard's priority);
+  the experts run as one batched matmul over [E, C, D]. Assignments past an expert's C slots are
+  dropped: they add nothing, the residual carries the token. Padding positions take no slot.
+Which to use where: docs/model.md ("Mixture of experts").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from valle_jax import backend
+from valle_jax.config import ModelConfig
+from valle_jax.models.layers import matmul
+
+Array = jax.Array
+
+
+class Routing(NamedTuple):
+    experts_NK: Array  # int32: each token's k experts, best first
+    weights_NK: Array  # float32: their probabilities, renormalised to sum to 1 over the k
+    probs_NE: Array  # float32: the softmax over every expert (what the load-balancing loss averages)
+
+
+def route(h_ND: Array, router_DE: Array, k: int, dtype) -> Routing:
+    probs = jax.nn.softmax(matmul("nd,de->ne", h_ND, router_DE, dtype), axis=-1)
+    top_p, top_e = jax.lax.top_k(probs, k)
+    return Routing(top_e.astype(jnp.int32), top_p / top_p.sum(-1, keepdims=True), probs)
+
+
+def _expert_ffn(x: Array, w1: Array, w3: Array, w2: Array, product) -> Array:
+    """w2(gelu(w1 x) * w3 x) per expert, `product(x, w)` being the per-expert matmul."""
+    return product(jax.nn.gelu(product(x, w1), approximate=False) * product(x, w3), w2)
+
+
+def dropless(h_ND: Array, w1: Array, w3: Array, w2: Array, r: Routing, dtype) -> Array:
+    """Every assignment computed by grouped matmuls over the assignments sorted by expert."""
+    n, k = r.experts_NK.shape
+    flat_A = r.experts_NK.reshape(-1)  # assignment a = token a // k, choice a % k
+    order_A = jnp.argsort(flat_A, stable=True)
+    sizes_E = jnp.bincount(flat_A, length=w1.shape[0]).astype(jnp.int32)
+
+    def grouped(x_MD, w_EDF):
+        # the CPU has no batched bfloat16 dot, and jax lowers ragged_dot there to one
+        x_MD, w_EDF = backend.batched_dot_operands(x_MD.astype(dtype), w_EDF.astype(dtype))
+        return jax.lax.ragged_dot(x_MD, w_EDF, sizes_E, preferred_element_type=jnp.float32)
+
+    y_AD = _expert_ffn(h_ND[order_A // k], w1, w3, w2, grouped)
+    y_NKD = jnp.zeros_like(y_AD).at[order_A].set(y_AD, unique_indices=True).reshape(n, k, -1)
+    return (y_NKD * r.weights_NK[..., None]).sum(1)
+
+
+def capacity_slots(tokens: int, k: int, experts: int, factor: float) -> int:
+    """Slots per expert: capacity_factor times an even share of the assignments, at least 1 and at
+    most `tokens` (a token never picks one expert twice)."""
+    return max(1, min(tokens, math.ceil(factor * tokens * k / experts)))
+
+
+def capacity(h_ND: Array, w1: Array, w3: Array, w2: Array, r: Routing, valid_N: Array, factor: float, dtype) -> Array:
+    """Fixed-size expert buffers [E, C, D]; assignments beyond an expert's C slots are dropped."""
+    n, k = r.experts_NK.shape
+    e, d = w1.shape[0], h_ND.shape[1]
+    c = capacity_slots(n, k, e, factor)
+    expert_A = r.experts_NK.T.reshape(-1)  # choice-major: all first choices, then all second ones
+    token_A = jnp.tile(jnp.arange(n), k)
+    live_A = jnp.tile(valid_N, k)
+    onehot_AE = jax.nn.one_hot(expert_A, e, dtype=jnp.int32) * live_A[:, None]
+    slot_A = (jnp.cumsum(onehot_AE, axis=0) * onehot_AE).sum(-1) - 1  # place in its expert's queue
+    kept_A = live_A & (slot_A >= 0) & (slot_A < c)
+    dest_A = jnp.where(kept_A, expert_A * c + slot_A, e * c)  # dropped: a spare row, never read back
+    x_ECD = jnp.zeros((e * c + 1, d), h_ND.dtype).at[dest_A].set(h_ND[token_A])[: e * c].reshape(e, c, d)
+
+    def batched(x_ECD, w_EDF):
+        x_ECD, w_EDF = backend.batched_dot_operands(x_ECD.astype(dtype), w_EDF.astype(dtype))
+        return jnp.einsum("ecd,edf->ecf", x_ECD, w_EDF, preferred_element_type=jnp.float32)
+
+    y_ECD = _expert_ffn(x_ECD, w1, w3, w2, batched)
+    y_AD = jnp.concatenate([y_ECD.reshape(e * c, d), jnp.zeros((1, d), y_ECD.dtype)])[dest_A]
+    y_NKD = y_AD.reshape(k, n, d).transpose(1, 0, 2)
+    return (y_NKD * r.weights_NK[..., None]).sum(1)
+
+
+def balance_stats(r: Routing, valid_N: Array) -> Array:
+    """float32 [2, E] of one layer over its valid positions: how many assignments each expert got,
+    and the sum of each expert's router probability (what the load-balancing loss needs)."""
+    m = valid_N[:, None].astype(jnp.float32)
+    chosen_NE = jax.nn.one_hot(r.experts_NK, r.probs_NE.shape[1], dtype=jnp.float32).sum(1)
+    return jnp.stack([(chosen_NE * m).sum(0), (r.probs_NE * m).sum(0)])
+
+
+def balance_loss(stats_L2E: Array, tokens: Array) -> Array:
+    """HF's `load_balancing_loss_func` over every layer's router logits at once: E * sum over experts
+    of (the fraction of all (layer, token) rows that picked it among their k) * (its mean router
+    probability). Both means run over the `tokens` valid positions of each layer (HF's masked
+    variant; the reference passes no mask, so its padding counts: docs/deviations.md)."""
+    n = stats_L2E.shape[0] * jnp.maximum(tokens, 1).astype(jnp.float32)
+    sums = stats_L2E.sum(0)
+    return stats_L2E.shape[-1] * jnp.sum((sums[0] / n) * (sums[1] / n))
+
+
+def moe_ffn(
+    h_BSD: Array, router: Array, w1: Array, w3: Array, w2: Array, valid_BS: Array, cfg: ModelConfig
+) -> tuple[Array, Array]:
+    """(the MoE feed-forward's output float32 [B, S, D], balance_stats [2, E]) by `cfg.moe_dispatch`."""
+    b, s, d = h_BSD.shape
+    dt = jnp.dtype(cfg.dtype)
+    h_ND, valid_N = h_BSD.reshape(b * s, d), valid_BS.reshape(b * s)
+    r = route(h_ND, router, cfg.top_k, dt)
+    if cfg.moe_dispatch == "capacity":
+        out = capacity(h_ND, w1, w3, w2, r, valid_N, cfg.capacity_factor, dt)
+    else:
+        out = dropless(h_ND, w1, w3, w2, r, dt)
+    return out.reshape(b, s, d), balance_stats(r, valid_N)
