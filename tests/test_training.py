@@ -2,14 +2,17 @@
 steps, optimizers and schedules, frozen parameters, the non-finite guard, blocked attention,
 console commands, reference export."""
 
+import errno
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ import pytest
 from configs import base, tiny
 from tests.conftest import GOLDEN_DIR
 from valle_jax import runs
+from valle_jax.atomic import io_error, io_error_line
 from valle_jax.checkpointing import params_of, save_model
 from valle_jax.config import ConfigError, MeshConfig, OptimConfig, mesh_config, model_config
 from valle_jax.models import init_model
@@ -27,7 +31,8 @@ from valle_jax.models.attention import _flash, _forward, flash_attend
 from valle_jax.models.convert import from_reference, infer_config, normalise_keys, to_reference
 from valle_jax.models.dense_attention import dense_attend
 from valle_jax.models.feed_forward import feed_forward
-from valle_jax.training.checkpoint import Checkpoints
+from valle_jax.training import control
+from valle_jax.training.checkpoint import Checkpoints, CheckpointWriteError
 from valle_jax.training.control import Command, CommandReader, parse
 from valle_jax.training.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 from valle_jax.training.loop import Trainer
@@ -449,3 +454,119 @@ def test_workdir_lock(tmp_path, caplog):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 123, "host": "elsewhere"}))
     with pytest.raises(WorkdirBusy, match="PID 123 on host elsewhere"):
         WorkdirLock(tmp_path).acquire()
+
+
+def test_stop_request_phases(caplog, monkeypatch):
+    """What SIGINT/SIGTERM do at each phase of a stop, without a run (the handler called directly;
+    os._exit replaced, since these phases end the process)."""
+    exits = []
+    monkeypatch.setattr(control.os, "_exit", lambda code: exits.append(code))
+    stop = control.StopRequest()
+    with caplog.at_level("WARNING"):
+        stop._handle(signal.SIGTERM, None)  # the first request: finish the step, save, exit
+        assert stop and "finishing this step, saving, then exiting" in caplog.text
+        stop._handle(signal.SIGTERM, None)  # SIGTERM never aborts
+        assert "already finishing this step" in caplog.text
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the step finishes: abort without saving
+            stop._handle(signal.SIGINT, None)
+        assert "aborting now without saving" in caplog.text
+        caplog.clear()
+        with stop.writing(6):  # Ctrl-C while a checkpoint is written: never breaks the write
+            stop._handle(signal.SIGINT, None)
+            assert "checkpoint 6 is being written; exiting as soon as it is complete" in caplog.text and not exits
+            stop._handle(signal.SIGINT, None)  # once more: abandons it, the process ends (130)
+            assert exits == [130] and "abandoning checkpoint 6 half-written" in caplog.text
+        assert stop.phase == "running"
+        stop.saved(6)
+        stop._handle(signal.SIGINT, None)
+        assert "checkpoint 6 is complete; the run is exiting" in caplog.text and exits == [130]
+    stop.exiting(4)  # the command closed everything: any signal ends the process with the run's status
+    try:
+        stop._handle(signal.SIGINT, None)
+        assert exits == [130, 4]
+    finally:
+        stop.uninstall()
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_write_errors_are_one_line():
+    """The errno and file of a failed write, from a Python OSError or from tensorstore's text (what
+    orbax raises from a full disk: this one came from a real save under a file-size limit)."""
+    enospc = OSError(errno.ENOSPC, "No space left on device", "/w/metrics.jsonl")
+    assert io_error_line(enospc) == "/w/metrics.jsonl: No space left on device (ENOSPC)"
+    ts = ValueError(
+        'OUT_OF_RANGE: Error writing "w/0.0" in OCDBT database at local file "/w/checkpoints/4.orbax-checkpoint-tmp'
+        '/params.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/w/checkpoints/4.orbax-checkpoint-tmp/'
+        'params.orbax-checkpoint-tmp/ocdbt.process_0/d/1f0e": Failed to write 3597029 bytes to file 4: File too '
+        "large [os_error_code='27']"
+    )
+    e = CheckpointWriteError(4, Path("/w/checkpoints"), ts, *io_error(ts))
+    assert str(e).startswith("cannot write checkpoint 4 in /w/checkpoints: File too large (EFBIG) (writing /w/")
+    assert io_error(RuntimeError("no errno here")) == (None, None)
+
+
+@pytest.mark.needs_espeak
+@pytest.mark.parametrize("when", ["step", "save", "disk full"])
+def test_second_ctrl_c_and_full_disk(store_path, tmp_path, caplog, when):
+    """A run of 6 steps saving every 2, in this process, with real signals sent from inside it: the
+    first SIGINT at step 3, the second while the step finishes ("step": aborts, checkpoint 2 kept), or
+    while checkpoint 3 is handed to orbax and a third once it is complete ("save": the save completes,
+    exit 0). "disk full": no signal; metrics.jsonl's write at step 3 raises ENOSPC (a monkeypatched
+    file object: what a full disk makes `write` do), the run stops with status 4 in one line and
+    checkpoint 2 restores."""
+    cfg = test_config(store_path, **{"train.steps": 6, "train.save_every": 2, "train.log_every": 1})
+    t = make_trainer(cfg, tmp_path / "run")
+    ctrl_c = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731 - the handler runs at once, in this thread
+    step = t.train_one_step
+
+    def train_one_step(p):
+        step(p)
+        if p.step == 3 and when != "disk full":
+            ctrl_c()
+            if when == "step":
+                ctrl_c()
+
+    t.train_one_step = train_one_step
+    if when == "save":
+        orbax_save = t.checkpoints.manager.save
+        t.checkpoints.manager.save = lambda s, **kw: (ctrl_c() if s == 3 else None, orbax_save(s, **kw))[1]
+        close = t.writer.close
+        t.writer.close = lambda: (ctrl_c(), close())
+    if when == "disk full":
+        jsonl = t.writer.jsonl
+
+        class Full:
+            def write(self, text):
+                if '"step": 3' in text:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), jsonl.name)
+                return jsonl.write(text)
+
+            def __getattr__(self, name):
+                return getattr(jsonl, name)
+
+        t.writer.jsonl = Full()
+    with caplog.at_level("INFO"):
+        if when == "step":
+            with pytest.raises(KeyboardInterrupt):
+                t.run()
+        else:
+            rc = t.run()
+    ckpts = Checkpoints(tmp_path / "run" / "checkpoints", async_save=False)
+    try:
+        _, _, restored = ckpts.restore_params()
+    finally:
+        ckpts.close()
+    assert signal.getsignal(signal.SIGINT) != t.stop._handle  # uninstalled after run()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    if when == "step":
+        assert "aborting now without saving" in caplog.text and restored == 2
+    elif when == "save":
+        assert rc == 0 and "checkpoint 3 is being written; exiting as soon as it is complete" in caplog.text
+        assert "stopped at step 3 (checkpoint saved)" in caplog.text and restored == 3
+        assert "checkpoint 3 is complete; the run is exiting" in caplog.text
+    else:
+        assert rc == 4 and restored == 2 and len(errors) == 1, errors
+        assert (
+            "metrics.jsonl: No space left on device (ENOSPC); the run stops here and checkpoint 2 is kept"
+            in (errors[0])
+        )

@@ -2,12 +2,17 @@
 
 A killed process therefore leaves either the old file or the complete new one, never a
 partial file under the final name. Temp files are named `.<name>.<random>.tmp[<suffix>]`.
+
+`io_error` turns a failed write (a Python OSError, or the error text tensorstore gives orbax) into
+the file and the errno's meaning, for one-line messages about full disks and read-only workdirs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errnos
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -77,3 +82,37 @@ def remove_stale_temps(root: str | os.PathLike) -> int:
             p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+# tensorstore (under orbax) reports a failed write as text: `Failed writing: "PATH": ... [os_error_code='28']`
+_TS_ERRNO = re.compile(r"os_error_code='?(\d+)")
+_TS_PATHS = [re.compile(rf'{what}[^"]*"([^"]+)"') for what in ("Failed writing", "Failed to open", "local file")]
+
+
+def io_error(e: BaseException) -> tuple[int | None, str | None]:
+    """(errno, file) of an I/O failure: `e` itself or an exception it was raised from, an OSError or
+    an error whose text carries tensorstore's `os_error_code`. (None, None) for anything else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno, e.filename if isinstance(e.filename, str) else None
+        code = _TS_ERRNO.search(str(e))
+        if code:
+            paths = [m.group(1) for m in (r.search(str(e)) for r in _TS_PATHS) if m]
+            return int(code.group(1)), paths[0] if paths else None
+        e = e.__cause__ or e.__context__
+    return None, None
+
+
+def errno_meaning(code: int) -> str:
+    """ "No space left on device (ENOSPC)"."""
+    return f"{os.strerror(code)} ({errnos.errorcode.get(code, f'errno {code}')})"
+
+
+def io_error_line(e: BaseException) -> str | None:
+    """'FILE: meaning (ENAME)' for an I/O failure (see `io_error`), None for anything else."""
+    code, path = io_error(e)
+    if code is None:
+        return None
+    return f"{path}: {errno_meaning(code)}" if path else errno_meaning(code)

@@ -6,8 +6,10 @@ Multi-host (TPU pod slices, several GPU nodes): pass --distributed (or set VALLE
 on every host; on TPU jax finds the coordinator itself, elsewhere give --coordinator_address,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 Exit status: 0 done or stopped cleanly (SIGTERM, SIGINT, `quit`), 3 non-finite loss, 1 bad config
-value or store, 2 bad command line (an unknown config key, a missing config file) or a workdir that
-another live run holds. Errors are one line; --verbose adds the traceback.
+value or store, or no checkpoint that can be restored, 2 bad command line (an unknown config key, a
+missing config file) or a workdir that another live run holds, 4 a write to the workdir failed (a
+full disk, a read-only or unwritable directory), 130 aborted by a second Ctrl-C. Errors are one
+line; --verbose adds the traceback.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from valle_jax.atomic import io_error_line
 from valle_jax.runtime import reexec_with_tcmalloc, start_training_process
 from valle_jax.training.lock import WorkdirBusy, WorkdirLock
 
-EXIT_USAGE = 2
+EXIT_BAD_INPUT, EXIT_USAGE, EXIT_WRITE, EXIT_ABORTED = 1, 2, 4, 130
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, TensorBoard, exports")
@@ -107,7 +110,32 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def setup_logging(workdir: Path, primary: bool) -> None:
+class _HideOrbaxErrors(logging.Filter):
+    """orbax logs a failed save several times, with tracebacks, from its background threads; the
+    trainer then reports it in one line. Kept in log.txt and with --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+class _LogFile(logging.FileHandler):
+    """WORKDIR/log.txt; on a full or read-only disk it says so once and leaves the console to log alone
+    (logging's default prints a traceback for every line that fails)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        logging.getLogger().removeHandler(self)
+        print(
+            f"warning: cannot write {self.baseFilename} ({io_error_line(error) or error}): logging to the console only",
+            file=sys.stderr,
+        )
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
+def setup_logging(workdir: Path, primary: bool, verbose: bool = False) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -115,10 +143,12 @@ def setup_logging(workdir: Path, primary: bool) -> None:
         root.removeHandler(h)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    if not verbose:
+        console.addFilter(_HideOrbaxErrors())
     root.addHandler(console)
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(workdir / "log.txt", encoding="utf-8")
+        file = _LogFile(workdir / "log.txt", encoding="utf-8")
         file.setFormatter(fmt)
         root.addHandler(file)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
@@ -141,9 +171,28 @@ def main(argv) -> int:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
         )
+    from valle_jax.training.control import StopRequest  # noqa: PLC0415 - see `import jax` above
+
     workdir = Path(_WORKDIR.value)
     primary = jax.process_index() == 0
     lock = WorkdirLock(workdir)
+    stop = StopRequest()  # installed once training starts; until then Ctrl-C just interrupts
+    try:
+        code = _locked(lock, primary, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C (StopRequest said what it kept), or one while starting
+        if not stop:
+            print("interrupted while starting: this start wrote no checkpoint", file=sys.stderr)
+        code = EXIT_ABORTED
+    except OSError as e:  # before logging is set up: the lock or log.txt cannot be written
+        if _VERBOSE.value:
+            raise
+        print(f"error: {io_error_line(e) or e}", file=sys.stderr)
+        code = EXIT_WRITE
+    stop.exiting(code)  # all written and closed: a signal from here on ends the process at once
+    return code
+
+
+def _locked(lock: WorkdirLock, primary: bool, stop) -> int:
     if primary:  # one lock per run: process 0 takes it for all hosts
         try:
             lock.acquire()
@@ -151,23 +200,33 @@ def main(argv) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        return _train(workdir, primary)
+        return _train(lock.path.parent, primary, stop)
     finally:
         lock.release()
 
 
-def _train(workdir: Path, primary: bool) -> int:
-    setup_logging(workdir, primary)
+def _train(workdir: Path, primary: bool, stop) -> int:
+    setup_logging(workdir, primary, _VERBOSE.value)
     from valle_jax.config import ConfigError  # noqa: PLC0415 - see `import jax` above
     from valle_jax.data.store import StoreError  # noqa: PLC0415 - see `import jax` above
+    from valle_jax.training.checkpoint import CheckpointUnreadable, CheckpointWriteError  # noqa: PLC0415
     from valle_jax.training.loop import Trainer  # noqa: PLC0415 - see `import jax` above
+
+    def fail(e: BaseException, line: str, code: int) -> int:
+        logging.error("%s", line, exc_info=e if _VERBOSE.value else None)
+        return code
 
     try:
         trainer = Trainer(_CONFIG.value, workdir, commands=_COMMANDS.value)
+        return trainer.run(stop)
     except (ConfigError, StoreError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        return 1
-    return trainer.run()
+        return fail(e, str(e), EXIT_BAD_INPUT)
+    except CheckpointUnreadable as e:
+        return fail(e, f"{e}: move {workdir / 'checkpoints'} aside to start the run afresh", EXIT_BAD_INPUT)
+    except CheckpointWriteError as e:  # the loop reports its own; this comes from closing
+        return fail(e, str(e), EXIT_WRITE)
+    except OSError as e:  # setting up: run.json, metrics.jsonl, the checkpoint directory
+        return fail(e, io_error_line(e) or str(e), EXIT_WRITE)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,20 @@ A complete step can still be unreadable (a disk filled up, files truncated or re
 hold non-finite parameters. Restoring the latest step therefore walks back from the newest complete
 step to the first that loads and is finite, warning once per bad step and leaving its directory in
 place; a run that later saves that step again first moves the bad directory aside.
+
+A save that cannot be written (a full disk, a read-only or unwritable directory) raises
+CheckpointWriteError, one line naming the step, the file and the errno's meaning, whenever orbax
+reports it: asynchronous saves fail in a background thread and surface at the next save or wait.
+The failed step's temporary directory is removed at once (to give back the space it took); the
+complete steps before it are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from valle_jax.atomic import errno_meaning, io_error
 
 log = logging.getLogger("valle_jax.train")
 
@@ -40,6 +51,7 @@ class Checkpoints:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.bad: set[int] = set()  # complete steps found unreadable; saving one again moves it aside
+        self.queued: int | None = None  # the newest step handed to orbax (maybe still being written)
 
     def has(self, step: int) -> bool:
         """Whether a good checkpoint of `step` exists (or is being written)."""
@@ -52,8 +64,7 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict, data_state: Any, meta: dict) -> bool:
-        if step in self.bad:
-            self._move_aside(step)
+        """Queues an asynchronous save of `step` (raises CheckpointWriteError if this or the last save failed)."""
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             opt_state=ocp.args.StandardSave(state["opt_state"]),
@@ -61,7 +72,12 @@ class Checkpoints:
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        return self.manager.save(step, args=args, force=True)
+        with self._writing(step):
+            if step in self.bad:
+                self._move_aside(step)
+            saved = self.manager.save(step, args=args, force=True)
+        self.queued = step
+        return saved
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, Any, dict]:
         """(state, data state, meta) of `step`, arrays laid out as `abstract_state`'s shardings say."""
@@ -127,16 +143,54 @@ class Checkpoints:
         self.manager.reload()
         self.bad.discard(step)
 
+    @contextlib.contextmanager
+    def _writing(self, step: int):
+        """Turns a failed write of `step` (or of the asynchronous save before it, which orbax reports
+        now) into CheckpointWriteError, and removes the failed step's temporary directory."""
+        try:
+            yield
+        except Exception as e:  # orbax and tensorstore raise many kinds (ValueError with an errno in its text)
+            code, path = io_error(e)
+            failed = _step_in(path or str(e), self.directory)
+            if failed is None:
+                failed = self.queued if self.queued is not None and not self.has_complete(self.queued) else step
+            for tmp in self.directory.glob(f"{failed}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(failed, self.directory, e, code, path) from e
+
+    def has_complete(self, step: int) -> bool:
+        return (self.directory / str(step)).is_dir()
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the asynchronous save; raises CheckpointWriteError if it failed."""
+        with self._writing(self.queued if self.queued is not None else -1):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 class CheckpointUnreadable(RuntimeError):
     pass
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; `str()` is one line naming the step, the file and the cause."""
+
+    def __init__(self, step: int, directory: Path, cause: BaseException, code: int | None, path: str | None):
+        self.step, self.directory, self.errno = step, directory, code
+        reason = errno_meaning(code) if code is not None else _one_line(cause)
+        where = f" (writing {path})" if path else ""
+        super().__init__(f"cannot write checkpoint {step} in {directory}: {reason}{where}")
+
+
+def _step_in(text: str, directory: Path) -> int | None:
+    """The step of a path (or error text) under `directory`: `<dir>/<step>` or orbax's `<step>.orbax-checkpoint-tmp`."""
+    m = re.search(re.escape(str(directory)) + r"/(\d+)(?:[./]|$)", text)
+    return int(m.group(1)) if m else None
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:

@@ -8,7 +8,9 @@ stop requests are shared at each sync point (multihost_utils), so all hosts act 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import signal
 import sys
@@ -87,34 +89,111 @@ class CommandReader:
 
 
 class StopRequest:
-    """Set by SIGTERM or SIGINT; the loop finishes its step, saves and exits. A second SIGINT
-    interrupts at once (KeyboardInterrupt)."""
+    """Set by SIGTERM or SIGINT; the loop finishes its step, saves and exits.
+
+    What a later signal does depends on how far the stop has got, and it always says so in one line:
+    - while the step finishes (`running`): a second Ctrl-C aborts at once without saving
+      (KeyboardInterrupt; the command exits with status 130), keeping the checkpoints already complete;
+    - while a checkpoint is written (`writing`): the write is never interrupted (orbax renames a step
+      into place only once it is complete); the run exits as soon as it is done. One more Ctrl-C after
+      that message abandons the write (the process ends at once, status 130): the half-written step is
+      a temporary directory that no restore reads and the next start removes;
+    - once the checkpoint is complete (`saved`): it says so and the run goes on exiting;
+    - after the run has closed everything (`exiting`, set by the command): the process ends at once with
+      the run's exit status.
+    SIGTERM never aborts: a repeated one only says what the run is doing.
+    """
 
     def __init__(self):
         self.signal: int | None = None
+        self.phase = "running"
+        self.step: int | None = None  # the checkpoint being written or just written
+        self.exit_code = 0
+        self._presses = 0  # Ctrl-C presses while the current checkpoint is written
         self._previous = {}
 
     def install(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self._previous:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    @contextlib.contextmanager
+    def writing(self, step: int):
+        """Marks a checkpoint write (queueing it, or waiting for it) that a Ctrl-C must not break."""
+        if step != self.step:  # queueing and then waiting for the same checkpoint count as one write
+            self._presses = 0
+        before, self.phase, self.step = self.phase, "writing", step
+        try:
+            yield
+        finally:
+            self.phase = before if before != "writing" else "running"
+
+    def saved(self, step: int) -> None:
+        """The stop's checkpoint `step` is complete; the run is only closing its files now."""
+        self.phase, self.step = "saved", step
+
+    def exiting(self, exit_code: int) -> None:
+        """Everything is written and closed: a signal now ends the process at once with `exit_code`."""
+        self.phase, self.exit_code = "exiting", exit_code
+        self.install()
+
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        first, self.signal = self.signal is None, self.signal or signum
+        if self.phase == "exiting":
+            print(f"{name}: the run is over and its files are closed; exiting now", file=sys.stderr, flush=True)
+            os._exit(self.exit_code)
+            return  # (only reached where os._exit is replaced, as in tests)
+        if self.phase == "saved":
+            log.warning("%s: checkpoint %d is complete; the run is exiting", name, self.step)
+        elif self.phase == "writing":
+            if signum == signal.SIGINT and self._presses:
+                log.warning(
+                    "%s again: abandoning checkpoint %d half-written; the next start removes it and resumes "
+                    "from the newest complete checkpoint",
+                    name,
+                    self.step,
+                )
+                _flush_logs()
+                os._exit(EXIT_ABORTED)
+                return  # (only reached where os._exit is replaced, as in tests)
+            self._presses += signum == signal.SIGINT
+            log.warning(
+                "%s: checkpoint %d is being written; exiting as soon as it is complete (Ctrl-C again abandons it)",
+                name,
+                self.step,
+            )
+        elif first:
+            log.warning(
+                "received %s: finishing this step, saving, then exiting (Ctrl-C again aborts without saving)", name
+            )
+        elif signum == signal.SIGINT:
+            log.warning(
+                "Ctrl-C again: aborting now without saving; the next start resumes from the newest complete checkpoint"
+            )
             raise KeyboardInterrupt
-        self.signal = signum
-        log.warning(
-            "received %s: finishing this step, saving, then exiting (Ctrl-C again to abort)",
-            signal.Signals(signum).name,
-        )
+        else:
+            log.warning("received %s again: already finishing this step to save and exit", name)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
     def __bool__(self) -> bool:
         return self.signal is not None
+
+
+EXIT_ABORTED = 128 + signal.SIGINT  # what a shell reports for a process ended by Ctrl-C
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - ending the process anyway
+            pass
 
 
 _CODES = {name: i + 1 for i, name in enumerate(COMMANDS)}

@@ -93,7 +93,10 @@ class WorkdirLock:
 
     def release(self) -> None:
         if self.held and self._owner().get("pid") == self.me["pid"]:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as e:  # a workdir turned read-only: the next start takes the lock over
+                log.warning("could not remove the lock %s: %s", self.path, e)
         self.held = False
 
     def __enter__(self) -> WorkdirLock:

@@ -8,6 +8,7 @@ the log. What happens every N steps is a list of `Every(n, action)` (training.pe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from valle_jax import runs
+from valle_jax.atomic import io_error_line
 from valle_jax.checkpointing import params_of
 from valle_jax.config import ConfigError, data_config, mesh_config, model_config, optim_config, train_config
 from valle_jax.data.pipeline import make_iterator
@@ -26,7 +28,7 @@ from valle_jax.data.store import Store
 from valle_jax.models.valle import abstract_model, seq_len
 from valle_jax.training import control, monitor, sharding
 from valle_jax.training import state as S
-from valle_jax.training.checkpoint import Checkpoints
+from valle_jax.training.checkpoint import Checkpoints, CheckpointWriteError
 from valle_jax.training.compiled import CompiledSteps, jit_eval_step, jit_train_step
 from valle_jax.training.evaluation import AudioSamples, Evaluator
 from valle_jax.training.exporting import export_params
@@ -37,7 +39,7 @@ from valle_jax.training.periodic import Every, run_due
 
 log = logging.getLogger("valle_jax.train")
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
+EXIT_OK, EXIT_NONFINITE, EXIT_WRITE = 0, 3, 4
 
 
 @dataclasses.dataclass
@@ -79,6 +81,7 @@ class Trainer:
             self.eval_step, self.layout.global_batch, self.data_cfg, self.train_cfg, seed, self.writer, audio
         )
         self.console = control.Console(commands, self.primary, self._command_handlers())
+        self.stop = control.StopRequest()  # run() installs its signal handlers
 
     def _check_batch_divides(self) -> None:
         dp = sharding.data_parallel_size(self.mesh, self.mesh_cfg)
@@ -161,14 +164,44 @@ class Trainer:
             log.info("reading commands from stdin: %s", control.HELP)
 
     # ---- the loop -----------------------------------------------------------------------------
-    def run(self) -> int:
-        stop = control.StopRequest().install()
+    def run(self, stop: control.StopRequest | None = None) -> int:
+        """Trains to `train.steps` or until stopped; returns the exit status. SIGTERM/SIGINT are
+        handled by `stop` (a new StopRequest, uninstalled on return, unless one is given)."""
+        own = stop is None
+        self.stop = stop = (stop or control.StopRequest()).install()
         try:
-            return self._run(stop)
+            try:
+                code = self._run(stop)
+            except BaseException:
+                self._close(quiet=True)  # the first error is the one to report
+                raise
+            self._close()
+            return code
         finally:
-            stop.uninstall()
+            if own:
+                stop.uninstall()
+
+    def _close(self, quiet: bool = False) -> None:
+        """Waits for the last checkpoint and closes the files; with `quiet`, errors are logged in one line."""
+        for close in (self._wait_and_close_checkpoints, self.writer.close):
+            try:
+                close()
+            except Exception as e:
+                if not quiet:
+                    raise
+                log.error("while closing after the error: %s", io_error_line(e) or e)
+
+    def _wait_and_close_checkpoints(self) -> None:
+        if self.stop.phase == "running":  # an abort: a periodic save may still be in flight
+            with self._writing_last():
+                self.checkpoints.close()
+        else:
             self.checkpoints.close()
-            self.writer.close()
+
+    def _writing_last(self):
+        """`stop.writing` of the newest queued checkpoint, if any (what waiting for orbax finishes)."""
+        queued = self.checkpoints.queued
+        return self.stop.writing(queued) if queued is not None else contextlib.nullcontext()
 
     def periodic(self, stop: control.StopRequest) -> list[Every]:
         """What happens after a step, in this order, when its time has come."""
@@ -184,6 +217,9 @@ class Trainer:
     def _run(self, stop: control.StopRequest) -> int:
         total = self.train_cfg.steps
         progress = self.start()
+        if stop:  # asked while restoring: nothing new to save
+            log.info("stopped before the first step; nothing new to save")
+            return EXIT_OK
         periodic = self.periodic(stop)
         try:
             while progress.step < total:
@@ -192,6 +228,19 @@ class Trainer:
                 if stop:
                     self.stop_here(progress)
                     break
+            with self._writing_last():
+                self.checkpoints.wait()
+        except (CheckpointWriteError, OSError) as e:
+            # a full disk, a read-only or unwritable workdir: stop, keeping the checkpoints complete so far
+            latest = self.checkpoints.latest_step()
+            kept = f"checkpoint {latest} is kept" if latest is not None else "no checkpoint has been written"
+            log.error(
+                "%s; the run stops here and %s: free space or make %s writable, then start again to resume",
+                e if isinstance(e, CheckpointWriteError) else io_error_line(e) or e,
+                kept,
+                self.workdir,
+            )
+            return EXIT_WRITE
         except NonFiniteLoss as e:
             kept = (
                 f"the last good checkpoint (step {progress.last_saved}) is kept"
@@ -203,7 +252,9 @@ class Trainer:
             )
             self.checkpoints.wait()
             return EXIT_NONFINITE
-        self.checkpoints.wait()
+        if stop:
+            stop.saved(progress.step)
+            log.info("stopped at step %d (checkpoint saved)", progress.step)
         if progress.step >= total:
             log.info("finished %d steps; checkpoints in %s", progress.step, self.checkpoints.directory)
         return EXIT_OK
@@ -224,7 +275,6 @@ class Trainer:
         self.save(p)
         if self.train_cfg.export_on_quit:
             self.export(p)
-        log.info("stopped at step %d (checkpoint saved)", p.step)
 
     # ---- side jobs ----------------------------------------------------------------------------
     def _meta(self, step: int) -> dict:
@@ -241,7 +291,8 @@ class Trainer:
         if self.checkpoints.has(p.step):
             return
         t0 = time.perf_counter()
-        self.checkpoints.save(p.step, p.state, p.data.get_state(), self._meta(p.step))
+        with self.stop.writing(p.step):  # a Ctrl-C does not break orbax's hand-over
+            self.checkpoints.save(p.step, p.state, p.data.get_state(), self._meta(p.step))
         p.last_saved = p.step
         log.info("checkpoint %d queued (%.2f s blocking)", p.step, time.perf_counter() - t0)
 
