@@ -1,5 +1,6 @@
 """Decoding: cached == uncached == teacher forcing, chunking, batching, seeds, early exit, beam
-search, mirostat, rolling context and the NAR levels."""
+search (and its length normalisation), the minimum length, mirostat, rolling context and the NAR
+levels."""
 
 import dataclasses
 
@@ -184,7 +185,9 @@ def test_beam_search_beats_greedy_on_a_constructed_case():
     def reorder(state, rows):
         return state[rows]
 
-    settings = D.Settings(max_ar_steps=6, ar_temp=1.0, beam_width=3)
+    # the reference's scoring (plain summed log-probabilities, no minimum length): here the shortest
+    # beam is also the likeliest by every measure, so it must win however beams are ranked
+    settings = D.Settings(max_ar_steps=6, ar_temp=1.0, beam_width=3, length_normalization=0.0, min_ar_steps=0)
     knobs = D.Knobs.of(settings, 3)
     out, score = jax.jit(
         lambda: D.beam_loop(
@@ -217,6 +220,141 @@ def test_beam_search_beats_greedy_on_a_constructed_case():
     assert int(out.length[0]) == 1 and int(greedy.length[0]) == 6
     assert float(score[0]) == pytest.approx(np.log(0.4 * 0.99), abs=1e-4)
     assert float(score[0]) > float(logp) + 5
+
+
+def _chain_or_stop_case():
+    """A case where stopping at once is the likeliest sequence but the worst per token: the stop
+    token first (0.4), or frames 0, 1, ..., 5 (0.6, then 0.7 each) and a stop (0.9). Every other
+    way out is worse: a stop along the chain has 0.1, the tokens 10..17 off it spread 0.2."""
+    v = STOP + 1
+    first = np.full(v, -1e9, np.float32)
+    first[[STOP, 0]] = np.log([0.4, 0.6])
+    rows = []
+    for k in range(5):  # after frame k: frame k + 1, or a premature stop, or off the chain
+        row = np.full(v, -1e9, np.float32)
+        row[[k + 1, STOP]] = np.log([0.7, 0.1])
+        row[10:18] = np.log(0.2 / 8)
+        rows.append(row)
+    end = np.full(v, -1e9, np.float32)  # after frame 5: the stop
+    end[[STOP, 10]] = np.log([0.9, 0.1])
+    off = np.full(v, -1e9, np.float32)  # off the chain: a flat mumble
+    off[10:18] = np.log(0.8 / 8)
+    off[STOP] = np.log(0.2)
+    table = jnp.asarray(np.stack(rows + [end, off]))
+
+    def step(prev, tok, t):
+        return table[jnp.where(tok <= 5, tok, 6)], tok
+
+    chain = np.log(0.6) + 5 * np.log(0.7) + np.log(0.9)  # 6 frames and the stop: 7 tokens
+    return jnp.asarray(first), step, chain
+
+
+def _beam(first, step, settings, text_len=None, width=3, n_slots=16):
+    knobs = D.Knobs.of(settings, width, text_len=text_len)
+    out, score = jax.jit(
+        lambda: D.beam_loop(
+            jnp.tile(first, (width, 1)),
+            step,
+            lambda state, rows: state[rows],
+            jnp.zeros((width,), jnp.int32),
+            knobs,
+            width=width,
+            n_slots=n_slots,
+            stop=STOP,
+            chunk=4,
+        )
+    )()
+    return np.asarray(out.tokens[0]), int(out.length[0]), float(score[0])
+
+
+def test_an_early_stop_no_longer_wins_the_beam_search():
+    """The issue's silent wav: with summed log-probabilities the beam that stops at once (0.4)
+    outscores every longer one and the utterance has no frames. Length normalisation (the default)
+    ranks the 6-frame chain first (mean log-probability -0.34 per token against -0.92); so does a
+    minimum length alone (the default one, from the text, or an explicit one) with plain sums."""
+    first, step, chain = _chain_or_stop_case()
+    reference = D.Settings(max_ar_steps=12, beam_width=3, length_normalization=0.0, min_ar_steps=0)
+    tokens, length, score = _beam(first, step, reference)
+    assert length == 0 and tokens[0] == STOP and score == pytest.approx(np.log(0.4), abs=1e-4)
+
+    defaults = D.Settings(max_ar_steps=12, beam_width=3)
+    assert defaults.length_normalization > 0 and defaults.min_ar_steps == -1
+    only_normalised = dataclasses.replace(defaults, min_ar_steps=0)
+    text_len = np.full(3, 2 + 4)  # 4 phonemes: a minimum of 5 frames
+    only_minimum = dataclasses.replace(reference, min_ar_steps=-1)
+    for settings, lens in ((defaults, text_len), (only_normalised, None), (only_minimum, text_len)):
+        tokens, length, score = _beam(first, step, settings, lens)
+        np.testing.assert_array_equal(tokens[:7], [0, 1, 2, 3, 4, 5, STOP])
+        assert length == 6, settings
+        if lens is None:  # (a banned stop token leaves the other tokens its probability)
+            assert score == pytest.approx(chain, abs=1e-4)
+    tokens, length, _ = _beam(first, step, dataclasses.replace(reference, min_ar_steps=2))
+    assert length == 6  # stopping at step 2 costs 0.1 and never catches up, even summed
+
+
+def test_the_minimum_length_is_per_row_and_traced():
+    """A stop-loving distribution ends each row exactly at its minimum (0: at once), all rows in one
+    call and one compilation whatever the minimums are."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=STOP + 1), jnp.float32).at[STOP].set(30.0)
+    settings = D.Settings(max_ar_steps=40, ar_temp=0.0)
+
+    @jax.jit
+    def run(knobs):
+        return D.ar_loop(
+            jnp.tile(logits, (3, 1)),
+            _constant_step(logits),
+            jnp.zeros((), jnp.int32),
+            knobs,
+            jax.random.key(0),
+            n_slots=40,
+            stop=STOP,
+            chunk=8,
+        )
+
+    for mins in ([0, 4, 9], [17, 1, 0]):
+        out = run(D.Knobs.of(settings, 3)._replace(min_steps=np.array(mins, np.int32)))
+        np.testing.assert_array_equal(np.asarray(out.length), mins)
+        assert np.asarray(out.stopped).all()
+    assert run._cache_size() == 1
+
+
+def test_minimum_steps_follow_the_text():
+    s = D.Settings(max_ar_steps=100)
+    np.testing.assert_array_equal(s.min_steps_for([2, 12, 1002]), [0, 12, 100])  # 0, 10 and 1000 phonemes
+    assert s.min_steps_for(None) == 0  # no text known: no minimum
+    assert dataclasses.replace(s, min_ar_steps=0).min_steps_for([12]) == 0
+    assert dataclasses.replace(s, min_ar_steps=7).min_steps_for([500]) == 7
+    knobs = D.Knobs.of(s, 2, text_len=[12, 42])
+    np.testing.assert_array_equal(knobs.min_steps, [12, 50])
+    np.testing.assert_array_equal(D.Knobs.of(s, 2, ar=False, text_len=[12, 42]).min_steps, [0, 0])
+    for bad, match in (
+        (dict(min_ar_steps=-2), "min_ar_steps"),
+        (dict(min_ar_steps=101), "min_ar_steps"),
+        (dict(length_normalization=-0.5), "length_normalization"),
+        (dict(length_normalization=float("nan")), "finite"),
+    ):
+        with pytest.raises(D.DecodeError, match=match):
+            dataclasses.replace(s, **bad)
+
+
+@pytest.mark.parametrize("beam_width", [0, 4])
+def test_a_stop_loving_model_still_speaks_its_minimum(model, beam_width):
+    """A model whose first choice is always the stop token (the issue's demo model at beam width 16):
+    with the defaults every row gets its text's minimum of frames; without a minimum (and with the
+    reference's beam scores) none at all, which `generate` returns as empty codes."""
+    dec = D.Decoder(model)
+    params = jax.tree.map(lambda x: x, dec.params)
+    params["classifier_bias"] = params["classifier_bias"].at[STOP].add(100.0)
+    dec.params = params
+    texts, prompts = utterances(11)
+    inputs = inputs_of(texts, prompts)
+    settings = D.Settings(max_ar_steps=40, beam_width=beam_width, ar_temp=0.0 if beam_width == 0 else 1.0)
+    out = dec.generate(inputs, settings)
+    want = settings.min_steps_for(np.asarray(inputs.text_len))
+    assert list(want) == [12, 22, 6]  # floor(1.25 x phonemes): 10, 18 and 5 phonemes
+    assert [len(c) for c in out.codes] == list(want) and out.stopped.all()
+    bare = dec.generate(inputs, dataclasses.replace(settings, min_ar_steps=0, length_normalization=0.0))
+    assert [len(c) for c in bare.codes] == [0, 0, 0]
 
 
 def test_mirostat_tracks_tau():

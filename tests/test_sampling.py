@@ -130,3 +130,20 @@ def test_categorical_draws_the_softmax_distribution_and_never_a_filtered_token()
     freq = np.bincount(draws[:, 0], minlength=4) / len(draws)
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2, 0.0], atol=0.03)
     assert (draws[:, 1] == 3).all()
+
+
+def test_the_stop_token_is_banned_below_the_minimum_length_before_truncation():
+    """Below its minimum a row cannot draw the stop token, even when top-p kept nothing else: the
+    ban comes before truncation, so the nucleus is chosen among what may be drawn."""
+    stop = V - 1
+    x = jnp.full((3, V), -5.0).at[:, stop].set(10.0).at[:, 3].set(0.0)  # the stop token takes ~all the mass
+    length, minimum = jnp.array([0, 4, 5]), jnp.array([0, 5, 5])
+    out = np.asarray(
+        S.filter_logits(x, top_p_B=jnp.full((3,), 0.5), length_B=length, min_length_B=minimum, stop_token=stop)
+    )
+    assert np.isfinite(out[0, stop]) and np.isfinite(out[2, stop])  # no minimum / reached it
+    assert out[1, stop] == -np.inf and np.flatnonzero(np.isfinite(out[1])).tolist() == [3]
+    tok = S.sample(
+        jax.random.key(0), x, temperature_B=jnp.ones(3), length_B=length, min_length_B=minimum, stop_token=stop
+    )
+    assert int(tok[1]) != stop and int(tok[0]) == stop

@@ -46,6 +46,16 @@ STEP_BUCKETS = (75, 150, 300, 450, 600, 900, 1350, 1800, 2700)  # AR steps / res
 # (5 s of audio: 375 frames instead of 450) for a few more compilations. Every step bucket is one of them.
 NAR_BUCKETS = tuple(range(75, 751, 75)) + (900, 1050, 1200, 1350, 1800, 2700)
 
+# The stop token may not end a row before this many frames per phoneme of its text (Settings.min_ar_steps
+# = -1). Speech runs at about 5 frames (67 ms) per phoneme token (spaces and punctuation count as tokens:
+# 4.5-5.4 over the demo corpus's espeak speech); a quarter of that is below any real speaking rate, so the
+# floor only removes the degenerate endings (a beam or a draw that stops at its first frames).
+FRAMES_PER_PHONEME = 5.0
+MIN_FRAMES_PER_PHONEME = 0.25 * FRAMES_PER_PHONEME
+# Beam scores are summed log-probabilities divided by (tokens scored)**LENGTH_NORMALIZATION
+# (docs/synthesis.md, "Beam search"); 0 is the reference's plain sum.
+LENGTH_NORMALIZATION = 1.0
+
 
 class DecodeError(ValueError):
     """Settings or inputs decoding cannot use."""
@@ -61,7 +71,9 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What one synthesis call asks for. Defaults are the reference CLI's (SPEC §4.8)."""
+    """What one synthesis call asks for. Defaults are the reference CLI's (SPEC §4.8), except two
+    that keep the AR from ending at its first frames: `min_ar_steps` (-1: from the text) and
+    `length_normalization` (docs/synthesis.md, "Stopping"); 0 for both is the reference."""
 
     max_ar_steps: int = 450  # frames of level 0 at most (75 per second)
     max_nar_levels: int = 7  # NAR levels after the AR; 0 means all, as in the reference
@@ -76,7 +88,9 @@ class Settings:
     repetition_penalty: float = 1.0  # 1: off
     repetition_penalty_decay: float = 0.0
     length_penalty: float = 0.0  # 0: off (AR only)
+    min_ar_steps: int = -1  # frames before the stop token may end a row; -1: from the text (min_steps_for); 0: off
     beam_width: int = 0  # > 1: beam search (AR)
+    length_normalization: float = LENGTH_NORMALIZATION  # beam scores: summed log-probs / tokens**this; 0: plain sums
     mirostat_tau: float = 0.0  # > 0: mirostat (AR)
     mirostat_eta: float = 0.0
     repetition_aware: bool = False  # VALL-E 2 repetition-aware sampling (AR)
@@ -98,6 +112,12 @@ class Settings:
                 f"settings must be finite numbers, got {', '.join(bad)}",
             ),
             (self.max_ar_steps >= 1, f"max_ar_steps must be >= 1, got {self.max_ar_steps}"),
+            (
+                -1 <= self.min_ar_steps <= self.max_ar_steps,
+                f"min_ar_steps must be -1 (from the text), 0 (off) or at most max_ar_steps={self.max_ar_steps}, "
+                f"got {self.min_ar_steps}",
+            ),
+            (self.length_normalization >= 0, f"length_normalization must be >= 0, got {self.length_normalization}"),
             (  # twice the largest step bucket (72 s of audio; the reference's UI stops at 32 s): its KV cache fits
                 self.max_ar_steps <= 2 * STEP_BUCKETS[-1],
                 f"max_ar_steps must be <= {2 * STEP_BUCKETS[-1]} ({2 * STEP_BUCKETS[-1] // 75} s of audio at "
@@ -134,6 +154,17 @@ class Settings:
             return "mirostat"
         return "repetition_aware" if self.repetition_aware else "sample"
 
+    def min_steps_for(self, text_len: Sequence[int] | np.ndarray | None) -> np.ndarray | int:
+        """The AR's minimum frames per row: `min_ar_steps` when set, else (-1) MIN_FRAMES_PER_PHONEME per
+        phoneme of the row's text (`text_len` counts <s> and </s>; None: no text known, 0), never more
+        than max_ar_steps (a row that may not stop before its limit just runs to it)."""
+        if self.min_ar_steps >= 0:
+            return self.min_ar_steps
+        if text_len is None:
+            return 0
+        phonemes = np.maximum(np.asarray(text_len, np.int64) - 2, 0)
+        return np.minimum(np.floor(MIN_FRAMES_PER_PHONEME * phonemes), self.max_ar_steps).astype(np.int32)
+
     def nar_levels(self, n_resp_levels: int) -> int:
         top = n_resp_levels - 1
         return top if self.max_nar_levels == 0 else min(self.max_nar_levels, top)
@@ -155,9 +186,13 @@ class Knobs(NamedTuple):
     ras_threshold: Array
     max_steps: Array
     context: Array
+    min_steps: Array  # int32: the stop token is banned before this step
+    length_norm: Array  # beam scores are divided by (tokens scored)**this
 
     @classmethod
-    def of(cls, s: Settings, batch: int, ar: bool = True) -> Knobs:
+    def of(cls, s: Settings, batch: int, ar: bool = True, text_len: Sequence[int] | None = None) -> Knobs:
+        """`text_len` (<s> and </s> included, per row) sets the minimum steps when `min_ar_steps` is -1;
+        without it there is none."""
         f = lambda v: np.full((batch,), v, np.float32)  # noqa: E731
         i = lambda v: np.full((batch,), v, np.int32)  # noqa: E731
         return cls(
@@ -174,6 +209,8 @@ class Knobs(NamedTuple):
             f(s.ras_threshold),
             i(s.max_ar_steps),
             i(s.max_ar_context),
+            i(s.min_steps_for(text_len) if ar else 0),
+            f(s.length_normalization),
         )
 
 
@@ -242,6 +279,7 @@ def _filtered(
         repetition_decay_B=knobs.rep_decay,
         length_B=jnp.full(logits_BV.shape[:1], t),
         length_penalty_B=knobs.length_penalty,
+        min_length_B=knobs.min_steps,
         stop_token=stop,
         sign_aware=sign_aware,
     )
@@ -315,6 +353,7 @@ class BeamState:
     tokens: Array  # int32 [B*W, N]: each beam's tokens so far; the stop token in every later slot
     done: Array  # bool [B*W]: the beam has ended (it only "stays" from then on, keeping its score)
     score: Array  # float32 [B*W]: the sum of the beam's token log-probabilities
+    length: Array  # int32 [B*W]: the tokens that sum counts (frames, and the stop token once it ended)
     model: Any  # the model's state, gathered along with the beams
 
 
@@ -393,6 +432,13 @@ def _ends(tokens_BN: Array, max_steps_B: Array, stop: int) -> tuple[Array, Array
     return length, stopped
 
 
+def _normalised(score: Array, length: Array, alpha: Array) -> Array:
+    """Beam scores compared across lengths: the summed log-probability over (tokens scored)**alpha
+    (alpha 0: the sum itself). Every live candidate of a step has the same length, so this only
+    changes how ended beams rank against live ones, and which beam wins at the end."""
+    return score / length.astype(jnp.float32) ** alpha
+
+
 def beam_loop(
     first_logits_BV: Array,
     step_fn: Callable,
@@ -408,19 +454,22 @@ def beam_loop(
 ) -> tuple[ArResult, Array]:
     """Beam search over B utterances x `width` beams (rows b * width + w of `state`, which
     `reorder_fn(state, rows)` gathers). A beam's score is the sum of its tokens' log-probabilities
-    (after penalties, filters and temperature; temperature 0 counts as 1); a finished beam keeps its
-    score. Returns each utterance's best beam and its score."""
+    (after penalties, filters and temperature; temperature 0 counts as 1), the stop token's included;
+    beams are ranked by it over (tokens scored)**knobs.length_norm (`_normalised`); a finished beam
+    keeps its score and length. Returns each utterance's best beam and its (summed) score."""
     bw, v = first_logits_BV.shape
     b = bw // width
     assert n_slots % chunk == 0
     knobs = jax.tree.map(jnp.asarray, knobs)
 
     def one(s: BeamState, _) -> tuple[BeamState, None]:
-        x = _filtered(s.logits, knobs, s.tokens, s.t, stop, sign_aware)
+        x = _filtered(s.logits, knobs, s.tokens, s.t, stop, sign_aware)  # the stop token banned before min_steps
         logp = jax.nn.log_softmax(S.scale_by_temperature(x, knobs.temp, knobs.min_temp), axis=-1)
         finished = jnp.where(jnp.arange(v)[None, :] == stop, 0.0, NEG_INF)  # a done beam only "stays"
-        logp = jnp.where(s.done[:, None], finished, logp)
-        best, idx = jax.lax.top_k((s.score[:, None] + logp).reshape(b, width * v), width)  # [b, width]
+        total = s.score[:, None] + jnp.where(s.done[:, None], finished, logp)  # [B*W, V]
+        length = jnp.where(s.done, s.length, s.t + 1)  # tokens each candidate's score sums
+        rank = _normalised(total, length[:, None], knobs.length_norm[:, None])
+        _, idx = jax.lax.top_k(rank.reshape(b, width * v), width)  # [b, width]
         rows = (jnp.arange(b)[:, None] * width + idx // v).reshape(-1)
         tok = (idx % v).reshape(-1).astype(jnp.int32)
         logits, model = step_fn(reorder_fn(s.model, rows), tok, s.t)
@@ -429,7 +478,8 @@ def beam_loop(
             logits=logits,
             tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens[rows], tok[:, None], s.t, axis=1),
             done=s.done[rows] | (tok == stop) | (s.t + 1 >= knobs.max_steps),
-            score=best.reshape(-1),
+            score=jnp.take_along_axis(total.reshape(b, width * v), idx, axis=1).reshape(-1),
+            length=length[rows],
             model=model,
         ), None
 
@@ -440,10 +490,12 @@ def beam_loop(
         done=jnp.zeros((bw,), bool),
         # all beams start identical: only beam 0 may expand at the first step, or they would stay copies
         score=jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF), b),
+        length=jnp.ones((bw,), jnp.int32),
         model=state,
     )
     end = jax.lax.while_loop(_running(n_slots), lambda s: jax.lax.scan(one, s, None, length=chunk)[0], start)
-    best_rows = jnp.arange(b) * width + jnp.argmax(end.score.reshape(b, width), axis=1)
+    final = _normalised(end.score, end.length, knobs.length_norm).reshape(b, width)
+    best_rows = jnp.arange(b) * width + jnp.argmax(final, axis=1)
     tokens = end.tokens[best_rows]
     length, stopped = _ends(tokens, knobs.max_steps[best_rows], stop)
     return ArResult(tokens, length, stopped, reorder_fn(end.model, best_rows), None), end.score[best_rows]
@@ -733,10 +785,10 @@ class Decoder:
         knobs: Knobs | None = None,
         n_slots: int | None = None,
     ) -> ArResult:
-        """Level 0. `knobs` overrides the per-row values `settings` gives; `n_slots` the step
-        bucket (a multiple of the chunk)."""
+        """Level 0. `knobs` overrides the per-row values `settings` gives (their minimum steps from
+        each row's text length); `n_slots` the step bucket (a multiple of the chunk)."""
         b = len(inputs.text_len)
-        knobs = knobs if knobs is not None else Knobs.of(settings, b)
+        knobs = knobs if knobs is not None else Knobs.of(settings, b, text_len=np.asarray(inputs.text_len))
         if not self.has_window and bool(np.any(np.asarray(knobs.context) > 0)):
             raise DecodeError(
                 f"max_ar_context needs a cache that keeps every frame; the {self.cfg.arch} backbone "

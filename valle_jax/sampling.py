@@ -1,9 +1,9 @@
 """Token samplers (SPEC §5), pure jnp and per row: every setting is an array with one value per
 batch row, so changing it between calls never recompiles, and rows of one batch may differ.
 
-Order of operations (the reference's `Base.sample`): repetition penalty -> length penalty ->
-top-k / top-p / min-p -> temperature (dynamic when min_temperature differs) -> draw. Temperature 0
-is greedy (the reference divides by zero there).
+Order of operations (the reference's `Base.sample`): repetition penalty -> length penalty -> (ours)
+the stop token banned below a minimum length -> top-k / top-p / min-p -> temperature (dynamic when
+min_temperature differs) -> draw. Temperature 0 is greedy (the reference divides by zero there).
 
 Penalties are sign-aware by default: a positive logit is divided by the penalty, a negative one
 multiplied, so a penalty never makes a token more likely. `sign_aware=False` is the reference's
@@ -71,6 +71,12 @@ def length_penalty(
     return logits_BV.at[:, stop_token].set(new)
 
 
+def min_length(logits_BV: Array, length_B: Array, min_length_B: Array, stop_token: int) -> Array:
+    """The stop token banned (-inf) in rows shorter than their minimum length (0: never banned)."""
+    stop = logits_BV[:, stop_token]
+    return logits_BV.at[:, stop_token].set(jnp.where(length_B < min_length_B, NEG_INF, stop))
+
+
 def top_k(logits_BV: Array, k_B: Array) -> Array:
     """Keeps logits >= the k-th largest of the row (ties kept); k <= 0: off."""
     v = logits_BV.shape[1]
@@ -122,10 +128,13 @@ def filter_logits(
     repetition_decay_B: Array | None = None,
     length_B: Array | None = None,
     length_penalty_B: Array | None = None,
+    min_length_B: Array | None = None,
     stop_token: int | None = None,
     sign_aware: bool = True,
 ) -> Array:
-    """Penalties then truncation (SPEC §5.1 steps 4-6), in float32; filtered tokens become -inf."""
+    """Penalties then truncation (SPEC §5.1 steps 4-6), in float32; filtered tokens become -inf. The
+    stop token is banned below `min_length_B` before truncation, so top-k/p/min-p choose among what
+    may be drawn (a row whose nucleus was the stop token alone still draws a frame)."""
     b = logits_BV.shape[0]
     x = logits_BV.astype(jnp.float32)
     if repetition_penalty_B is not None and history_BT is not None:
@@ -138,6 +147,8 @@ def filter_logits(
         )
     if length_penalty_B is not None and length_B is not None and stop_token is not None:
         x = length_penalty(x, length_B, length_penalty_B, stop_token, sign_aware)
+    if min_length_B is not None and length_B is not None and stop_token is not None:
+        x = min_length(x, length_B, min_length_B, stop_token)
     if top_k_B is not None:
         x = _when(top_k_B > 0, lambda x: top_k(x, top_k_B), x)
     if top_p_B is not None:
