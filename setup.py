@@ -28,6 +28,21 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
 ]
 
+# python -m valle_jax.evaluate and the speech scores of training's audio samples (docs/evaluation.md):
+# WER/CER (jiwer, with PocketSphinx's offline US-English model), speaker similarity (Resemblyzer, whose
+# weights ship in its wheel; it needs librosa and webrtcvad, and takes the pinned torch above), MCD and
+# F0 (pyworld; DTW from librosa). The tests use them, so the dev extra (`make setup`) includes them.
+EVAL_REQUIRES = [
+    "jiwer>=3.0",
+    "pocketsphinx>=5.0",
+    "resemblyzer>=0.1.4",
+    "librosa>=0.10",
+    "webrtcvad>=2.0.10",
+    "pyworld>=0.3.4",
+    # pyworld and webrtcvad import pkg_resources at import time, which setuptools 81 removed
+    "setuptools<81",
+]
+
 setup(
     name="valle_jax",
     version="0.1.0",
@@ -36,5 +51,8 @@ setup(
     packages=find_packages(include=["valle_jax", "valle_jax.*", "configs", "tools", "tools.*"]),
     package_data={"valle_jax": ["data/*.json"], "valle_jax.kernels": ["*.cc"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff==0.17.5"]},
+    extras_require={
+        "eval": EVAL_REQUIRES,
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff==0.17.5", *EVAL_REQUIRES],
+    },
 )
