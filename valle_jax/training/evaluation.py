@@ -2,7 +2,13 @@
 
 Validation reads `train.eval_batches` batches of the validation store in order, with levels drawn
 from a fixed key per batch, so successive evaluations are comparable. Audio samples synthesise the
-first `train.eval_audio` utterances of the first validation batch with the current parameters.
+first `train.eval_audio` utterances of the first validation batch with the current parameters
+and, when the codec is a real (pretrained) one, score them with the evaluation's metrics
+(valle_jax.metrics; `eval_audio/*` scalars): speaker similarity of the output to the prompt and
+to the reference, WER of the output's ASR transcript against the reference's (the batch holds
+phonemes, not the text), MCD with DTW, log-F0 RMSE and the duration ratio against the reference.
+With a random codec (its audio is not speech) or without the metrics' libraries (the `eval`
+extra) it says once that it skips them.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from valle_jax.audio import write_wav
 from valle_jax.config import DataConfig, ModelConfig
 from valle_jax.data.pipeline import make_iterator
 from valle_jax.decoding import Decoder, Inputs, Settings
+from valle_jax.metrics import MetricUnavailable, Sample, make_metric
+from valle_jax.metrics.intelligibility import error_rates
 from valle_jax.models.valle import model_from_params
 from valle_jax.training import monitor
 from valle_jax.training.sharding import gather_to_host
@@ -37,6 +45,7 @@ class AudioSamples:
         self.model_cfg = dataclasses.replace(model_cfg, dtype="float32")
         self.codec = self.decoder = None  # made on first use
         self.off = False  # set when the codec cannot be loaded
+        self.scores = SpeechScores()
 
     def _ready(self) -> bool:
         """Loads the codec once; without one, says so once and keeps training."""
@@ -50,11 +59,12 @@ class AudioSamples:
                 self.off = True
         return not self.off
 
-    def __call__(self, params: dict, batch: dict, step: int) -> None:
+    def __call__(self, params: dict, batch: dict, step: int) -> dict:
+        """Writes the samples; returns their speech scores (empty when they are skipped)."""
         params = gather_to_host(params)  # every process takes part (a collective); the primary writes
         t0 = time.perf_counter()
         if not self.primary or not self._ready():
-            return
+            return {}
         if self.decoder is None:
             self.decoder = Decoder(model_from_params(self.model_cfg, params))
         else:
@@ -65,11 +75,63 @@ class AudioSamples:
         out = self.decoder.generate(inputs, settings)
         folder = self.workdir / "samples" / f"{step:08d}"
         decode = self.codec.decode
+        samples = []
         for i, codes in enumerate(out.codes):
-            write_wav(folder / f"{i}_hyp.wav", decode(codes) if len(codes) else np.zeros(1, np.float32))
-            write_wav(folder / f"{i}_ref.wav", decode(batch["resp"][i, : batch["resp_len"][i]]))
-            write_wav(folder / f"{i}_prompt.wav", decode(batch["prompt"][i, : batch["prompt_len"][i]]))
+            hyp = decode(codes) if len(codes) else np.zeros(1, np.float32)
+            ref = decode(batch["resp"][i, : batch["resp_len"][i]])
+            prompt = decode(batch["prompt"][i, : batch["prompt_len"][i]])
+            write_wav(folder / f"{i}_hyp.wav", hyp)
+            write_wav(folder / f"{i}_ref.wav", ref)
+            write_wav(folder / f"{i}_prompt.wav", prompt)
+            samples.append(Sample(hyp, prompt=prompt, truth=ref))
         log.info("eval audio at step %d: %d samples in %s (%.1f s)", step, n, folder, time.perf_counter() - t0)
+        return self.scores(samples, self.codec.is_random, step)
+
+
+class SpeechScores:
+    """The evaluation's metrics over a few samples: {"eval_audio/NAME": mean over the samples}."""
+
+    def __init__(self):
+        self.sim = self.asr = self.mcd = None
+        self.said = False  # the reason for skipping has been logged
+        self.off = False
+
+    def _skip(self, why: str) -> dict:
+        if not self.said:
+            log.info("eval audio metrics skipped: %s", why)
+            self.said = True
+        return {}
+
+    def __call__(self, samples: list[Sample], codec_is_random: bool, step: int) -> dict:
+        if codec_is_random:
+            return self._skip("the codec is random (its audio is not speech)")
+        if self.off:
+            return {}
+        t0 = time.perf_counter()
+        try:
+            if self.sim is None:
+                self.sim, self.asr, self.mcd = make_metric("sim"), make_metric("wer"), make_metric("mcd")
+        except MetricUnavailable as e:
+            self.off = True
+            return self._skip(f"{e} (or pip install -e .[eval])")
+        rows = []
+        for s in samples:
+            row = {**self.sim(s), **self.mcd(s)}
+            said, meant = self.asr.transcribe(s.hyp, s.sr), self.asr.transcribe(s.truth, s.sr)
+            row["wer_vs_ref_asr"] = error_rates(meant, said)["wer"]
+            rows.append(row)
+        scalars = {}
+        for k in rows[0] if rows else ():
+            vals = np.array([r[k] for r in rows], np.float64)
+            if np.isfinite(vals).any():
+                scalars[f"eval_audio/{k}"] = float(np.nanmean(vals))
+        log.info(
+            "eval audio metrics at step %d: %s (%.1f s)",
+            step,
+            ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in scalars.items()),
+            time.perf_counter() - t0,
+        )
+        return scalars
 
 
 class Evaluator:
@@ -123,7 +185,10 @@ class Evaluator:
             time.perf_counter() - t0,
         )
         if self.train_cfg.eval_audio > 0:
-            self.audio(params, first, step)
+            speech = self.audio(params, first, step)
+            if speech:
+                self.writer.write(step, speech)
+                scalars.update(speech)
         return scalars
 
 
