@@ -1,9 +1,11 @@
 """`python -m valle_jax.train` end to end, as subprocesses on 8 fake CPU devices: outputs, resume
 after SIGKILL == uninterrupted, SIGTERM saves, restore onto another mesh, console commands, two
-processes == one, torn checkpoints ignored, export and plot of a real run, overfitting."""
+processes == one, torn checkpoints ignored, SIGKILLs at random moments and a damaged checkpoint,
+a full disk, export and plot of a real run, overfitting."""
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -16,7 +18,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from tests.test_training import TEST_OVERRIDES
+from tests.test_training import TEST_OVERRIDES, _corrupt
 from tools import pack
 from valle_jax.checkpointing import load_model, params_of
 from valle_jax.export import main as export_main
@@ -234,8 +236,21 @@ def test_sigterm_saves_and_resumes_onto_another_mesh(straight, store_path, env, 
     )
     wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 2, proc, what="step 2")
     proc.send_signal(signal.SIGTERM)
-    err = finish(proc)
+    # once the checkpoint is saved, a Ctrl-C says so and the run still exits cleanly
+    deadline = time.time() + 120
+    while proc.poll() is None and "(checkpoint saved)" not in Path(proc.log_path).read_text():
+        assert time.time() < deadline, "no checkpoint saved after SIGTERM"
+        time.sleep(0.01)
+    late = proc.poll() is None
+    if late:
+        proc.send_signal(signal.SIGINT)
+    err = finish(proc, timeout=30)
     assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    if late:
+        assert "is complete; the run is exiting" in err or "the run is over and its files are closed" in err, err[
+            -2000:
+        ]
     stopped = finished_checkpoints(workdir)
     assert len(stopped) == 1 and 2 <= stopped[0] < STEPS, (stopped, err[-2000:])
     assert f"stopped at step {stopped[0]} (checkpoint saved)" in err
@@ -357,3 +372,79 @@ def test_small_model_overfits_a_small_subset(prepared, env, tmp_path):
 
 
 OVERFIT_STEPS = 150
+
+
+def test_killed_at_random_moments_and_damaged_then_resumed_equals_uninterrupted(straight, store_path, env, tmp_path):
+    """Three SIGKILLs of one run at seeded random moments (once the start has logged a step at or past a
+    random target, 2-4, 5-6, then 7, plus 0-0.3 s: inside a step, a save or a log line), the newest
+    complete checkpoint truncated after the first kill that leaves two; each start resumes from the
+    newest good checkpoint (walking back past the damaged one), and the run finished at last holds
+    exactly the parameters of an uninterrupted run."""
+    rng = random.Random(25)
+    ref_dir, _ = straight
+    workdir = tmp_path / "chaos"
+    damaged, expect = None, None
+    for trial, (low, high) in enumerate([(2, 4), (5, 6), (7, 7)]):
+        rows = _rows(workdir)
+        proc = start(train_cmd(workdir, store_path), env, tmp_path / f"trial{trial}.log")
+        target, delay = rng.randint(low, high), rng.uniform(0.0, 0.3)
+        wait_for(lambda: _rows(workdir) > rows and _last_step(workdir) >= target, proc, what=f"step {target}")
+        time.sleep(delay)
+        proc.kill()
+        err = finish(proc)
+        if expect is not None:
+            assert f"resumed from step {expect}" in err, err[-2000:]
+        # the damaged step counts again once a run has saved it anew (the damaged one moved aside)
+        ckpts = workdir / "checkpoints"
+        done = [s for s in finished_checkpoints(workdir) if s != damaged or (ckpts / f"{s}.unreadable").exists()]
+        if damaged is None and len(done) >= 2:
+            _corrupt(workdir / "checkpoints" / str(done[-1]), "truncated")
+            damaged, done = done[-1], done[:-1]
+        expect = done[-1] if done else None
+    assert damaged is not None, "no trial left two checkpoints to damage one of"
+    p = run_train(workdir, store_path, env)
+    assert f"resumed from step {expect}" in p.stderr or expect is None, p.stderr[-2000:]
+    a, b = final_params(ref_dir, STEPS), final_params(workdir, STEPS)
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+def _last_step(workdir) -> int:
+    """The step of metrics.jsonl's last complete line."""
+    lines = (Path(workdir) / "metrics.jsonl").read_text().split("\n")[:-1]
+    try:
+        return json.loads(lines[-1])["step"] if lines else 0
+    except ValueError:  # a line a kill cut short, with the next start's first line appended to it
+        return 0
+
+
+def _rows(workdir) -> int:
+    """Lines in metrics.jsonl (one per logged step; a resumed run appends its own)."""
+    path = Path(workdir) / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(straight, store_path, env, tmp_path):
+    """A real failed write under orbax: the resumed run's file-size limit (RLIMIT_FSIZE, 1 MB, set in
+    the child) makes the kernel refuse the 4 MB parameter file of checkpoint 4 with EFBIG, as a full
+    disk refuses with ENOSPC, inside tensorstore's writer; unlike chmod it binds root too. The run
+    says so in one line naming the file and errno, exits with status 4, removes the half-written step,
+    and checkpoint 2 still restores."""
+    ref_dir, _ = straight
+    workdir = tmp_path / "full"
+    shutil.copytree(ref_dir, workdir)
+    for step in (4, 6, 8):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+
+    # the limit is set by a small Python that then becomes the run (a preexec_fn would fork this JAX process)
+    limit = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); "
+    limit += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    cmd = train_cmd(workdir, store_path)
+    p = subprocess.run([cmd[0], "-c", limit, *cmd[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 4, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"cannot write checkpoint 4 in {workdir / 'checkpoints'}: File too large (EFBIG)" in errors[0]
+    assert "the run stops here and checkpoint 2 is kept" in errors[0]
+    assert finished_checkpoints(workdir) == [2] and sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    np.testing.assert_array_equal(final_params(workdir, 2)["sep"], final_params(ref_dir, 2)["sep"])

@@ -135,6 +135,19 @@ class _LogFile(logging.FileHandler):
             pass
 
 
+def _hide_closed_loop_errors() -> None:
+    """After a failed save, tensorstore's callbacks still try to reach orbax's closed asyncio loop and
+    each prints a `RuntimeError: Event loop is closed` traceback; the trainer reports the failure in
+    one line instead. Other uncaught errors are printed as usual."""
+
+    def closed_loop(value) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, value, tb: None if closed_loop(value) else excepthook(kind, value, tb)
+    sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisablehook(u)
+
+
 def setup_logging(workdir: Path, primary: bool, verbose: bool = False) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
@@ -145,6 +158,7 @@ def setup_logging(workdir: Path, primary: bool, verbose: bool = False) -> None:
     console.setFormatter(fmt)
     if not verbose:
         console.addFilter(_HideOrbaxErrors())
+        _hide_closed_loop_errors()
     root.addHandler(console)
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
