@@ -278,3 +278,56 @@ def test_cli_kv_dtype_bfloat16_decodes_with_a_bfloat16_cache(model_dir, codec_di
     assert rc == 0 and seen[0].decoder.kv_dtype == "bfloat16"
     wav, sr = sf.read(out)
     assert len(wav) == STEPS * HOP_LENGTH
+
+
+@pytest.fixture(scope="module")
+def stop_loving_dir(tmp_path_factory):
+    """The tiny model with the stop token's logit raised by 100: its first choice is always to stop
+    (the issue's demo model at --beam-width 16 behaved so)."""
+    from valle_jax.checkpointing import params_of, save_model
+    from valle_jax.models import init_model
+
+    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
+    params = params_of(init_model(cfg, 0))
+    params["classifier_bias"] = params["classifier_bias"].at[cfg.stop_token].add(100.0)
+    out = tmp_path_factory.mktemp("model") / "stop_loving"
+    save_model(out, cfg, params, reference_symmap())
+    return out
+
+
+def test_no_frames_is_a_warning_and_exit_1_never_an_empty_wav(stop_loving_dir, codec_dir, voice_wav, tmp_path, capsys):
+    base = ["--checkpoint", str(stop_loving_dir), "--codec-dir", str(codec_dir), "--max-ar-steps", str(STEPS)]
+    bare = ["--min-ar-steps", "0", "--length-normalization", "0", "--beam-width", "4"]  # the reference's scoring
+    out = tmp_path / "out.wav"
+    assert synthesize.main(["Hello world.", str(voice_wav), "--out", str(out), *base, *bare]) == 1
+    err = capsys.readouterr().err
+    assert "warning: TEXT: the AR produced no frames" in err and "not written" in err, err
+    assert not out.exists()
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\n\nSecond.\n")
+    wavs = tmp_path / "wavs"
+    assert synthesize.main([str(voice_wav), "--text-file", str(lines), "--out", str(wavs), *base, *bare]) == 1
+    err = capsys.readouterr().err
+    assert f"{lines} line 1: the AR produced no frames" in err and f"{lines} line 3: the AR" in err, err
+    assert "no wav written" in err and list(wavs.iterdir()) == []
+
+    # the defaults: at least 1.25 frames per phoneme before the stop token may end the line
+    assert synthesize.main(["Hello.", str(voice_wav), "--out", str(out), *base, "--beam-width", "4"]) == 0
+    assert len(sf.read(out)[0]) == int(1.25 * phoneme_count("Hello.")) * HOP_LENGTH > 0
+
+
+def phoneme_count(text):
+    from valle_jax.data.text import Phonemizer
+
+    return len(Phonemizer("en").tokens([text])[0])
+
+
+def test_the_api_warns_of_an_utterance_without_frames(stop_loving_dir, codec_dir, voice_wav):
+    from valle_jax import TTS
+    from valle_jax.tts import EmptyAudioWarning
+
+    tts = TTS.load(stop_loving_dir, codec_dir=codec_dir)
+    with pytest.warns(EmptyAudioWarning, match=r"utterance 1 \('Second.'\): the AR produced no frames"):
+        codes = tts.generate_codes(["First.", "Second."], [str(voice_wav)] * 2, min_ar_steps=0, **GREEDY)
+    assert [c.shape for c in codes] == [(0, 8), (0, 8)]

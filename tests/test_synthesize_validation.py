@@ -100,6 +100,7 @@ def test_max_ar_steps_is_capped_before_loading(capsys, voice, checkpoint, tmp_pa
         ("--length-penalty", "nan"),
         ("--mirostat-tau", "inf"),
         ("--ras-threshold", "nan"),
+        ("--length-normalization", "nan"),
     ],
 )
 def test_non_finite_sampling_settings_are_refused_before_loading(flag, value, capsys, voice, checkpoint, tmp_path):
@@ -128,6 +129,10 @@ def test_bad_input_prompt_lengths_are_refused_before_loading(value, capsys, voic
         (["--step", "-3"], "--step"),
         (["--heads", "0"], "--heads"),
         (["--max-ar-steps", "0"], "max_ar_steps"),
+        (["--min-ar-steps", "-2"], "min_ar_steps"),
+        (["--min-ar-steps", "500"], "min_ar_steps must be -1 (from the text), 0 (off) or at most max_ar_steps=450"),
+        (["--length-normalization", "-1"], "length_normalization must be >= 0"),
+        (["--language", "xx"], "language 'xx' is not supported (known: en, ja)"),
     ],
 )
 def test_out_of_range_flags_are_refused_before_loading(flags, expect, capsys, voice, checkpoint, tmp_path):

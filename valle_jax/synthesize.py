@@ -8,7 +8,10 @@ latest checkpoint) or a reference checkpoint (.pth). The sampling flags are the 
 (SPEC §4.8), with the same defaults. A multi-line TEXT is synthesised line by line and the lines
 are concatenated into OUT.wav; --text-file writes one wav per non-empty line, named by its line
 number (0001.wav, ...), into OUT_DIR, decoding --batch-size lines together; a line that cannot be
-phonemised is reported and skipped (exit status 1). Files are written atomically.
+phonemised is reported and skipped (exit status 1). A line for which the AR produced no frames is
+reported and gets no wav (exit status 1): with TEXT, OUT.wav holds the other lines, and is not
+written when none has audio. Files are written atomically. Usage errors (exit status 2) are found
+before the model loads.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from valle_jax.audio import SAMPLE_RATE, AudioError, write_wav
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Settings
 from valle_jax.models.convert import ConversionError
 from valle_jax.runtime import use_cpu_xla_flags
-from valle_jax.tts import TTS
+from valle_jax.tts import TTS, EmptyAudioWarning
 
 # flag -> (Settings field, type, help); defaults come from Settings itself
 SAMPLING_FLAGS = {
@@ -42,7 +47,17 @@ SAMPLING_FLAGS = {
     "--repetition-penalty": ("repetition_penalty", float, "(1: off)"),
     "--repetition-penalty-decay": ("repetition_penalty_decay", float, "penalty grows with distance^decay"),
     "--length-penalty": ("length_penalty", float, "penalises stopping early (0: off)"),
+    "--min-ar-steps": (
+        "min_ar_steps",
+        int,
+        "AR frames before the stop token may end an utterance (-1: 1.25 per phoneme of its text; 0: off)",
+    ),
     "--beam-width": ("beam_width", int, "> 1: beam search for the AR"),
+    "--length-normalization": (
+        "length_normalization",
+        float,
+        "beams rank by summed log-probability / tokens**this (0: the reference's plain sums)",
+    ),
     "--mirostat-tau": ("mirostat_tau", float, "> 0: mirostat for the AR, target surprise in bits"),
     "--mirostat-eta": ("mirostat_eta", float, "mirostat learning rate"),
     "--ras-window": ("ras_window", int, "repetition-aware sampling window (frames)"),
@@ -122,17 +137,20 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     with warnings.catch_warnings():  # restores the warning machinery for in-process callers
         warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=EmptyAudioWarning)  # run() names the file and line instead
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr, flush=True)
         return run(args)
 
 
 def usage_error(args: argparse.Namespace, sampling: dict, text: str | None) -> str | None:
     """What makes the command line unusable, found before any model, codec or audio loads (None:
-    nothing): every sampling setting (finite, in range), the prompt length, the sizes, the paths."""
+    nothing): every sampling setting (finite, in range), the prompt length, the language, the sizes,
+    the paths."""
     try:
         Settings(**sampling)
         TTS.check_prompt_length(args.input_prompt_length)
-    except (DecodeError, AudioError) as e:
+        TTS.check_language(args.language)
+    except (DecodeError, AudioError, TextError) as e:
         return str(e)
     if args.batch_size < 1:
         return f"--batch-size must be >= 1, got {args.batch_size}"
@@ -207,30 +225,46 @@ def run(args: argparse.Namespace) -> int:
             if not good:
                 raise TextError(f"{args.text_file}: no line could be synthesised")
             args.out.mkdir(parents=True, exist_ok=True)
-            wavs = tts.synthesize_batch(
-                [line for _, line in good],
-                [voice] * len(good),
-                language=args.language,
-                input_prompt_length=0.0,
-                batch_size=args.batch_size,
-                **sampling,
-            )
-            outs = [args.out / f"{n:04d}.wav" for n, _ in good]  # named by line number
+            texts = [line for _, line in good]
+            names = [f"{args.text_file} line {n}" for n, _ in good]
         else:
-            wavs = [tts.synthesize(text, voice, language=args.language, batch_size=args.batch_size, **sampling)]
-            outs = [args.out]
+            texts = TTS.lines(text)
+            names = [f"TEXT line {k}" for k in range(1, len(texts) + 1)] if len(texts) > 1 else ["TEXT"]
+        parts = tts.synthesize_batch(
+            texts,
+            [voice] * len(texts),
+            language=args.language,
+            input_prompt_length=0.0,  # the voice is already trimmed
+            batch_size=args.batch_size,
+            **sampling,
+        )
         seconds = time.perf_counter() - t1
-        for path, wav in zip(outs, wavs):
+        empty = [name for name, wav in zip(names, parts) if len(wav) == 0]
+        for name in empty:  # never a silent empty wav: the line is reported and gets none
+            print(
+                f"warning: {name}: the AR produced no frames (the stop token came first); "
+                + ("no wav written for it" if args.text_file is not None else f"nothing of it in {args.out}"),
+                file=sys.stderr,
+            )
+        if args.text_file is not None:
+            written = [(args.out / f"{n:04d}.wav", wav) for (n, _), wav in zip(good, parts) if len(wav)]
+        else:
+            kept = [wav for wav in parts if len(wav)]
+            written = [(args.out, np.concatenate(kept))] if kept else []
+            if not kept:
+                print(f"error: no audio was generated: {args.out} not written", file=sys.stderr)
+        for path, wav in written:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_wav(path, wav)
-        audio = sum(len(w) for w in wavs) / SAMPLE_RATE
+        audio = sum(len(w) for _, w in written) / SAMPLE_RATE
         print(
-            f"wrote {len(outs)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s including compilation "
+            f"wrote {len(written)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s including compilation "
             f"(load {t1 - t0:.1f} s; real-time factor {seconds / max(audio, 1e-9):.2f}): "
-            f"{outs[0] if len(outs) == 1 and args.text_file is None else args.out}"
+            f"{args.out}"
             + (f"; {skipped} line(s) skipped" if skipped else "")
+            + (f"; {len(empty)} line(s) without audio" if empty else "")
         )
-        return 1 if skipped else 0
+        return 1 if skipped or empty else 0
     except (
         TextError,
         AudioError,

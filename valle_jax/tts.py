@@ -39,6 +39,12 @@ class MaxStepsWarning(UserWarning):
     """The AR reached max_ar_steps without producing the stop token: the audio may be cut off."""
 
 
+class EmptyAudioWarning(UserWarning):
+    """The AR produced no frame for an utterance (the stop token came first): its codes and audio are
+    empty. The API warns and keeps the batch's other utterances; `warnings.simplefilter("error",
+    EmptyAudioWarning)` makes it an exception. The command writes no wav for such a line (exit 1)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """A voice: reference codes int16 [frames, levels], already trimmed."""
@@ -141,9 +147,16 @@ class TTS:
             self._ids[text, language] = encode(self._phonemizers[language].tokens([text])[0], self.symmap)
         return self._ids[text, language]
 
+    @staticmethod
+    def check_language(language: str) -> None:
+        """A language synthesis knows at all (no model needed; `language_id` checks the model's)."""
+        if language not in LANG_SYMMAP:
+            raise TextError(f"language {language!r} is not supported (known: {', '.join(LANG_SYMMAP)})")
+
     def language_id(self, language: str) -> int:
-        lang = LANG_SYMMAP.get(language)
-        if lang is None or lang >= self.cfg.n_langs:
+        self.check_language(language)
+        lang = LANG_SYMMAP[language]
+        if lang >= self.cfg.n_langs:
             known = [k for k, v in LANG_SYMMAP.items() if v < self.cfg.n_langs]
             raise TextError(f"language {language!r} is not supported by this model (it knows {known})")
         return lang
@@ -255,7 +268,14 @@ class TTS:
             result = self.decoder.generate(inputs, dataclasses.replace(settings, seed=settings.seed + start))
             for j, i in enumerate(rows):
                 out[i] = result.codes[j]
-                if not result.stopped[j]:
+                if len(result.codes[j]) == 0:
+                    warnings.warn(
+                        f"utterance {i} ({texts[i][:40]!r}): the AR produced no frames (the stop token came "
+                        "first): its audio is empty",
+                        EmptyAudioWarning,
+                        stacklevel=2,
+                    )
+                elif not result.stopped[j]:
                     warnings.warn(
                         f"utterance {i} ({texts[i][:40]!r}) reached max_ar_steps={settings.max_ar_steps} "
                         "without a stop token: its audio may be cut off (raise --max-ar-steps)",
@@ -273,15 +293,22 @@ class TTS:
     def synthesize_batch(self, texts: Sequence[str], references: Sequence[Reference], **kwargs) -> list[np.ndarray]:
         return [self.decode(c) for c in self.generate_codes(texts, references, **kwargs)]
 
-    def synthesize(self, text: str, reference: Reference, **kwargs) -> np.ndarray:
-        """One waveform; a multi-line text is synthesised line by line (as one batch) and the
-        lines are concatenated in order."""
+    @staticmethod
+    def lines(text: str) -> list[str]:
+        """The non-empty lines of a text, which `synthesize` makes one utterance each."""
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:
             raise TextError("empty text: nothing to synthesise")
+        return lines
+
+    def synthesize(self, text: str, reference: Reference, **kwargs) -> np.ndarray:
+        """One waveform; a multi-line text is synthesised line by line (as one batch) and the
+        lines are concatenated in order (a line with no frames adds nothing, with an
+        EmptyAudioWarning)."""
+        lines = self.lines(text)
         voice = self.prompt(reference, kwargs.pop("input_prompt_length", 3.0))
         wavs = self.synthesize_batch(lines, [voice] * len(lines), input_prompt_length=0.0, **kwargs)
         return np.concatenate(wavs) if len(wavs) > 1 else wavs[0]
 
 
-__all__ = ["TTS", "Prompt", "MaxStepsWarning", "load_any"]
+__all__ = ["TTS", "Prompt", "MaxStepsWarning", "EmptyAudioWarning", "load_any"]
