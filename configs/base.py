@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model: the reference's AR+NAR VALL-E (SPEC §2-3) ----
     m = c.model = ml_collections.ConfigDict()
-    m.arch = "llama"  # backbone: "transformer" | "llama" | "retnet"
+    m.arch = "llama"  # backbone: "transformer" | "llama" | "retnet" | "mistral" | "mixtral"
     m.size = "full"  # preset setting d_model/n_heads/n_layers: tiny | quarter | half | full | double | "" (use below)
     m.d_model = 1024  # width (used when size is "")
     m.n_heads = 16  # attention heads (used when size is "")
@@ -42,7 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.n_langs = 1  # rows of the language table
     m.version = 3  # 3 = the reference; 4 adds learned per-level scalars to the code embeddings
     m.norm_eps = 0.0  # 0 = the backbone's own (transformer 1e-5, llama and retnet 1e-6)
-    m.rope_theta = 10_000.0  # RoPE base (llama)
+    m.rope_theta = 0.0  # RoPE base; 0 = the arch's own (mixtral 1e6, others 1e4)
+    m.experts = 0  # llama family: feed-forward experts per layer; 0 = the arch's own (mixtral 8, others 1)
+    m.experts_per_token = 0  # experts per token; 0 = min(2, experts), as the reference
+    m.sliding_window = -1  # earlier positions a query sees; -1 = the arch's own (mistral 4096, mixtral 900), 0 = none
+    m.router_aux_loss_coef = 0.001  # weight of the MoE load-balancing loss
+    m.moe_dispatch = "dropless"  # "dropless" (grouped matmuls) | "capacity" (fixed slots; faster on CPU)
+    m.capacity_factor = 1.25  # capacity dispatch: slots per expert = factor * tokens * k / experts
     m.bidirectional_nar = False  # True: NAR levels attend both ways (the reference's later fix)
     m.dropout = 0.1  # probability, training only
     m.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (parameters stay float32)
