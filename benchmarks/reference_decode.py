@@ -4,7 +4,7 @@
 
 Needs HF transformers 4.40 (see reference_train_step.py, whose model it uses: the reference's AR_NAR
 llama, checked against the golden logits by tests/test_reference_baseline.py). As the reference
-decodes (SPEC §4.4-§4.5), every AR step is a full forward pass over text + prompt + the frames so
+decodes (reference.md §4.4-§4.5), every AR step is a full forward pass over text + prompt + the frames so
 far (no cache), batch 1, under torch.inference_mode; the 7 NAR levels are 7 full passes. The AR is
 timed at --samples response lengths spread over 0..R-1 (R = audio_seconds x 75), each the best of
 two passes, and its total is the sum over all R steps of the interpolated per-step time; the NAR

@@ -7,12 +7,12 @@ Needs HF transformers of the reference's time (the golden files were made with 4
 the same logits; not a dependency of valle_jax): `pip install "transformers==4.40.2"` in the
 environment that runs this.
 
-What runs is the reference's AR_NAR "llama" training step as ../shared/reference/SPEC.md §2-§3 and
+What runs is the reference's AR_NAR "llama" training step as docs/reference.md §2-§3 and
 §7 describe it, in eager PyTorch float32 as its local engine runs it: HF `LlamaModel` with the
 reference's config (gated GELU MLP at 4d, MHA, attention dropout 0.1, SDPA attention, causal mask),
 version-3 embeddings (text table, language table, 8 summed prompt tables, the level-dependent
 response tables, one learned separator), one shared classifier with bias, a random level per sample
-(SPEC §2.6: level 0 gets a stop row), one token-mean cross entropy over the concatenated samples,
+(reference.md §2.6: level 0 gets a stop row), one token-mean cross entropy over the concatenated samples,
 top-10 accuracy, backward, global-norm clipping and AdamW(0.9, 0.96, eps 1e-7, wd 0.01). The
 sequence assembly is the reference's per-sample loop; at batch 8 its cost is small next to the
 backbone's. MFU uses valle_jax's FLOP count for the same shapes against a float32 2048^3 torch
@@ -46,7 +46,7 @@ def build(size, torch, nn):
 
     d, heads, layers = SIZES[size] if isinstance(size, str) else size
 
-    class AudioEmbedding(nn.Module):  # SPEC §2.3 (3): one table per level, summed
+    class AudioEmbedding(nn.Module):  # reference.md §2.3 (3): one table per level, summed
         def __init__(self, sizes):
             super().__init__()
             self.embeddings = nn.ModuleList(nn.Embedding(n, d) for n in sizes)
@@ -84,7 +84,7 @@ def build(size, torch, nn):
             self.classifier = nn.Linear(d, N_TOKENS + 1)
 
         def sequence(self, text, lang, prom, resp_in, level):
-            """One sample's embedded [text | sep | lang | sep | prompt | sep | response] (SPEC §2.4)."""
+            """One sample's embedded [text | sep | lang | sep | prompt | sep | response] (reference.md §2.4)."""
             pieces = [self.text_emb(text), self.langs_emb(lang), self.proms_emb(prom), self.resps_emb(resp_in, level)]
             x = [pieces[0]]
             for p in pieces[1:]:
@@ -101,7 +101,7 @@ def build(size, torch, nn):
             """Per sample: the logits the loss reads and their targets (causal items shifted)."""
             xs, targets = [], []
             ignore = lambda n: torch.full((n,), -100, dtype=torch.long)  # noqa: E731
-            for i, level in enumerate(levels):  # SPEC §2.4-§2.6, per sample as the reference does
+            for i, level in enumerate(levels):  # reference.md §2.4-§2.6, per sample as the reference does
                 if level == 0:  # AR: a stop row appended to the input, the stop token to the target
                     stop_row = torch.full((1, N_LEVELS), STOP, dtype=resps.dtype)
                     resp_in, target = torch.cat([resps[i], stop_row]), torch.cat([resps[i][:, 0], stop_row[0, :1]])

@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # integer: seeds data order, prompt sampling and (later) initialisation
 
-    # ---- data: the grain pipeline over a packed store (SPEC §6.5, §6.6) ----
+    # ---- data: the grain pipeline over a packed store (reference.md §6.5, §6.6) ----
     d = c.data = ml_collections.ConfigDict()
     d.store = ""  # path: a store written by `python -m tools.pack` (required to train)
     d.batch_size = 8  # utterances per global batch (split evenly over hosts)
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.num_workers = 0  # grain worker processes building batches (0: in the main process)
     d.prefetch = 4  # batches buffered ahead of the consumer
 
-    # ---- model: the reference's AR+NAR VALL-E (SPEC §2-3) ----
+    # ---- model: the reference's AR+NAR VALL-E (reference.md §2-3) ----
     m = c.model = ml_collections.ConfigDict()
     m.arch = "llama"  # backbone: "transformer" | "llama" | "retnet" | "mistral" | "mixtral"
     m.size = "full"  # preset setting d_model/n_heads/n_layers: tiny | quarter | half | full | double | "" (use below)
@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
         ("head_dim", ""),
     )
 
-    # ---- optim: optax optimizer, schedule, clipping, accumulation, freezing (SPEC §7.2) ----
+    # ---- optim: optax optimizer, schedule, clipping, accumulation, freezing (reference.md §7.2) ----
     o = c.optim = ml_collections.ConfigDict()
     o.name = "adamw"  # "adamw" | "prodigy" | "sgd"
     o.learning_rate = 3.25e-4  # peak LR (prodigy: its lr multiplier, normally 1.0)
@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     o.clip_norm = 100.0  # global gradient-norm clip (0 = off); the reference's gradient_clipping
     o.grad_accum = 1  # batches accumulated into one optimizer step
     o.frozen = ()  # regexes over parameter paths ("backbone/q", "text_emb"): never updated
-    o.embeddings = ""  # model dir or reference .pth whose *_emb tables are injected and frozen (SPEC §7.8)
+    o.embeddings = ""  # model dir or reference .pth whose *_emb tables are injected and frozen (reference.md §7.8)
 
     # ---- train: the loop, checkpoints, logging ----
     t = c.train = ml_collections.ConfigDict()
@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_audio = 0  # validation utterances synthesised per pass into WORKDIR/samples/STEP/ (0 = none)
     t.eval_audio_steps = 450  # AR frames at most per synthesised sample (75 per second)
     t.eval_codec_dir = ""  # EnCodec weights folder for the samples ("" = the pretrained weights)
-    t.level_probs = ()  # per-level training probabilities (empty = uniform over 8 levels, SPEC §2.6)
+    t.level_probs = ()  # per-level training probabilities (empty = uniform over 8 levels, reference.md §2.6)
     t.nonfinite = "stop"  # non-finite loss or gradient: "stop" (the bad update is never applied) | "skip"
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = known device table, CPU measured)
     t.export_on_quit = False  # also export the model when `quit` or a signal stops training

@@ -2,7 +2,7 @@
 
     python -m tools.draw_batches --config configs/preset.py:llama-half --config.data.store=STORE
 
-ARCH is transformer, llama or retnet; SIZE is quarter, half, full or double (SPEC §2.2: widths 256/512/1024,
+ARCH is transformer, llama or retnet; SIZE is quarter, half, full or double (reference.md §2.2: widths 256/512/1024,
 4/8/16 heads, 12 layers, double = 24 layers at full width).
 """
 

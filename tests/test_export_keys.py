@@ -1,5 +1,5 @@
 """`python -m valle_jax.export --out fp32.pth` writes exactly the reference's key set, shapes included,
-unused tables too, so that the reference's default strict loader accepts it (SPEC §8)."""
+unused tables too, so that the reference's default strict loader accepts it (reference.md §8)."""
 
 import json
 
@@ -86,7 +86,7 @@ def test_unused_tables_by_default_are_left_out_of_round_trips():
     assert full["model.embed_tokens.weight"].shape == (65, 32)  # the 64 codes and the stop token
 
 
-# SPEC §3.5: parameter counts of the reference's full-size models, its unused tables included
+# reference.md §3.5: parameter counts of the reference's full-size models, its unused tables included
 SPEC_FULL_COUNTS = {"transformer": 170_005_505, "llama": 221_289_473, "retnet": 220_511_233}
 
 
@@ -94,9 +94,9 @@ SPEC_FULL_COUNTS = {"transformer": 170_005_505, "llama": 221_289_473, "retnet": 
 def test_full_size_layout_matches_spec_section_8(arch):
     cfg = ModelConfig(arch=arch, d_model=1024, n_heads=16, n_layers=12)
     unused = unused_layout(cfg)
-    assert unused["tasks_emb.weight"] == (8, 1024)  # SPEC §8.1
+    assert unused["tasks_emb.weight"] == (8, 1024)  # reference.md §8.1
     if arch == "llama":
-        assert unused["model.embed_tokens.weight"] == (1025, 1024)  # SPEC §8.3
+        assert unused["model.embed_tokens.weight"] == (1025, 1024)  # reference.md §8.3
     else:
         assert "model.embed_tokens.weight" not in unused
     layout = reference_layout(cfg) | unused

@@ -252,7 +252,7 @@ def _count(cfg):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_of(abstract)))
 
 
-# SPEC §3.5, minus the tables the reference holds but never uses: tasks_emb (8 x d) and llama's
+# reference.md §3.5, minus the tables the reference holds but never uses: tasks_emb (8 x d) and llama's
 # embed_tokens (1025 x d)
 SPEC_COUNTS = {
     ("transformer", "full"): 170_005_505,

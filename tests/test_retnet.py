@@ -1,6 +1,6 @@
 """RetNet: parallel == chunkwise == recurrent retention, recurrent decoding == teacher forcing,
 constant decoding memory, and a checkpoint in the reference fork's layout converting and running
-(its numerics checked against a float64 numpy transcription of SPEC §3.2). Golden parity for the
+(its numerics checked against a float64 numpy transcription of reference.md §3.2). Golden parity for the
 upstream-torchscale variant runs with the other backbones in test_model.py."""
 
 import dataclasses
@@ -203,7 +203,7 @@ def test_config_rejects_what_retnet_cannot_do():
         tiny(retnet_variant="torchscale-0.2")
 
 
-# ---- the reference fork's checkpoint layout (SPEC §3.2, §8.4) ----------------------------------
+# ---- the reference fork's checkpoint layout (reference.md §3.2, §8.4) ----------------------------------
 
 
 def fork_state_dict(rng, d=32, h=4, n=2, v=64, prefix="model."):
@@ -239,7 +239,7 @@ def fork_state_dict(rng, d=32, h=4, n=2, v=64, prefix="model."):
 
 
 def fork_backbone_numpy(s, x, h):
-    """The fork's decoder on embedded inputs x [S, d], float64, transcribed from SPEC §3.2."""
+    """The fork's decoder on embedded inputs x [S, d], float64, transcribed from reference.md §3.2."""
     ln = lambda x, w, b: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * w + b  # noqa
     gelu = lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))  # noqa: E731
     g = lambda k: np.asarray(s["model." + k], np.float64)  # noqa: E731

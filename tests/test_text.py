@@ -15,7 +15,7 @@ def test_reference_symmap_matches_spec():
 
 
 def test_tokenize_reference_example_with_one_boundary_token():
-    # SPEC §6.3's example; the reference file loader would keep two 3s, we keep one (HDF5 behaviour)
+    # reference.md §6.3's example; the reference file loader would keep two 3s, we keep one (HDF5 behaviour)
     tokens = T.tokenize("həlˈoʊ wˈɜːld")
     assert tokens == ["h", "ə", "lˈ", "o", "ʊ", " ", "wˈ", "ɜː", "l", "d"]
     assert T.encode(tokens, T.reference_symmap()) == [1, 38, 34, 51, 28, 23, 3, 48, 71, 18, 13, 2]

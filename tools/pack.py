@@ -7,7 +7,7 @@ SRC is one of:
 * a folder laid out `<group>/<speaker>/<id>.phn.txt` with codes beside each transcript:
   `<id>.codes.npy` (from tools.quantize) or the reference's `<id>.qnt.pt` (a (1, Q, T) tensor);
   this also imports the reference's per-speaker dataset folders;
-* a reference HDF5 file (`data.h5`, SPEC §6.4): its `training` entries (`--hdf5-type` for others),
+* a reference HDF5 file (`data.h5`, reference.md §6.4): its `training` entries (`--hdf5-type` for others),
   its text ids, and the symbol map stored in it.
 Speaker = `<group>_<speaker>` (the reference's default getter), group = the folder above the
 speaker's. Phonemes map through the reference's symbol map, extended with unseen symbols as its

@@ -85,10 +85,10 @@ def data_config(config) -> DataConfig:
 
 
 ARCHS = ("transformer", "llama", "retnet", "mistral", "mixtral")
-LLAMA_FAMILY = ("llama", "mistral", "mixtral")  # one backbone: HF's Llama, Mistral and Mixtral (SPEC §3.3)
+LLAMA_FAMILY = ("llama", "mistral", "mixtral")  # one backbone: HF's Llama, Mistral and Mixtral (reference.md §3.3)
 MOE_DISPATCHES = ("dropless", "capacity")
 DEFAULT_EXPERTS = 8  # arch "mixtral" with model.experts = 0: HF MixtralConfig's num_local_experts
-# the sliding attention window each HF class applies (SPEC §3.3): Mistral's default, and the 900
+# the sliding attention window each HF class applies (reference.md §3.3): Mistral's default, and the 900
 # positions (12 s) the reference passes to Mixtral; Llama ignores it
 DEFAULT_WINDOWS = {"mistral": 4096, "mixtral": 900}
 RETNET_VARIANTS = ("fork", "torchscale")
@@ -196,7 +196,7 @@ class ModelConfig:
 
     @property
     def hf_class(self) -> str:
-        """Which HF model the reference builds for this config (SPEC §3.3): experts > 1 make any
+        """Which HF model the reference builds for this config (reference.md §3.3): experts > 1 make any
         llama-family arch a Mixtral; that decides the defaults of eps, RoPE base and window."""
         return "mixtral" if self.moe else self.arch
 
@@ -232,7 +232,7 @@ class ModelConfig:
         return self.n_tokens + 1
 
 
-SIZES = {  # SPEC §2.2: (d_model, n_heads, n_layers)
+SIZES = {  # reference.md §2.2: (d_model, n_heads, n_layers)
     "tiny": (48, 4, 2),  # the golden files' size
     "quarter": (256, 4, 12),
     "half": (512, 8, 12),

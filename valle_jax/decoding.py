@@ -71,7 +71,7 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What one synthesis call asks for. Defaults are the reference CLI's (SPEC §4.8), except two
+    """What one synthesis call asks for. Defaults are the reference CLI's (reference.md §4.8), except two
     that keep the AR from ending at its first frames: `min_ar_steps` (-1: from the text) and
     `length_normalization` (docs/synthesis.md, "Stopping"); 0 for both is the reference."""
 

@@ -90,7 +90,7 @@ def write_run(workdir: Path, model: ModelConfig, symmap: Mapping, config: Mappin
 
 
 def run_stats(meta: Mapping) -> dict:
-    """Training statistics for an export, under our names and the reference's (SPEC §7.8)."""
+    """Training statistics for an export, under our names and the reference's (reference.md §7.8)."""
     stats = dict(meta.get("stats", {}))
     stats.update(
         step=meta["step"],

@@ -1,4 +1,4 @@
-"""Token samplers (SPEC §5), pure jnp and per row: every setting is an array with one value per
+"""Token samplers (reference.md §5), pure jnp and per row: every setting is an array with one value per
 batch row, so changing it between calls never recompiles, and rows of one batch may differ.
 
 Order of operations (the reference's `Base.sample`): repetition penalty -> length penalty -> (ours)
@@ -103,7 +103,7 @@ def min_p(logits_BV: Array, p_B: Array) -> Array:
 
 
 def temperature_of(logits_BV: Array, temperature_B: Array, min_temperature_B: Array) -> Array:
-    """The temperature per row: dynamic (SPEC §5.5: towards min_temperature when the top token is
+    """The temperature per row: dynamic (reference.md §5.5: towards min_temperature when the top token is
     likely) when it differs from temperature by 0.001 or more, else temperature."""
     p_max = 1.0 / jnp.sum(jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)), axis=-1)
     dynamic = temperature_B - (temperature_B - min_temperature_B) / (1.0 + jnp.exp(-10.0 * (p_max - 0.5)))
@@ -132,7 +132,7 @@ def filter_logits(
     stop_token: int | None = None,
     sign_aware: bool = True,
 ) -> Array:
-    """Penalties then truncation (SPEC §5.1 steps 4-6), in float32; filtered tokens become -inf. The
+    """Penalties then truncation (reference.md §5.1 steps 4-6), in float32; filtered tokens become -inf. The
     stop token is banned below `min_length_B` before truncation, so top-k/p/min-p choose among what
     may be drawn (a row whose nucleus was the stop token alone still draws a frame)."""
     b = logits_BV.shape[0]
@@ -171,7 +171,7 @@ def categorical(key: Array, logits_BV: Array) -> Array:
 
 def scale_by_temperature(x_BV: Array, temperature_B: Array, min_temperature_B: Array | None) -> Array:
     """Logits divided by each row's temperature (dynamic when min_temperature differs; < 0 means
-    "as temperature", SPEC §5.1); rows at temperature 0 are left unscaled (greedy callers argmax)."""
+    "as temperature", reference.md §5.1); rows at temperature 0 are left unscaled (greedy callers argmax)."""
     t_min = (
         temperature_B
         if min_temperature_B is None
@@ -197,12 +197,12 @@ def sample(
 
 def mirostat_init(tau_B: Array) -> Array:
     """The starting surprise budget mu per row: 2 tau, as in the Mirostat paper (the reference's
-    2 eta is a bug, SPEC §5.8)."""
+    2 eta is a bug, reference.md §5.8)."""
     return 2.0 * tau_B
 
 
 def mirostat(key: Array, logits_BV: Array, mu_B: Array, tau_B: Array, eta_B: Array) -> tuple[Array, Array]:
-    """Mirostat v1 (SPEC §5.8) with per-row state: (tokens int32[B], new mu[B]). The Zipf exponent is
+    """Mirostat v1 (reference.md §5.8) with per-row state: (tokens int32[B], new mu[B]). The Zipf exponent is
     estimated from the 101 largest probabilities; k tokens are kept so that the expected surprise
     is mu; mu then moves by eta times the error against the target surprise tau."""
     b, v = logits_BV.shape

@@ -5,7 +5,7 @@
 
 PATH is a model directory (valle_jax.export, tools.convert_reference), a training directory (its
 latest checkpoint) or a reference checkpoint (.pth). The sampling flags are the reference's
-(SPEC §4.8), with the same defaults. A multi-line TEXT is synthesised line by line and the lines
+(reference.md §4.8), with the same defaults. A multi-line TEXT is synthesised line by line and the lines
 are concatenated into OUT.wav; --text-file writes one wav per non-empty line, named by its line
 number (0001.wav, ...), into OUT_DIR, decoding --batch-size lines together; a line that cannot be
 phonemised is reported and skipped (exit status 1). A line for which the AR produced no frames is

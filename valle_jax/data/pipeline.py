@@ -68,7 +68,7 @@ def _uniform_member(rng: np.random.Generator, which: np.ndarray, sizes: list[int
 
 
 def select(store: Store, cfg: DataConfig) -> Eligible:
-    """Applies SPEC §6.5's filters (phones, duration, min utterances per speaker) and the buckets."""
+    """Applies reference.md §6.5's filters (phones, duration, min utterances per speaker) and the buckets."""
     n = len(store)
     keep = np.ones(n, bool)
     dropped = {}
@@ -196,7 +196,7 @@ class BatchAssembler:
         return f"BatchAssembler({self.store!r}, {self.cfg})"
 
     def prompt(self, utt: int, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """SPEC §6.6: other utterances of the same speaker stitched to prompt_duration ± 1 s."""
+        """reference.md §6.6: other utterances of the same speaker stitched to prompt_duration ± 1 s."""
         cfg = self.cfg
         if rng.random() >= cfg.random_utterance:
             return target[: cfg.prompt_frames]  # the target itself (capped to the prompt size)

@@ -1,4 +1,4 @@
-"""Text -> phoneme tokens -> ids, as the reference does it (SPEC §1.1, §6.3).
+"""Text -> phoneme tokens -> ids, as the reference does it (reference.md §1.1, §6.3).
 
 Tokenisation follows the reference's g2p: the phonemised string is split into characters, and the
 stress marks ˈ ˌ and the length mark ː are glued to the character before them. The reference writes
@@ -17,7 +17,7 @@ from importlib import resources
 
 BOS, EOS, SPACE = "<s>", "</s>", " "
 GLUE_TO_PREVIOUS = ("ˈ", "ˌ", "ː")  # U+02C8, U+02CC, U+02D0
-LANG_SYMMAP = {"en": 0, "ja": 1}  # SPEC §1.2
+LANG_SYMMAP = {"en": 0, "ja": 1}  # reference.md §1.2
 ESPEAK_LANGUAGE = {"en": "en-us", "ja": "ja"}  # the reference maps "en" to espeak's "en-us"
 
 
@@ -91,7 +91,7 @@ def espeak_available() -> bool:
 
 
 class Phonemizer:
-    """phonemizer's espeak backend with stress and punctuation kept (SPEC §6.3), one per language."""
+    """phonemizer's espeak backend with stress and punctuation kept (reference.md §6.3), one per language."""
 
     def __init__(self, language: str = "en"):
         if language not in ESPEAK_LANGUAGE:

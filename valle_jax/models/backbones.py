@@ -1,13 +1,13 @@
 """The backbones, each a stack of identical layers stored with a leading "layers" axis.
 
-transformer (SPEC §3.1): pre-LayerNorm, fused qkv without bias, exact GELU FFN with biases, outputs
+transformer (reference.md §3.1): pre-LayerNorm, fused qkv without bias, exact GELU FFN with biases, outputs
 multiplied by the validity mask after every sub-layer, no final norm. Positions are added to the
 embeddings by the caller (sinusoidal).
-llama (SPEC §3.3): RMSNorm, q/k/v/o without biases, rotate-half RoPE, gated GELU FFN, final RMSNorm;
+llama (reference.md §3.3): RMSNorm, q/k/v/o without biases, rotate-half RoPE, gated GELU FFN, final RMSNorm;
 grouped-query attention when n_kv_heads < n_heads. mistral: the same with a sliding window.
 mixtral (llama-family archs with experts > 1): the same attention, a sliding window, and a sparse
 mixture of gated GELU experts in place of the FFN (valle_jax.models.moe).
-retnet (SPEC §3.2): multi-scale retention (valle_jax.models.retention) in the reference fork's or
+retnet (reference.md §3.2): multi-scale retention (valle_jax.models.retention) in the reference fork's or
 upstream torchscale's layout; its "cache" is a recurrent state per layer, not keys and values.
 
 A layer is a function `layer(p, x, features, valid, mix, key, state) -> (x, state)`: `mix(q, k, v,
@@ -286,7 +286,7 @@ class TransformerBackbone(Backbone):
         h = L.layer_norm(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.eps) * m
         qkv = _mm(h, p["qkv"], "bsd,dthk->bsthk", dt)
         k, v = qkv[:, :, 1].astype(dt), qkv[:, :, 2].astype(dt)
-        o, state = attend(qkv[:, :, 0].astype(dt), k, v, 0.0, None, state)  # no dropout on probabilities (SPEC §3.1)
+        o, state = attend(qkv[:, :, 0].astype(dt), k, v, 0.0, None, state)  # no probability dropout (reference.md §3.1)
         o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
         x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
         h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
@@ -341,7 +341,7 @@ class LlamaBackbone(Backbone):
 
 
 class RetNetBackbone(Backbone):
-    """RetNet (SPEC §3.2) in two variants: "torchscale" (upstream torchscale 0.3.0, what the golden
+    """RetNet (reference.md §3.2) in two variants: "torchscale" (upstream torchscale 0.3.0, what the golden
     files were made with: RMSNorm, no biases, GLU feed-forward, RMS group norm) and "fork" (the
     reference's own torchscale fork, what its published retnet checkpoints use: LayerNorm, biases
     on every projection, a plain GELU feed-forward with a LayerNorm inside, LayerNorm group norm).
@@ -513,7 +513,7 @@ class RetNetBackbone(Backbone):
 
 
 class MixtralBackbone(LlamaBackbone):
-    """HF Mixtral (SPEC §3.3): Llama's attention (with its sliding window: `cfg.window`) and a sparse
+    """HF Mixtral (reference.md §3.3): Llama's attention (with its sliding window: `cfg.window`) and a sparse
     mixture of `cfg.n_experts` gated GELU experts, `cfg.top_k` per token, in place of the FFN
     (valle_jax.models.moe). The experts stay out of STEP_MATMULS: they run as grouped matmuls over
     whichever tokens chose them (XLA's ragged_dot), so decoding on the CPU kernels packs the
@@ -549,7 +549,7 @@ class MixtralBackbone(LlamaBackbone):
         return self.layer_with_stats(p, x, rope, valid, attend, key, state)[:2]
 
     def aux_loss(self, stats_L2E, valid_BS):
-        """router_aux_loss_coef * HF's load-balancing loss over every layer (SPEC §2.9)."""
+        """router_aux_loss_coef * HF's load-balancing loss over every layer (reference.md §2.9)."""
         return self.cfg.router_aux_loss_coef * moe.balance_loss(stats_L2E, valid_BS.sum())
 
 

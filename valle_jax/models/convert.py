@@ -17,10 +17,10 @@ import numpy as np
 from valle_jax.config import LLAMA_FAMILY, ModelConfig
 
 UNUSED = ("tasks_emb.weight", "model.embed_tokens.weight")  # held by the reference, never used
-N_TASKS = 8  # rows of the reference's tasks_emb: its model config's `tasks` (SPEC §2.3, §8.1)
-PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # SPEC §2.2
+N_TASKS = 8  # rows of the reference's tasks_emb: its model config's `tasks` (reference.md §2.3, §8.1)
+PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # reference.md §2.2
 RETNET_ANGLE, RETNET_DECAY = "model.retnet_rel_pos.angle", "model.retnet_rel_pos.decay"  # buffers
-MOE = "model.layers.{i}.block_sparse_moe."  # HF Mixtral's sparse MoE block (SPEC §8.3)
+MOE = "model.layers.{i}.block_sparse_moe."  # HF Mixtral's sparse MoE block (reference.md §8.3)
 
 
 class ConversionError(ValueError):
@@ -188,7 +188,7 @@ def reference_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def unused_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The tables the reference's state dict holds but its forward never reads (SPEC §2.3, §8): the
+    """The tables the reference's state dict holds but its forward never reads (reference.md §2.3, §8): the
     task table (version >= 3) and, for llama, HF LlamaModel's token embedding (vocab = the 1025
     response tokens). Its loader is strict, so an export must hold them for the file to load."""
     keys = {"tasks_emb.weight": (N_TASKS, cfg.d_model)}
@@ -223,7 +223,7 @@ def _llama_layer_layout(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
 
 
 def _retnet_layer_layout(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]:
-    """One retnet layer's keys (SPEC §8.4 for the fork; golden/README for upstream torchscale)."""
+    """One retnet layer's keys (reference.md §8.4 for the fork; golden/README for upstream torchscale)."""
     d, f = cfg.d_model, cfg.ffn_mult * cfg.d_model
     r = b + "retention."
     keys = {

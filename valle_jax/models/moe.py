@@ -1,5 +1,5 @@
 """Mixtral's sparse mixture-of-experts feed-forward (HF `MixtralSparseMoeBlock`, transformers 4.40,
-as the reference builds it for experts > 1; SPEC §3.3) and its load-balancing loss.
+as the reference builds it for experts > 1; reference.md §3.3) and its load-balancing loss.
 
 Routing: router logits `h @ W_r` (no bias), a float32 softmax over the E experts, the k best, their k
 probabilities renormalised to sum to 1. Expert e is `w2(gelu(w1 h) * w3 h)` (exact gelu: the

@@ -1,4 +1,4 @@
-"""Multi-scale retention (RetNet, SPEC §3.2) in one exact formulation with three schedules.
+"""Multi-scale retention (RetNet, reference.md §3.2) in one exact formulation with three schedules.
 
 Per head h with decay gamma = exp(lambda_h), lambda_h = log(1 - 2^(-5-h)), the reference's parallel
 form computes, for query position i over key positions j <= i,

@@ -1,6 +1,6 @@
 """The reference's AR+NAR VALL-E (version 3, optionally 4) in Flax NNX.
 
-One model, one classifier, every level (SPEC §2):
+One model, one classifier, every level (reference.md §2):
     sequence = [text | sep | lang | sep | prompt | sep | response]
 text through `text_emb`; lang through `lang_emb`; the prompt as the sum of its 8 levels' tables;
 the response at level 0 (AR) through table 0 on code level 0 (a stop row appended), at level l > 0
@@ -104,7 +104,7 @@ class VALLE(nnx.Module):
         self.prom_emb = L.param(rngs, emb, (cfg.n_prom_levels, v, d), (None, "vocab", "embed"))
         self.resp_emb_ar = L.param(rngs, emb, (v + 1, d), ("vocab", "embed"))  # + the stop token
         self.resp_emb_nar = L.param(rngs, emb, (cfg.n_resp_levels - 1, v, d), (None, "vocab", "embed"))
-        if cfg.version >= 4:  # learned per-level scalars (SPEC §2.3), initialised to 1
+        if cfg.version >= 4:  # learned per-level scalars (reference.md §2.3), initialised to 1
             self.prom_level_w = L.param(rngs, jax.nn.initializers.ones, (cfg.n_prom_levels,), (None,))
             self.resp_level_w = L.param(rngs, jax.nn.initializers.ones, (cfg.n_resp_levels,), (None,))
         self.sep = L.param(rngs, emb, (d,), ("embed",))

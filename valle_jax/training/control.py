@@ -1,4 +1,4 @@
-"""Stopping and steering a run: SIGTERM/SIGINT requests, and console commands (SPEC §7.4).
+"""Stopping and steering a run: SIGTERM/SIGINT requests, and console commands (reference.md §7.4).
 
 Commands, one per line on stdin: save | quit | export | eval | lr VALUE | help. stdin is read by a
 daemon thread only when it is a terminal (or when asked), so a closed, redirected or non-terminal

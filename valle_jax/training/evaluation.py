@@ -1,4 +1,4 @@
-"""Evaluation during training: validation loss and accuracy, and audio samples (SPEC §7.6).
+"""Evaluation during training: validation loss and accuracy, and audio samples (reference.md §7.6).
 
 Validation reads `train.eval_batches` batches of the validation store in order, with levels drawn
 from a fixed key per batch, so successive evaluations are comparable. Audio samples synthesise the

@@ -1,4 +1,4 @@
-"""Embedding injection (SPEC §7.8): take the code/text/language embedding tables of another model
+"""Embedding injection (reference.md §7.8): take the code/text/language embedding tables of another model
 and freeze them. The reference keeps keys matching `_emb\\.` (text, prompt, response, language
 tables and, in version 4, the per-level weights that live under them), never `sep` or the classifier.
 """

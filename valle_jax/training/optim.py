@@ -54,7 +54,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    if cfg.name == "adamw":  # SPEC §7.2 defaults: betas (0.9, 0.96), eps 1e-7, weight decay 0.01
+    if cfg.name == "adamw":  # reference.md §7.2 defaults: betas (0.9, 0.96), eps 1e-7, weight decay 0.01
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "prodigy":
         return optax.contrib.prodigy(

@@ -33,7 +33,7 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 def batch_loss(graph, params: dict, batch: dict, key: Array, cfg: ModelConfig, level_probs, train: bool):
     """(loss, metrics) of one batch with levels drawn from `key` (dropout only when training). The
     loss is the reference's: the cross-entropy plus the backbone's auxiliary term (an MoE's weighted
-    load-balancing loss, SPEC §2.9; 0 for dense backbones); metrics hold both ("ce", "router_aux")."""
+    load-balancing loss, reference.md §2.9; 0 for dense backbones); metrics hold both ("ce", "router_aux")."""
     model = nnx.merge(graph, params)
     level_key, dropout_key = jax.random.split(key)
     b = batch["text"].shape[0]
