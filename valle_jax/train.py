@@ -111,11 +111,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _HideOrbaxErrors(logging.Filter):
-    """orbax logs a failed save several times, with tracebacks, from its background threads; the
-    trainer then reports it in one line. Kept in log.txt and with --verbose."""
+    """orbax logs a failed save several times, with tracebacks, from its background threads, and
+    asyncio reports its failed write tasks as "Task exception was never retrieved" when they are
+    collected; the trainer then reports the failure in one line. Kept in log.txt and with --verbose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        orbax_task = record.name == "asyncio" and f"{os.sep}orbax{os.sep}" in record.getMessage()
+        return not (from_orbax or orbax_task)
 
 
 class _LogFile(logging.FileHandler):
