@@ -213,7 +213,7 @@ def mirostat(key: Array, logits_BV: Array, mu_B: Array, tau_B: Array, eta_B: Arr
     i = jnp.arange(m, dtype=jnp.float32)
     ln_t = jnp.log((i + 2) / (i + 1))
     ln_b = jnp.log(jnp.maximum(p[:, :m], 1e-30) / jnp.maximum(p[:, 1 : m + 1], 1e-30))
-    s = jnp.sum(ln_b * ln_t, axis=-1) / jnp.sum(ln_t**2)
+    s = jnp.sum(ln_b * ln_t[None, :], axis=-1) / jnp.sum(ln_t**2)
     eps = jnp.maximum(s - 1.0, 1e-6)
     k = jnp.round(((eps * 2.0**mu_B) / (1.0 - v ** (-eps))) ** (1.0 / jnp.maximum(s, 1e-6))) + 1
     k = jnp.clip(jnp.nan_to_num(k, nan=v, posinf=v), 1, v).astype(jnp.int32)

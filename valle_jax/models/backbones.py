@@ -287,12 +287,12 @@ class TransformerBackbone(Backbone):
         qkv = _mm(h, p["qkv"], "bsd,dthk->bsthk", dt)
         k, v = qkv[:, :, 1].astype(dt), qkv[:, :, 2].astype(dt)
         o, state = attend(qkv[:, :, 0].astype(dt), k, v, 0.0, None, state)  # no probability dropout (reference.md §3.1)
-        o = (_mm(o, p["out"], "bshk,hkd->bsd", dt) + p["out_bias"]) * m
+        o = L.add_bias(_mm(o, p["out"], "bshk,hkd->bsd", dt), p["out_bias"]) * m
         x = (x + L.dropout(o, cfg.dropout, keys[0])) * m
         h = L.layer_norm(x, p["ffn_norm_scale"], p["ffn_norm_bias"], cfg.eps) * m
-        f = (
-            feed_forward(h, p["ffn_in"], p["ffn_in_bias"], None, p["ffn_out"], dt, cfg.dropout, keys[1])
-            + p["ffn_out_bias"]
+        f = L.add_bias(
+            feed_forward(h, p["ffn_in"], p["ffn_in_bias"], None, p["ffn_out"], dt, cfg.dropout, keys[1]),
+            p["ffn_out_bias"],
         )
         return (x + L.dropout(f, cfg.dropout, keys[2])) * m, state
 
@@ -433,21 +433,21 @@ class RetNetBackbone(Backbone):
         keys = jax.random.split(key, 2) if key is not None else (None, None)
         bias = (lambda name: p[name]) if self.fork else (lambda name: 0.0)
         h = self._norm(x, p, "attn_norm")
-        q = _mm(h, p["q"], "bsd,dhk->bshk", dt) + bias("q_bias")
-        k = (_mm(h, p["k"], "bsd,dhk->bshk", dt) + bias("k_bias")) * cfg.head_dim**-0.5
-        v = _mm(h, p["v"], "bsd,dhe->bshe", dt) + bias("v_bias")
-        g = _mm(h, p["g"], "bsd,dhe->bshe", dt) + bias("g_bias")
+        q = L.add_bias(_mm(h, p["q"], "bsd,dhk->bshk", dt), bias("q_bias"))
+        k = L.add_bias(_mm(h, p["k"], "bsd,dhk->bshk", dt), bias("k_bias")) * cfg.head_dim**-0.5
+        v = L.add_bias(_mm(h, p["v"], "bsd,dhe->bshe", dt), bias("v_bias"))
+        g = L.add_bias(_mm(h, p["g"], "bsd,dhe->bshe", dt), bias("g_bias"))
         angle = self.angle
         o, state = mix(R.rotate(q, positions, angle), R.rotate(k, positions, angle), v, 0.0, None, state)
         o = jax.nn.silu(g) * self._group_norm(o)
-        o = _mm(o, p["o"], "bshe,hed->bsd", dt) + bias("o_bias")
+        o = L.add_bias(_mm(o, p["o"], "bshe,hed->bsd", dt), bias("o_bias"))
         x = x + L.dropout(o, cfg.dropout, keys[0])
         h = self._norm(x, p, "mlp_norm")
         if self.fork:  # fc2(LayerNorm(gelu(fc1 h))): torchscale's sub-LN feed-forward
-            f = jax.nn.gelu(_mm(h, p["fc1"], "bsd,df->bsf", dt) + p["fc1_bias"], approximate=False)
-            f = (
-                _mm(L.layer_norm(f, p["ffn_norm"], p["ffn_norm_bias"], cfg.eps), p["fc2"], "bsf,fd->bsd", dt)
-                + p["fc2_bias"]
+            f = jax.nn.gelu(L.add_bias(_mm(h, p["fc1"], "bsd,df->bsf", dt), p["fc1_bias"]), approximate=False)
+            f = L.add_bias(
+                _mm(L.layer_norm(f, p["ffn_norm"], p["ffn_norm_bias"], cfg.eps), p["fc2"], "bsf,fd->bsd", dt),
+                p["fc2_bias"],
             )
         else:  # GLU: fc2(gelu(fc1 h) * gate h)
             f = feed_forward(h, p["fc1"], None, p["gate"], p["fc2"], dt)

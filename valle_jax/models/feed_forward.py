@@ -61,7 +61,7 @@ def _ffn(h_ND, w_a, bias_a, w_b, w_out, dtype, rate, key):
 def _ffn_fwd(h_ND, w_a, bias_a, w_b, w_out, dtype, rate, key):
     a_NF = matmul("nd,df->nf", h_ND, w_a, dtype)
     if bias_a is not None:
-        a_NF = a_NF + bias_a
+        a_NF = a_NF + bias_a[None, :]
     b_NF = None if w_b is None else matmul("nd,df->nf", h_ND, w_b, dtype)
     f_NF = jax.nn.gelu(a_NF, approximate=False)
     f_NF = dropout(f_NF if b_NF is None else f_NF * b_NF, rate, key)

@@ -34,26 +34,37 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+    return (x - mean) * jax.lax.rsqrt(var + eps) * _features(scale, x) + _features(bias, x)
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps) * scale
+    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps) * _features(scale, x)
+
+
+def _features(v: Array, x: Array) -> Array:
+    """A per-feature parameter given x's rank (leading axes of size 1): the tests run with JAX's implicit
+    rank promotion turned into an error, so every broadcast against a lower-rank array is written out."""
+    return jax.lax.broadcast_to_rank(v, x.ndim)
+
+
+def add_bias(y: Array, bias: Array) -> Array:
+    """y + bias, the bias's axes being y's trailing ones."""
+    return y + _features(bias, y)
 
 
 def sinusoidal(positions_BS: Array, d: int) -> Array:
     """The transformer backbone's absolute encoding: all sines, then all cosines (not interleaved)."""
     half = d // 2
     omega = jnp.exp(-math.log(1e4) * jnp.arange(half, dtype=jnp.float32) / half)
-    ang = positions_BS.astype(jnp.float32)[..., None] * omega
+    ang = positions_BS.astype(jnp.float32)[..., None] * jax.lax.broadcast_to_rank(omega, positions_BS.ndim + 1)
     return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], -1)
 
 
 def rope_tables(positions_BS: Array, dh: int, theta: float) -> tuple[Array, Array]:
     """cos and sin [B, S, 1, Dh] of the rotary angles, for every layer and head."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
-    ang = positions_BS.astype(jnp.float32)[..., None] * inv_freq  # [B, S, Dh/2]
+    ang = positions_BS.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, S, Dh/2]
     ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
     return backend.computed_once(jnp.cos(ang), jnp.sin(ang))
 

@@ -62,7 +62,7 @@ def angles(key_dim: int, base: float) -> Array:
 
 def rotate(x_BSHD: Array, positions_BS: Array, angle_D: Array) -> Array:
     """x cos + r(x) sin with r mapping each pair (x1, x2) to (-x2, x1) ("rotate every two")."""
-    ang = positions_BS.astype(jnp.float32)[:, :, None, None] * angle_D
+    ang = positions_BS.astype(jnp.float32)[:, :, None, None] * angle_D[None, None, None, :]
     x = x_BSHD.astype(jnp.float32)
     pairs = x.reshape(x.shape[:-1] + (-1, 2))
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)

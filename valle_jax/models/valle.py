@@ -213,11 +213,11 @@ class VALLE(nnx.Module):
             x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key, layers
         )
         dt = jnp.dtype(self.cfg.dtype)
-        logits = (
+        logits = L.add_bias(
             jnp.einsum(
                 "bsd,dv->bsv", hidden.astype(dt), self.classifier[...].astype(dt), preferred_element_type=jnp.float32
-            )
-            + self.classifier_bias[...]
+            ),
+            self.classifier_bias[...],
         )
         return jnp.where(valid_BS[..., None], logits, 0.0), hidden, cache, aux
 
