@@ -142,62 +142,70 @@ def layer_params(cfg, seed):
     return {k: np.asarray(bb[k][0], np.float64) for k in xmoe.PARAMS}
 
 
-@pytest.mark.parametrize("policy", ["all", "random"])
-def test_layer_matches_torchscale_top2gating(policy):
-    """Eval capacity ceil(0.25 N) and training capacity 2 ceil(N / E) over the N = 50 tokens (the
-    last 10 rows are no token: our bucket padding past the longest row), then no capacity."""
-    cfg = tiny(d_model=16, n_heads=2, experts=4, n_tokens=8, moe_second_policy=policy)
-    p = layer_params(cfg, 1)
+def test_layer_matches_torchscale_top2gating():
+    """Policy "all" with the eval capacity ceil(0.25 N), the training capacity 2 ceil(N / E) and none,
+    over N = 50 tokens (the last 10 rows are no token: our bucket padding past the longest row);
+    policy "random" with the eval capacity."""
     h = np.random.default_rng(2).standard_normal((2, 30, 16))
-    jp = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()} | {"layer_index": jnp.asarray(1)}
+    h32 = jnp.asarray(h, jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(30), (2, 30))
     tokens = jnp.arange(60).reshape(2, 30) < 50
-    h32 = jnp.asarray(h, jnp.float32)
-    g = xmoe.gate(h32.reshape(60, 16), jp["gate_reduce"], jp["gate_wg"], tokens.reshape(-1), None, jnp.float32)
+    for policy in ("all", "random"):
+        cfg = tiny(d_model=16, n_heads=2, experts=4, n_tokens=8, moe_second_policy=policy)
+        p = layer_params(cfg, 1)
+        jp = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()} | {"layer_index": jnp.asarray(1)}
+        g = xmoe.gate(h32.reshape(60, 16), jp["gate_reduce"], jp["gate_wg"], tokens.reshape(-1), None, jnp.float32)
 
-    @functools.partial(jax.jit, static_argnames=("train", "slots"))
-    def run(key, train, slots):
-        call = xmoe.Call(pos, tokens if slots else None, slots or None, train, key)
-        return xmoe.xmoe_ffn(h32, jp, call, cfg)
+        @functools.partial(jax.jit, static_argnames=("train", "slots"))
+        def run(key, train, slots, jp=jp, cfg=cfg):
+            call = xmoe.Call(pos, tokens if slots else None, slots or None, train, key)
+            return xmoe.xmoe_ffn(h32, jp, call, cfg)
 
-    def check(call, capacity):
-        keep = np.ones(60, bool)
-        if policy == "random":  # the layer's own draws
-            keep = 2 * np.asarray(g.w_second) > np.asarray(xmoe.draws(call, jp["layer_index"]))
-            assert 0 < keep[:50].sum() < 50
-        out, l_aux = run(call.key, call.train, call.slots or 0)
-        want, want_aux, kept = reference_layer(h.reshape(60, 16)[:50], p, capacity, keep[:50])
-        np.testing.assert_allclose(np.asarray(out).reshape(60, 16)[:50], want, atol=2e-5, err_msg=str(capacity))
-        if call.tokens is not None:  # decoding counts every row (for an l_aux it never uses)
-            assert float(l_aux) == pytest.approx(want_aux, rel=1e-5)
-        return kept
+        def check(call, capacity, jp=jp, p=p, g=g, run=run, policy=policy):
+            keep = np.ones(60, bool)
+            if policy == "random":  # the layer's own draws
+                keep = 2 * np.asarray(g.w_second) > np.asarray(xmoe.draws(call, jp["layer_index"]))
+                assert 0 < keep[:50].sum() < 50
+            out, l_aux = run(call.key, call.train, call.slots or 0)
+            want, want_aux, kept = reference_layer(h.reshape(60, 16)[:50], p, capacity, keep[:50])
+            np.testing.assert_allclose(np.asarray(out).reshape(60, 16)[:50], want, atol=2e-5, err_msg=str(capacity))
+            if call.tokens is not None:  # decoding counts every row (for an l_aux it never uses)
+                assert float(l_aux) == pytest.approx(want_aux, rel=1e-5)
+            return kept
 
-    for train, capacity in ((False, 13), (True, 26)):
-        kept = check(xmoe.Call(pos, tokens, 60, train, jax.random.key(7) if train else None), capacity)
-        if not train:
-            assert (kept % 2 == 0).any() and (kept // 2 == 0).any()  # first and second choices dropped
-    check(xmoe.decoding_call(pos), 100)  # dropless: as if every expert had room for all
+        kept = check(xmoe.Call(pos, tokens, 60, False, None), 13)
+        assert (kept % 2 == 0).any() and (kept // 2 == 0).any()  # first and second choices dropped
+        if policy == "random":
+            break
+        check(xmoe.Call(pos, tokens, 60, True, None), 26)
+        check(xmoe.decoding_call(pos), 100)  # no capacity: as if every expert had room for all
+        # the grouped-matmul dispatch (accelerators) computes the same
+        sorted_out = xmoe.dropless(h32.reshape(60, 16), jp, g, cfg.eps, jnp.float32)
+        want = reference_layer(h.reshape(60, 16), p, 100, np.ones(60, bool))[0]
+        np.testing.assert_allclose(np.asarray(sorted_out), want, atol=2e-5)
 
 
 def test_random_policy_draws():
     """Keeps the second expert with probability 2 p2: fixed by (layer, position) outside training,
     fresh per step (key) and per token in training."""
-    pos = jnp.broadcast_to(jnp.arange(4000), (2, 4000))
-    u0 = np.asarray(xmoe.draws(xmoe.decoding_call(pos), jnp.asarray(0))).reshape(2, 4000)
-    assert (u0[0] == u0[1]).all() and 0.48 < u0.mean() < 0.52 and (0 <= u0).all() and (u0 < 1).all()
+    pos = jnp.broadcast_to(jnp.arange(2000), (2, 2000))
+    draws = jax.jit(xmoe.draws)
+    u0 = np.asarray(draws(xmoe.decoding_call(pos), jnp.asarray(0))).reshape(2, 2000)
+    assert (u0[0] == u0[1]).all() and 0.47 < u0.mean() < 0.53 and (0 <= u0).all() and (u0 < 1).all()
     u1 = np.asarray(xmoe.draws(xmoe.decoding_call(pos[:, 10:11]), jnp.asarray(0)))
     assert (u1 == u0[:, 10]).all()  # a position's draw does not depend on what else the call holds
-    assert (np.asarray(xmoe.draws(xmoe.decoding_call(pos), jnp.asarray(1))).reshape(2, 4000) != u0).mean() > 0.99
-    train = lambda k: np.asarray(xmoe.draws(xmoe.Call(pos, None, None, True, jax.random.key(k)), jnp.asarray(0)))  # noqa: E731
-    t0 = train(0).reshape(2, 4000)
-    assert (t0[0] != t0[1]).mean() > 0.99 and (train(1).reshape(2, 4000) != t0).mean() > 0.99
-    h, reduce, wg = (jax.random.normal(jax.random.key(k), s) for k, s in ((3, (8000, 16)), (4, (16, 16)), (5, (4, 16))))
-    p2 = np.asarray(xmoe.gate(h, reduce, wg, jnp.ones(8000, bool), None, jnp.float32).w_second)  # policy "all"
-    drawn = xmoe.gate(h, reduce, wg, jnp.ones(8000, bool), jnp.asarray(u0.reshape(-1)), jnp.float32)
+    assert (np.asarray(draws(xmoe.decoding_call(pos), jnp.asarray(1))).reshape(2, 2000) != u0).mean() > 0.99
+    train = lambda k: np.asarray(draws(xmoe.Call(pos, None, None, True, jax.random.key(k)), jnp.asarray(0)))  # noqa: E731
+    t0 = train(0).reshape(2, 2000)
+    assert (t0[0] != t0[1]).mean() > 0.99 and (train(1).reshape(2, 2000) != t0).mean() > 0.99
+    h, reduce, wg = (jax.random.normal(jax.random.key(k), s) for k, s in ((3, (4000, 16)), (4, (16, 16)), (5, (4, 16))))
+    gate = jax.jit(xmoe.gate, static_argnums=5)
+    p2 = np.asarray(gate(h, reduce, wg, jnp.ones(4000, bool), None, jnp.float32).w_second)  # policy "all"
+    drawn = gate(h, reduce, wg, jnp.ones(4000, bool), jnp.asarray(u0.reshape(-1)), jnp.float32)
     keep = np.asarray(drawn.keep_second)
     np.testing.assert_array_equal(keep, 2 * p2 > u0.reshape(-1))
     np.testing.assert_array_equal(np.asarray(drawn.w_second), np.where(keep, p2, 0.0))
-    assert keep.mean() == pytest.approx(np.mean(2 * p2), abs=0.02) and 0.2 < keep.mean() < 0.95
+    assert keep.mean() == pytest.approx(np.mean(2 * p2), abs=0.03) and 0.2 < keep.mean() < 0.95
 
 
 # ---- against torchscale itself -------------------------------------------------------------------
@@ -310,7 +318,7 @@ def random_batch(rng, lengths, n_tokens=64):
 
 
 def test_training_loss_adds_the_weighted_l_aux_and_trains_the_gate():
-    cfg = tiny(d_model=32, n_tokens=64, dropout=0.0)
+    cfg = tiny(d_model=16, n_heads=2, n_tokens=64, dropout=0.0)
     model = model_from_params(cfg, random_params(cfg, 4))
     b = random_batch(np.random.default_rng(2), [(6, 8, 10), (9, 5, 7)])
     graph, params = nnx.split(model)[0], params_of(model)
@@ -327,33 +335,30 @@ def test_training_loss_adds_the_weighted_l_aux_and_trains_the_gate():
 
 
 def test_recurrent_equals_parallel_where_no_capacity_applies():
-    """Decoding (prefill, then one position at a time on the recurrent state; random policy) routes
-    without a capacity, so it equals the teacher-forced parallel form with moe_eval_capacity=0, for
-    each row of a batch alike. With the eval capacity (0.25) the parallel form depends on the batch:
-    row 0 routes differently beside row 1 (the reference's quirk, kept; docs/deviations.md)."""
-    cfg = tiny(d_model=32, n_tokens=64, moe_eval_capacity=0.0, retention_chunk=8)
+    """Decoding (one position at a time on the recurrent state; random policy) routes without a
+    capacity, so it equals the teacher-forced parallel form with moe_eval_capacity=0, row by row.
+    With the eval capacity (0.25) the parallel form depends on the batch: row 0's outputs change
+    with what row 1 holds (the reference's quirk, kept; docs/deviations.md)."""
+    cfg = tiny(d_model=32, n_tokens=64, moe_eval_capacity=0.0)
     params = random_params(cfg, 5)
-    free, capped = (
-        model_from_params(cfg, params),
-        model_from_params(dataclasses.replace(cfg, moe_eval_capacity=0.25), params),
-    )
-    b = random_batch(np.random.default_rng(1), [(6, 8, 10), (9, 5, 7)])
-    levels = jnp.array([0, 0])
-    x, valid = jit_method(free, lambda m, b: m.embed(b, levels))(b)
-    s = x.shape[1]
+    free = model_from_params(cfg, params)
+    capped = model_from_params(dataclasses.replace(cfg, moe_eval_capacity=0.25), params)
+    s, levels = 24, jnp.array([0, 3])
+    valid = jnp.arange(s)[None, :] < jnp.array([[24], [15]])
+    x = jax.random.normal(jax.random.key(1), (2, s, 32)) * valid[..., None]
     pos = jnp.broadcast_to(jnp.arange(s), valid.shape)
     full = jit_method(free, lambda m, x: m.run(x, pos, valid, levels)[0])(x)
     step = jit_method(capped, lambda m, x, p, v, c: m.run(x, p, v, levels, cache=c))  # decoding ignores the capacity
-    out, _, cache = step(x[:, :20], pos[:, :20], valid[:, :20], capped.init_cache(2, s))  # prefill: chunked
-    outs = [out]
-    for t in range(20, s):
+    cache, outs = capped.init_cache(2, s), []
+    for t in range(s):
         o, _, cache = step(x[:, t : t + 1], pos[:, t : t + 1], valid[:, t : t + 1], cache)
         outs.append(o)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=2e-5)
+    got = jnp.concatenate(outs, 1)
+    np.testing.assert_allclose(np.asarray(got)[np.asarray(valid)], np.asarray(full)[np.asarray(valid)], atol=2e-5)
 
-    pair = jit_method(capped, lambda m, x, v: m.run(x, pos[:1].repeat(x.shape[0], 0), v, levels[: x.shape[0]])[0])
-    both, alone = pair(x, valid), pair(x[:1], valid[:1])
-    assert np.abs(np.asarray(both[0] - alone[0])).max() > 1e-3
+    forward = jit_method(capped, lambda m, x: m.run(x, pos, valid, levels)[0])
+    other = x.at[1].set(jax.random.normal(jax.random.key(2), (s, 32)) * valid[1][:, None])
+    assert np.abs(np.asarray(forward(x)[0] - forward(other)[0])).max() > 1e-3
 
 
 @pytest.mark.needs_espeak

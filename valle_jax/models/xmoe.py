@@ -24,8 +24,9 @@ MoE does not share:
 
 Two dispatches give these numbers: with a capacity, GShard's fixed [E, C, D] buffers (one batched
 matmul per weight); without one (decoding, `moe_eval_capacity=0`), every assignment computed once by
-grouped matmuls over the assignments sorted by expert (`jax.lax.ragged_dot`), as models/moe.py does
-for Mixtral.
+grouped matmuls over the assignments sorted by expert (`jax.lax.ragged_dot`, as models/moe.py does
+for Mixtral) where those are native (backend.grouped_matmul_native), else buffers of N slots, which
+hold every assignment (E N rows of work: half of what ragged_dot costs on the CPU).
 
 The random policy's draws: torch draws them from its global RNG, which nothing else reproduces.
 Here a draw is a counter-based hash (layers.hash_bits): in training, of the step's key, the layer
@@ -225,8 +226,10 @@ def xmoe_ffn(h_BSD: Array, p: dict, call: Call, cfg: ModelConfig) -> tuple[Array
     tokens_N = jnp.ones((b * s,), bool) if call.tokens is None else call.tokens.reshape(-1)
     uniform = draws(call, p["layer_index"]) if cfg.moe_second_policy == "random" else None
     g = gate(h_ND, p["gate_reduce"], p["gate_wg"], tokens_N, uniform, dt)
-    if call.slots is None:
+    if call.slots is None and backend.grouped_matmul_native():
         out = dropless(h_ND, p, g, cfg.eps, dt)
+    elif call.slots is None:
+        out = with_capacity(h_ND, p, g, tokens_N, b * s, jnp.asarray(b * s), cfg.eps, dt)
     else:
         limit = capacity(tokens_N.sum(dtype=jnp.int32), call.train, cfg)
         out = with_capacity(h_ND, p, g, tokens_N, call.slots, limit, cfg.eps, dt)
