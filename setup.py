@@ -43,6 +43,9 @@ EVAL_REQUIRES = [
     "setuptools<81",
 ]
 
+# Not an extra: tests/test_xmoe.py compares against torchscale==0.3.0 where it is installed, with
+# `pip install --no-deps torchscale==0.3.0` (its own pins would replace torch; docs/install.md).
+
 setup(
     name="valle_jax",
     version="0.1.0",

@@ -43,12 +43,14 @@ def get_config() -> ml_collections.ConfigDict:
     m.version = 3  # 3 = the reference; 4 adds learned per-level scalars to the code embeddings
     m.norm_eps = 0.0  # 0 = the backbone's own (transformer 1e-5, llama and retnet 1e-6)
     m.rope_theta = 0.0  # RoPE base; 0 = the arch's own (mixtral 1e6, others 1e4)
-    m.experts = 0  # llama family: feed-forward experts per layer; 0 = the arch's own (mixtral 8, others 1)
+    m.experts = 0  # FFN experts per layer (llama family: Mixtral; retnet: XMoE); 0 = the arch's own (mixtral 8)
     m.experts_per_token = 0  # experts per token; 0 = min(2, experts), as the reference
     m.sliding_window = -1  # earlier positions a query sees; -1 = the arch's own (mistral 4096, mixtral 900), 0 = none
     m.router_aux_loss_coef = 0.001  # weight of the MoE load-balancing loss
     m.moe_dispatch = "dropless"  # "dropless" (grouped matmuls) | "capacity" (fixed slots; faster on CPU)
     m.capacity_factor = 1.25  # capacity dispatch: slots per expert = factor * tokens * k / experts
+    m.moe_second_policy = "random"  # retnet XMoE: "random" keeps the 2nd expert with probability 2*p2 | "all"
+    m.moe_eval_capacity = 0.25  # retnet XMoE outside training: slots per expert = ceil(this * positions); 0 = none
     m.bidirectional_nar = False  # True: NAR levels attend both ways (the reference's later fix)
     m.dropout = 0.1  # probability, training only
     m.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (parameters stay float32)

@@ -45,6 +45,12 @@ def on_cpu() -> bool:
     return platform() == "cpu"
 
 
+def grouped_matmul_native() -> bool:
+    """Whether `jax.lax.ragged_dot` is a real grouped matmul here (GPU, TPU). On the CPU jax 0.10
+    lowers it to a product of every row with every group (docs/model.md, Mixture of experts)."""
+    return not on_cpu()
+
+
 class Backend(enum.Enum):
     XLA = "xla"  # XLA's own ops (every platform)
     CPU_KERNELS = "cpu_kernels"  # valle_jax.kernels for decoding steps, NAR levels and prefills

@@ -87,6 +87,7 @@ def data_config(config) -> DataConfig:
 ARCHS = ("transformer", "llama", "retnet", "mistral", "mixtral")
 LLAMA_FAMILY = ("llama", "mistral", "mixtral")  # one backbone: HF's Llama, Mistral and Mixtral (reference.md §3.3)
 MOE_DISPATCHES = ("dropless", "capacity")
+SECOND_POLICIES = ("random", "all")  # XMoE (retnet): torchscale's forced "random", and "all" (the golden files')
 DEFAULT_EXPERTS = 8  # arch "mixtral" with model.experts = 0: HF MixtralConfig's num_local_experts
 # the sliding attention window each HF class applies (reference.md §3.3): Mistral's default, and the 900
 # positions (12 s) the reference passes to Mixtral; Llama ignores it
@@ -123,13 +124,15 @@ class ModelConfig:
         "fork"  # "fork": the reference's torchscale fork (its checkpoints); "torchscale": upstream 0.3.0
     )
     retention_chunk: int = 0  # retnet: positions per chunk of the chunkwise form; 0 = the parallel form
-    experts: int = 0  # llama family: feed-forward experts per layer; 0 = the arch's own (mixtral 8, others 1)
-    experts_per_token: int = 0  # experts each token is routed to; 0 = min(2, experts), as the reference
+    experts: int = 0  # feed-forward experts per layer (llama family: Mixtral; retnet: XMoE); 0 = the arch's own
+    experts_per_token: int = 0  # experts each token is routed to; 0 = min(2, experts), as the reference (XMoE: 2)
     sliding_window: int = -1  # a query sees itself and at most this many earlier positions; -1 = the
     # arch's own (mistral 4096, mixtral or experts > 1: 900, others none); 0 = no window
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss added to the training loss
     moe_dispatch: str = "dropless"  # "dropless" (sorted tokens, grouped matmuls) | "capacity" (fixed slots)
     capacity_factor: float = 1.25  # "capacity": slots per expert = factor * tokens * experts_per_token / experts
+    moe_second_policy: str = "random"  # XMoE: "random" keeps a second expert with probability 2 p2; "all" always
+    moe_eval_capacity: float = 0.25  # XMoE outside training: slots per expert = ceil(this * positions); 0 = no limit
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -163,8 +166,15 @@ class ModelConfig:
     def _check_moe(self):
         if self.experts < 0 or self.experts_per_token < 0:
             raise ConfigError("model.experts and model.experts_per_token must be >= 0 (0 = the arch's own)")
-        if self.arch not in LLAMA_FAMILY and self.experts > 1:
-            raise ConfigError(f"model.experts > 1 is a llama/mistral/mixtral option, not {self.arch}'s")
+        if self.arch not in LLAMA_FAMILY + ("retnet",) and self.experts > 1:
+            raise ConfigError(f"model.experts > 1 is a llama/mistral/mixtral/retnet option, not {self.arch}'s")
+        if self.arch == "retnet" and self.experts > 1 and self.top_k != 2:
+            raise ConfigError("retnet's XMoE (a Top2Gate) routes 2 experts per token: experts_per_token 0 or 2")
+        if self.moe_second_policy not in SECOND_POLICIES:
+            policy = self.moe_second_policy
+            raise ConfigError(f"model.moe_second_policy must be one of {SECOND_POLICIES}, got {policy!r}")
+        if self.moe_eval_capacity < 0:
+            raise ConfigError(f"model.moe_eval_capacity must be >= 0 (0 = no limit), got {self.moe_eval_capacity}")
         if self.arch == "mixtral" and self.experts == 1:
             raise ConfigError("arch mixtral needs model.experts > 1 (0 = 8); a dense model is arch llama or mistral")
         if self.top_k > self.n_experts:
@@ -190,6 +200,11 @@ class ModelConfig:
         return self.n_experts > 1
 
     @property
+    def xmoe(self) -> bool:
+        """RetNet with experts: torchscale's XMoE layers (reference.md §3.2), not Mixtral's."""
+        return self.moe and self.arch == "retnet"
+
+    @property
     def top_k(self) -> int:
         """Experts per token (the reference: num_experts_per_tok = min(2, experts))."""
         return self.experts_per_token or min(2, self.n_experts)
@@ -198,7 +213,7 @@ class ModelConfig:
     def hf_class(self) -> str:
         """Which HF model the reference builds for this config (reference.md §3.3): experts > 1 make any
         llama-family arch a Mixtral; that decides the defaults of eps, RoPE base and window."""
-        return "mixtral" if self.moe else self.arch
+        return "mixtral" if self.moe and self.arch in LLAMA_FAMILY else self.arch
 
     @property
     def window(self) -> int:

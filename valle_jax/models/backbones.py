@@ -8,7 +8,8 @@ grouped-query attention when n_kv_heads < n_heads. mistral: the same with a slid
 mixtral (llama-family archs with experts > 1): the same attention, a sliding window, and a sparse
 mixture of gated GELU experts in place of the FFN (valle_jax.models.moe).
 retnet (reference.md §3.2): multi-scale retention (valle_jax.models.retention) in the reference fork's or
-upstream torchscale's layout; its "cache" is a recurrent state per layer, not keys and values.
+upstream torchscale's layout; its "cache" is a recurrent state per layer, not keys and values. With
+experts > 1, torchscale's XMoE layer in place of every feed-forward (valle_jax.models.xmoe).
 
 A layer is a function `layer(p, x, features, valid, mix, key, state) -> (x, state)`: `mix(q, k, v,
 rate, key, state) -> (out, state)` mixes positions (attention or retention) and returns what it
@@ -16,7 +17,8 @@ changed of the layer's `state` (its KV buffers or recurrent state; None in teach
 Teacher forcing calls `layer_with_stats`, the layer plus what the training loss needs of it beyond x
 (an MoE layer's router statistics; None elsewhere), and returns the auxiliary loss they give.
 
-`__call__(x, positions, valid, causal, cache=None, dropout_key=None) -> (x, cache, aux loss)`:
+`__call__(x, positions, valid, causal, cache=None, dropout_key=None, layers=None, routing=None) -> (x, cache,
+aux loss)` (`routing`: an xmoe.Mode, torchscale's train/eval mode for XMoE layers; others ignore it):
 `cache=None` is teacher forcing over the given sequence, the layers run by `lax.scan` over the stacked parameters
 (`model.scan_unroll` layers per iteration: fully unrolled by default, faster and leaner on CPU,
 compile time grows with depth; 1 for one compiled layer body whatever the depth). With a cache (see
@@ -38,7 +40,7 @@ from flax import nnx
 from valle_jax import backend
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
-from valle_jax.models import moe
+from valle_jax.models import moe, xmoe
 from valle_jax.models import retention as R
 from valle_jax.models.attention import flash_attend
 from valle_jax.models.dense_attention import dense_attend
@@ -124,6 +126,7 @@ class Backbone(nnx.Module):
         cache: dict | None = None,
         dropout_key: Array | None = None,
         layers: list[dict] | None = None,
+        routing: xmoe.Mode | None = None,
     ):
         cfg = self.cfg
         n = cfg.n_layers
@@ -136,7 +139,7 @@ class Backbone(nnx.Module):
         # training step ran 13% faster and its peak memory halved against a rolled loop
         unroll = n if cfg.scan_unroll == 0 else min(cfg.scan_unroll, n)
         mix = self.teacher_mixer(positions_BS, valid_BS, causal_B)
-        features = self.position_features(positions_BS)
+        features = self.teacher_features(positions_BS, valid_BS, routing)
 
         def step(x, xs):
             p, key = xs
@@ -147,6 +150,10 @@ class Backbone(nnx.Module):
             step = jax.checkpoint(step)
         x, stats = jax.lax.scan(step, x, (self.stacked(), None if keys is None else keys[:n]), length=n, unroll=unroll)
         return self.final(x), None, self.aux_loss(stats, valid_BS)
+
+    def teacher_features(self, positions_BS: Array, valid_BS: Array, routing: xmoe.Mode | None):
+        """What each teacher-forced layer receives as `features` (XMoE adds how it routes)."""
+        return self.position_features(positions_BS)
 
     def layer_with_stats(self, p, x, features, valid, mix, key, state=None):
         """`layer`, plus what the training loss needs of it beyond x (None: nothing)."""
@@ -352,25 +359,21 @@ class RetNetBackbone(Backbone):
     chunkwise form when `model.retention_chunk` > 0 (also for prefills and NAR passes longer than a
     chunk); decoding steps are the recurrent form. All three give the same numbers."""
 
-    LAYER_PARAMS = ("attn_norm", "q", "k", "v", "g", "o", "mlp_norm", "fc1", "fc2")
-    FORK_LAYER_PARAMS = (
-        "attn_norm_bias",
-        "q_bias",
-        "k_bias",
-        "v_bias",
-        "g_bias",
-        "o_bias",
-        "mlp_norm_bias",
-        "fc1_bias",
-        "ffn_norm",
-        "ffn_norm_bias",
-        "fc2_bias",
-    )
+    LAYER_PARAMS = ("attn_norm", "q", "k", "v", "g", "o", "mlp_norm")  # retention and the norms
+    FORK_LAYER_PARAMS = ("attn_norm_bias", "q_bias", "k_bias", "v_bias", "g_bias", "o_bias", "mlp_norm_bias")
+    FFN_PARAMS = {
+        "fork": ("fc1", "fc1_bias", "ffn_norm", "ffn_norm_bias", "fc2", "fc2_bias"),
+        "torchscale": ("fc1", "gate", "fc2"),
+    }
     STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "g": 1, "o": 2, "fc1": 1, "fc2": 1, "gate": 1}
 
     @property
     def layer_params(self) -> tuple[str, ...]:
-        return self.LAYER_PARAMS + (self.FORK_LAYER_PARAMS if self.fork else ("gate",))
+        return self.LAYER_PARAMS + (self.FORK_LAYER_PARAMS if self.fork else ()) + self.ffn_params
+
+    @property
+    def ffn_params(self) -> tuple[str, ...]:
+        return self.FFN_PARAMS[self.cfg.retnet_variant]
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg)
@@ -386,8 +389,10 @@ class RetNetBackbone(Backbone):
         self.g = L.param(rngs, xavier(small, d, 2 * d), (n, d, h, dv), ("layers", "embed", "heads", "head_dim"))
         self.o = L.param(rngs, xavier(1.0, 2 * d, d), (n, h, dv, d), ("layers", "heads", "head_dim", "embed"))
         self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
-        self.fc1 = L.param(rngs, lin(d), (n, d, f), ("layers", "embed", "mlp"))
-        self.fc2 = L.param(rngs, lin(f), (n, f, d), ("layers", "mlp", "embed"))
+        dense = not cfg.moe  # with experts, XMoERetNetBackbone adds its own feed-forward parameters
+        if dense:
+            self.fc1 = L.param(rngs, lin(d), (n, d, f), ("layers", "embed", "mlp"))
+            self.fc2 = L.param(rngs, lin(f), (n, f, d), ("layers", "mlp", "embed"))
         self.final_norm = L.param(rngs, ones, (d,), ("embed",))
         if self.fork:
             self.attn_norm_bias = L.param(rngs, zeros, (n, d), ("layers", "embed"))
@@ -397,12 +402,13 @@ class RetNetBackbone(Backbone):
             self.g_bias = L.param(rngs, lin(d), (n, h, dv), ("layers", "heads", "head_dim"))
             self.o_bias = L.param(rngs, lin(2 * d), (n, d), ("layers", "embed"))
             self.mlp_norm_bias = L.param(rngs, zeros, (n, d), ("layers", "embed"))
-            self.fc1_bias = L.param(rngs, lin(d), (n, f), ("layers", "mlp"))
-            self.ffn_norm = L.param(rngs, ones, (n, f), ("layers", "mlp"))
-            self.ffn_norm_bias = L.param(rngs, zeros, (n, f), ("layers", "mlp"))
-            self.fc2_bias = L.param(rngs, lin(f), (n, d), ("layers", "embed"))
+            if dense:
+                self.fc1_bias = L.param(rngs, lin(d), (n, f), ("layers", "mlp"))
+                self.ffn_norm = L.param(rngs, ones, (n, f), ("layers", "mlp"))
+                self.ffn_norm_bias = L.param(rngs, zeros, (n, f), ("layers", "mlp"))
+                self.fc2_bias = L.param(rngs, lin(f), (n, d), ("layers", "embed"))
             self.final_norm_bias = L.param(rngs, zeros, (d,), ("embed",))
-        else:
+        elif dense:
             self.gate = L.param(rngs, lin(d), (n, d, f), ("layers", "embed", "mlp"))
 
     # buffers of the reference, recomputed (the converter checks a checkpoint's against these)
@@ -428,9 +434,9 @@ class RetNetBackbone(Backbone):
     def enter(self, x, key):
         return L.dropout(x, self.cfg.dropout, key)  # torchscale drops out the input embeddings
 
-    def layer(self, p, x, positions, valid, mix, key, state=None):
+    def retention_block(self, p, x, positions, mix, key, state):
+        """x plus the retention sub-layer's output, and the retention's state."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        keys = jax.random.split(key, 2) if key is not None else (None, None)
         bias = (lambda name: p[name]) if self.fork else (lambda name: 0.0)
         h = self._norm(x, p, "attn_norm")
         q = L.add_bias(_mm(h, p["q"], "bsd,dhk->bshk", dt), bias("q_bias"))
@@ -441,7 +447,12 @@ class RetNetBackbone(Backbone):
         o, state = mix(R.rotate(q, positions, angle), R.rotate(k, positions, angle), v, 0.0, None, state)
         o = jax.nn.silu(g) * self._group_norm(o)
         o = L.add_bias(_mm(o, p["o"], "bshe,hed->bsd", dt), bias("o_bias"))
-        x = x + L.dropout(o, cfg.dropout, keys[0])
+        return x + L.dropout(o, cfg.dropout, key), state
+
+    def layer(self, p, x, positions, valid, mix, key, state=None):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        keys = jax.random.split(key, 2) if key is not None else (None, None)
+        x, state = self.retention_block(p, x, positions, mix, keys[0], state)
         h = self._norm(x, p, "mlp_norm")
         if self.fork:  # fc2(LayerNorm(gelu(fc1 h))): torchscale's sub-LN feed-forward
             f = jax.nn.gelu(L.add_bias(_mm(h, p["fc1"], "bsd,df->bsf", dt), p["fc1_bias"]), approximate=False)
@@ -483,11 +494,16 @@ class RetNetBackbone(Backbone):
     def teacher_mixer(self, positions_BS, valid_BS, causal_B):
         return self._mixer(positions_BS, valid_BS, None)  # retention is causal at every level
 
+    def decoding_features(self, positions_BS: Array):
+        """What each layer receives as `features` when it continues the cache."""
+        return positions_BS
+
     def continue_cache(self, x, positions_BS, valid_BS, causal_B, cache, keys, layers):
         count = cache["count"]
         states = [R.State(kv, k_sum, count) for kv, k_sum in zip(cache["kv"], cache["k_sum"], strict=True)]
         mix = self._mixer(positions_BS, valid_BS, count)
-        x, states = self.through_layers(x, positions_BS, valid_BS, mix, keys, layers, states)
+        features = self.decoding_features(positions_BS)
+        x, states = self.through_layers(x, features, valid_BS, mix, keys, layers, states)
         new_cache = dict(
             cache, kv=tuple(s.kv for s in states), k_sum=tuple(s.k_sum for s in states), count=states[-1].count
         )
@@ -510,6 +526,66 @@ class RetNetBackbone(Backbone):
         return jax.tree.map(lambda a: a[rows] if a.ndim else a, cache)  # every state is batch-first
 
     has_window = False  # a recurrent state cannot drop one past position (its past decays instead)
+
+
+class XMoERetNetBackbone(RetNetBackbone):
+    """RetNet (either variant) with torchscale's XMoE layer in place of every feed-forward
+    (`moe_freq=1`; valle_jax.models.xmoe): a 16-dim reduced top-2 gate over `cfg.n_experts` sub-LN
+    GELU experts with biases. Teacher forcing routes every position of the batch, padding included,
+    with torchscale's training or eval capacity (`routing`, an xmoe.Mode; eval without one); its
+    right padding runs through retention like the reference's, whose padded positions take expert
+    slots too. Decoding continues the recurrent state and routes without a capacity
+    (xmoe.decoding_call says why). The experts stay out of STEP_MATMULS, as Mixtral's."""
+
+    STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "g": 1, "o": 2}
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        n, d, e, f, r = cfg.n_layers, cfg.d_model, cfg.n_experts, cfg.ffn_mult * cfg.d_model, xmoe.GATE_DIM
+        lin = L.torch_linear_init
+        ex = ("layers", "experts")
+        self.gate_reduce = L.param(rngs, lin(d), (n, d, r), ("layers", "embed", None))
+        self.gate_wg = L.param(rngs, xmoe.orthogonal_rows(0.32), (n, e, r), ex + (None,))  # torchscale's gain
+        self.expert_fc1 = L.param(rngs, lin(d), (n, e, d, f), ex + ("embed", "mlp"))
+        self.expert_fc1_bias = L.param(rngs, lin(d), (n, e, f), ex + ("mlp",))
+        self.expert_norm = L.param(rngs, ones, (n, e, f), ex + ("mlp",))
+        self.expert_norm_bias = L.param(rngs, zeros, (n, e, f), ex + ("mlp",))
+        self.expert_fc2 = L.param(rngs, lin(f), (n, e, f, d), ex + ("mlp", "embed"))
+        self.expert_fc2_bias = L.param(rngs, lin(f), (n, e, d), ex + ("embed",))
+
+    @property
+    def ffn_params(self) -> tuple[str, ...]:
+        return xmoe.PARAMS
+
+    def stacked(self) -> dict:
+        # each layer's index rides with its parameters: it keys the random policy's draws
+        return dict(super().stacked(), layer_index=jnp.arange(self.cfg.n_layers, dtype=jnp.int32))
+
+    def teacher_features(self, positions_BS, valid_BS, routing):
+        return xmoe.teacher_call(self.cfg, positions_BS, valid_BS, routing)
+
+    def decoding_features(self, positions_BS):
+        return xmoe.decoding_call(positions_BS)
+
+    def teacher_mixer(self, positions_BS, valid_BS, causal_B):
+        """Retention over the right padding too, as the reference's (which passes no mask): valid
+        positions never see it (retention is causal), but the padding's own values, which route
+        and take expert slots, are then the reference's."""
+        trailing = jnp.cumsum(valid_BS[:, ::-1], axis=1)[:, ::-1] == 0  # no valid position from here on
+        return super().teacher_mixer(positions_BS, valid_BS | trailing, causal_B)
+
+    def layer_with_stats(self, p, x, call, valid, mix, key, state=None):
+        keys = jax.random.split(key, 2) if key is not None else (None, None)
+        x, state = self.retention_block(p, x, call.positions, mix, keys[0], state)
+        f, l_aux = xmoe.xmoe_ffn(self._norm(x, p, "mlp_norm"), p, call, self.cfg)
+        return x + L.dropout(f, self.cfg.dropout, keys[1]), state, l_aux
+
+    def layer(self, p, x, call, valid, mix, key, state=None):
+        return self.layer_with_stats(p, x, call, valid, mix, key, state)[:2]
+
+    def aux_loss(self, l_aux_L, valid_BS):
+        """0.001 (router_aux_loss_coef) times the sum of every layer's l_aux (reference.md §2.9)."""
+        return self.cfg.router_aux_loss_coef * l_aux_L.sum()
 
 
 class MixtralBackbone(LlamaBackbone):
@@ -554,6 +630,8 @@ class MixtralBackbone(LlamaBackbone):
 
 
 def make_backbone(cfg: ModelConfig, rngs: nnx.Rngs) -> Backbone:
+    if cfg.xmoe:
+        return XMoERetNetBackbone(cfg, rngs)
     if cfg.moe:
         return MixtralBackbone(cfg, rngs)
     llama = LlamaBackbone  # mistral is llama with a window (cfg.window); a dense "mixtral" is refused by the config

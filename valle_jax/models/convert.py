@@ -21,6 +21,7 @@ N_TASKS = 8  # rows of the reference's tasks_emb: its model config's `tasks` (re
 PRESET_HEADS = {256: 4, 512: 8, 1024: 16}  # reference.md §2.2
 RETNET_ANGLE, RETNET_DECAY = "model.retnet_rel_pos.angle", "model.retnet_rel_pos.decay"  # buffers
 MOE = "model.layers.{i}.block_sparse_moe."  # HF Mixtral's sparse MoE block (reference.md §8.3)
+XMOE = "model.layers.{i}.moe_layer."  # torchscale's XMoE layer, retnet with experts (reference.md §8.4)
 
 
 class ConversionError(ValueError):
@@ -110,6 +111,8 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
     if arch == "llama" and MOE.format(i=0) + "gate.weight" in state:  # llama/mistral/mixtral, experts > 1
         arch = "mixtral"
         extra["experts"] = state[MOE.format(i=0) + "gate.weight"].shape[0]
+    if arch == "retnet" and XMOE.format(i=0) + "gate.wg" in state:
+        extra["experts"] = state[XMOE.format(i=0) + "gate.wg"].shape[0]
     kv_heads = 0
     if arch in LLAMA_FAMILY:
         kv_heads = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // (d // heads)
@@ -118,10 +121,10 @@ def infer_config(state: Mapping[str, np.ndarray], heads: int | None = None, **ov
         "transformer": "blocks.0.ffn.block.0.weight",
         "llama": "model.layers.0.mlp.gate_proj.weight",
         "mixtral": MOE.format(i=0) + "experts.0.w1.weight",
-        "retnet": "model.layers.0.ffn.fc1.weight",
+        "retnet": XMOE.format(i=0) + "experts.0.fc1.weight" if "experts" in extra else "model.layers.0.ffn.fc1.weight",
     }[arch]
-    if arch == "retnet":  # the fork adds biases; upstream torchscale has a GLU gate instead
-        extra["retnet_variant"] = "torchscale" if "model.layers.0.ffn.gate.weight" in state else "fork"
+    if arch == "retnet":  # the fork adds biases (upstream torchscale has none, and a GLU gate)
+        extra["retnet_variant"] = "fork" if "model.layers.0.retention.q_proj.bias" in state else "torchscale"
     cfg = dict(
         arch=arch,
         d_model=d,
@@ -233,11 +236,10 @@ def _retnet_layer_layout(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]
         r + "g_proj.weight": (2 * d, d),
         r + "out_proj.weight": (d, 2 * d),
         b + "retention_layer_norm.weight": (d,),
-        b + "ffn.fc1.weight": (f, d),
-        b + "ffn.fc2.weight": (d, f),
         b + "final_layer_norm.weight": (d,),
     }
-    if cfg.retnet_variant == "fork":
+    fork = cfg.retnet_variant == "fork"
+    if fork:
         keys.update(
             {
                 r + "q_proj.bias": (d,),
@@ -246,16 +248,31 @@ def _retnet_layer_layout(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]
                 r + "g_proj.bias": (2 * d,),
                 r + "out_proj.bias": (d,),
                 b + "retention_layer_norm.bias": (d,),
-                b + "ffn.fc1.bias": (f,),
-                b + "ffn.fc2.bias": (d,),
-                b + "ffn.ffn_layernorm.weight": (f,),
-                b + "ffn.ffn_layernorm.bias": (f,),
                 b + "final_layer_norm.bias": (d,),
             }
         )
+    if cfg.xmoe:  # torchscale's XMoE: a 16-dim reduced gate, sub-LN experts with biases, either variant
+        m = b + "moe_layer."
+        keys.update({m + "gate.wg": (cfg.n_experts, 16), m + "gate.wg_reduction.weight": (16, d)})
+        for j in range(cfg.n_experts):
+            keys.update(_sub_ln_ffn_layout(f"{m}experts.{j}.", d, f))
+    elif fork:
+        keys.update(_sub_ln_ffn_layout(b + "ffn.", d, f))
     else:
-        keys[b + "ffn.gate.weight"] = (f, d)
+        keys.update({b + "ffn.fc1.weight": (f, d), b + "ffn.fc2.weight": (d, f), b + "ffn.gate.weight": (f, d)})
     return keys
+
+
+def _sub_ln_ffn_layout(b: str, d: int, f: int) -> dict[str, tuple[int, ...]]:
+    """torchscale's FeedForwardNetwork with sub-LN: the fork's feed-forward and every XMoE expert."""
+    return {
+        b + "fc1.weight": (f, d),
+        b + "fc1.bias": (f,),
+        b + "fc2.weight": (d, f),
+        b + "fc2.bias": (d,),
+        b + "ffn_layernorm.weight": (f,),
+        b + "ffn_layernorm.bias": (f,),
+    }
 
 
 def check_buffers(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
@@ -391,11 +408,10 @@ def _retnet_from_reference(f32, stack, cfg: ModelConfig) -> dict:
         "g": stack(r + "g_proj.weight", heads(2 * dk)),
         "o": stack(r + "out_proj.weight", lambda w: w.T.reshape(h, 2 * dk, d)),
         "mlp_norm": stack(b + "final_layer_norm.weight"),
-        "fc1": stack(b + "ffn.fc1.weight", lambda w: w.T),
-        "fc2": stack(b + "ffn.fc2.weight", lambda w: w.T),
         "final_norm": f32("model.layer_norm.weight"),
     }
-    if cfg.retnet_variant == "fork":
+    fork = cfg.retnet_variant == "fork"
+    if fork:
         bb.update(
             {
                 "attn_norm_bias": stack(b + "retention_layer_norm.bias"),
@@ -405,16 +421,51 @@ def _retnet_from_reference(f32, stack, cfg: ModelConfig) -> dict:
                 "g_bias": stack(r + "g_proj.bias", lambda w: w.reshape(h, 2 * dk)),
                 "o_bias": stack(r + "out_proj.bias"),
                 "mlp_norm_bias": stack(b + "final_layer_norm.bias"),
+                "final_norm_bias": f32("model.layer_norm.bias"),
+            }
+        )
+    if cfg.xmoe:
+        bb.update(_xmoe_from_reference(f32, stack, cfg))
+        return bb
+    bb.update({"fc1": stack(b + "ffn.fc1.weight", lambda w: w.T), "fc2": stack(b + "ffn.fc2.weight", lambda w: w.T)})
+    if fork:
+        bb.update(
+            {
                 "fc1_bias": stack(b + "ffn.fc1.bias"),
                 "ffn_norm": stack(b + "ffn.ffn_layernorm.weight"),
                 "ffn_norm_bias": stack(b + "ffn.ffn_layernorm.bias"),
                 "fc2_bias": stack(b + "ffn.fc2.bias"),
-                "final_norm_bias": f32("model.layer_norm.bias"),
             }
         )
     else:
         bb["gate"] = stack(b + "ffn.gate.weight", lambda w: w.T)
     return bb
+
+
+# our XMoE parameter -> (torchscale's name under moe_layer.experts.{j}., transposed)
+XMOE_EXPERT_KEYS = {
+    "expert_fc1": ("fc1.weight", True),
+    "expert_fc1_bias": ("fc1.bias", False),
+    "expert_norm": ("ffn_layernorm.weight", False),
+    "expert_norm_bias": ("ffn_layernorm.bias", False),
+    "expert_fc2": ("fc2.weight", True),
+    "expert_fc2_bias": ("fc2.bias", False),
+}
+
+
+def _xmoe_from_reference(f32, stack, cfg: ModelConfig) -> dict:
+    """torchscale's XMoE layers: the gate's wg_reduction (16, d) -> [layers, d, 16], wg (E, 16) as it
+    is, and each expert's Linear (out, in) -> [layers, experts, in, out]."""
+    out = {"gate_reduce": stack(XMOE + "gate.wg_reduction.weight", lambda w: w.T), "gate_wg": stack(XMOE + "gate.wg")}
+
+    def expert(i: int, j: int, name: str, transposed: bool) -> np.ndarray:
+        w = f32(f"{XMOE.format(i=i)}experts.{j}.{name}")
+        return w.T if transposed else w
+
+    for ours, key in XMOE_EXPERT_KEYS.items():
+        layers = [np.stack([expert(i, j, *key) for j in range(cfg.n_experts)]) for i in range(cfg.n_layers)]
+        out[ours] = np.stack(layers)
+    return out
 
 
 def _retnet_to_reference(bb: dict, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
@@ -430,10 +481,9 @@ def _retnet_to_reference(bb: dict, cfg: ModelConfig, i: int) -> dict[str, np.nda
         r + "v_proj.weight": t(bb["v"][i]),
         r + "g_proj.weight": t(bb["g"][i]),
         r + "out_proj.weight": np.ascontiguousarray(bb["o"][i].reshape(-1, d).T),
-        b + "ffn.fc1.weight": t(bb["fc1"][i]),
-        b + "ffn.fc2.weight": t(bb["fc2"][i]),
     }
-    if cfg.retnet_variant == "fork":
+    fork = cfg.retnet_variant == "fork"
+    if fork:
         flat = lambda w: np.ascontiguousarray(w.reshape(-1))  # noqa: E731
         out.update(
             {
@@ -444,6 +494,21 @@ def _retnet_to_reference(bb: dict, cfg: ModelConfig, i: int) -> dict[str, np.nda
                 r + "out_proj.bias": bb["o_bias"][i],
                 b + "retention_layer_norm.bias": bb["attn_norm_bias"][i],
                 b + "final_layer_norm.bias": bb["mlp_norm_bias"][i],
+            }
+        )
+    if cfg.xmoe:
+        m = XMOE.format(i=i)
+        out[m + "gate.wg_reduction.weight"] = t(bb["gate_reduce"][i])
+        out[m + "gate.wg"] = np.ascontiguousarray(bb["gate_wg"][i])
+        for j in range(cfg.n_experts):
+            for ours, (name, transposed) in XMOE_EXPERT_KEYS.items():
+                w = bb[ours][i, j]
+                out[f"{m}experts.{j}.{name}"] = t(w) if transposed else np.ascontiguousarray(w)
+        return out
+    out.update({b + "ffn.fc1.weight": t(bb["fc1"][i]), b + "ffn.fc2.weight": t(bb["fc2"][i])})
+    if fork:
+        out.update(
+            {
                 b + "ffn.fc1.bias": bb["fc1_bias"][i],
                 b + "ffn.fc2.bias": bb["fc2_bias"][i],
                 b + "ffn.ffn_layernorm.weight": bb["ffn_norm"][i],

@@ -204,13 +204,16 @@ class VALLE(nnx.Module):
         `layers`: the backbone's per-layer parameters (`backbone.unstack()`) for cached decoding."""
         return self.run_with_aux(x_BSD, positions_BS, valid_BS, level_B, cache, dropout_key, layers)[:3]
 
-    def run_with_aux(self, x_BSD, positions_BS, valid_BS, level_B, cache=None, dropout_key=None, layers=None):
+    def run_with_aux(
+        self, x_BSD, positions_BS, valid_BS, level_B, cache=None, dropout_key=None, layers=None, routing=None
+    ):
         """`run`, and the backbone's auxiliary training loss (an MoE's load balancing; 0 for dense
-        backbones; None with a cache): (logits, hidden, new cache, aux loss)."""
+        backbones; None with a cache): (logits, hidden, new cache, aux loss). `routing`: an xmoe.Mode
+        (training or eval routing of XMoE layers; None: eval)."""
         if self.cfg.arch == "transformer":
             x_BSD = x_BSD + L.sinusoidal(positions_BS, self.cfg.d_model)
         hidden, cache, aux = self.backbone(
-            x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key, layers
+            x_BSD, positions_BS, valid_BS, self.causal_rows(level_B), cache, dropout_key, layers, routing
         )
         dt = jnp.dtype(self.cfg.dtype)
         logits = L.add_bias(
@@ -225,12 +228,15 @@ class VALLE(nnx.Module):
         """Teacher-forced logits [B, S, V] (zero at padding) and validity [B, S]."""
         return self.forward(batch, level_B, dropout_key)[:2]
 
-    def forward(self, batch: dict, level_B: Array, dropout_key: Array | None = None) -> tuple[Array, Array, Array]:
+    def forward(
+        self, batch: dict, level_B: Array, dropout_key: Array | None = None, routing=None
+    ) -> tuple[Array, Array, Array]:
         """Teacher-forced (logits [B, S, V], validity [B, S], auxiliary loss): the term the
-        reference adds to its cross-entropy (an MoE's weighted load-balancing loss; 0 otherwise)."""
+        reference adds to its cross-entropy (an MoE's weighted load-balancing loss; 0 otherwise).
+        `routing`: an xmoe.Mode (XMoE layers route as in training or in eval; None: eval)."""
         x, valid = self.embed(batch, level_B)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), valid.shape)
-        logits, _, _, aux = self.run_with_aux(x, positions, valid, level_B, dropout_key=dropout_key)
+        logits, _, _, aux = self.run_with_aux(x, positions, valid, level_B, dropout_key=dropout_key, routing=routing)
         return logits, valid, aux
 
     def init_cache(self, batch: int, length: int, dtype=jnp.float32, layout=None) -> dict:
@@ -292,7 +298,9 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active) parameters of VALLE(cfg): active leaves out the experts a token is not routed
     to (n_experts - top_k per MoE layer); for dense models the two are equal."""
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
-    idle = cfg.n_layers * (cfg.n_experts - cfg.top_k) * 3 * cfg.d_model * cfg.ffn_mult * cfg.d_model
+    d, f = cfg.d_model, cfg.ffn_mult * cfg.d_model
+    expert = 2 * d * f + 3 * f + d if cfg.xmoe else 3 * d * f  # XMoE: fc1, fc2, sub-LN, biases; Mixtral: w1, w3, w2
+    idle = cfg.n_layers * (cfg.n_experts - cfg.top_k) * expert
     return total, total - (idle if cfg.moe else 0)
 
 

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from valle_jax.config import ModelConfig
+from valle_jax.models import xmoe
 from valle_jax.models.valle import IGNORE, VALLE, draw_levels, loss_and_metrics, targets
 from valle_jax.models.valle import abstract_model as abstract_model  # re-exported: older callers import it here
 
@@ -38,7 +39,9 @@ def batch_loss(graph, params: dict, batch: dict, key: Array, cfg: ModelConfig, l
     level_key, dropout_key = jax.random.split(key)
     b = batch["text"].shape[0]
     levels = draw_levels(level_key, b, level_probs or None, cfg.n_resp_levels)
-    logits, valid, aux = model.forward(batch, levels, dropout_key if (train and cfg.dropout > 0) else None)
+    # XMoE layers route as torchscale's in training (capacity, fresh draws) or in eval (reference.md §3.2)
+    routing = xmoe.Mode(train, jax.random.fold_in(key, 1) if train else None)
+    logits, valid, aux = model.forward(batch, levels, dropout_key if (train and cfg.dropout > 0) else None, routing)
     t, _ = targets(batch, levels, cfg.stop_token)
     t = jnp.where(batch["row_valid"][:, None], t, IGNORE)  # padding rows (evaluation) score nothing
     ce, metrics = loss_and_metrics(logits, t, levels, cfg.n_resp_levels)
@@ -105,7 +108,10 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
     if cfg.arch == "transformer":
         per_layer = 3 * d * d + d * d + 2 * d * f
     elif cfg.arch == "retnet":  # q, k at d; v, g at 2d; out from 2d; values 2d wide
-        per_layer = 2 * d * d + 4 * d * d + 2 * d * d + (2 if cfg.retnet_variant == "fork" else 3) * d * f
+        ffn = (2 if cfg.retnet_variant == "fork" else 3) * d * f
+        if cfg.xmoe:  # two experts per token, and the 16-dim gate
+            ffn = 2 * 2 * d * f + 16 * (d + cfg.n_experts)
+        per_layer = 2 * d * d + 4 * d * d + 2 * d * d + ffn
         mixing = 6 * batch_size * s * s * d
     else:
         per_layer = 2 * d * d + 2 * d * kv + 3 * d * f * cfg.top_k + (d * cfg.n_experts if cfg.moe else 0)
