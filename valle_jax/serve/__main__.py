@@ -20,6 +20,7 @@ import uvicorn
 
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.codec import CodecUnavailable
+from valle_jax.decoding import Settings
 from valle_jax.runtime import use_cpu_xla_flags
 from valle_jax.serve.app import Limits, Metrics, create_app
 from valle_jax.serve.engine import Engine
@@ -53,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
         default="all",
         help="compile every batch bucket with the default settings before serving (all)",
     )
+    p.add_argument(
+        "--warm-up-steps",
+        type=int,
+        default=Settings().max_ar_steps,
+        help="the max_ar_steps the warm-up compiles for (its step bucket; default: the default setting's)",
+    )
     p.add_argument("--drain-seconds", type=float, default=300.0, help="on SIGTERM, how long open requests may take")
     return p
 
@@ -70,7 +77,7 @@ def build(args: argparse.Namespace):
     limits = Limits(args.max_text_chars, args.max_audio_seconds, int(args.max_upload_mb * 2**20))
     engine = Engine(tts, args.max_batch, args.max_wait_ms, args.max_queue, metrics.observer())
     voices = VoiceStore(tts, args.voice_dir, max_audio_seconds=args.max_audio_seconds)
-    warm = engine.warm_up() if args.warm_up == "all" else 0.0
+    warm = engine.warm_up(settings=Settings(max_ar_steps=args.warm_up_steps)) if args.warm_up == "all" else 0.0
     return create_app(engine, voices, limits, metrics), warm
 
 

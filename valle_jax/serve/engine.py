@@ -7,6 +7,8 @@ request's own settings; what the decoder compiles in (the sampler mode, beam wid
 RAS window) must agree within a batch: a request that differs waits for the next batch. The batch is padded
 to a power of two with rows whose step limit is 1, so the compiled programs are one per batch bucket.
 
+Rows are vocoded on a second thread while the worker gathers and decodes the next batch.
+
 Each row is prepared (phonemised) inside the batch: a row that fails fails alone, with its error, and its
 batch-mates are decoded. If the decoder itself fails, the rows are retried one by one so that only the bad
 one fails. After the AR and NAR, rows are vocoded and answered shortest first: a short row waits for the
@@ -26,7 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -102,6 +104,8 @@ class Engine:
         self._cond = threading.Condition()
         self._draining = False
         self._thread = threading.Thread(target=self._loop, name="valle-batcher", daemon=True)
+        # vocoding (torch) runs beside the next batch's decoding (XLA): one thread keeps answers in order
+        self._vocoding = ThreadPoolExecutor(1, thread_name_prefix="valle-vocoder")
 
     # ---- the server's side ------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -157,6 +161,7 @@ class Engine:
                 while not self._queue and not self._draining:
                     self._cond.wait()
                 if not self._queue:  # draining and nothing left
+                    self._vocoding.shutdown(wait=True)
                     return
                 deadline = self._queue[0].queued_at + self.max_wait
                 while len(self._queue) < self.max_batch and not self._draining:
@@ -203,11 +208,11 @@ class Engine:
             log.warning("a batch of %d failed; decoding its rows one by one", len(ready))
             for row in ready:
                 try:
-                    self._answer([row], self._decode([row]), len(jobs), started)
+                    self._vocoding.submit(self._answer, [row], self._decode([row]), len(jobs), started)
                 except Exception as e:
                     row[0].future.set_exception(e)
             return
-        self._answer(ready, outputs, len(jobs), started)
+        self._vocoding.submit(self._answer, ready, outputs, len(jobs), started)
 
     def _decode(self, rows: list[tuple]) -> list[tuple[np.ndarray, bool]]:
         """(codes [frames, levels], stopped) per row: one AR and one NAR call for the whole batch."""
