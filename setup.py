@@ -46,6 +46,11 @@ EVAL_REQUIRES = [
 # Not an extra: tests/test_xmoe.py compares against torchscale==0.3.0 where it is installed, with
 # `pip install --no-deps torchscale==0.3.0` (its own pins would replace torch; docs/install.md).
 
+# python -m valle_jax.serve / valle_jax.webui and Vocos decoding (docs/serving.md); the dev extra has them
+# for the server and browser tests (Playwright drives the system's Debian chromium: no browser download).
+SERVE_REQUIRES = ["fastapi>=0.115", "uvicorn>=0.30", "python-multipart>=0.0.9", "prometheus-client>=0.20"]
+SERVE_REQUIRES += ["gradio>=6.0,<7", "vocos==0.1.0", "pyyaml>=6", "httpx>=0.27", "playwright>=1.45"]
+
 setup(
     name="valle_jax",
     version="0.1.0",
@@ -56,6 +61,14 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "eval": EVAL_REQUIRES,
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff==0.17.5", *EVAL_REQUIRES],
+        "serve": SERVE_REQUIRES,
+        "dev": [
+            *SERVE_REQUIRES,
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
+            "ruff==0.17.5",
+            *EVAL_REQUIRES,
+        ],
     },
 )

@@ -21,6 +21,19 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   fi
 fi
 
+# Chromium (a Debian package): the web UI's browser test drives it with Playwright (no browser download);
+# without it that test skips and says so
+if ! [ -x /usr/lib/chromium/chromium ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (apt-get, for the web UI's browser test)"
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 ||
+     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)) ||
+      echo "setup: could not install chromium; the browser test will skip" >&2
+  else
+    echo "setup: optional: sudo apt-get install -y chromium (the web UI's browser test)" >&2
+  fi
+fi
+
 # TCMalloc (optional, a Debian package): training re-executes itself with it preloaded, which keeps
 # XLA's CPU buffers paged in between steps (several times faster memory-bound ops; valle_jax/runtime.py)
 if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then

@@ -1,6 +1,6 @@
 """EnCodec 24 kHz (torch): waveforms <-> codes int16[T, 8] at 75 frames/s.
 
-The only module of the package that imports torch. Weights come from, in this order:
+One of the two modules of the package that import torch (with valle_jax/vocoder.py). Weights come from, in this order:
 a local directory (`codec_dir`, holding `encodec_24khz-d7cc33bc.th`), or the encodec package's
 own pretrained loader (the torch hub cache under $TORCH_HOME, downloading when the network allows).
 

@@ -818,12 +818,15 @@ class Decoder:
         plan = self.ar_plan(settings, n_slots, cached, keep_logits)
         return functools.partial(self._ar, layers=self.step_layers if cached else None, plan=plan)
 
-    def nar(self, inputs: Inputs, ar: ArResult, settings: Settings) -> Array:
-        """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket."""
-        args, static = self.nar_arguments(inputs, ar, settings)
+    def nar(self, inputs: Inputs, ar: ArResult, settings: Settings, knobs: Knobs | None = None) -> Array:
+        """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket. `knobs`:
+        per-row NAR values overriding `settings`' (a server's batch of unrelated requests)."""
+        args, static = self.nar_arguments(inputs, ar, settings, knobs)
         return self._nar(*args, **static)
 
-    def nar_arguments(self, inputs: Inputs, ar: ArResult, settings: Settings) -> tuple[tuple, dict]:
+    def nar_arguments(
+        self, inputs: Inputs, ar: ArResult, settings: Settings, knobs: Knobs | None = None
+    ) -> tuple[tuple, dict]:
         """What `nar` passes to the jitted NAR: (arguments, static arguments), for `._nar.lower()` too."""
         b = len(inputs.text_len)
         r = min(bucket(max(int(np.max(ar.length)), 1), NAR_BUCKETS), ar.tokens.shape[1])
@@ -834,7 +837,8 @@ class Decoder:
             n_levels=jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
         )
         key = jax.random.fold_in(jax.random.key(settings.seed), 1)
-        args = (self.params, inputs, start, Knobs.of(settings, b, ar=False), key, self.nar_layers)
+        knobs = knobs if knobs is not None else Knobs.of(settings, b, ar=False)
+        args = (self.params, inputs, start, knobs, key, self.nar_layers)
         return args, {"plan": NarPlan(settings.sign_aware_penalties)}
 
     def generate(self, inputs: Inputs, settings: Settings) -> Output:

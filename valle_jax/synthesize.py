@@ -30,7 +30,7 @@ from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Settings
 from valle_jax.models.convert import ConversionError
 from valle_jax.runtime import use_cpu_xla_flags
-from valle_jax.tts import TTS, EmptyAudioWarning
+from valle_jax.tts import TTS, VOCODERS, EmptyAudioWarning
 
 # flag -> (Settings field, type, help); defaults come from Settings itself
 SAMPLING_FLAGS = {
@@ -104,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="EnCodec weights folder (default: the encodec package's pretrained weights)",
     )
+    add_vocoder_flags(p)
     p.add_argument("--text-file", type=Path, default=None, help="one utterance per line, one wav each")
     p.add_argument("--batch-size", type=int, default=8, help="utterances decoded together")
     p.add_argument("--language", default="en")
@@ -131,6 +132,28 @@ def parser() -> argparse.ArgumentParser:
         help="the reference's penalties, which can make negative logits likelier",
     )
     return p
+
+
+def add_vocoder_flags(p: argparse.ArgumentParser) -> None:
+    """--vocoder, --vocoder-dir, --codec-device (the synthesis command, the server and the web UI)."""
+    p.add_argument(
+        "--vocoder",
+        choices=VOCODERS,
+        default="encodec",
+        help="codes to audio: EnCodec's decoder, or Vocos (the reference's default; valle_jax.vocoder)",
+    )
+    p.add_argument(
+        "--vocoder-dir",
+        type=Path,
+        default=None,
+        help="folder holding config.yaml and pytorch_model.bin of charactr/vocos-encodec-24khz "
+        "(default: the Hugging Face cache)",
+    )
+    p.add_argument("--codec-device", default="cpu", help="torch device of the codec and vocoder (e.g. cuda)")
+
+
+def vocoder_options(args: argparse.Namespace) -> dict:
+    return dict(vocoder=args.vocoder, vocoder_dir=args.vocoder_dir, codec_device=args.codec_device)
 
 
 def main(argv=None) -> int:
@@ -169,6 +192,7 @@ def usage_error(args: argparse.Namespace, sampling: dict, text: str | None) -> s
 
 def run(args: argparse.Namespace) -> int:
     from valle_jax.codec import CodecUnavailable  # noqa: PLC0415 - optional heavy dependency: torch (codec)
+    from valle_jax.vocoder import VocoderUnavailable  # noqa: PLC0415 - optional heavy dependency: torch
 
     if args.text_file is not None:
         if len(args.positional) != 1:
@@ -204,7 +228,10 @@ def run(args: argparse.Namespace) -> int:
             step=args.step,
             heads=args.heads,
             kv_dtype=args.kv_dtype,
+            **vocoder_options(args),
         )
+        if args.vocoder == "vocos":
+            tts.vocos  # noqa: B018 - loaded now: missing weights are an error before any decoding
         voice = tts.prompt(reference, args.input_prompt_length)
         print(
             f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "
@@ -272,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
         CheckpointError,
         ConversionError,
         CodecUnavailable,
+        VocoderUnavailable,
         FileNotFoundError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)

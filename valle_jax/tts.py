@@ -32,6 +32,8 @@ from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode, refe
 from valle_jax.decoding import DecodeError, Decoder, Settings, make_inputs
 from valle_jax.models.convert import from_reference, infer_config, read_source
 
+VOCODERS = ("encodec", "vocos")  # what turns codes into audio (valle_jax.vocoder)
+
 log = logging.getLogger(__name__)
 
 
@@ -102,11 +104,20 @@ class TTS:
         codec_dir: str | os.PathLike | None = None,
         chunk: int = 8,
         kv_dtype: str | None = None,
+        vocoder: str = "encodec",
+        vocoder_dir: str | os.PathLike | None = None,
+        codec_device: str = "cpu",
     ):
+        """`vocoder`: what turns codes into audio, "encodec" (the codec's decoder) or "vocos"
+        (valle_jax.vocoder; weights from `vocoder_dir` or the Hugging Face cache). `codec_device`: the
+        torch device of the codec and the vocoder ("cuda" on a GPU machine)."""
+        if vocoder not in VOCODERS:
+            raise ValueError(f"vocoder must be one of {VOCODERS}, got {vocoder!r}")
         self.cfg, self.symmap = cfg, dict(symmap)
         self.decoder = Decoder(model, chunk=chunk, kv_dtype=kv_dtype)
         self.codec_dir = codec_dir
-        self._codec = None
+        self.vocoder, self.vocoder_dir, self.codec_device = vocoder, vocoder_dir, codec_device
+        self._codec = self._vocos = None
         self._phonemizers: dict[str, Phonemizer] = {}
         self._ids: dict[tuple[str, str], list[int]] = {}
 
@@ -120,21 +131,33 @@ class TTS:
         step: int | None = None,
         heads: int | None = None,
         kv_dtype: str | None = None,
+        **decoding,
     ) -> TTS:
         """`kv_dtype`: the AR's KV cache ("bfloat16" halves what a step reads from it; None: the
-        model's dtype, see decoding.Decoder)."""
+        model's dtype, see decoding.Decoder). `decoding`: vocoder, vocoder_dir, codec_device (__init__)."""
         model, cfg, symmap = load_any(path, dtype, step, heads)
-        return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype)
+        return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype, **decoding)
 
     @property
     def codec(self):
         if self._codec is None:
             from valle_jax.codec import Codec  # noqa: PLC0415 - optional heavy dependency: torch (codec)
 
-            self._codec = Codec.load(self.codec_dir)
+            self._codec = Codec.load(self.codec_dir, device=self.codec_device)
             if self._codec.is_random:
                 warnings.warn(f"the codec in {self.codec_dir} is randomly initialised: its audio is not speech")
         return self._codec
+
+    @property
+    def vocos(self):
+        """The Vocos vocoder (loaded on first use; VocoderUnavailable names the missing weights)."""
+        if self._vocos is None:
+            from valle_jax.vocoder import Vocos  # noqa: PLC0415 - optional heavy dependency: torch (vocoder)
+
+            self._vocos = Vocos.load(self.vocoder_dir, self.codec_device)
+            if self._vocos.is_random:
+                warnings.warn(f"the Vocos in {self.vocoder_dir} is randomly initialised: its audio is not speech")
+        return self._vocos
 
     # ---- inputs -------------------------------------------------------------------------------
     def text_ids(self, text: str, language: str = "en") -> list[int]:
@@ -288,7 +311,7 @@ class TTS:
         """codes [frames, levels] -> float32 waveform at 24 kHz."""
         if len(codes) == 0:
             return np.zeros((0,), np.float32)
-        return self.codec.decode(codes)
+        return self.vocos.decode(codes) if self.vocoder == "vocos" else self.codec.decode(codes)
 
     def synthesize_batch(self, texts: Sequence[str], references: Sequence[Reference], **kwargs) -> list[np.ndarray]:
         return [self.decode(c) for c in self.generate_codes(texts, references, **kwargs)]

@@ -1,0 +1,218 @@
+"""The HTTP server (valle_jax.serve) with a tiny random model: every endpoint, every error status, a failing
+row inside a good batch whose rows keep their own settings, the metrics counters, and SIGTERM draining."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from starlette.testclient import TestClient
+
+from valle_jax.audio import HOP_LENGTH, SAMPLE_RATE
+from valle_jax.config import ModelConfig
+from valle_jax.data.text import reference_symmap
+from valle_jax.serve.app import Limits, Metrics, create_app
+from valle_jax.serve.engine import Engine
+from valle_jax.serve.voices import VoiceStore
+
+pytestmark = pytest.mark.needs_espeak
+GREEDY = {"ar_temp": 0.0, "nar_temp": 0.0, "max_ar_steps": 12}  # the random model never stops: 12 frames
+LIMITS = Limits(max_text_chars=200, max_audio_seconds=5.0, max_upload_bytes=400_000)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from valle_jax.checkpointing import params_of, save_model
+    from valle_jax.models import init_model
+
+    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    symmap = {k: v for k, v in reference_symmap().items() if k != "ð"}  # "the" has an unknown symbol
+    save_model(out, cfg, params_of(init_model(cfg, 0)), symmap)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tts(model_dir, codec_dir):
+    from valle_jax import TTS
+
+    return TTS.load(model_dir, codec_dir=codec_dir)
+
+
+@pytest.fixture(scope="module")
+def wav_bytes(corpus):
+    return sorted(corpus.rglob("*.wav"))[0].read_bytes()
+
+
+def make_app(tts, **engine):
+    metrics = Metrics()
+    engine = Engine(tts, observer=metrics.observer(), **engine)
+    return create_app(engine, VoiceStore(tts, max_audio_seconds=LIMITS.max_audio_seconds), LIMITS, metrics)
+
+
+def tts_json(client, **fields):
+    return client.post("/v1/tts", json={"settings": GREEDY, **fields})
+
+
+def test_endpoints_error_statuses_and_metrics(tts, wav_bytes):
+    with TestClient(make_app(tts, max_batch=4, max_wait_ms=400)) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "queue": 0}
+        up = client.post("/v1/voices", files={"audio": ("v.wav", wav_bytes, "audio/wav")})
+        assert up.status_code == 200 and up.json()["seconds"] == 3.0
+        vid = up.json()["id"]
+        assert client.post("/v1/voices", files={"audio": ("again.wav", wav_bytes)}).json()["id"] == vid  # content hash
+        assert [v["id"] for v in client.get("/v1/voices").json()["voices"]] == [vid]
+
+        ok = tts_json(client, text="Hello there.", voice=vid)
+        assert ok.status_code == 200 and ok.headers["content-type"] == "audio/wav"
+        wav, sr = sf.read(io.BytesIO(ok.content))
+        assert sr == SAMPLE_RATE and wav.shape == (12 * HOP_LENGTH,) and ok.headers["x-frames"] == "12"
+        assert json.loads(ok.headers["x-settings"])["max_ar_steps"] == 12
+        flac = client.post(
+            "/v1/tts", json={"text": "Hello.", "voice": vid, "settings": GREEDY}, headers={"Accept": "audio/flac"}
+        )
+        assert flac.headers["content-type"] == "audio/flac" and sf.read(io.BytesIO(flac.content))[0].shape == wav.shape
+        form = {"text": "Hello.", "format": "ogg", "settings": json.dumps(GREEDY)}
+        ogg = client.post("/v1/tts", data=form, files={"audio": ("v.wav", wav_bytes)})  # an upload in the request
+        assert ogg.status_code == 200 and ogg.headers["content-type"] == "audio/ogg"
+        codes = io.BytesIO()
+        np.save(codes, np.random.default_rng(0).integers(0, 1024, (100, 8)))
+        npy = client.post("/v1/tts", data=form | {"format": "wav"}, files={"audio": ("v.npy", codes.getvalue())})
+        assert npy.status_code == 200  # a voice file (codes)
+
+        long_wav = io.BytesIO()
+        sf.write(long_wav, np.tile(sf.read(io.BytesIO(wav_bytes))[0], 3)[: 6 * 22050], 22050, format="WAV")
+        errors = {
+            404: tts_json(client, text="Hello.", voice="0123abcd"),
+            406: client.post("/v1/tts", json={"text": "Hi.", "voice": vid}, headers={"Accept": "text/html"}),
+            413: [
+                tts_json(client, text="a" * 201, voice=vid),
+                client.post("/v1/voices", files={"audio": ("big.wav", b"x" * 500_000)}),
+                client.post("/v1/voices", files={"audio": ("long.wav", long_wav.getvalue())}),
+            ],
+            422: [
+                tts_json(client, text="  ", voice=vid),
+                tts_json(client, text="Hello.", voice=vid, settings={"top_p": 2.0}),
+                tts_json(client, text="Hello.", voice=vid, settings={"temprature": 1.0}),
+                tts_json(client, text="Hello.", voice=vid, settings={"max_ar_steps": 450}),  # over 5 s
+                tts_json(client, text="Hello.", voice=vid, language="xx"),
+                tts_json(client, text="Hello."),
+                tts_json(client, text="Hello.", voice=vid, format="mp3"),
+                client.post("/v1/voices", files={"audio": ("bad.wav", b"RIFF not audio")}),
+                client.post("/v1/tts", content=b"{", headers={"content-type": "application/json"}),
+            ],
+        }
+        for status, responses in errors.items():
+            for r in responses if isinstance(responses, list) else [responses]:
+                assert r.status_code == status, (status, r.text)
+                assert r.json()["error"] and "Traceback" not in r.text
+        assert "unknown voice id" in errors[404].json()["error"]
+        assert "top_p" in errors[422][1].json()["error"] and "temprature" in errors[422][2].json()["error"]
+
+        # a failing row inside a good batch: three requests gathered together, one with an unknown symbol;
+        # the good ones keep their own settings (12 and 8 frames) and get their audio
+        asks = [("Hello there.", 12), ("the", 12), ("Hello.", 8)]
+        answers = [None] * 3
+
+        def ask(i):
+            text, steps = asks[i]
+            answers[i] = tts_json(client, text=text, voice=vid, settings=GREEDY | {"max_ar_steps": steps})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [a.status_code for a in answers] == [200, 422, 200]
+        assert "ð" in answers[1].json()["error"]
+        assert [answers[i].headers["x-batch-size"] for i in (0, 2)] == ["3", "3"]
+        assert [len(sf.read(io.BytesIO(answers[i].content))[0]) for i in (0, 2)] == [12 * HOP_LENGTH, 8 * HOP_LENGTH]
+
+        metrics = client.get("/metrics").text
+        count = lambda name: float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name)))  # noqa: E731
+        assert count('valle_requests_total{endpoint="tts",status="200"}') == 6
+        assert count('valle_requests_total{endpoint="tts",status="422"}') == 9  # 8 above + the bad row
+        assert count('valle_requests_total{endpoint="voices",status="413"}') == 2
+        assert count('valle_requests_total{endpoint="tts",status="404"}') == 1
+        assert count("valle_batch_size_count") == 6 and count('valle_batch_size_bucket{le="2.0"}') == 5
+        assert count("valle_tts_latency_seconds_count") == 6
+        assert count("valle_queue_depth") == 0
+
+
+def test_queue_full_is_429_and_draining_is_503(tts, wav_bytes):
+    app = make_app(tts, max_queue=1)
+    client = TestClient(app)  # no lifespan: the worker never runs, so the queue stays full
+    voice = app.state.voices.add(wav_bytes)[0]
+    app.state.engine.submit("Hello.", app.state.voices.get(voice), "en", None)
+    full = tts_json(client, text="Hello.", voice=voice)
+    assert full.status_code == 429 and "retry later" in full.json()["error"]
+    app.state.engine.stop()
+    assert tts_json(client, text="Hello.", voice=voice).status_code == 503
+    assert client.get("/healthz").json()["status"] == "draining"
+
+
+def test_sigterm_drains_the_queue_and_exits_0(model_dir, codec_dir, wav_bytes, tmp_path):
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "valle_jax.serve",
+        "--checkpoint",
+        str(model_dir),
+        "--codec-dir",
+        str(codec_dir),
+        "--port",
+        str(port),
+        "--warm-up",
+        "none",
+        "--max-wait-ms",
+        "300",
+        "--voice-dir",
+        str(tmp_path / "v"),
+    ]
+    server = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.3)
+        vid = httpx.post(f"{base}/v1/voices", files={"audio": ("v.wav", wav_bytes)}, timeout=60).json()["id"]
+        assert (tmp_path / "v" / f"{vid}.npy").is_file()  # where other replicas find it
+        answers = []
+        body = {"text": "Hello there.", "voice": vid, "settings": GREEDY}
+        threads = [
+            threading.Thread(target=lambda: answers.append(httpx.post(f"{base}/v1/tts", json=body, timeout=120)))
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        while httpx.get(f"{base}/healthz", timeout=5).json()["queue"] < 3:  # all taken, waiting for batch-mates
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert server.wait(60) == 0
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert all(len(sf.read(io.BytesIO(a.content))[0]) == 12 * HOP_LENGTH for a in answers)
+    finally:
+        if server.poll() is None:
+            server.kill()
