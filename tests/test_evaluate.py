@@ -137,7 +137,7 @@ def test_ground_truth_ceiling_continuation(test_list, tmp_path, capsys):
     m = summary["metrics"]
     print(f"\nground truth, continuation: SIM {m['sim_truth']['mean']:.3f}, WER {m['wer']['mean']:.3f}")
     # SIM scores what follows the prompt's second (as a model's continuation) against the whole recording
-    assert summary["timing"] is None and m["mcd"]["mean"] == 0.0 and 0.9 < m["sim_truth"]["mean"] < 1.0
+    assert summary["timing"] is None and m["mcd"]["mean"] == 0.0 and 0.9 < m["sim_truth"]["mean"] < 0.99
     rows = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]
     assert all(r["generated_from_s"] == 1.0 for r in rows)
     assert m["duration_ratio"]["mean"] == 1.0 and "rtf" not in m
