@@ -443,3 +443,60 @@ def test_bfloat16_decodes_a_batch(cpu_kernels):
     dec = D.Decoder(init_model(tiny(dtype="bfloat16"), 0), cpu_kernels=cpu_kernels)
     out = dec.generate(inputs_of(*utterances(10)), dataclasses.replace(GREEDY, max_ar_steps=10))
     assert [c.shape for c in out.codes] == [(10, 8)] * 3
+
+
+# ---- continuation (VALL-E's continuation task: the response starts with given frames) --------------
+def _continuation(seed, lengths, levels=8):
+    rng = np.random.default_rng(seed)
+    given = [rng.integers(0, 1024, (k, levels)) if k else None for k in lengths]
+    return given, D.make_continuation(given, levels)
+
+
+def test_continuation_conditions_on_the_given_frames(model, decoder):
+    """The AR takes the given frames as its first outputs and conditions on them: each greedy frame
+    after them is the argmax of the training forward's logits over the whole response, given frames
+    first; the given frames keep their codes at every NAR level, and `generate` returns only what
+    follows them."""
+    texts, prompts = utterances(11)
+    inputs = inputs_of(texts, prompts)
+    given, cont = _continuation(0, (9, 0, 5))
+    settings = dataclasses.replace(GREEDY, max_ar_steps=12, min_ar_steps=0, nar_temp=1.0, seed=4)
+    out = decoder.ar(inputs, settings, continuation=cont)
+    tokens, length, stopped = np.asarray(out.tokens), np.asarray(out.length), np.asarray(out.stopped)
+    k = np.asarray(cont.length)
+    for i, g in enumerate(given):
+        if g is not None:
+            np.testing.assert_array_equal(tokens[i, : len(g)], g[:, 0])
+    assert list(length[~stopped]) == list(k[~stopped] + 12) and (length > k).all()  # the limit counts new frames
+    r = int(length.max())
+    batch = dict(inputs._asdict(), resp=jnp.asarray(tokens[:, :r, None]), resp_len=jnp.asarray(length))
+    logits, _ = model(batch, jnp.zeros((3,), jnp.int32))
+    plen = np.asarray(inputs.text_len) + np.asarray(inputs.prompt_len) + 4
+    for i in range(3):  # logits at position plen - 1 + t choose frame t
+        n = length[i] + bool(stopped[i])
+        chosen = np.asarray(logits)[i, plen[i] - 1 + k[i] : plen[i] - 1 + n].argmax(-1)
+        np.testing.assert_array_equal(tokens[i, k[i] : n], chosen)
+    codes = np.asarray(decoder.nar(inputs, out, settings, cont))
+    for i, g in enumerate(given):
+        if g is not None:
+            np.testing.assert_array_equal(codes[i, : len(g)], g)
+    assert (codes[1, :, 1:] != 0).any()  # the row without given frames is sampled as ever
+    gen = decoder.generate(inputs, settings, continuation=cont)
+    for i in range(3):
+        np.testing.assert_array_equal(gen.codes[i], codes[i, k[i] : length[i]])
+
+
+def test_continuation_with_beams_and_bad_continuations(decoder):
+    inputs = inputs_of(*utterances(12))
+    given, cont = _continuation(1, (6, 3, 0))
+    beams = decoder.ar(inputs, dataclasses.replace(GREEDY, beam_width=3, max_ar_steps=8), continuation=cont)
+    tokens = np.asarray(beams.tokens)
+    np.testing.assert_array_equal(tokens[0, :6], given[0][:, 0])
+    np.testing.assert_array_equal(tokens[1, :3], given[1][:, 0])
+    assert (tokens[:, :8] != STOP).any(axis=1).all()
+    with pytest.raises(D.DecodeError, match=r"continuation codes must be \[3, frames, 8\]"):
+        decoder.ar(inputs, GREEDY, continuation=D.make_continuation(given, 4))
+    with pytest.raises(D.DecodeError, match="must lie in 0..1023"):
+        decoder.ar(inputs, GREEDY, continuation=cont._replace(codes=np.full_like(cont.codes, STOP)))
+    with pytest.raises(D.DecodeError, match="expected codes"):
+        D.make_continuation([np.zeros((4,), np.int32)], 8)

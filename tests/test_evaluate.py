@@ -96,23 +96,27 @@ def model_dir(tmp_path_factory):
 
 
 def test_end_to_end_with_a_tiny_model_and_a_random_codec(model_dir, codec_dir, test_list, tmp_path, capsys):
+    """The continuation protocol (its synthesis is the cross protocol's, plus the prompt frames the
+    AR continues): each wav is the prompt's second, then 16 generated frames."""
     pytest.importorskip("resemblyzer")
     pytest.importorskip("pocketsphinx")
-    out = tmp_path / "cross"
+    out = tmp_path / "continuation"
     args = ["--checkpoint", str(model_dir), "--codec-dir", str(codec_dir), "--test-list", str(test_list)]
-    args += ["--protocol", "cross", "--out", str(out), "--limit", "4", "--batch-size", "2", "--prompt-seconds", "1"]
+    args += ["--protocol", "continuation", "--out", str(out), "--limit", "4", "--batch-size", "2"]
+    args += ["--prompt-seconds", "1"]
     args += ["--max-ar-steps", "16", "--seed", "3"]
     assert evaluate.main(args) == 0
     printed = capsys.readouterr()
     assert "| metric | mean | 95% interval | n |" in printed.out and "| sim_prompt |" in printed.out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n"] == 4 and summary["protocol"] == "cross" and summary["not_stopped"] == 4
+    assert summary["n"] == 4 and summary["protocol"] == "continuation" and summary["not_stopped"] == 4
     assert METRIC_KEYS | {"rtf", "ar_steps_per_s", "ar_frames_per_s"} == set(summary["metrics"])
     rows = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["stopped"] is False for r in rows)
     for r in rows:
         wav, sr = sf.read(out / r["audio"])
-        assert sr == 24_000 and len(wav) == 16 * 320 and r["seconds"] == pytest.approx(16 / 75)
+        assert sr == 24_000 and len(wav) == (75 + 16) * 320 and r["seconds"] == pytest.approx(91 / 75)
+        assert r["generated_from_s"] == 1.0
         assert 0 <= r["wer"] and -1 <= r["sim_prompt"] <= 1 and r["batch"] in (0, 1)
     wers = [r["wer"] for r in rows]
     assert summary["metrics"]["wer"]["mean"] == pytest.approx(np.mean(wers))
@@ -132,5 +136,8 @@ def test_ground_truth_ceiling_continuation(test_list, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     m = summary["metrics"]
     print(f"\nground truth, continuation: SIM {m['sim_truth']['mean']:.3f}, WER {m['wer']['mean']:.3f}")
-    assert summary["timing"] is None and m["mcd"]["mean"] == 0.0 and m["sim_truth"]["mean"] > 0.99
+    # SIM scores what follows the prompt's second (as a model's continuation) against the whole recording
+    assert summary["timing"] is None and m["mcd"]["mean"] == 0.0 and 0.9 < m["sim_truth"]["mean"] < 0.99
+    rows = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]
+    assert all(r["generated_from_s"] == 1.0 for r in rows)
     assert m["duration_ratio"]["mean"] == 1.0 and "rtf" not in m

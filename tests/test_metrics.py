@@ -5,6 +5,7 @@ clean candidate; and the pieces (normaliser, intervals, ranking) on constructed 
 import importlib.util
 import itertools
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -206,3 +207,133 @@ def test_training_speech_scores_skip_a_random_codec_and_score_a_real_one(speech,
     assert (
         got["eval_audio/mcd"] == 0.0 and got["eval_audio/wer_vs_ref_asr"] == 0.0 and got["eval_audio/sim_truth"] > 0.99
     )
+
+
+# ---- the optional backends, with fake libraries injected (no network, no weights) ---------------
+class FakeFasterWhisper:
+    """faster_whisper's surface: WhisperModel(name, device=, compute_type=).transcribe(audio, ...)."""
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class WhisperModel:
+            def __init__(self, name, device, compute_type):
+                fake.calls.append(("load", name, device, compute_type))
+
+            def transcribe(self, audio, language, beam_size):
+                fake.calls.append(("transcribe", audio.dtype, len(audio), language, beam_size))
+                segment = type("Segment", (), {"text": " Hello "})
+                return iter([segment, type("Segment", (), {"text": "there. "})]), {"language": language}
+
+        self.WhisperModel = WhisperModel
+
+
+class FakeOpenaiWhisper:
+    """openai-whisper's surface: load_model(name, device=).transcribe(audio, ...) -> {"text"}."""
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class Model:
+            def transcribe(self, audio, language, fp16, temperature):
+                fake.calls.append(("transcribe", audio.dtype, len(audio), language, fp16, temperature))
+                return {"text": " Hello there!"}
+
+        def load_model(name, device):
+            fake.calls.append(("load", name, device))
+            return Model()
+
+        self.load_model = load_model
+
+
+def test_whisper_backends_by_flag_with_fake_libraries(monkeypatch):
+    pytest.importorskip("jiwer")
+    from valle_jax.evaluate import build_metrics
+
+    one_second = np.zeros(SAMPLE_RATE, np.float32)
+    faster, openai = FakeFasterWhisper(), FakeOpenaiWhisper()
+    monkeypatch.setitem(sys.modules, "faster_whisper", faster)
+    monkeypatch.setitem(sys.modules, "whisper", openai)
+    wer = build_metrics(["wer"], "whisper", "tiny.en", "resemblyzer")["wer"]  # evaluate's --asr / --asr-model
+    assert wer.asr.kind == "faster" and faster.calls == [("load", "tiny.en", "cpu", "int8")]
+    r = wer(Sample(one_second, text="Hello there."))
+    assert r["transcript"] == "Hello there." and r["wer"] == 0.0
+    assert faster.calls[1] == ("transcribe", np.float32, 16_000, "en", 1)  # resampled to 16 kHz
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # not installed: openai-whisper is the fallback
+    wer = make_metric("wer", asr="whisper")
+    assert wer.asr.kind == "openai" and openai.calls == [("load", "base.en", "cpu")]
+    assert wer(Sample(one_second, text="Hello there."))["wer"] == 0.0
+    assert openai.calls[1] == ("transcribe", np.float32, 16_000, "en", False, 0.0) and not faster.calls[2:]
+    monkeypatch.setitem(sys.modules, "whisper", None)  # neither: one clear line
+    with pytest.raises(MetricUnavailable) as e:
+        make_metric("wer", asr="whisper")
+    assert str(e.value) == "the whisper ASR needs faster-whisper or openai-whisper: pip install faster-whisper"
+
+
+class FakeTransformers:
+    """transformers' surface for WavLM: AutoFeatureExtractor and WavLMForXVector.from_pretrained; the
+    "embedding" is a few statistics of the waveform, so that different audio embeds differently."""
+
+    def __init__(self, torch):
+        self.loaded = []
+        fake = self
+
+        class Features(dict):
+            def to(self, device):
+                return self
+
+        class Extractor:
+            def __call__(self, x, sampling_rate, return_tensors):
+                assert sampling_rate == 16_000 and return_tensors == "pt"
+                return Features(input_values=torch.from_numpy(np.asarray(x, np.float32))[None])
+
+        class Model:
+            def to(self, device):
+                return self
+
+            def eval(self):
+                return self
+
+            def __call__(self, input_values):
+                x = input_values[0]
+                emb = torch.stack([x.abs().mean(), x.std(), (x[1:] * x[:-1]).mean() / x.var(), torch.tensor(0.1)])
+                return type("Out", (), {"embeddings": emb[None]})
+
+        class AutoFeatureExtractor:
+            @staticmethod
+            def from_pretrained(name):
+                fake.loaded.append(("features", name))
+                return Extractor()
+
+        class WavLMForXVector:
+            @staticmethod
+            def from_pretrained(name):
+                fake.loaded.append(("model", name))
+                return Model()
+
+        self.AutoFeatureExtractor, self.WavLMForXVector = AutoFeatureExtractor, WavLMForXVector
+
+
+def test_wavlm_verifier_by_flag_with_a_fake_library(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from valle_jax.evaluate import build_metrics
+
+    fake = FakeTransformers(torch)
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    sim = build_metrics(["sim"], "pocketsphinx", None, "wavlm")["sim"]  # evaluate's --verifier wavlm
+    assert fake.loaded == [("features", "microsoft/wavlm-base-plus-sv"), ("model", "microsoft/wavlm-base-plus-sv")]
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    low, low2 = (np.sin(2 * np.pi * f * t).astype(np.float32) for f in (200, 210))
+    noise = np.random.default_rng(0).normal(size=SAMPLE_RATE).astype(np.float32) * 0.5
+    r = sim(Sample(low, prompt=low2, truth=noise))
+    assert r["sim_prompt"] > 0.99 and r["sim_prompt"] > r["sim_truth"]
+    assert make_metric("sim", verifier="wavlm", model="local/sv")(Sample(low, prompt=low))["sim_prompt"] > 0.999
+    assert fake.loaded[-1] == ("model", "local/sv")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MetricUnavailable) as e:
+        make_metric("sim", verifier="wavlm")
+    assert "\n" not in str(e.value) and "pip install transformers" in str(e.value)
+    with pytest.raises(MetricUnavailable, match="unknown speaker verifier 'ecapa'; known: resemblyzer, wavlm"):
+        make_metric("sim", verifier="ecapa")

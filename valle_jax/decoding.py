@@ -17,6 +17,13 @@ level attend to them from the cache; a NAR level only computes the response posi
 Samplers (valle_jax.sampling): temperature (0: greedy), dynamic temperature, top-k, top-p, min-p,
 repetition and length penalties, mirostat, VALL-E 2's repetition-aware sampling, and a real beam
 search whose beams reorder the cache. The stop token is banned in NAR passes.
+
+Continuation (VALL-E's continuation task, `Continuation`): a row's response may start with given
+frames (the first seconds of the utterance itself). The AR takes them as its first outputs, one
+step each, instead of sampling (`Forced`), so every later step conditions on them exactly as on
+frames it had sampled (the cache, a recurrent state and the uncached path alike); the NAR keeps
+their codes at every level. The given frames are stepped, not prefilled in one pass: slower (a 3 s
+prompt is 225 more AR steps) but one code path for every backbone and per-row lengths.
 """
 
 from __future__ import annotations
@@ -257,6 +264,47 @@ def make_inputs(
     )
 
 
+class Continuation(NamedTuple):
+    """Frames each row's response starts with, given instead of generated (numpy or jax arrays)."""
+
+    codes: Array  # int32 [B, Kcap, Q]: the given frames, every response level, right-padded
+    length: Array  # int32 [B]: given frames per row (0: none, an ordinary row)
+
+
+def make_continuation(prefixes: Sequence[np.ndarray | None], n_levels: int, cap: int | None = None) -> Continuation:
+    """Pads each row's given frames (codes [frames, >= n_levels], or None: none) to a prompt bucket."""
+    k = [0 if p is None else len(p) for p in prefixes]
+    k_cap = cap or bucket(max(max(k), 1), PROMPT_BUCKETS)
+    codes = np.zeros((len(prefixes), k_cap, n_levels), np.int32)
+    for i, p in enumerate(prefixes):
+        if p is None:
+            continue
+        p = np.asarray(p)
+        if p.ndim != 2 or p.shape[1] < n_levels:
+            raise DecodeError(f"continuation {i}: expected codes [frames, >= {n_levels}], got shape {p.shape}")
+        if len(p) > k_cap:
+            raise DecodeError(f"continuation {i}: {len(p)} frames do not fit the cap {k_cap}")
+        codes[i, : len(p)] = p[:, :n_levels]
+    return Continuation(codes, np.asarray(k, np.int32))
+
+
+class Forced(NamedTuple):
+    """The AR's view of a Continuation: level-0 tokens it takes instead of sampling."""
+
+    tokens: Array  # int32 [B, K]
+    length: Array  # int32 [B]: steps t < length take tokens[:, t]
+
+    @classmethod
+    def of(cls, c: Continuation) -> Forced:
+        return cls(jnp.asarray(c.codes)[..., 0].astype(jnp.int32), jnp.asarray(c.length, jnp.int32))
+
+    def at(self, t: Array) -> tuple[Array, Array]:
+        """(is step t forced [B], its token [B]; meaningless where not forced)."""
+        k = self.tokens.shape[1]
+        tok = jax.lax.dynamic_index_in_dim(self.tokens, jnp.minimum(t, k - 1), axis=1, keepdims=False)
+        return t < self.length, tok
+
+
 # ---- the sampling of one AR step ---------------------------------------------------------------
 
 
@@ -383,9 +431,12 @@ def ar_loop(
     sign_aware: bool = True,
     ras_window: int = 10,
     keep_logits: bool = False,
+    forced: Forced | None = None,
 ) -> ArResult:
     """Samples up to `n_slots` tokens per row; exits when every row is done. `n_slots` must be a
-    multiple of `chunk` (the steps one while-loop iteration scans)."""
+    multiple of `chunk` (the steps one while-loop iteration scans). `forced`: a row's first steps
+    take the given tokens instead of sampling (they count as its output, in the step limits and in
+    the penalties' history, and leave mirostat's state alone)."""
     b, v = first_logits_BV.shape
     assert n_slots % chunk == 0, (n_slots, chunk)
     knobs = jax.tree.map(jnp.asarray, knobs)
@@ -393,6 +444,9 @@ def ar_loop(
     def one(s: ArState, _) -> tuple[ArState, None]:
         key_t = jax.random.fold_in(key, s.t)
         tok, mu = _pick(mode, key_t, s.logits, knobs, s.tokens, s.t, s.mu, stop, sign_aware, ras_window)
+        if forced is not None:
+            given, forced_tok = forced.at(s.t)
+            tok, mu = jnp.where(given, forced_tok, tok), jnp.where(given, s.mu, mu)
         tok = jnp.where(s.done, stop, tok)
         kept = s.kept
         if keep_logits:
@@ -451,12 +505,15 @@ def beam_loop(
     stop: int,
     chunk: int = 8,
     sign_aware: bool = True,
+    forced: Forced | None = None,
 ) -> tuple[ArResult, Array]:
     """Beam search over B utterances x `width` beams (rows b * width + w of `state`, which
     `reorder_fn(state, rows)` gathers). A beam's score is the sum of its tokens' log-probabilities
     (after penalties, filters and temperature; temperature 0 counts as 1), the stop token's included;
     beams are ranked by it over (tokens scored)**knobs.length_norm (`_normalised`); a finished beam
-    keeps its score and length. Returns each utterance's best beam and its (summed) score."""
+    keeps its score and length. Returns each utterance's best beam and its (summed) score.
+    `forced` (rows as `state`'s): a forced step gives every beam its token at log-probability 0, so
+    the beams stay one (beam 0) until the given frames end, and the scores count sampled tokens alone."""
     bw, v = first_logits_BV.shape
     b = bw // width
     assert n_slots % chunk == 0
@@ -465,9 +522,15 @@ def beam_loop(
     def one(s: BeamState, _) -> tuple[BeamState, None]:
         x = _filtered(s.logits, knobs, s.tokens, s.t, stop, sign_aware)  # the stop token banned before min_steps
         logp = jax.nn.log_softmax(S.scale_by_temperature(x, knobs.temp, knobs.min_temp), axis=-1)
+        scored = s.t + 1  # tokens each live candidate's score sums
+        if forced is not None:
+            given, forced_tok = forced.at(s.t)
+            only = jnp.where(jnp.arange(v)[None, :] == forced_tok[:, None], 0.0, NEG_INF)
+            logp = jnp.where(given[:, None], only, logp)
+            scored = jnp.maximum(s.t + 1 - forced.length, 1)
         finished = jnp.where(jnp.arange(v)[None, :] == stop, 0.0, NEG_INF)  # a done beam only "stays"
         total = s.score[:, None] + jnp.where(s.done[:, None], finished, logp)  # [B*W, V]
-        length = jnp.where(s.done, s.length, s.t + 1)  # tokens each candidate's score sums
+        length = jnp.where(s.done, s.length, scored)
         rank = _normalised(total, length[:, None], knobs.length_norm[:, None])
         _, idx = jax.lax.top_k(rank.reshape(b, width * v), width)  # [b, width]
         rows = (jnp.arange(b)[:, None] * width + idx // v).reshape(-1)
@@ -603,10 +666,20 @@ class ArPlan:
         )
 
 
-def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, layers: list[dict] | None = None, *, plan: ArPlan):
+def _ar(
+    graph,
+    params,
+    inputs: Inputs,
+    knobs: Knobs,
+    key: Array,
+    layers: list[dict] | None = None,
+    forced: Forced | None = None,
+    *,
+    plan: ArPlan,
+):
     """Level 0 of a batch: its prefill, then the AR loop (or beam search) over `plan`. `layers`: the
     backbone's per-layer weights as the decoder holds them (its step layers), or None to slice them
-    from `params`, once, outside the loop."""
+    from `params`, once, outside the loop. `forced`: the given first frames (Continuation)."""
     model = nnx.merge(graph, params)
     stop = model.cfg.stop_token
     sp = prefix_slots(inputs)
@@ -614,7 +687,7 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, layers: list[di
         first, _, plen, x, valid = _prefill(model, inputs)
         state = (jnp.full((valid.shape[0], plan.n_slots), stop, jnp.int32), plen)
         step = _uncached_step(model, x, valid, plan.n_slots)
-        return ar_loop(first, step, state, knobs, key, **plan.loop_options(stop))
+        return ar_loop(first, step, state, knobs, key, forced=forced, **plan.loop_options(stop))
     layers = layers if layers is not None else model.backbone.unstack()
     if not backend.packed_rows_fit(len(inputs.text_len) * plan.width):
         layers = [backend.unpacked(p) for p in layers]  # here, once: XLA would unpack them at every step
@@ -622,14 +695,15 @@ def _ar(graph, params, inputs: Inputs, knobs: Knobs, key: Array, layers: list[di
     first, cache, plen, _, _ = _prefill(model, inputs, spec, layers)
     if plan.mode != "beam":
         step = _cached_step(model, sp, knobs.context, layers)
-        return ar_loop(first, step, (cache, plen), knobs, key, **plan.loop_options(stop))
+        return ar_loop(first, step, (cache, plen), knobs, key, forced=forced, **plan.loop_options(stop))
     rows = jnp.repeat(jnp.arange(first.shape[0]), plan.width)
     reorder = _reorderer(model)
     state = reorder((cache, plen), rows)
     knobs = jax.tree.map(lambda a: a[rows], knobs)
+    forced = None if forced is None else jax.tree.map(lambda a: a[rows], forced)
     step = _cached_step(model, sp, knobs.context, layers)
     options = dict(width=plan.width, n_slots=plan.n_slots, stop=stop, chunk=plan.chunk, sign_aware=plan.sign_aware)
-    return beam_loop(first[rows], step, reorder, state, knobs, **options)[0]
+    return beam_loop(first[rows], step, reorder, state, knobs, forced=forced, **options)[0]
 
 
 class NarStart(NamedTuple):
@@ -639,6 +713,7 @@ class NarStart(NamedTuple):
     level0: Array  # int32 [B, R]: the AR's tokens over the NAR's R response slots
     length: Array  # int32 [B]: response frames per row
     n_levels: Array  # int32 (): levels 1..n_levels are sampled (traced: no recompile per count)
+    given: Continuation | None = None  # frames whose codes are kept at every level, not sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -661,6 +736,11 @@ def _nar(
     frame_valid = jnp.arange(r)[None, :] < start.length[:, None]
     layers = [backend.unpacked(p) for p in (layers if layers is not None else model.backbone.unstack())]
     level_logits = _nar_logits(model, inputs, start, frame_valid, layers)
+    given = start.given
+    if given is not None:
+        k = given.codes.shape[1]
+        given_codes = jnp.zeros((b, r, cfg.n_resp_levels), jnp.int32).at[:, : min(k, r)].set(given.codes[:, :r])
+        given_frames = jnp.arange(r)[None, :] < given.length[:, None]
 
     def body(level, s: NarState) -> NarState:
         logits = level_logits(jnp.full((b,), level), s.codes)
@@ -678,6 +758,8 @@ def _nar(
             top_p_B=rows(knobs.top_p),
             min_p_B=rows(knobs.min_p),
         ).reshape(b, r)
+        if given is not None:  # the continuation's own frames keep their codes
+            tok = jnp.where(given_frames, given_codes[..., level], tok)
         tok = jnp.where(frame_valid, tok, 0)
         return NarState(jax.lax.dynamic_update_slice_in_dim(s.codes, tok[..., None], level, axis=2))
 
@@ -784,11 +866,22 @@ class Decoder:
         keep_logits: bool = False,
         knobs: Knobs | None = None,
         n_slots: int | None = None,
+        continuation: Continuation | None = None,
     ) -> ArResult:
         """Level 0. `knobs` overrides the per-row values `settings` gives (their minimum steps from
-        each row's text length); `n_slots` the step bucket (a multiple of the chunk)."""
+        each row's text length); `n_slots` the step bucket (a multiple of the chunk).
+        `continuation`: each row's response starts with its given frames, which the AR steps through
+        as its own output before sampling; the result's tokens and length then cover the whole
+        response (given frames first), its step limit counts the frames generated after them (the
+        row's max_steps + its given frames), and its minimum steps count the whole response (from the
+        text: the given frames say part of it)."""
         b = len(inputs.text_len)
         knobs = knobs if knobs is not None else Knobs.of(settings, b, text_len=np.asarray(inputs.text_len))
+        forced = None
+        if continuation is not None:
+            self.check_continuation(continuation, b)
+            knobs = knobs._replace(max_steps=np.asarray(knobs.max_steps) + np.asarray(continuation.length))
+            forced = Forced.of(continuation)
         if not self.has_window and bool(np.any(np.asarray(knobs.context) > 0)):
             raise DecodeError(
                 f"max_ar_context needs a cache that keeps every frame; the {self.cfg.arch} backbone "
@@ -796,7 +889,20 @@ class Decoder:
             )
         n_slots = n_slots or self.n_slots(int(np.max(knobs.max_steps)))
         call = self.ar_call(settings, n_slots, cached, keep_logits)
-        return call(self.params, inputs, knobs, jax.random.key(settings.seed))
+        return call(self.params, inputs, knobs, jax.random.key(settings.seed), forced=forced)
+
+    def check_continuation(self, c: Continuation, batch: int) -> None:
+        """A continuation this model can take: a row each, every response level, codes below the stop token."""
+        codes, length = np.asarray(c.codes), np.asarray(c.length)
+        if codes.ndim != 3 or codes.shape[0] != batch or codes.shape[2] != self.cfg.n_resp_levels:
+            raise DecodeError(
+                f"continuation codes must be [{batch}, frames, {self.cfg.n_resp_levels}] (a row each, every "
+                f"response level), got {codes.shape}"
+            )
+        if length.shape != (batch,) or np.any(length < 0) or np.any(length > codes.shape[1]):
+            raise DecodeError(f"continuation lengths must be [{batch}] within 0..{codes.shape[1]}, got {length}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.cfg.stop_token):
+            raise DecodeError(f"continuation codes must lie in 0..{self.cfg.stop_token - 1}")
 
     def ar_plan(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False) -> ArPlan:
         return ArPlan(
@@ -818,14 +924,27 @@ class Decoder:
         plan = self.ar_plan(settings, n_slots, cached, keep_logits)
         return functools.partial(self._ar, layers=self.step_layers if cached else None, plan=plan)
 
-    def nar(self, inputs: Inputs, ar: ArResult, settings: Settings, knobs: Knobs | None = None) -> Array:
-        """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket. `knobs`:
+    def nar(
+        self,
+        inputs: Inputs,
+        ar: ArResult,
+        settings: Settings,
+        continuation: Continuation | None = None,
+        knobs: Knobs | None = None,
+    ) -> Array:
+        """codes [B, R, n_resp_levels] (levels past the requested count are 0); R is a bucket.
+        `continuation`: the one given to `ar`; its frames keep their codes at every level. `knobs`:
         per-row NAR values overriding `settings`' (a server's batch of unrelated requests)."""
-        args, static = self.nar_arguments(inputs, ar, settings, knobs)
+        args, static = self.nar_arguments(inputs, ar, settings, continuation, knobs)
         return self._nar(*args, **static)
 
     def nar_arguments(
-        self, inputs: Inputs, ar: ArResult, settings: Settings, knobs: Knobs | None = None
+        self,
+        inputs: Inputs,
+        ar: ArResult,
+        settings: Settings,
+        continuation: Continuation | None = None,
+        knobs: Knobs | None = None,
     ) -> tuple[tuple, dict]:
         """What `nar` passes to the jitted NAR: (arguments, static arguments), for `._nar.lower()` too."""
         b = len(inputs.text_len)
@@ -835,21 +954,24 @@ class Decoder:
             level0=ar.tokens[:, :r],
             length=jnp.minimum(ar.length, r),
             n_levels=jnp.asarray(settings.nar_levels(self.cfg.n_resp_levels)),
+            given=None if continuation is None else Continuation(*map(jnp.asarray, continuation)),
         )
         key = jax.random.fold_in(jax.random.key(settings.seed), 1)
         knobs = knobs if knobs is not None else Knobs.of(settings, b, ar=False)
         args = (self.params, inputs, start, knobs, key, self.nar_layers)
         return args, {"plan": NarPlan(settings.sign_aware_penalties)}
 
-    def generate(self, inputs: Inputs, settings: Settings) -> Output:
-        ar = self.ar(inputs, settings)
+    def generate(self, inputs: Inputs, settings: Settings, continuation: Continuation | None = None) -> Output:
+        """Each row's codes; with a `continuation`, the frames generated after its given ones."""
+        ar = self.ar(inputs, settings, continuation=continuation)
         length, stopped = np.asarray(ar.length), np.asarray(ar.stopped)
         if int(length.max()) == 0:
             codes = np.zeros((len(length), 0, self.cfg.n_resp_levels), np.int32)
         else:
-            codes = np.asarray(self.nar(inputs, ar, settings))
+            codes = np.asarray(self.nar(inputs, ar, settings, continuation))
         levels = 1 + settings.nar_levels(self.cfg.n_resp_levels)
-        return Output([codes[i, : length[i], :levels] for i in range(len(length))], stopped)
+        given = np.zeros(len(length), np.int64) if continuation is None else np.asarray(continuation.length)
+        return Output([codes[i, given[i] : length[i], :levels] for i in range(len(length))], stopped)
 
 
 __all__ = [
@@ -859,6 +981,8 @@ __all__ = [
     "Inputs",
     "Output",
     "ArResult",
+    "Continuation",
+    "make_continuation",
     "make_inputs",
     "ar_loop",
     "beam_loop",

@@ -3,11 +3,14 @@
     python -m valle_jax.evaluate --checkpoint RUN_OR_MODEL --test-list test.jsonl --protocol cross \
         [--out DIR] [--asr pocketsphinx|whisper] [--batch-size 8] [--seed 0]
 
-- `continuation`: the prompt is the first --prompt-seconds (3) of the utterance itself and the text
-  is its whole transcript, as in the VALL-E paper. This model family takes the prompt as a separate
-  input (the response starts empty), so the output says the whole transcript in the prompt's voice;
-  it is scored against the whole ground truth. (Continuing the prompt's own codes would need the
-  decoder to accept a response prefix, which valle_jax.decoding does not.)
+- `continuation`: as in the VALL-E paper, the first --prompt-seconds (3) of the utterance are the
+  prompt and the text is its whole transcript; the model continues the prompt's own codes
+  (decoding.Continuation: the response starts with the prompt frames, the AR steps through them as
+  its own output and samples from there on; this model family also takes them as its prompt
+  input). The scored audio is the whole response, the prompt's seconds (re-synthesised from their
+  codes, decoded together with the continuation) then the continuation: WER is against the whole
+  transcript, MCD and the duration ratio against the whole ground truth, and speaker similarity is
+  of the continuation alone (the prompt part would score itself). RTF counts generated audio only.
 - `cross`: the prompt is the first --prompt-seconds of another utterance of the same speaker,
   chosen deterministically from the seed and the utterance's id.
 - `--ground-truth`: no model: the test list's own recordings are scored as the output (a ceiling
@@ -40,12 +43,12 @@ import soundfile as sf
 
 from valle_jax import metrics
 from valle_jax.atomic import write_text
-from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, load_audio, write_wav
+from valle_jax.audio import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, AudioError, load_audio, write_wav
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.codec import CodecUnavailable
 from valle_jax.config import ConfigError
 from valle_jax.data.text import TextError
-from valle_jax.decoding import DecodeError, Knobs, Settings, make_inputs
+from valle_jax.decoding import DecodeError, Knobs, Settings, make_continuation, make_inputs
 from valle_jax.metrics import MetricUnavailable, Sample
 from valle_jax.tts import TTS
 
@@ -153,10 +156,11 @@ class CompileClock:
 
 @dataclasses.dataclass
 class Synthesis:
-    wav: np.ndarray
+    wav: np.ndarray  # continuation: the prompt's frames, then the generated ones
     stopped: bool
-    frames: int
+    frames: int  # generated frames (after the prompt's, in a continuation)
     timing: dict  # the batch's: rtf, ar_steps_per_s, ...
+    given_frames: int = 0  # the continuation's prompt frames at the start of `wav`
 
 
 def synthesize(
@@ -167,19 +171,27 @@ def synthesize(
     prompt_seconds: float,
     max_length_ratio: float = 2.0,
     language: str = "en",
+    continuation: bool = False,
 ) -> tuple[list[Synthesis], dict]:
-    """Every item's waveform, in batches sorted by text length; (results, totals)."""
+    """Every item's waveform, in batches sorted by text length; (results, totals). `continuation`:
+    each response starts with its prompt's frames (VALL-E's continuation task)."""
     lang = tts.language_id(language)
     ids = [tts.text_ids(it.utt.text, language) for it in items]
     voices: dict[Path, object] = {}
     for it in items:
         if it.prompt.audio not in voices:
             voices[it.prompt.audio] = tts.prompt(str(it.prompt.audio), prompt_seconds)
-    limits = [
-        min(settings.max_ar_steps, max(1, math.ceil(max_length_ratio * duration(it.utt) * FRAME_RATE)))
+    if continuation and tts.cfg.n_prom_levels < tts.cfg.n_resp_levels:
+        raise EvalError(
+            f"continuation needs prompt codes of every response level ({tts.cfg.n_resp_levels}); this model's "
+            f"prompts have {tts.cfg.n_prom_levels}"
+        )
+    given = [len(voices[it.prompt.audio].codes) if continuation else 0 for it in items]
+    limits = [  # generated frames at most: the ground truth's length x ratio, less the given frames
+        min(settings.max_ar_steps, max(1, math.ceil(max_length_ratio * duration(it.utt) * FRAME_RATE) - k))
         if max_length_ratio > 0
         else settings.max_ar_steps
-        for it in items
+        for it, k in zip(items, given)
     ]
     levels = 1 + settings.nar_levels(tts.cfg.n_resp_levels)
     order = sorted(range(len(items)), key=lambda i: (len(ids[i]), i))
@@ -195,20 +207,27 @@ def synthesize(
         )
         s = dataclasses.replace(settings, seed=settings.seed + start)
         knobs = Knobs.of(s, len(rows))._replace(max_steps=np.array([limits[i] for i in rows], np.int32))
+        cont = (
+            make_continuation([voices[items[i].prompt.audio].codes for i in rows], tts.cfg.n_resp_levels)
+            if continuation
+            else None
+        )
+        k_rows = np.array([given[i] for i in rows], np.int64)  # each row's given frames
         with CompileClock() as clock:
             t0 = time.perf_counter()
-            ar = tts.decoder.ar(inputs, s, knobs=knobs)
+            ar = tts.decoder.ar(inputs, s, knobs=knobs, continuation=cont)
             length, stopped = np.asarray(ar.length), np.asarray(ar.stopped)
             t1, c1 = time.perf_counter(), clock.total
             if int(length.max()) > 0:
-                codes = np.asarray(tts.decoder.nar(inputs, ar, s))
+                codes = np.asarray(tts.decoder.nar(inputs, ar, s, cont))
             else:
                 codes = np.zeros((len(rows), 0, tts.cfg.n_resp_levels), np.int32)
             t2, c2 = time.perf_counter(), clock.total
+        # a continuation's prompt frames are decoded with what follows them: one waveform, no seam
         wavs = [tts.decode(codes[j, : length[j], :levels]) for j in range(len(rows))]
         t3 = time.perf_counter()
         ar_s, nar_s, decode_s = max(t1 - t0 - c1, 1e-9), max(t2 - t1 - (c2 - c1), 1e-9), t3 - t2
-        audio_s = float(length.sum()) / FRAME_RATE
+        audio_s = float((length - k_rows).sum()) / FRAME_RATE
         compute = ar_s + nar_s + decode_s
         timing = {
             "rtf": compute / audio_s if audio_s > 0 else float("nan"),
@@ -224,7 +243,7 @@ def synthesize(
         totals["decode_s"] += decode_s
         totals["batches"] += 1
         for j, i in enumerate(rows):
-            out[i] = Synthesis(wavs[j], bool(stopped[j]), int(length[j]), timing)
+            out[i] = Synthesis(wavs[j], bool(stopped[j]), int(length[j] - k_rows[j]), timing, int(k_rows[j]))
         log.info(
             "batch %d: %d utterances, %.1f s of audio in %.1f s (AR %.1f, NAR %.1f, codec %.1f; compile %.1f s more)",
             start // batch_size,
@@ -245,21 +264,30 @@ def build_metrics(names: list[str], asr: str, asr_model: str | None, verifier: s
     return {n: metrics.make_metric(n, **options.get(n, {})) for n in names}
 
 
-def score(items: list[Item], hyps: list[np.ndarray], scorers: dict, prompt_seconds: float) -> tuple[list, dict]:
-    """(a row of scores per item, seconds each metric took per utterance)."""
+def score(
+    items: list[Item],
+    hyps: list[np.ndarray],
+    scorers: dict,
+    prompt_seconds: float,
+    generated_from: list[int] | None = None,
+) -> tuple[list, dict]:
+    """(a row of scores per item, seconds each metric took per utterance). `generated_from`: the
+    sample where each hyp's generated part starts (continuation: after the prompt's seconds)."""
     rows, spent = [], dict.fromkeys(scorers, 0.0)
     prompts: dict[Path, np.ndarray] = {}
-    for it, hyp in zip(items, hyps):
+    for n, (it, hyp) in enumerate(zip(items, hyps)):
         truth = load_audio(it.utt.audio)
         if it.prompt.audio not in prompts:
             prompts[it.prompt.audio] = load_audio(it.prompt.audio)[: int(prompt_seconds * SAMPLE_RATE)]
-        sample = Sample(hyp, text=it.utt.text, prompt=prompts[it.prompt.audio], truth=truth)
+        start = generated_from[n] if generated_from else 0
+        sample = Sample(hyp, text=it.utt.text, prompt=prompts[it.prompt.audio], truth=truth, generated_from=start)
         row = {
             "id": it.utt.id,
             "speaker": it.utt.speaker,
             "text": it.utt.text,
             "prompt": str(it.prompt.audio),
             "seconds": len(hyp) / SAMPLE_RATE,
+            "generated_from_s": start / SAMPLE_RATE,
             "truth_seconds": len(truth) / SAMPLE_RATE,
         }
         for name, metric in scorers.items():
@@ -343,8 +371,11 @@ def run(args) -> dict:
     scorers = build_metrics(names, args.asr, args.asr_model, args.verifier)  # fails before any synthesis
     out = Path(args.out)
     timing, stopped = None, [True] * len(items)
+    continuation = args.protocol == "continuation"
     if args.ground_truth:
         hyps = [load_audio(it.utt.audio) for it in items]
+        # as a model's continuation is scored: speaker similarity of what follows the prompt's seconds
+        generated_from = [int(args.prompt_seconds * SAMPLE_RATE) if continuation else 0] * len(items)
         source = "ground truth"
     else:
         tts = TTS.load(args.checkpoint, codec_dir=args.codec_dir, dtype=args.dtype, step=args.step)
@@ -359,13 +390,21 @@ def run(args) -> dict:
         if tts.codec.is_random:
             log.warning("the codec is randomly initialised: its audio is noise, the scores say nothing about speech")
         results, timing = synthesize(
-            tts, items, settings, args.batch_size, args.prompt_seconds, args.max_length_ratio, args.language
+            tts,
+            items,
+            settings,
+            args.batch_size,
+            args.prompt_seconds,
+            args.max_length_ratio,
+            args.language,
+            continuation,
         )
         hyps = [r.wav for r in results]
+        generated_from = [r.given_frames * HOP_LENGTH for r in results]
         stopped = [r.stopped for r in results]
         source = str(args.checkpoint)
     log.info("scoring %d utterances with %s", len(items), ", ".join(names))
-    rows, cost = score(items, hyps, scorers, args.prompt_seconds)
+    rows, cost = score(items, hyps, scorers, args.prompt_seconds, generated_from)
     for i, (it, row) in enumerate(zip(items, rows)):
         wav_path = out / "wavs" / f"{it.utt.id}.wav"
         if not args.ground_truth:

@@ -11,7 +11,8 @@ number (0001.wav, ...), into OUT_DIR, decoding --batch-size lines together; a li
 phonemised is reported and skipped (exit status 1). A line for which the AR produced no frames is
 reported and gets no wav (exit status 1): with TEXT, OUT.wav holds the other lines, and is not
 written when none has audio. Files are written atomically. Usage errors (exit status 2) are found
-before the model loads.
+before the model loads. --best-of N keeps the best of N candidates per line (valle_jax.best_of);
+--verbose prints every candidate's scores.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from valle_jax import best_of as B
 from valle_jax.audio import SAMPLE_RATE, AudioError, write_wav
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.data.text import TextError
@@ -125,6 +127,16 @@ def parser() -> argparse.ArgumentParser:
             default=getattr(defaults, field),
             help=f"{text} (default {getattr(defaults, field)})",
         )
+    p.add_argument(
+        "--best-of", type=int, default=1, help="decode N candidates per line in one batch, keep the best (default 1)"
+    )
+    p.add_argument(
+        "--best-of-asr",
+        default="pocketsphinx",
+        help="ranks --best-of candidates by WER with this ASR (pocketsphinx, whisper), then speaker similarity; "
+        "none: by mean AR log-probability",
+    )
+    p.add_argument("--verbose", action="store_true", help="print every --best-of candidate's scores")
     p.add_argument("--repetition-aware", action="store_true", help="VALL-E 2 repetition-aware sampling (AR)")
     p.add_argument(
         "--sign-blind-penalties",
@@ -170,7 +182,7 @@ def usage_error(args: argparse.Namespace, sampling: dict, text: str | None) -> s
     nothing): every sampling setting (finite, in range), the prompt length, the language, the sizes,
     the paths."""
     try:
-        Settings(**sampling)
+        B.check_best_of(args.best_of, Settings(**sampling), args.best_of_asr)
         TTS.check_prompt_length(args.input_prompt_length)
         TTS.check_language(args.language)
     except (DecodeError, AudioError, TextError) as e:
@@ -257,14 +269,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             texts = TTS.lines(text)
             names = [f"TEXT line {k}" for k in range(1, len(texts) + 1)] if len(texts) > 1 else ["TEXT"]
-        parts = tts.synthesize_batch(
-            texts,
-            [voice] * len(texts),
-            language=args.language,
-            input_prompt_length=0.0,  # the voice is already trimmed
-            batch_size=args.batch_size,
-            **sampling,
-        )
+        if args.best_of > 1:
+            parts = best_of_parts(tts, texts, names, voice, args, sampling)
+        else:
+            parts = tts.synthesize_batch(
+                texts,
+                [voice] * len(texts),
+                language=args.language,
+                input_prompt_length=0.0,  # the voice is already trimmed
+                batch_size=args.batch_size,
+                **sampling,
+            )
         seconds = time.perf_counter() - t1
         empty = [name for name, wav in zip(names, parts) if len(wav) == 0]
         for name in empty:  # never a silent empty wav: the line is reported and gets none
@@ -304,6 +319,19 @@ def run(args: argparse.Namespace) -> int:
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def best_of_parts(tts: TTS, texts: list[str], names: list[str], voice, args, sampling: dict) -> list[np.ndarray]:
+    """Each line's best of --best-of candidates (--verbose: every candidate's scores on stdout)."""
+    parts = []
+    for name, text in zip(names, texts):
+        (pick,) = tts.best_of(
+            text, voice, args.best_of, asr=args.best_of_asr, language=args.language, input_prompt_length=0.0, **sampling
+        )
+        if args.verbose:
+            print(f"{name}: " + "\n".join(pick.report()), flush=True)
+        parts.append(pick.wav)
+    return parts
 
 
 if __name__ == "__main__":

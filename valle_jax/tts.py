@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from valle_jax import best_of as B
 from valle_jax import runs
 from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
 from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
@@ -324,14 +325,55 @@ class TTS:
             raise TextError("empty text: nothing to synthesise")
         return lines
 
-    def synthesize(self, text: str, reference: Reference, **kwargs) -> np.ndarray:
+    def synthesize(self, text: str, reference: Reference, *, best_of: int = 1, **kwargs) -> np.ndarray:
         """One waveform; a multi-line text is synthesised line by line (as one batch) and the
         lines are concatenated in order (a line with no frames adds nothing, with an
-        EmptyAudioWarning)."""
+        EmptyAudioWarning). `best_of` > 1: each line is the best of that many candidates
+        (`TTS.best_of`, whose `asr` and `verifier` keywords pass through)."""
+        if best_of != 1:
+            wavs = [pick.wav for pick in self.best_of(text, reference, best_of, **kwargs)]
+            return np.concatenate(wavs) if len(wavs) > 1 else wavs[0]
         lines = self.lines(text)
         voice = self.prompt(reference, kwargs.pop("input_prompt_length", 3.0))
         wavs = self.synthesize_batch(lines, [voice] * len(lines), input_prompt_length=0.0, **kwargs)
         return np.concatenate(wavs) if len(wavs) > 1 else wavs[0]
+
+    def best_of(
+        self,
+        text: str,
+        reference: Reference,
+        n: int,
+        *,
+        asr: str = "pocketsphinx",
+        verifier: str = "resemblyzer",
+        judge: B.Judge | None = None,
+        language: str = "en",
+        input_prompt_length: float = 3.0,
+        **sampling,
+    ) -> list[B.BestOf]:
+        """Per non-empty line of `text`, `n` candidates decoded as one batch and the best kept
+        (valle_jax.best_of: by WER, then similarity to the voice, else by mean AR log-probability;
+        asr "none": log-probability alone). `judge` replaces the metrics `asr`/`verifier` name."""
+        settings = settings_of(**sampling)
+        B.check_best_of(n, settings, asr, verifier)
+        lang = self.language_id(language)
+        voice = self.prompt(reference, input_prompt_length)
+        judge = judge or B.make_judge(asr, verifier)
+        voice_wav = self.decode(voice.codes) if judge.sim is not None else None
+        picks = []
+        for i, line in enumerate(self.lines(text)):
+            s = dataclasses.replace(settings, seed=settings.seed + i)
+            pick = B.pick_best(self, self.text_ids(line, language), lang, voice.codes, n, s, judge, line, voice_wav)
+            if len(pick.codes) == 0:
+                warnings.warn(f"line {i + 1} ({line[:40]!r}): no candidate has frames", EmptyAudioWarning, stacklevel=2)
+            elif not pick.stopped[pick.chosen]:
+                warnings.warn(
+                    f"line {i + 1} ({line[:40]!r}): the chosen candidate reached max_ar_steps without a stop token",
+                    MaxStepsWarning,
+                    stacklevel=2,
+                )
+            picks.append(pick)
+        return picks
 
 
 __all__ = ["TTS", "Prompt", "MaxStepsWarning", "EmptyAudioWarning", "load_any"]

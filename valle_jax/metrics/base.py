@@ -25,6 +25,13 @@ class Sample:
     prompt: np.ndarray | None = None  # the voice it was asked for (the acoustic prompt)
     truth: np.ndarray | None = None  # the ground-truth recording of `text`, when there is one
     sr: int = SAMPLE_RATE
+    # hyp[generated_from:] is what the model made; before it (continuation: the prompt's own seconds,
+    # re-synthesised) the speaker's audio was given, which speaker similarity must not score
+    generated_from: int = 0
+
+    @property
+    def generated(self) -> np.ndarray:
+        return self.hyp[self.generated_from :]
 
 
 class Metric(Protocol):

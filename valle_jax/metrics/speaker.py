@@ -90,7 +90,9 @@ class WavLM:
 
 @register_metric("sim")
 class SpeakerSimilarity:
-    """sim_prompt: cos(prompt, output); sim_truth: cos(ground truth, output)."""
+    """sim_prompt: cos(prompt, output); sim_truth: cos(ground truth, output). The output is the
+    part the model generated (`Sample.generated`): a continuation's given seconds are the prompt's
+    own audio and would score themselves."""
 
     keys = ("sim_prompt", "sim_truth")
 
@@ -103,7 +105,7 @@ class SpeakerSimilarity:
         return cosine(self.verifier.embed(a, sr), self.verifier.embed(b, sr))
 
     def __call__(self, sample: Sample) -> dict:
-        hyp = self.verifier.embed(sample.hyp, sample.sr) if len(sample.hyp) else None
+        hyp = self.verifier.embed(sample.generated, sample.sr) if len(sample.generated) else None
         out = {}
         for key, other in (("sim_prompt", sample.prompt), ("sim_truth", sample.truth)):
             if hyp is None or other is None or len(other) == 0:

@@ -241,7 +241,7 @@ class Engine:
         else:
             nar_settings = dataclasses.replace(first, max_nar_levels=max(max(levels), 1))
             nar_knobs = _stack([Knobs.of(job.settings, 1, ar=False) for job, _, _ in padded])
-            codes = np.asarray(tts.decoder.nar(inputs, ar, nar_settings, nar_knobs))
+            codes = np.asarray(tts.decoder.nar(inputs, ar, nar_settings, knobs=nar_knobs))
         return [(codes[i, : length[i], : 1 + levels[i]], bool(stopped[i])) for i in range(n)]
 
     def _answer(self, rows: list[tuple], outputs: list, batch_size: int, started: float) -> None:
