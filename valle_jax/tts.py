@@ -5,8 +5,11 @@
     wav = tts.synthesize("Hello there.", "voice.wav", ar_temp=0.9, nar_temp=0.5)   # float32, 24 kHz
     voice = tts.prompt(["a.wav", "b.wav"])                          # encode a voice once, reuse it
     wavs = tts.synthesize_batch(["One.", "Two."], [voice, voice], top_k=50)
+    tts.save("out.flac", wav)                                       # format from the suffix
 
 Sampling keywords are the fields of `valle_jax.decoding.Settings` (the reference CLI's flags).
+`synthesize` splits long text into sentences of at most `max_phonemes` phonemes (valle_jax.text_split),
+decodes them as one batch in the same voice and joins them with `pause` seconds of silence.
 Text is phonemised with espeak-ng; references are read, mixed to mono, resampled to 24 kHz,
 EnCodec-encoded, concatenated in time (several files) and cut to their first
 `input_prompt_length` seconds (0: whole). Utterances of a batch are decoded together, sorted by
@@ -19,12 +22,12 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from valle_jax import runs
+from valle_jax import audio_io, runs, text_split
 from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
 from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
 from valle_jax.config import ModelConfig
@@ -136,16 +139,37 @@ class TTS:
                 warnings.warn(f"the codec in {self.codec_dir} is randomly initialised: its audio is not speech")
         return self._codec
 
+    @property
+    def sample_rate(self) -> int:
+        """Hz of the waveforms this returns."""
+        return SAMPLE_RATE
+
+    def save(self, path: str | os.PathLike, audio: np.ndarray) -> None:
+        """Writes `audio` to `path` in the format its suffix names (.wav, .flac, .ogg, .opus, .mp3;
+        `-`: WAV on stdout), atomically."""
+        audio_io.write_audio(path, audio, self.sample_rate)
+
     # ---- inputs -------------------------------------------------------------------------------
     def text_ids(self, text: str, language: str = "en") -> list[int]:
         """`<s> phonemes </s>` ids of one line of text."""
         if not text.strip():
             raise TextError("empty text: nothing to synthesise")
         if (text, language) not in self._ids:  # callers that check lines first do not phonemise twice
-            if language not in self._phonemizers:
-                self._phonemizers[language] = Phonemizer(language)
-            self._ids[text, language] = encode(self._phonemizers[language].tokens([text])[0], self.symmap)
+            self._ids[text, language] = encode(self.phonemizer(language).tokens([text])[0], self.symmap)
         return self._ids[text, language]
+
+    def phonemizer(self, language: str) -> Phonemizer:
+        if language not in self._phonemizers:
+            self._phonemizers[language] = Phonemizer(language)
+        return self._phonemizers[language]
+
+    def split(self, text: str, language: str = "en", max_phonemes: int = text_split.DEFAULT_MAX_PHONEMES) -> list[str]:
+        """`text` as the pieces `synthesize` decodes: sentences of at most `max_phonemes` phonemes."""
+        phonemizer = self.phonemizer(language)
+        pieces = text_split.split_text(text, lambda ts: [len(t) for t in phonemizer.tokens(ts)], max_phonemes)
+        if not pieces:
+            raise TextError("empty text: nothing to synthesise")
+        return pieces
 
     @staticmethod
     def check_language(language: str) -> None:
@@ -241,9 +265,11 @@ class TTS:
         language: str = "en",
         input_prompt_length: float = 3.0,
         batch_size: int = 8,
+        progress: Callable[[int], None] | None = None,
         **sampling,
     ) -> list[np.ndarray]:
-        """Codes int32 [frames, levels] per text; one reference per text."""
+        """Codes int32 [frames, levels] per text; one reference per text. `progress(n)` is called
+        after each decoded batch with its number of texts."""
         settings = settings_of(**sampling)
         if len(texts) != len(references):
             raise DecodeError(f"{len(texts)} texts but {len(references)} references")
@@ -282,6 +308,8 @@ class TTS:
                         MaxStepsWarning,
                         stacklevel=2,
                     )
+            if progress is not None:
+                progress(len(rows))
         return out  # type: ignore[return-value]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -301,14 +329,25 @@ class TTS:
             raise TextError("empty text: nothing to synthesise")
         return lines
 
-    def synthesize(self, text: str, reference: Reference, **kwargs) -> np.ndarray:
-        """One waveform; a multi-line text is synthesised line by line (as one batch) and the
-        lines are concatenated in order (a line with no frames adds nothing, with an
-        EmptyAudioWarning)."""
-        lines = self.lines(text)
+    def synthesize(
+        self,
+        text: str,
+        reference: Reference,
+        *,
+        split: bool = True,
+        max_phonemes: int = text_split.DEFAULT_MAX_PHONEMES,
+        pause: float = audio_io.DEFAULT_PAUSE,
+        **kwargs,
+    ) -> np.ndarray:
+        """One waveform. The text is split into sentences of at most `max_phonemes` phonemes
+        (`split=False`: one utterance per line), decoded as one batch in the same voice, and the
+        pieces joined in order with `pause` seconds of silence (a piece with no frames adds
+        nothing, with an EmptyAudioWarning)."""
+        pieces = self.split(text, kwargs.get("language", "en"), max_phonemes) if split else self.lines(text)
         voice = self.prompt(reference, kwargs.pop("input_prompt_length", 3.0))
-        wavs = self.synthesize_batch(lines, [voice] * len(lines), input_prompt_length=0.0, **kwargs)
-        return np.concatenate(wavs) if len(wavs) > 1 else wavs[0]
+        kwargs.setdefault("batch_size", len(pieces))
+        wavs = self.synthesize_batch(pieces, [voice] * len(pieces), input_prompt_length=0.0, **kwargs)
+        return audio_io.join(wavs, pause, self.sample_rate)
 
 
 __all__ = ["TTS", "Prompt", "MaxStepsWarning", "EmptyAudioWarning", "load_any"]
