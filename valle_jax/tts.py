@@ -29,9 +29,10 @@ import numpy as np
 
 from valle_jax import audio_io, runs, text_split
 from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
-from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
+from valle_jax.checkpointing import CheckpointError, load_model, model_with_params, read_langs
 from valle_jax.config import ModelConfig
-from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode, reference_symmap
+from valle_jax.data import languages
+from valle_jax.data.text import Phonemizer, TextError, encode, reference_symmap
 from valle_jax.decoding import DecodeError, Decoder, Settings, make_inputs
 from valle_jax.models.convert import from_reference, infer_config, read_source
 
@@ -86,6 +87,17 @@ def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None
     )
 
 
+def languages_of(path: str | os.PathLike) -> dict[str, int]:
+    """The language map of what `load_any` loads: a model directory's or a run's (written by
+    training from its store), else the reference's en=0, ja=1 (reference .pth files)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return read_langs(path)
+    if runs.is_run(path):
+        return dict(runs.read_run(path).langs)
+    return dict(languages.REFERENCE_LANGS)
+
+
 def settings_of(**sampling):
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(sampling) - names)
@@ -105,8 +117,10 @@ class TTS:
         codec_dir: str | os.PathLike | None = None,
         chunk: int = 8,
         kv_dtype: str | None = None,
+        langs: dict[str, int] | None = None,
     ):
         self.cfg, self.symmap = cfg, dict(symmap)
+        self.langs = dict(langs or languages.REFERENCE_LANGS)  # language code -> row of the model's table
         self.decoder = Decoder(model, chunk=chunk, kv_dtype=kv_dtype)
         self.codec_dir = codec_dir
         self._codec = None
@@ -127,7 +141,7 @@ class TTS:
         """`kv_dtype`: the AR's KV cache ("bfloat16" halves what a step reads from it; None: the
         model's dtype, see decoding.Decoder)."""
         model, cfg, symmap = load_any(path, dtype, step, heads)
-        return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype)
+        return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype, langs=languages_of(path))
 
     @property
     def codec(self):
@@ -173,17 +187,12 @@ class TTS:
 
     @staticmethod
     def check_language(language: str) -> None:
-        """A language synthesis knows at all (no model needed; `language_id` checks the model's)."""
-        if language not in LANG_SYMMAP:
-            raise TextError(f"language {language!r} is not supported (known: {', '.join(LANG_SYMMAP)})")
+        """A language espeak-ng speaks (no model needed; `language_id` checks the model's)."""
+        languages.check(language)
 
     def language_id(self, language: str) -> int:
         self.check_language(language)
-        lang = LANG_SYMMAP[language]
-        if lang >= self.cfg.n_langs:
-            known = [k for k, v in LANG_SYMMAP.items() if v < self.cfg.n_langs]
-            raise TextError(f"language {language!r} is not supported by this model (it knows {known})")
-        return lang
+        return languages.language_id(language, self.langs, self.cfg.n_langs)
 
     def prompt(self, references: Reference, input_prompt_length: float = 3.0) -> Prompt:
         """A voice from one or more audio files (or `a.wav;b.wav`), codes [frames, levels] (used
