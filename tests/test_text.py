@@ -46,5 +46,5 @@ def test_unknown_symbol_error_names_it_and_extension_gives_next_ids():
 
 
 def test_unsupported_language_is_a_clear_error():
-    with pytest.raises(T.TextError, match="unsupported language 'xx'"):
+    with pytest.raises(T.TextError, match="language 'xx' is not supported by espeak-ng"):
         T.Phonemizer("xx")

@@ -182,6 +182,10 @@ def test_run_outputs_export_and_plot(straight, tmp_path):
     assert "eval audio at step 8: 2 samples" in log
     names = sorted(p.name for p in (workdir / "samples" / "00000008").iterdir())
     assert names == [f"{i}_{kind}.wav" for i in range(2) for kind in ("hyp", "prompt", "ref")]
+    heard = EventAccumulator(str(workdir / "tb"), size_guidance={"audio": 0, "tensors": 0})
+    heard.Reload()  # the same samples in TensorBoard, each with its phonemes
+    assert {f"eval_audio/{i}_{k}" for i in range(2) for k in ("hyp", "prompt", "ref")} <= set(heard.Tags()["audio"])
+    assert any(tag.startswith("eval_audio/0_hyp") for tag in heard.Tags()["tensors"])
     assert (workdir / "log.txt").read_text().count("step ") >= STEPS
 
     assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "model")]) == 0

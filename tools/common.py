@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from valle_jax.atomic import TMP_SUFFIX, remove_stale_temps
+
+T = TypeVar("T")
 
 
 def utterance_id(path: Path) -> str:
@@ -17,6 +23,73 @@ def utterance_id(path: Path) -> str:
 def with_suffix(path: Path, suffix: str) -> Path:
     """`dir/a.wav` -> `dir/a{suffix}` (every suffix after the first '.' replaced)."""
     return path.parent / (utterance_id(path) + suffix)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (`--shard I/N`, I in 0..N-1): every N-th item of a list that every
+    shard builds the same way (sorted paths, or planned batches), starting at the I-th. So the N
+    shards are disjoint, together complete, and need no coordination: a SLURM array
+    (`--shard $SLURM_ARRAY_TASK_ID/N`), a TPU pod's workers or any scheduler can run them."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        i, sep, n = str(text).partition("/")
+        try:
+            shard = cls(int(i), int(n)) if sep else None
+        except ValueError:
+            shard = None
+        if shard is None or not 0 <= shard.index < shard.count:
+            raise ValueError(f"--shard takes I/N with 0 <= I < N (such as 0/4), got {text!r}")
+        return shard
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        return list(items[self.index :: self.count])
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_arg(text: str) -> Shard:
+    """argparse type of --shard: the parse error's own words, not argparse's generic one."""
+    try:
+        return Shard.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def remove_stale_temps_of(out_dir: Path, targets: Iterable[Path], shard: Shard) -> None:
+    """Deletes temp files a killed run left under `out_dir`. One shard of several removes only
+    those of its own `targets`: the other shards may be writing theirs into the same folder now."""
+    if not out_dir.exists():
+        return
+    if shard.count == 1:
+        remove_stale_temps(out_dir)
+        return
+    mine = {(t.parent, t.name) for t in targets}
+    for tmp in out_dir.rglob(f".*{TMP_SUFFIX}*"):
+        core = tmp.name[1 : tmp.name.index(TMP_SUFFIX)]  # "<target name>.<random>"
+        if tmp.is_file() and (tmp.parent, core.rsplit(".", 1)[0]) in mine:
+            tmp.unlink(missing_ok=True)
+
+
+def group_of(rel: Path) -> str:
+    """The speaker group of a file at `rel` = `<group>/<speaker>/<file>` (the reference's getter)."""
+    return rel.parts[-3] if len(rel.parts) >= 3 else "group"
+
+
+def parse_group_language(items: Iterable[str]) -> dict[str, str]:
+    """`["GROUP=LANG", ...]` (repeatable --group-language flags) -> {group: language}."""
+    out = {}
+    for item in items:
+        group, sep, lang = item.partition("=")
+        if not sep or not group or not lang:
+            raise ValueError(f"--group-language takes GROUP=LANG, got {item!r}")
+        out[group] = lang
+    return out
 
 
 def find_files(root: Path, suffixes: Iterable[str], exclude: Iterable[str] = ()) -> list[Path]:

@@ -1,9 +1,12 @@
-"""Builds a small multi-speaker English speech corpus with espeak-ng voices, deterministically.
+"""Builds a small multi-speaker speech corpus with espeak-ng voices, deterministically.
 
-    python -m tools.make_demo_corpus OUT_DIR [--voices N] [--sentences M]
+    python -m tools.make_demo_corpus OUT_DIR [--voices N] [--sentences M] [--languages en,de]
 
 One speaker = an espeak-ng accent + voice variant + pitch + speed. Layout:
 OUT_DIR/<group = accent>/<speaker>/<speaker>_<nnn>.wav (24 kHz mono 16-bit) and .txt (transcript).
+With several --languages the speakers take them in turn; an English speaker's group is its accent
+(en-us, en-gb, ...), another language's group is its code (de), so that
+`tools.phonemize --group-language de=de` and `tools.pack --group-language de=de` find them.
 The same arguments give byte-identical files. Existing files are kept (a rerun only fills gaps).
 """
 
@@ -75,21 +78,49 @@ SENTENCES = (
 )
 
 
-def speaker_specs(n: int) -> list[tuple[str, str, int, int]]:
-    """n distinct (accent, variant, pitch, speed) tuples, always the same for the same n."""
+# sentences per language (written for this demo); English keeps its accents, others speak espeak's default
+GERMAN = (
+    "Der kleine Hund schläft unter dem Tisch in der Küche.",
+    "Morgen fahren wir mit dem Zug an die See.",
+    "Im Garten blühen im Frühling viele bunte Blumen.",
+    "Kannst du mir bitte das Salz und den Pfeffer geben?",
+    "Die alte Brücke führt über einen breiten Fluss.",
+    "Am Abend lesen die Kinder gern ein Buch.",
+    "Der Bäcker verkauft frisches Brot schon früh am Morgen.",
+    "Auf dem Berg liegt noch ein wenig Schnee.",
+    "Wir treffen uns um sieben Uhr vor dem Kino.",
+    "Der Wind weht kalt über die leeren Felder.",
+    "Meine Schwester spielt jeden Tag Klavier.",
+    "Nach dem Regen scheint wieder die Sonne.",
+)
+SENTENCES_OF = {"de": GERMAN}  # English: SENTENCES below
+
+
+def speaker_specs(n: int, languages: tuple[str, ...] = ("en",)) -> list[tuple[str, str, int, int]]:
+    """n distinct (accent, variant, pitch, speed) tuples, always the same for the same arguments;
+    speaker i speaks languages[i % len(languages)] (English-only lists are what they always were)."""
     specs = []
     for i in range(n):
+        lang, k = languages[i % len(languages)], i // len(languages)  # k: the speaker's index in its language
         specs.append(
             (
-                ACCENTS[i % len(ACCENTS)],
-                VARIANTS[i % len(VARIANTS)],
-                PITCHES[(i // len(ACCENTS)) % len(PITCHES)],
-                SPEEDS[(i // 3) % len(SPEEDS)],
+                ACCENTS[k % len(ACCENTS)] if lang == "en" else lang,
+                VARIANTS[k % len(VARIANTS)],
+                PITCHES[(k // len(ACCENTS)) % len(PITCHES)],
+                SPEEDS[(k // 3) % len(SPEEDS)],
             )
         )
     if len(set(specs)) != n:
         raise ValueError(f"cannot make {n} distinct voices from the built-in lists")
     return specs
+
+
+def sentences_of(lang: str) -> tuple[str, ...]:
+    if lang == "en":
+        return SENTENCES
+    if lang not in SENTENCES_OF:
+        raise SystemExit(f"no demo sentences for language {lang!r}; known: {['en', *SENTENCES_OF]}")
+    return SENTENCES_OF[lang]
 
 
 def speaker_name(spec) -> str:
@@ -134,14 +165,18 @@ def held_out_voice(path: Path, voices: int, text: str = HELD_OUT_TEXT) -> Path:
     return path
 
 
-def build(out_dir: Path, voices: int, sentences: int, jobs: int | None = None) -> Report:
-    specs = speaker_specs(voices)
+def build(
+    out_dir: Path, voices: int, sentences: int, jobs: int | None = None, languages: tuple[str, ...] = ("en",)
+) -> Report:
+    texts = {lang: sentences_of(lang) for lang in languages}
+    specs = speaker_specs(voices, languages)
     exe = check_espeak(specs)
     work = []
-    for s, spec in enumerate(specs):
+    for i, spec in enumerate(specs):
         name = speaker_name(spec)
+        lang, s = languages[i % len(languages)], i // len(languages)
         for j in range(sentences):
-            text = SENTENCES[(s * 7 + j) % len(SENTENCES)]
+            text = texts[lang][(s * 7 + j) % len(texts[lang])]
             work.append((spec, text, out_dir / spec[0] / name / f"{name}_{j:03d}"))
     report = Report("make_demo_corpus")
     todo = [w for w in work if not (w[2].with_suffix(".wav").exists() and w[2].with_suffix(".txt").exists())]
@@ -169,11 +204,19 @@ def main(argv=None) -> int:
     p.add_argument("--voices", type=int, default=8, help="number of speakers (default 8)")
     p.add_argument("--sentences", type=int, default=12, help="utterances per speaker (default 12)")
     p.add_argument("--jobs", type=int, default=None, help="parallel espeak-ng processes (default: CPU count)")
+    p.add_argument(
+        "--languages",
+        default="en",
+        help=f"comma-separated languages the speakers take in turn: en, {', '.join(SENTENCES_OF)} (default en)",
+    )
     args = p.parse_args(argv)
     setup_logging()
     if args.voices < 1 or args.sentences < 1:
         p.error("--voices and --sentences must be >= 1")
-    return build(args.out_dir, args.voices, args.sentences, args.jobs).finish()
+    langs = tuple(x.strip() for x in args.languages.split(",") if x.strip())
+    if not langs or len(set(langs)) != len(langs):
+        p.error(f"--languages takes distinct codes separated by commas, got {args.languages!r}")
+    return build(args.out_dir, args.voices, args.sentences, args.jobs, langs).finish()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ SRC is one of:
   `<id>.codes.npy` (from tools.quantize) or the reference's `<id>.qnt.pt` (a (1, Q, T) tensor);
   this also imports the reference's per-speaker dataset folders;
 * a reference HDF5 file (`data.h5`, reference.md §6.4): its `training` entries (`--hdf5-type` for others),
-  its text ids, and the symbol map stored in it.
+  its text ids, and the symbol map stored in it;
+* a valle_jax store (a folder with index.json): its utterances, with their symbols and languages.
+Several folders are read as one tree (the outputs of sharded tools.quantize / tools.phonemize runs:
+a transcript's codes may be in another folder), so packing the N shards' folders gives the store
+that packing one unsharded folder gives; folders and stores merge into one store.
 Speaker = `<group>_<speaker>` (the reference's default getter), group = the folder above the
 speaker's. Phonemes map through the reference's symbol map, extended with unseen symbols as its
 HDF5 builder does (next free id).
@@ -36,10 +40,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from tools.common import Report, find_files, setup_logging, utterance_id
+from tools.common import Report, find_files, parse_group_language, setup_logging, utterance_id
 from valle_jax.config import ModelConfig
+from valle_jax.data import languages
 from valle_jax.data import text as T
-from valle_jax.data.store import StoreError, StoreWriter
+from valle_jax.data.store import INDEX_NAME, Store, StoreError, StoreWriter
 
 CODEBOOK_SIZE = 1024
 # EnCodec 24 kHz gives at most 32 levels (24 kbps): a bigger second axis is a transposed array
@@ -61,6 +66,7 @@ class Candidate:
     frames: int
     levels: int
     load: Callable[[], tuple[np.ndarray, object]]  # -> (codes, phoneme tokens or text ids)
+    lang: str | None = None  # the language a source store gave it (None: --language / --group-language)
 
 
 # ---- codes ----
@@ -137,19 +143,33 @@ def load_folder_utterance(codes_path: Path, phn: Path) -> tuple[np.ndarray, list
     return codes, tokens
 
 
-def report_codes_without_transcript(root: Path, report: Report) -> None:
-    """Codes with no `.phn.txt` beside them: quantized, but never (or unsuccessfully) phonemized."""
-    for codes in find_files(root, CODES_SUFFIXES):
-        if not (codes.parent / f"{utterance_id(codes)}{PHN_SUFFIX}").exists():
+def stems(roots: Sequence[Path], suffixes: Sequence[str], report: Report) -> dict[Path, Path]:
+    """{relative path of an utterance up to its id: its file} over all roots. Within a root the
+    first suffix found wins (.codes.npy before .qnt.pt); an utterance in two roots (the shards of a
+    sharded run are disjoint, so this is a mistake) is reported, and the first root's is kept."""
+    found: dict[Path, tuple[Path, Path]] = {}
+    for root in roots:
+        for path in find_files(root, suffixes):
+            rel = path.relative_to(root).parent / utterance_id(path)
+            if rel not in found:
+                found[rel] = (root, path)
+            elif found[rel][0] != root:
+                report.fail(path, f"the same utterance is also in {found[rel][1]}: that one is packed")
+    return {rel: path for rel, (_, path) in found.items()}
+
+
+def folder_candidates(roots: Sequence[Path], report: Report) -> Iterator[Candidate]:
+    """The utterances of prepared or reference-format folders, each transcript with its codes. The
+    folders are one tree for this: a transcript's codes may lie in another folder (the outputs of
+    sharded tools.quantize and tools.phonemize runs), and the order is the relative paths' order,
+    so packing the shards' folders gives the store packing one folder gives."""
+    phns = stems(roots, (PHN_SUFFIX,), report)
+    codes_of = stems(roots, CODES_SUFFIXES, report)
+    for rel, codes in sorted(codes_of.items()):
+        if rel not in phns:
             report.fail(codes, f"codes but no transcript ({PHN_SUFFIX}) beside them: phonemize the text first")
-
-
-def folder_candidates(root: Path, report: Report) -> Iterator[Candidate]:
-    """The utterances of a prepared or reference-format folder, each transcript with its codes."""
-    report_codes_without_transcript(root, report)
-    for phn in find_files(root, (PHN_SUFFIX,)):
-        stem = phn.parent / utterance_id(phn)
-        codes_path = next((p for p in (Path(f"{stem}{s}") for s in CODES_SUFFIXES) if p.exists()), None)
+    for rel, phn in sorted(phns.items()):
+        codes_path = codes_of.get(rel)
         if codes_path is None:
             report.fail(phn, "no codes beside it (.codes.npy or .qnt.pt): quantize the audio first")
             continue
@@ -158,11 +178,34 @@ def folder_candidates(root: Path, report: Report) -> Iterator[Candidate]:
         except Exception as e:
             report.fail(phn, str(e))
             continue
-        rel = phn.relative_to(root)
-        speaker, group = speaker_and_group(rel)
-        uid = str(rel.parent / utterance_id(phn))
+        speaker, group = speaker_and_group(rel.parent / phn.name)
+        load = functools.partial(load_folder_utterance, codes_path, phn)
+        yield Candidate(str(phn), str(rel), speaker, group, frames, levels, load)
+
+
+def load_store_utterance(store: Store, i: int, inverse: Mapping[int, str]) -> tuple[np.ndarray, list[str]]:
+    codes, text = store.read(i)
+    return codes, [inverse[int(t)] for t in text[1:-1]]  # the symbols between <s> and </s>
+
+
+def store_candidates(path: Path, report: Report) -> Iterator[Candidate]:
+    """The utterances of a valle_jax store, as symbols (its ids mean what its own map says) and
+    with its languages."""
+    store = Store(path)
+    inverse: dict[int, str] = {}
+    for sym, i in store.symmap.items():
+        inverse.setdefault(int(i), sym)  # ids two symbols share ('?' and 'p') map back to the first
+    code_of = {v: k for k, v in store.lang_symmap.items()}
+    for i, uid in enumerate(store.ids):
         yield Candidate(
-            str(phn), uid, speaker, group, frames, levels, functools.partial(load_folder_utterance, codes_path, phn)
+            f"{path}:{uid}",
+            uid,
+            str(store.speaker_names[store.speaker[i]]),
+            str(store.group_names[store.group[i]]),
+            int(store.frames[i]),
+            store.n_levels,
+            functools.partial(load_store_utterance, store, i, inverse),
+            lang=code_of[int(store.lang[i])],
         )
 
 
@@ -314,22 +357,41 @@ class TextIds:
 # ---- packing ----
 
 
-def split_sources(sources: Sequence[Path]) -> tuple[Path | None, list[Path]]:
-    """(the HDF5 file or None, the folders); one HDF5 file or any number of folders."""
+def split_sources(sources: Sequence[Path]) -> tuple[Path | None, list[Path], list[Path]]:
+    """(the HDF5 file or None, the folders, the stores); one HDF5 file, or any number of folders
+    and stores (a folder holding index.json)."""
     missing = [s for s in sources if not s.exists()]
     if missing:
         raise StoreError(f"sources do not exist: {[str(m) for m in missing]}")
     h5 = [s for s in sources if s.is_file()]
-    folders = [s for s in sources if s.is_dir()]
-    if h5 and folders or len(h5) > 1:
-        raise StoreError("pack one HDF5 file, or any number of folders, per store (their symbol maps differ)")
-    return (h5[0] if h5 else None), folders
+    stores = [s for s in sources if s.is_dir() and (s / INDEX_NAME).is_file()]
+    folders = [s for s in sources if s.is_dir() and s not in stores]
+    if h5 and (folders or stores) or len(h5) > 1:
+        raise StoreError(
+            "pack one HDF5 file, or any number of folders and stores, per store (an HDF5 file keeps its symbol map)"
+        )
+    return (h5[0] if h5 else None), folders, stores
+
+
+def unique_ids(candidates: Sequence[Candidate], report: Report) -> list[Candidate]:
+    """The first candidate of each utterance id (stores merged twice, or overlapping sources)."""
+    seen: dict[str, str] = {}
+    out = []
+    for c in candidates:
+        if c.uid in seen:
+            report.fail(c.label, f"utterance {c.uid} is already packed from {seen[c.uid]}")
+            continue
+        seen[c.uid] = c.label
+        out.append(c)
+    return out
 
 
 def check_options(language: str, group_language: Mapping[str, str], levels: int | None, text_tokens: int) -> None:
     for lang in [language, *group_language.values()]:
-        if lang not in T.LANG_SYMMAP:
-            raise StoreError(f"unknown language {lang!r}; known: {sorted(T.LANG_SYMMAP)}")
+        try:
+            languages.check(lang)
+        except T.TextError as e:
+            raise StoreError(str(e)) from None
     if levels is not None and not 1 <= levels <= MAX_LEVELS:
         raise StoreError(f"--levels must be in 1..{MAX_LEVELS}, got {levels}")
     if text_tokens < 1:
@@ -340,7 +402,7 @@ def write_candidates(
     writer: StoreWriter,
     candidates: Sequence[Candidate],
     text_ids: TextIds,
-    lang_of: Callable[[str], str],
+    lang_of: Callable[[Candidate], str],
     report: Report,
     progress: bool,
 ) -> float:
@@ -356,7 +418,7 @@ def write_candidates(
         except Exception as e:
             report.fail(c.label, str(e))
             continue
-        writer.add(c.uid, c.speaker, c.group, lang_of(c.group), codes, ids)
+        writer.add(c.uid, c.speaker, c.group, lang_of(c), codes, ids)
         seconds += len(codes) / 75
         report.done += 1
     return seconds
@@ -379,8 +441,8 @@ def pack(
     report = Report("pack")
     group_language = group_language or {}
     check_options(language, group_language, levels, text_tokens)
-    h5, folders = split_sources(sources)
-    writer = StoreWriter(out, {}, T.LANG_SYMMAP, records_per_shard, overwrite)  # fails fast on an existing store
+    h5, folders, stores = split_sources(sources)
+    writer = StoreWriter(out, {}, {}, records_per_shard, overwrite)  # fails fast on an existing store
     try:
         with contextlib.ExitStack() as stack:
             # two passes: a scan that reads only shapes, to choose the level count, then the writing
@@ -390,12 +452,16 @@ def pack(
                 candidates = list(hdf5_candidates(f, h5, hdf5_type, report))
             else:
                 symmap = T.reference_symmap()
-                candidates = [c for root in folders for c in folder_candidates(root, report)]
+                candidates = list(folder_candidates(folders, report)) if folders else []
+                candidates += [c for store in stores for c in store_candidates(store, report)]
+                candidates = unique_ids(candidates, report)
             check_symmap(symmap, text_tokens)
             n_levels, why = choose_levels(candidates, levels)
             usable = keep_level_count(candidates, n_levels, report)
             text_ids = TextIds(symmap, text_tokens)
-            lang_of = lambda group: group_language.get(group, language)  # noqa: E731
+            lang_of = lambda c: group_language.get(c.group, c.lang or language)  # noqa: E731
+            # en=0, ja=1 (the reference's), then the other codes in use
+            writer.lang_symmap = languages.store_langs([language, *(lang_of(c) for c in usable)])
             seconds = write_candidates(writer, usable, text_ids, lang_of, report, progress)
         writer.symmap = text_ids.symmap
         path = writer.close()
@@ -444,9 +510,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     try:
-        group_language = dict(x.split("=", 1) for x in args.group_language)
-    except ValueError:
-        p.error("--group-language takes GROUP=LANG")
+        group_language = parse_group_language(args.group_language)
+    except ValueError as e:
+        p.error(str(e))
     try:
         report = pack(
             args.sources,

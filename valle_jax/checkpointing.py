@@ -23,6 +23,7 @@ from flax import nnx
 
 from valle_jax.atomic import publish_dir, temp_dir_beside
 from valle_jax.config import ModelConfig
+from valle_jax.data.languages import REFERENCE_LANGS
 from valle_jax.models.valle import abstract_model, model_from_params
 
 FORMAT, VERSION = "valle_jax.model", 1
@@ -64,7 +65,9 @@ def save_model(
     symmap: Mapping[str, int],
     stats: Mapping | None = None,
     overwrite: bool = False,
+    langs: Mapping[str, int] | None = None,
 ) -> Path:
+    """`langs`: language code -> row of the model's language table (None: the reference's en=0, ja=1)."""
     out = Path(directory).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -75,7 +78,13 @@ def save_model(
         ckptr.wait_until_finished()
         (tmp / "config.json").write_text(
             json.dumps(
-                {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg), "stats": dict(stats or {})},
+                {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "model": dataclasses.asdict(cfg),
+                    "stats": dict(stats or {}),
+                    "langs": dict(langs or REFERENCE_LANGS),
+                },
                 indent=1,
             )
         )
@@ -96,6 +105,12 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
             f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{VERSION}"
         )
     return ModelConfig(**meta["model"]), json.loads((path / "symmap.json").read_text("utf-8")), meta.get("stats", {})
+
+
+def read_langs(directory: str | os.PathLike) -> dict[str, int]:
+    """The language map of a model directory (those written before it had one: the reference's)."""
+    meta = json.loads((Path(directory) / "config.json").read_text())
+    return dict(meta.get("langs") or REFERENCE_LANGS)
 
 
 def load_model(directory: str | os.PathLike, **overrides):

@@ -55,14 +55,17 @@ def export(
     out: str | Path,
     fmt: str = "auto",
     overwrite: bool = False,
+    langs: Mapping | None = None,
 ) -> Path:
+    """`langs`: the model's language map (a model directory keeps it; the reference's .pth has no
+    place for one, its readers assume en=0, ja=1)."""
     out = Path(out)
     if fmt == "auto":
         fmt = "reference" if out.suffix == ".pth" else "valle_jax"
     params = _to_numpy(params)
     if fmt == "reference":
         return write_reference(out, params, cfg, symmap, stats, overwrite)
-    return save_model(out, cfg, params, symmap, stats, overwrite=overwrite)
+    return save_model(out, cfg, params, symmap, stats, overwrite=overwrite, langs=langs)
 
 
 def _to_numpy(tree):
@@ -76,7 +79,7 @@ def export_run(
 ) -> tuple[Path, int]:
     """Exports checkpoint `step` (default: the latest complete one) of a training workdir."""
     run = load_params(workdir, step)
-    return export(run.params, run.model, run.symmap, run.stats, out, fmt, overwrite), run.step
+    return export(run.params, run.model, run.symmap, run.stats, out, fmt, overwrite, run.langs), run.step
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -17,6 +17,7 @@ import jax
 from valle_jax.atomic import write_text
 from valle_jax.checkpointing import params_of
 from valle_jax.config import ConfigError, ModelConfig
+from valle_jax.data.languages import REFERENCE_LANGS
 from valle_jax.models.valle import abstract_model
 from valle_jax.training.checkpoint import Checkpoints
 
@@ -46,6 +47,7 @@ class RunRecord:
     model: ModelConfig  # the model it trains
     symmap: dict  # phoneme -> id of its store
     config: dict  # the full training config (ml_collections, as a dict)
+    langs: dict = dataclasses.field(default_factory=lambda: dict(REFERENCE_LANGS))  # language -> row, of its store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class RunParams:
     symmap: dict
     stats: dict  # run_stats of the checkpoint's meta
     step: int
+    langs: dict = dataclasses.field(default_factory=lambda: dict(REFERENCE_LANGS))  # language -> row
 
 
 def is_run(path: str | Path) -> bool:
@@ -68,11 +71,25 @@ def read_run(workdir: str | Path) -> RunRecord:
     if not path.is_file():
         raise FileNotFoundError(f"{workdir} is not a valle_jax training directory (no {RUN_FILE})")
     run = json.loads(path.read_text("utf-8"))
-    return RunRecord(ModelConfig(**run["model"]), run["symmap"], run["config"])
+    return RunRecord(ModelConfig(**run["model"]), run["symmap"], run["config"], run.get("langs") or REFERENCE_LANGS)
 
 
-def check_run(workdir: Path, model: ModelConfig, symmap: Mapping, store: str | Path) -> None:
-    """Raises ConfigError when `workdir` already holds a run of another model or phoneme map."""
+def check_languages(model: ModelConfig, langs: Mapping[str, int], used: Sequence[int], store: str | Path) -> None:
+    """Every language the store's utterances use (ids `used`) must have a row in the model's
+    language table: past it, the embedding lookup would silently read another row."""
+    top = max((int(i) for i in used), default=0)
+    if top >= model.n_langs:
+        past = sorted(k for k, v in langs.items() if model.n_langs <= v <= top and v in set(map(int, used)))
+        raise ConfigError(
+            f"{store} holds utterances in {past} (language map {dict(langs)}), but the model's language "
+            f"table has {model.n_langs} rows: set --config.model.n_langs={top + 1}"
+        )
+
+
+def check_run(
+    workdir: Path, model: ModelConfig, symmap: Mapping, store: str | Path, langs: Mapping | None = None
+) -> None:
+    """Raises ConfigError when `workdir` already holds a run of another model, phoneme or language map."""
     if not is_run(workdir):
         return
     old = json.loads((workdir / RUN_FILE).read_text("utf-8"))
@@ -82,10 +99,21 @@ def check_run(workdir: Path, model: ModelConfig, symmap: Mapping, store: str | P
         raise ConfigError(f"{workdir} holds a run of another model (old, new): {changed}; use a new --workdir")
     if old["symmap"] != symmap:
         raise ConfigError(f"{store} uses another phoneme map than the run in {workdir}")
+    if langs is not None and old.get("langs") not in (None, dict(langs)):
+        raise ConfigError(
+            f"{store} has another language map than the run in {workdir}: {old['langs']} vs {dict(langs)}"
+        )
 
 
-def write_run(workdir: Path, model: ModelConfig, symmap: Mapping, config: Mapping) -> None:
-    record = {"model": dataclasses.asdict(model), "symmap": dict(symmap), "config": dict(config)}
+def write_run(
+    workdir: Path, model: ModelConfig, symmap: Mapping, config: Mapping, langs: Mapping | None = None
+) -> None:
+    record = {
+        "model": dataclasses.asdict(model),
+        "symmap": dict(symmap),
+        "config": dict(config),
+        "langs": dict(langs or REFERENCE_LANGS),
+    }
     write_text(workdir / RUN_FILE, json.dumps(record, indent=1, default=list))
 
 
@@ -115,4 +143,4 @@ def load_params(workdir: str | Path, step: int | None = None) -> RunParams:
         params, meta, step = ckpts.restore_params(step, target)
     finally:
         ckpts.close()
-    return RunParams(params, run.model, run.symmap, run_stats(meta), step)
+    return RunParams(params, run.model, run.symmap, run_stats(meta), step, run.langs)

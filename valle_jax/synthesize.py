@@ -5,14 +5,16 @@
 
 PATH is a model directory (valle_jax.export, tools.convert_reference), a training directory (its
 latest checkpoint) or a reference checkpoint (.pth). The sampling flags are the reference's
-(reference.md §4.8), with the same defaults. A multi-line TEXT is synthesised line by line and the lines
-are concatenated into OUT.wav; --text-file writes one wav per non-empty line, named by its line
-number (0001.wav, ...), into OUT_DIR, decoding --batch-size lines together; a line that cannot be
-phonemised is reported and skipped (exit status 1). A line for which the AR produced no frames is
-reported and gets no wav (exit status 1): with TEXT, OUT.wav holds the other lines, and is not
-written when none has audio. Files are written atomically. Usage errors (exit status 2) are found
-before the model loads. --best-of N keeps the best of N candidates per line (valle_jax.best_of);
---verbose prints every candidate's scores.
+(reference.md §4.8), with the same defaults. TEXT is split into sentences of at most --max-phonemes
+phonemes, decoded as one batch in the same voice and joined with --pause seconds of silence into
+OUT (--no-split: one utterance per line). OUT's suffix picks the format (.wav, .flac, .ogg, .opus,
+.mp3); `--out -` writes WAV to stdout and everything else to stderr. --text-file writes one file
+per non-empty line (each split the same way), named by its line number (0001.wav, ...; --format),
+into OUT_DIR, decoding --batch-size pieces together behind a progress bar; a line that cannot be
+phonemised is reported and skipped (exit status 1). A piece for which the AR produced no frames is
+reported and adds no audio (exit status 1); a file with no audio at all is not written. Files are
+written atomically. Usage errors (exit status 2) are found before the model loads. --best-of N keeps
+the best of N candidates per piece (valle_jax.best_of); --verbose prints every candidate's scores.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
+from tqdm import tqdm
 
+from valle_jax import audio_io, text_split
 from valle_jax import best_of as B
-from valle_jax.audio import SAMPLE_RATE, AudioError, write_wav
+from valle_jax.audio import SAMPLE_RATE, AudioError
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Settings
@@ -83,7 +86,12 @@ def parser() -> argparse.ArgumentParser:
         help="the text and the reference audio (';'-separated files); with --text-file only REFERENCE",
     )
     p.add_argument(
-        "--out", "--out-path", dest="out", type=Path, required=True, help="output wav (or directory, with --text-file)"
+        "--out",
+        "--out-path",
+        dest="out",
+        type=Path,
+        required=True,
+        help="output audio file, its format from the suffix, or - for WAV on stdout (a directory with --text-file)",
     )
     p.add_argument(
         "--checkpoint",
@@ -108,7 +116,31 @@ def parser() -> argparse.ArgumentParser:
     )
     add_vocoder_flags(p)
     p.add_argument("--text-file", type=Path, default=None, help="one utterance per line, one wav each")
-    p.add_argument("--batch-size", type=int, default=8, help="utterances decoded together")
+    p.add_argument(
+        "--format",
+        choices=[s.lstrip(".") for s in audio_io.OUTPUT_FORMATS],
+        default="wav",
+        help="file format of --text-file's outputs (default wav)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pieces decoded together (default: all of TEXT's; 8 with --text-file)",
+    )
+    p.add_argument("--no-split", dest="split", action="store_false", help="one utterance per line, not per sentence")
+    p.add_argument(
+        "--max-phonemes",
+        type=int,
+        default=text_split.DEFAULT_MAX_PHONEMES,
+        help=f"phonemes per piece at most when splitting (default {text_split.DEFAULT_MAX_PHONEMES})",
+    )
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=audio_io.DEFAULT_PAUSE,
+        help=f"seconds of silence between pieces (default {audio_io.DEFAULT_PAUSE})",
+    )
     p.add_argument("--language", default="en")
     p.add_argument("--input-prompt-length", type=float, default=3.0, help="seconds of reference kept (0: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute and weight dtype")
@@ -187,8 +219,19 @@ def usage_error(args: argparse.Namespace, sampling: dict, text: str | None) -> s
         TTS.check_language(args.language)
     except (DecodeError, AudioError, TextError) as e:
         return str(e)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         return f"--batch-size must be >= 1, got {args.batch_size}"
+    if args.max_phonemes < 1:
+        return f"--max-phonemes must be >= 1, got {args.max_phonemes}"
+    if not (0 <= args.pause < float("inf")):
+        return f"--pause must be a finite number of seconds >= 0, got {args.pause}"
+    if args.text_file is not None and str(args.out) == audio_io.STDOUT:
+        return "--out - (stdout) takes one TEXT, not --text-file (whose --out is a directory)"
+    if args.text_file is None:
+        try:
+            audio_io.output_format(args.out)
+        except AudioError as e:
+            return str(e)
     if args.step is not None and args.step < 0:
         return f"--step must be >= 0, got {args.step}"
     if args.heads is not None and args.heads < 1:
@@ -218,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         text, reference = args.positional
     sampling = {field: getattr(args, field) for field, _, _ in SAMPLING_FLAGS.values()}
     sampling.update(repetition_aware=args.repetition_aware, sign_aware_penalties=not args.sign_blind_penalties)
+    to_stdout = str(args.out) == audio_io.STDOUT
     problem = usage_error(args, sampling, None if args.text_file is not None else text)
     if problem:  # a usage error: exit status 2, before anything heavy loads
         print(f"error: {problem}", file=sys.stderr)
@@ -245,66 +289,87 @@ def run(args: argparse.Namespace) -> int:
         if args.vocoder == "vocos":
             tts.vocos  # noqa: B018 - loaded now: missing weights are an error before any decoding
         voice = tts.prompt(reference, args.input_prompt_length)
+        info = sys.stderr if to_stdout else sys.stdout  # stdout carries only the WAV then
         print(
             f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "
             f"voice {voice.seconds:.2f} s",
+            file=info,
             flush=True,
         )
         t1 = time.perf_counter()
-        skipped = 0
+
+        def pieces_of(text: str) -> list[str]:
+            return tts.split(text, args.language, args.max_phonemes) if args.split else TTS.lines(text)
+
         if args.text_file is not None:
-            good = []
+            good = []  # (line number, its pieces)
             for n, line in lines:  # a line that cannot be phonemised is reported and skipped
                 try:
-                    tts.text_ids(line, args.language)
-                    good.append((n, line))
+                    pieces = pieces_of(line)
+                    for piece in pieces:
+                        tts.text_ids(piece, args.language)
+                    good.append((n, pieces))
                 except TextError as e:
                     print(f"error: {args.text_file} line {n}: {e} (skipped)", file=sys.stderr)
             skipped = len(lines) - len(good)
             if not good:
                 raise TextError(f"{args.text_file}: no line could be synthesised")
             args.out.mkdir(parents=True, exist_ok=True)
-            texts = [line for _, line in good]
-            names = [f"{args.text_file} line {n}" for n, _ in good]
+            suffix = f".{args.format}"
+            outputs = [(args.out / f"{n:04d}{suffix}", pieces) for n, pieces in good]
+            named = [f"{args.text_file} line {n}" for n, _ in good]
         else:
-            texts = TTS.lines(text)
-            names = [f"TEXT line {k}" for k in range(1, len(texts) + 1)] if len(texts) > 1 else ["TEXT"]
+            skipped = 0
+            outputs = [(args.out, pieces_of(text))]
+            named = ["TEXT"]
+        texts = [piece for _, pieces in outputs for piece in pieces]
+        names = [
+            f"{name} piece {k} ({piece[:30]!r})" if len(pieces) > 1 else name
+            for name, (_, pieces) in zip(named, outputs)
+            for k, piece in enumerate(pieces, 1)
+        ]
+        batch_size = args.batch_size or (8 if args.text_file is not None else len(texts))
         if args.best_of > 1:
-            parts = best_of_parts(tts, texts, names, voice, args, sampling)
+            parts = best_of_parts(tts, texts, names, voice, args, sampling, info)
         else:
-            parts = tts.synthesize_batch(
-                texts,
-                [voice] * len(texts),
-                language=args.language,
-                input_prompt_length=0.0,  # the voice is already trimmed
-                batch_size=args.batch_size,
-                **sampling,
-            )
+            with tqdm(
+                total=len(texts), unit="piece", desc="synthesising", disable=args.text_file is None, file=sys.stderr
+            ) as bar:
+                parts = tts.synthesize_batch(
+                    texts,
+                    [voice] * len(texts),
+                    language=args.language,
+                    input_prompt_length=0.0,  # the voice is already trimmed
+                    batch_size=batch_size,
+                    progress=bar.update,
+                    **sampling,
+                )
         seconds = time.perf_counter() - t1
         empty = [name for name, wav in zip(names, parts) if len(wav) == 0]
-        for name in empty:  # never a silent empty wav: the line is reported and gets none
-            print(
-                f"warning: {name}: the AR produced no frames (the stop token came first); "
-                + ("no wav written for it" if args.text_file is not None else f"nothing of it in {args.out}"),
-                file=sys.stderr,
-            )
-        if args.text_file is not None:
-            written = [(args.out / f"{n:04d}.wav", wav) for (n, _), wav in zip(good, parts) if len(wav)]
-        else:
-            kept = [wav for wav in parts if len(wav)]
-            written = [(args.out, np.concatenate(kept))] if kept else []
-            if not kept:
-                print(f"error: no audio was generated: {args.out} not written", file=sys.stderr)
+        for name in empty:  # never a silent empty file: the piece is reported and adds nothing
+            print(f"warning: {name}: the AR produced no frames (the stop token came first)", file=sys.stderr)
+        written, start = [], 0
+        for path, pieces in outputs:
+            wav = audio_io.join(parts[start : start + len(pieces)], args.pause, tts.sample_rate)
+            start += len(pieces)
+            if len(wav):
+                written.append((path, wav))
+            elif args.text_file is not None:
+                print(f"warning: {path.name}: no audio, so no {args.format} written for it", file=sys.stderr)
+            else:
+                print(f"error: no audio was generated: {path} not written", file=sys.stderr)
         for path, wav in written:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_wav(path, wav)
+            if str(path) != audio_io.STDOUT:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            tts.save(path, wav)
         audio = sum(len(w) for _, w in written) / SAMPLE_RATE
         print(
             f"wrote {len(written)} file(s), {audio:.2f} s of audio, in {seconds:.2f} s including compilation "
             f"(load {t1 - t0:.1f} s; real-time factor {seconds / max(audio, 1e-9):.2f}): "
-            f"{args.out}"
+            f"{'stdout' if to_stdout else args.out}"
             + (f"; {skipped} line(s) skipped" if skipped else "")
-            + (f"; {len(empty)} line(s) without audio" if empty else "")
+            + (f"; {len(empty)} piece(s) without audio" if empty else ""),
+            file=info,
         )
         return 1 if skipped or empty else 0
     except (
@@ -321,15 +386,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def best_of_parts(tts: TTS, texts: list[str], names: list[str], voice, args, sampling: dict) -> list[np.ndarray]:
-    """Each line's best of --best-of candidates (--verbose: every candidate's scores on stdout)."""
+def best_of_parts(tts: TTS, texts: list[str], names: list[str], voice, args, sampling: dict, info) -> list:
+    """Each piece's best of --best-of candidates (--verbose: every candidate's scores on `info`, stdout
+    unless the audio goes there)."""
     parts = []
     for name, text in zip(names, texts):
         (pick,) = tts.best_of(
             text, voice, args.best_of, asr=args.best_of_asr, language=args.language, input_prompt_length=0.0, **sampling
         )
         if args.verbose:
-            print(f"{name}: " + "\n".join(pick.report()), flush=True)
+            print(f"{name}: " + "\n".join(pick.report()), file=info, flush=True)
         parts.append(pick.wav)
     return parts
 

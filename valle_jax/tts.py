@@ -5,8 +5,11 @@
     wav = tts.synthesize("Hello there.", "voice.wav", ar_temp=0.9, nar_temp=0.5)   # float32, 24 kHz
     voice = tts.prompt(["a.wav", "b.wav"])                          # encode a voice once, reuse it
     wavs = tts.synthesize_batch(["One.", "Two."], [voice, voice], top_k=50)
+    tts.save("out.flac", wav)                                       # format from the suffix
 
 Sampling keywords are the fields of `valle_jax.decoding.Settings` (the reference CLI's flags).
+`synthesize` splits long text into sentences of at most `max_phonemes` phonemes (valle_jax.text_split),
+decodes them as one batch in the same voice and joins them with `pause` seconds of silence.
 Text is phonemised with espeak-ng; references are read, mixed to mono, resampled to 24 kHz,
 EnCodec-encoded, concatenated in time (several files) and cut to their first
 `input_prompt_length` seconds (0: whole). Utterances of a batch are decoded together, sorted by
@@ -19,17 +22,18 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from valle_jax import audio_io, runs, text_split
 from valle_jax import best_of as B
-from valle_jax import runs
 from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
-from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
+from valle_jax.checkpointing import CheckpointError, load_model, model_with_params, read_langs
 from valle_jax.config import ModelConfig
-from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode, reference_symmap
+from valle_jax.data import languages
+from valle_jax.data.text import Phonemizer, TextError, encode, reference_symmap
 from valle_jax.decoding import DecodeError, Decoder, Settings, make_inputs
 from valle_jax.models.convert import from_reference, infer_config, read_source
 
@@ -86,6 +90,17 @@ def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None
     )
 
 
+def languages_of(path: str | os.PathLike) -> dict[str, int]:
+    """The language map of what `load_any` loads: a model directory's or a run's (written by
+    training from its store), else the reference's en=0, ja=1 (reference .pth files)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return read_langs(path)
+    if runs.is_run(path):
+        return dict(runs.read_run(path).langs)
+    return dict(languages.REFERENCE_LANGS)
+
+
 def settings_of(**sampling):
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(sampling) - names)
@@ -108,6 +123,7 @@ class TTS:
         vocoder: str = "encodec",
         vocoder_dir: str | os.PathLike | None = None,
         codec_device: str = "cpu",
+        langs: dict[str, int] | None = None,
     ):
         """`vocoder`: what turns codes into audio, "encodec" (the codec's decoder) or "vocos"
         (valle_jax.vocoder; weights from `vocoder_dir` or the Hugging Face cache). `codec_device`: the
@@ -115,6 +131,7 @@ class TTS:
         if vocoder not in VOCODERS:
             raise ValueError(f"vocoder must be one of {VOCODERS}, got {vocoder!r}")
         self.cfg, self.symmap = cfg, dict(symmap)
+        self.langs = dict(langs or languages.REFERENCE_LANGS)  # language code -> row of the model's table
         self.decoder = Decoder(model, chunk=chunk, kv_dtype=kv_dtype)
         self.codec_dir = codec_dir
         self.vocoder, self.vocoder_dir, self.codec_device = vocoder, vocoder_dir, codec_device
@@ -137,7 +154,7 @@ class TTS:
         """`kv_dtype`: the AR's KV cache ("bfloat16" halves what a step reads from it; None: the
         model's dtype, see decoding.Decoder). `decoding`: vocoder, vocoder_dir, codec_device (__init__)."""
         model, cfg, symmap = load_any(path, dtype, step, heads)
-        return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype, **decoding)
+        return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype, langs=languages_of(path), **decoding)
 
     @property
     def codec(self):
@@ -160,30 +177,46 @@ class TTS:
                 warnings.warn(f"the Vocos in {self.vocoder_dir} is randomly initialised: its audio is not speech")
         return self._vocos
 
+    @property
+    def sample_rate(self) -> int:
+        """Hz of the waveforms this returns."""
+        return SAMPLE_RATE
+
+    def save(self, path: str | os.PathLike, audio: np.ndarray) -> None:
+        """Writes `audio` to `path` in the format its suffix names (.wav, .flac, .ogg, .opus, .mp3;
+        `-`: WAV on stdout), atomically."""
+        audio_io.write_audio(path, audio, self.sample_rate)
+
     # ---- inputs -------------------------------------------------------------------------------
     def text_ids(self, text: str, language: str = "en") -> list[int]:
         """`<s> phonemes </s>` ids of one line of text."""
         if not text.strip():
             raise TextError("empty text: nothing to synthesise")
         if (text, language) not in self._ids:  # callers that check lines first do not phonemise twice
-            if language not in self._phonemizers:
-                self._phonemizers[language] = Phonemizer(language)
-            self._ids[text, language] = encode(self._phonemizers[language].tokens([text])[0], self.symmap)
+            self._ids[text, language] = encode(self.phonemizer(language).tokens([text])[0], self.symmap)
         return self._ids[text, language]
+
+    def phonemizer(self, language: str) -> Phonemizer:
+        if language not in self._phonemizers:
+            self._phonemizers[language] = Phonemizer(language)
+        return self._phonemizers[language]
+
+    def split(self, text: str, language: str = "en", max_phonemes: int = text_split.DEFAULT_MAX_PHONEMES) -> list[str]:
+        """`text` as the pieces `synthesize` decodes: sentences of at most `max_phonemes` phonemes."""
+        phonemizer = self.phonemizer(language)
+        pieces = text_split.split_text(text, lambda ts: [len(t) for t in phonemizer.tokens(ts)], max_phonemes)
+        if not pieces:
+            raise TextError("empty text: nothing to synthesise")
+        return pieces
 
     @staticmethod
     def check_language(language: str) -> None:
-        """A language synthesis knows at all (no model needed; `language_id` checks the model's)."""
-        if language not in LANG_SYMMAP:
-            raise TextError(f"language {language!r} is not supported (known: {', '.join(LANG_SYMMAP)})")
+        """A language espeak-ng speaks (no model needed; `language_id` checks the model's)."""
+        languages.check(language)
 
     def language_id(self, language: str) -> int:
         self.check_language(language)
-        lang = LANG_SYMMAP[language]
-        if lang >= self.cfg.n_langs:
-            known = [k for k, v in LANG_SYMMAP.items() if v < self.cfg.n_langs]
-            raise TextError(f"language {language!r} is not supported by this model (it knows {known})")
-        return lang
+        return languages.language_id(language, self.langs, self.cfg.n_langs)
 
     def prompt(self, references: Reference, input_prompt_length: float = 3.0) -> Prompt:
         """A voice from one or more audio files (or `a.wav;b.wav`), codes [frames, levels] (used
@@ -265,9 +298,11 @@ class TTS:
         language: str = "en",
         input_prompt_length: float = 3.0,
         batch_size: int = 8,
+        progress: Callable[[int], None] | None = None,
         **sampling,
     ) -> list[np.ndarray]:
-        """Codes int32 [frames, levels] per text; one reference per text."""
+        """Codes int32 [frames, levels] per text; one reference per text. `progress(n)` is called
+        after each decoded batch with its number of texts."""
         settings = settings_of(**sampling)
         if len(texts) != len(references):
             raise DecodeError(f"{len(texts)} texts but {len(references)} references")
@@ -306,6 +341,8 @@ class TTS:
                         MaxStepsWarning,
                         stacklevel=2,
                     )
+            if progress is not None:
+                progress(len(rows))
         return out  # type: ignore[return-value]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -325,18 +362,30 @@ class TTS:
             raise TextError("empty text: nothing to synthesise")
         return lines
 
-    def synthesize(self, text: str, reference: Reference, *, best_of: int = 1, **kwargs) -> np.ndarray:
-        """One waveform; a multi-line text is synthesised line by line (as one batch) and the
-        lines are concatenated in order (a line with no frames adds nothing, with an
-        EmptyAudioWarning). `best_of` > 1: each line is the best of that many candidates
-        (`TTS.best_of`, whose `asr` and `verifier` keywords pass through)."""
+    def synthesize(
+        self,
+        text: str,
+        reference: Reference,
+        *,
+        split: bool = True,
+        max_phonemes: int = text_split.DEFAULT_MAX_PHONEMES,
+        pause: float = audio_io.DEFAULT_PAUSE,
+        best_of: int = 1,
+        **kwargs,
+    ) -> np.ndarray:
+        """One waveform. The text is split into sentences of at most `max_phonemes` phonemes
+        (`split=False`: one utterance per line), decoded as one batch in the same voice, and the
+        pieces joined in order with `pause` seconds of silence (a piece with no frames adds
+        nothing, with an EmptyAudioWarning). `best_of` > 1: each line (not split further) is the
+        best of that many candidates (`TTS.best_of`, whose `asr` and `verifier` keywords pass through)."""
         if best_of != 1:
-            wavs = [pick.wav for pick in self.best_of(text, reference, best_of, **kwargs)]
-            return np.concatenate(wavs) if len(wavs) > 1 else wavs[0]
-        lines = self.lines(text)
+            picks = self.best_of(text, reference, best_of, **kwargs)
+            return audio_io.join([pick.wav for pick in picks], pause, self.sample_rate)
+        pieces = self.split(text, kwargs.get("language", "en"), max_phonemes) if split else self.lines(text)
         voice = self.prompt(reference, kwargs.pop("input_prompt_length", 3.0))
-        wavs = self.synthesize_batch(lines, [voice] * len(lines), input_prompt_length=0.0, **kwargs)
-        return np.concatenate(wavs) if len(wavs) > 1 else wavs[0]
+        kwargs.setdefault("batch_size", len(pieces))
+        wavs = self.synthesize_batch(pieces, [voice] * len(pieces), input_prompt_length=0.0, **kwargs)
+        return audio_io.join(wavs, pause, self.sample_rate)
 
     def best_of(
         self,

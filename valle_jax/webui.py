@@ -25,7 +25,7 @@ import numpy as np
 
 from valle_jax.audio import SAMPLE_RATE, AudioError, write_wav
 from valle_jax.codec import CodecUnavailable
-from valle_jax.data.text import LANG_SYMMAP, TextError
+from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Settings
 from valle_jax.runtime import use_cpu_xla_flags
 from valle_jax.serve.engine import Engine
@@ -139,7 +139,9 @@ class WebUI:
                         elem_id="saved",
                         visible=bool(self.saved_voices()),
                     )
-                    language = gr.Dropdown(choices=list(LANG_SYMMAP), value="en", label="Language", elem_id="language")
+                    language = gr.Dropdown(
+                        choices=list(self.tts.langs), value="en", label="Language", elem_id="language"
+                    )
                     prompt_length = gr.Slider(
                         0,
                         30,

@@ -15,10 +15,11 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 
+from valle_jax.data import languages
+
 BOS, EOS, SPACE = "<s>", "</s>", " "
 GLUE_TO_PREVIOUS = ("ˈ", "ˌ", "ː")  # U+02C8, U+02CC, U+02D0
-LANG_SYMMAP = {"en": 0, "ja": 1}  # reference.md §1.2
-ESPEAK_LANGUAGE = {"en": "en-us", "ja": "ja"}  # the reference maps "en" to espeak's "en-us"
+LANG_SYMMAP = languages.REFERENCE_LANGS  # the reference's language ids; stores extend it (data/languages.py)
 
 
 class TextError(ValueError):
@@ -94,16 +95,15 @@ class Phonemizer:
     """phonemizer's espeak backend with stress and punctuation kept (reference.md §6.3), one per language."""
 
     def __init__(self, language: str = "en"):
-        if language not in ESPEAK_LANGUAGE:
-            raise TextError(f"unsupported language {language!r}; supported: {sorted(ESPEAK_LANGUAGE)}")
         if not espeak_available():
             raise TextError(
                 "espeak-ng is not installed, and phonemizer needs it: run `sudo apt-get install -y espeak-ng`"
             )
+        languages.check(language)  # any code espeak-ng speaks
         from phonemizer.backend import EspeakBackend  # noqa: PLC0415 - optional heavy dependency: phonemizer
 
         self.language = language
-        self._backend = EspeakBackend(ESPEAK_LANGUAGE[language], preserve_punctuation=True, with_stress=True)
+        self._backend = EspeakBackend(languages.espeak_voice(language), preserve_punctuation=True, with_stress=True)
 
     def phonemize(self, texts: Sequence[str]) -> list[str]:
         """Phonemised strings, one per text (whole list in one espeak call: fast)."""

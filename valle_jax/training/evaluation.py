@@ -3,12 +3,13 @@
 Validation reads `train.eval_batches` batches of the validation store in order, with levels drawn
 from a fixed key per batch, so successive evaluations are comparable. Audio samples synthesise the
 first `train.eval_audio` utterances of the first validation batch with the current parameters
-and, when the codec is a real (pretrained) one, score them with the evaluation's metrics
-(valle_jax.metrics; `eval_audio/*` scalars): speaker similarity of the output to the prompt and
-to the reference, WER of the output's ASR transcript against the reference's (the batch holds
-phonemes, not the text), MCD with DTW, log-F0 RMSE and the duration ratio against the reference.
-With a random codec (its audio is not speech) or without the metrics' libraries (the `eval`
-extra) it says once that it skips them.
+(WORKDIR/samples/STEP/*.wav, and TensorBoard's Audio tab with their phonemes in the Text tab) and,
+when the codec is a real (pretrained) one, score them with the evaluation's metrics
+(valle_jax.metrics; `eval_audio/*` scalars): speaker similarity of the output to the prompt and to
+the reference, WER of the output's ASR transcript against the reference's (the batch holds phonemes,
+not the text), MCD with DTW, log-F0 RMSE and the duration ratio against the reference. With a random
+codec (its audio is not speech) or without the metrics' libraries (the `eval` extra) it says once
+that it skips them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from valle_jax.audio import write_wav
+from valle_jax.audio import SAMPLE_RATE, write_wav
 from valle_jax.config import DataConfig, ModelConfig
 from valle_jax.data.pipeline import make_iterator
 from valle_jax.decoding import Decoder, Inputs, Settings
@@ -40,8 +41,17 @@ log = logging.getLogger("valle_jax.train")
 class AudioSamples:
     """Writes hypothesis, reference and prompt wavs of a few validation utterances per evaluation."""
 
-    def __init__(self, train_cfg, model_cfg: ModelConfig, workdir: Path, primary: bool):
+    def __init__(
+        self,
+        train_cfg,
+        model_cfg: ModelConfig,
+        workdir: Path,
+        primary: bool,
+        writer: monitor.MetricsWriter | None = None,
+        symmap: dict | None = None,
+    ):
         self.train_cfg, self.workdir, self.primary = train_cfg, workdir, primary
+        self.writer, self.symmap = writer, symmap or {}  # TensorBoard audio; phoneme ids -> symbols
         self.model_cfg = dataclasses.replace(model_cfg, dtype="float32")
         self.codec = self.decoder = None  # made on first use
         self.off = False  # set when the codec cannot be loaded
@@ -84,8 +94,22 @@ class AudioSamples:
             write_wav(folder / f"{i}_ref.wav", ref)
             write_wav(folder / f"{i}_prompt.wav", prompt)
             samples.append(Sample(hyp, prompt=prompt, truth=ref))
+            if self.writer is not None:
+                text = phoneme_text(batch["text"][i, : batch["text_len"][i]], self.symmap)
+                for kind, wav in (("hyp", hyp), ("ref", ref), ("prompt", prompt)):
+                    self.writer.write_audio(step, f"eval_audio/{i}_{kind}", wav, SAMPLE_RATE, text)
         log.info("eval audio at step %d: %d samples in %s (%.1f s)", step, n, folder, time.perf_counter() - t0)
         return self.scores(samples, self.codec.is_random, step)
+
+
+def phoneme_text(ids, symmap: dict) -> str:
+    """The phonemes of a batch row's text ids (what the sample should say; the batch has no
+    spelling), `<s>` and `</s>` left out; an id the map lacks shows as `<id>`."""
+    inverse: dict[int, str] = {}
+    for sym, i in symmap.items():
+        inverse.setdefault(int(i), sym)
+    syms = [inverse.get(int(i), f"<{int(i)}>") for i in ids]
+    return "".join(s for s in syms if s not in ("<s>", "</s>"))
 
 
 class SpeechScores:

@@ -16,12 +16,18 @@ log = logging.getLogger("valle_jax.train")
 
 
 def export_params(
-    params: dict, cfg: ModelConfig, symmap: Mapping, meta: Mapping, workdir: Path, primary: bool
+    params: dict,
+    cfg: ModelConfig,
+    symmap: Mapping,
+    meta: Mapping,
+    workdir: Path,
+    primary: bool,
+    langs: Mapping | None = None,
 ) -> Path | None:
     """Writes WORKDIR/export (replacing the last one); every process must call it, the primary writes."""
     params = gather_to_host(params)  # a collective across processes
     if not primary:
         return None
-    out = save_model(workdir / "export", cfg, params, symmap, run_stats(meta), overwrite=True)
+    out = save_model(workdir / "export", cfg, params, symmap, run_stats(meta), overwrite=True, langs=langs)
     log.info("exported step %d to %s", meta["step"], out)
     return out

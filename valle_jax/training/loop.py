@@ -65,9 +65,12 @@ class Trainer:
         self._check_batch_divides()
         self.store = Store(self.data_cfg.store)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        runs.check_run(self.workdir, self.model_cfg, self.store.symmap, self.store.path)
+        runs.check_languages(self.model_cfg, self.store.lang_symmap, np.unique(self.store.lang), self.store.path)
+        runs.check_run(self.workdir, self.model_cfg, self.store.symmap, self.store.path, self.store.lang_symmap)
         if self.primary:
-            runs.write_run(self.workdir, self.model_cfg, self.store.symmap, self.config.to_dict())
+            runs.write_run(
+                self.workdir, self.model_cfg, self.store.symmap, self.config.to_dict(), self.store.lang_symmap
+            )
         self._build_steps()
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.train_cfg.keep)
         self.writer = monitor.MetricsWriter(self.workdir, enabled=self.primary)
@@ -75,7 +78,9 @@ class Trainer:
         self.meter = Meter(
             self.writer, self.model_cfg, self.data_cfg, self.train_cfg, self.peak_flops, self.lr.at, self.primary
         )
-        audio = AudioSamples(self.train_cfg, self.model_cfg, self.workdir, self.primary)
+        eval_store = self.train_cfg.eval_store
+        symmap = Store(eval_store).symmap if eval_store else self.store.symmap  # what eval batches' ids mean
+        audio = AudioSamples(self.train_cfg, self.model_cfg, self.workdir, self.primary, self.writer, symmap)
         seed = int(self.config.seed)
         self.evaluate = Evaluator(
             self.eval_step, self.layout.global_batch, self.data_cfg, self.train_cfg, seed, self.writer, audio
@@ -298,7 +303,8 @@ class Trainer:
 
     def export(self, p: Progress) -> None:
         meta = self._meta(p.step)
-        export_params(p.state["params"], self.model_cfg, self.store.symmap, meta, self.workdir, self.primary)
+        langs = self.store.lang_symmap
+        export_params(p.state["params"], self.model_cfg, self.store.symmap, meta, self.workdir, self.primary, langs)
 
     def _command_handlers(self) -> dict:
         def set_lr(p: Progress, cmd: control.Command) -> None:

@@ -74,6 +74,16 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **{k: _plain(v) for k, v in scalars.items()}}) + "\n")
         self.jsonl.flush()
 
+    def write_audio(self, step: int, tag: str, wav: np.ndarray, sample_rate: int, text: str = "") -> None:
+        """An audio clip in TensorBoard's Audio tab, with `text` (its transcript) in the Text tab
+        under the same tag, so a listener sees what it should say."""
+        if not self.enabled:
+            return
+        clip = np.clip(np.asarray(wav, np.float32), -1.0, 1.0)
+        self.tb.add_audio(tag, clip, step, sample_rate=sample_rate)  # [samples]: mono
+        if text:
+            self.tb.add_text(tag, text, step)
+
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
