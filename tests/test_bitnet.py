@@ -103,12 +103,12 @@ def test_packed_layout_and_kernel_are_exact():
         np.testing.assert_array_equal(np.asarray(unpacked), np.asarray(ref))
 
 
-GREEDY = D.Settings(max_ar_steps=12, ar_temp=0.0, nar_temp=0.0)
+GREEDY = D.Settings(max_ar_steps=8, ar_temp=0.0, nar_temp=0.0)
 
 
 def test_packed_decoding_equals_unpacked_logits():
     # wide enough that the step products run the kernel (kernels.MIN_WEIGHT_ELEMENTS)
-    model = init_model(tiny(d_model=128, n_kv_heads=2), 1)
+    model = init_model(tiny(d_model=128, n_kv_heads=2, n_layers=1), 1)
     dec = D.Decoder(model)
     w = dec.step_layers[0]["ffn_in"]
     assert w.is_ternary and w.w_PKC.dtype == jnp.uint32 and w.elements >= kernels.MIN_WEIGHT_ELEMENTS
@@ -126,13 +126,13 @@ def test_tiny_bitnet_trains_on_the_mesh(store_path, tmp_path):
     cfg = test_config(store_path, **{"model.arch": "bitnet", "optim.learning_rate": 3e-3})
     cfg.mesh.shape = (2, 2, 2)
     trainer = make_trainer(cfg, tmp_path / "run")
-    _, losses = run_steps(trainer, 12)
+    _, losses = run_steps(trainer, 8)
     trainer.checkpoints.close()
-    assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < losses[0] - 0.3, losses
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-2:]) < losses[0] - 0.3, losses
 
 
 def test_export_keeps_the_weights_packed(tmp_path):
-    cfg = tiny(d_model=64, n_kv_heads=2)
+    cfg = tiny(n_kv_heads=2, n_layers=1)
     model = init_model(cfg, 3)
     out = export(params_of(model), cfg, {"a": 1}, {}, tmp_path / "model")
     loaded, cfg2, _ = load_model(out)
