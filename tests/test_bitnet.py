@@ -140,7 +140,7 @@ def test_export_keeps_the_weights_packed(tmp_path):
     a, b = model.backbone.stacked(), loaded.backbone.stacked()
     for k in model.backbone.STEP_MATMULS:
         np.testing.assert_array_equal(np.asarray(a[k].values), np.asarray(b[k].values))
-        np.testing.assert_allclose(np.asarray(a[k].scale), np.asarray(b[k].scale), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(a[k].scale), np.asarray(b[k].scale), rtol=2e-5)
     # on disk: 2 bits a BitLinear weight where its float32 latent took 32
     params = params_of(model)
     float_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
