@@ -244,7 +244,7 @@ def rows_linear(x_MK: jax.Array, w_PKC: jax.Array, n: int, isa: str | None = Non
     m, k = x_MK.shape
     if w_PKC.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint32):
         raise ValueError(
-            f"rows_linear: weights must be float32, bfloat16 or packed ternary (uint32), not {w_PKC.dtype}"
+            f"rows_linear: weights must be float32 or bfloat16 (or ternary bits, uint32), not {w_PKC.dtype}"
         )
     row = 2 if w_PKC.dtype == jnp.uint32 else PANEL  # a ternary panel row: two 32-bit masks
     if w_PKC.shape != (panels(n), k, row):
