@@ -4,7 +4,7 @@ and the same model without the KV cache (full recomputation every step, as the r
     python benchmarks/decode.py [--sizes tiny,quarter,half] [--arch llama|transformer|retnet]
         [--dtype float32|bfloat16] [--batches 1,8,32] [--prompt-seconds 3] [--audio-seconds 5]
         [--memory-seconds 10,30] [--no-tcmalloc] [--reference] [--xla-dot | --compare-xla-dot] [--repeats N]
-        [--kv-dtype float32|bfloat16]
+        [--kv-dtype float32|bfloat16] [--bitnet]
 
 The model is randomly initialised, with its stop logit banned, so every row runs exactly
 audio_seconds * 75 AR steps (sampling at temperature 1 with the default filters, all inside the
@@ -76,7 +76,7 @@ def child(args) -> dict:
     from valle_jax.models import init_model
 
     d, h, n = SIZES[args.size]
-    cfg = ModelConfig(arch=args.arch, d_model=d, n_heads=h, n_layers=n, dtype=args.dtype)
+    cfg = ModelConfig(arch=args.arch, d_model=d, n_heads=h, n_layers=n, dtype=args.dtype, bitnet=args.bitnet)
     model = init_model(cfg, 0)
     # a random model may still sample the stop token: ban it, so every row runs the full length
     model.classifier_bias[...] = model.classifier_bias[...].at[cfg.stop_token].set(-1e9)
@@ -218,7 +218,8 @@ def spawn(args, size: str) -> dict:
         + ["--xla-dot"] * args.xla_dot
         + ["--compare-xla-dot"] * args.compare_xla_dot
         + ["--repeats", str(args.repeats)]
-        + ["--kv-dtype", args.kv_dtype] * bool(args.kv_dtype),
+        + ["--kv-dtype", args.kv_dtype] * bool(args.kv_dtype)
+        + ["--bitnet"] * args.bitnet,
         size,
         tcmalloc=not args.no_tcmalloc,
     )
@@ -240,6 +241,11 @@ def main() -> None:
         default=None,
         choices=("float32", "bfloat16"),
         help="the AR's KV cache (default: the model's dtype)",
+    )
+    p.add_argument(
+        "--bitnet",
+        action="store_true",
+        help="model.bitnet: BitLinear matmuls decoded from 2-bit packed weights (see benchmarks/bitnet_decode.py)",
     )
     p.add_argument("--repeats", type=int, default=1, help="AR runs per batch; the best is reported (and the median)")
     p.add_argument("--xla-dot", action="store_true", help="XLA's dot for the AR steps too (no CPU kernels)")
@@ -272,7 +278,8 @@ def main() -> None:
             for b, v in r["batches"].items()
         )
         print(
-            f"{size} {args.arch} {args.dtype} (KV cache {r['kv_dtype']}, kernels {r['kernels'] or 'off'}; "
+            f"{size} {args.arch}{' bitnet' * args.bitnet} {args.dtype} "
+            f"(KV cache {r['kv_dtype']}, kernels {r['kernels'] or 'off'}; "
             f"{r['params_M']:.1f}M params): AR {per_batch}"
         )
         if "nar_s" in r:

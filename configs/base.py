@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model: the reference's AR+NAR VALL-E (reference.md §2-3) ----
     m = c.model = ml_collections.ConfigDict()
-    m.arch = "llama"  # backbone: "transformer" | "llama" | "retnet" | "mistral" | "mixtral"
+    m.arch = "llama"  # backbone: "transformer" | "llama" | "retnet" | "mistral" | "mixtral" | "bitnet"
     m.size = "full"  # preset setting d_model/n_heads/n_layers: tiny | quarter | half | full | double | "" (use below)
     m.d_model = 1024  # width (used when size is "")
     m.n_heads = 16  # attention heads (used when size is "")
@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.capacity_factor = 1.25  # capacity dispatch: slots per expert = factor * tokens * k / experts
     m.moe_second_policy = "random"  # retnet XMoE: "random" keeps the 2nd expert with probability 2*p2 | "all"
     m.moe_eval_capacity = 0.25  # retnet XMoE outside training: slots per expert = ceil(this * positions); 0 = none
+    m.bitnet = False  # BitNet b1.58: every backbone matmul ternary (arch "bitnet" always); docs/model.md
     m.bidirectional_nar = False  # True: NAR levels attend both ways (the reference's later fix)
     m.dropout = 0.1  # probability, training only
     m.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (parameters stay float32)

@@ -28,7 +28,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from valle_jax import kernels, runtime
+from valle_jax import kernels, runtime, ternary
 
 Array = jax.Array
 
@@ -148,10 +148,12 @@ class DecodingPlan:
 
     def step_layers(self, backbone, dtype=None) -> list[dict] | None:
         """The layer weights the AR's steps read: packed StepWeights in the model's dtype on the
-        kernels (None elsewhere: the steps slice them from the parameters)."""
-        if not self.kernels:
+        kernels (None elsewhere: the steps slice them from the parameters). A BitNet's are packed
+        ternary StepWeights on the kernels and on accelerators (2 bits a weight: the stream a step
+        reads), its ternary values unpacked once on a CPU without the kernels (`_step_weight`)."""
+        if not self.kernels and not backbone.cfg.bitlinear:
             return None
-        return step_layers(backbone, jnp.dtype(dtype or self.model_dtype))
+        return step_layers(backbone, jnp.dtype(dtype or self.model_dtype), kernel=self.kernels)
 
     def nar_layers(self, step_layers: list[dict] | None) -> list[dict] | None:
         """The layer weights the NAR reads: the float32 step layers where there are some (unpacked
@@ -183,9 +185,19 @@ class StepWeight:
     packed copy where there is no other (`unpacked()` does it once for a loop of such products), so
     a decoding loop needs one copy of the weights."""
 
-    def __init__(self, w_PKC: Array | None, w_KN: Array | None, contracted: int, out_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        w_PKC: Array | None,
+        w_KN: Array | None,
+        contracted: int,
+        out_shape: tuple[int, ...],
+        scale: Array | None = None,
+        kernel: bool = True,
+    ):
         # no check that one is given: JAX rebuilds pytrees with placeholder leaves (None among them)
         self.w_PKC, self.w_KN, self.contracted, self.out_shape = w_PKC, w_KN, contracted, tuple(out_shape)
+        self.scale = scale  # a BitLinear's mean|W| (valle_jax.ternary); None: a plain weight
+        self.kernel = kernel  # whether the kernel may compute it (False: a plan on XLA, packed all the same)
 
     @classmethod
     def of(cls, w: Array, contracted: int, packed: bool = True) -> StepWeight:
@@ -193,25 +205,48 @@ class StepWeight:
         w_KN = w.reshape(math.prod(w.shape[:contracted]), -1)
         return cls(kernels.pack(w_KN) if packed else None, None if packed else w_KN, contracted, w.shape[contracted:])
 
+    @classmethod
+    def of_ternary(cls, t: Array, scale: Array, contracted: int, kernel: bool = True) -> StepWeight:
+        """A BitLinear's ternary values `t` (exactly -1, 0, 1) and scale, packed 2 bits a weight
+        (ternary.pack): what every backend's decoding steps stream, the CPU kernel reading the bits
+        as they are, XLA unpacking them inside the step's jitted product."""
+        t_KN = t.reshape(math.prod(t.shape[:contracted]), -1)
+        return cls(ternary.pack(t_KN), None, contracted, t.shape[contracted:], jnp.asarray(scale, jnp.float32), kernel)
+
     @property
     def n(self) -> int:
         return math.prod(self.out_shape)
 
+    @property
+    def is_ternary(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def elements(self) -> int:
+        """Weights in the matrix (K * N), however they are held."""
+        w = self.w_PKC if self.w_PKC is not None else self.w_KN
+        return (w.shape[1] if self.w_PKC is not None else w.shape[0]) * self.n
+
     def dense(self) -> Array:
-        """w [K, N]."""
-        return self.w_KN if self.w_KN is not None else kernels.unpack(self.w_PKC, self.n)
+        """w [K, N] (a BitLinear's: its ternary values, without the scale)."""
+        if self.w_KN is not None:
+            return self.w_KN
+        if self.is_ternary:
+            return ternary.unpack(self.w_PKC, self.n)
+        return kernels.unpack(self.w_PKC, self.n)
 
     def unpacked(self) -> StepWeight:
         """This weight as it is, for products with many rows alone (a NAR's levels: unpacked once,
         outside their loop)."""
-        return StepWeight(None, self.dense(), self.contracted, self.out_shape)
+        return StepWeight(None, self.dense(), self.contracted, self.out_shape, self.scale, self.kernel)
 
     def tree_flatten(self):
-        return (self.w_PKC, self.w_KN), (self.contracted, self.out_shape)
+        return (self.w_PKC, self.w_KN, self.scale), (self.contracted, self.out_shape, self.kernel)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        (w_PKC, w_KN, scale), (contracted, out_shape, kernel) = children, aux
+        return cls(w_PKC, w_KN, contracted, out_shape, scale, kernel)
 
     def apply(self, spec: str, x: Array, dtype) -> Array:
         """What `linear(spec, x, w, dtype)` computes, for a spec that contracts x's trailing axes
@@ -222,10 +257,14 @@ class StepWeight:
             raise ValueError(f"StepWeight contracting {c} axes cannot compute {spec!r}")
         lead = x.shape[: x.ndim - c]
         x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - c :]))
+        if self.is_ternary:  # BitLinear: 8-bit rows times ternary weights, rescaled once (valle_jax.ternary)
+            x_MK, x_scale = ternary.quantize_activations(x_MK)
         if (
             self.w_PKC is not None
+            and self.kernel
             and x_MK.shape[0] <= kernels.MAX_ROWS
-            and self.w_PKC.size >= kernels.MIN_WEIGHT_ELEMENTS
+            and self.elements >= kernels.MIN_WEIGHT_ELEMENTS
+            and on_cpu()
             and kernels.available()
         ):
             y_MN = kernels.rows_linear(x_MK, self.w_PKC, self.n)
@@ -233,10 +272,12 @@ class StepWeight:
             y_MN = jnp.einsum(
                 "mk,kn->mn", x_MK.astype(dtype), self.dense().astype(dtype), preferred_element_type=jnp.float32
             )
+        if self.is_ternary:
+            y_MN = y_MN * (self.scale / x_scale)[:, None]
         return y_MN.reshape(*lead, *self.out_shape)
 
 
-def step_layers(backbone, dtype=jnp.float32, packed: bool = True) -> list[dict]:
+def step_layers(backbone, dtype=jnp.float32, packed: bool = True, kernel: bool = True) -> list[dict]:
     """`backbone.unstack()` with its matmul weights (`backbone.STEP_MATMULS`) as StepWeights in
     `dtype`: packed for the steps' kernel, or (not `packed`) as they are, for products with many
     rows alone. Other weights stay float32 arrays: norms, and an MoE's router and experts, which run
@@ -244,9 +285,19 @@ def step_layers(backbone, dtype=jnp.float32, packed: bool = True) -> list[dict]:
     backbones.MixtralBackbone)."""
     matmuls = backbone.STEP_MATMULS
     return [
-        {k: StepWeight.of(a.astype(dtype), matmuls[k], packed) if k in matmuls else a for k, a in p.items()}
-        for p in backbone.unstack()
+        {k: _step_weight(a, matmuls.get(k), dtype, packed, kernel) for k, a in p.items()} for p in backbone.unstack()
     ]
+
+
+def _step_weight(a, contracted: int | None, dtype, packed: bool, kernel: bool):
+    """One layer weight as the steps read it: a BitLinear's (ternary.TernaryWeight) packed to 2 bits
+    whatever `dtype` and `packed` say, a matmul weight a StepWeight, anything else as it is."""
+    if isinstance(a, ternary.TernaryWeight):
+        w = StepWeight.of_ternary(a.values, a.scale, a.contracted, kernel)
+        # XLA's CPU dot cannot read the bits: unpacking them at every step cost 7x the float32 step
+        # (half preset, batch 1: 2.6 against 14.6 steps/s), so a CPU without the kernels unpacks once
+        return w.unpacked() if on_cpu() and not kernel else w
+    return a if contracted is None else StepWeight.of(a.astype(dtype), contracted, packed)
 
 
 def unpacked(layer: dict) -> dict:
@@ -266,7 +317,7 @@ def packed_rows_fit(rows: int) -> bool:
 def linear(spec: str, x: Array, w, dtype) -> Array:
     """einsum with `dtype` operands (float32 or bfloat16 compute) and float32 accumulation; `w` is
     an array, or a StepWeight (decoding on the CPU kernels)."""
-    if isinstance(w, StepWeight):
+    if isinstance(w, (StepWeight, ternary.TernaryWeight)):
         return w.apply(spec, x, dtype)
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 

@@ -3,7 +3,8 @@
 A model directory holds:
     config.json   {"format": "valle_jax.model", "version": 1, "model": ModelConfig fields, "stats": {...}}
     symmap.json   the phoneme symbol map the model was trained with
-    params/       the parameters (orbax), nested exactly as nnx.state(VALLE(cfg), nnx.Param)
+    params/       the parameters (orbax), nested exactly as nnx.state(VALLE(cfg), nnx.Param); a
+                  BitNet's BitLinear weights packed, 2 bits a weight (valle_jax.models.bitnet)
 It is written into a temp directory and renamed into place, so a killed save leaves no half model.
 """
 
@@ -24,6 +25,7 @@ from flax import nnx
 from valle_jax.atomic import publish_dir, temp_dir_beside
 from valle_jax.config import ModelConfig
 from valle_jax.data.languages import REFERENCE_LANGS
+from valle_jax.models import bitnet
 from valle_jax.models.valle import abstract_model, model_from_params
 
 FORMAT, VERSION = "valle_jax.model", 1
@@ -71,6 +73,8 @@ def save_model(
     out = Path(directory).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if bitnet.is_packed(cfg):
+        params = bitnet.pack_params(abstract_model(cfg).backbone, params)
     tmp = temp_dir_beside(out)
     try:
         ckptr = ocp.StandardCheckpointer()
@@ -117,7 +121,12 @@ def load_model(directory: str | os.PathLike, **overrides):
     """(model, config, symmap) from a model directory; `overrides` change runtime fields (dtype, ...)."""
     cfg, symmap, _ = read_config(directory)
     cfg = dataclasses.replace(cfg, **overrides)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract_model(cfg)))
+    abstract = abstract_model(cfg)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract))
+    if bitnet.is_packed(cfg):
+        target = bitnet.packed_shapes(abstract.backbone, target)
     # restoring into `target` already checks the structure and shapes against the config
     params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params", target)
+    if bitnet.is_packed(cfg):
+        params = bitnet.unpack_params(abstract.backbone, params)
     return model_from_params(cfg, params), cfg, symmap

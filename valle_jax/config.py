@@ -84,7 +84,7 @@ def data_config(config) -> DataConfig:
     return _from_dict(DataConfig, config.data, seed=int(config.get("seed", 0)))
 
 
-ARCHS = ("transformer", "llama", "retnet", "mistral", "mixtral")
+ARCHS = ("transformer", "llama", "retnet", "mistral", "mixtral", "bitnet")
 LLAMA_FAMILY = ("llama", "mistral", "mixtral")  # one backbone: HF's Llama, Mistral and Mixtral (reference.md §3.3)
 MOE_DISPATCHES = ("dropless", "capacity")
 SECOND_POLICIES = ("random", "all")  # XMoE (retnet): torchscale's forced "random", and "all" (the golden files')
@@ -133,6 +133,7 @@ class ModelConfig:
     capacity_factor: float = 1.25  # "capacity": slots per expert = factor * tokens * experts_per_token / experts
     moe_second_policy: str = "random"  # XMoE: "random" keeps a second expert with probability 2 p2; "all" always
     moe_eval_capacity: float = 0.25  # XMoE outside training: slots per expert = ceil(this * positions); 0 = no limit
+    bitnet: bool = False  # every backbone matmul a BitNet b1.58 BitLinear (arch "bitnet" always; valle_jax.ternary)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -147,7 +148,7 @@ class ModelConfig:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
-        if self.arch not in LLAMA_FAMILY and self.kv_heads != self.n_heads:
+        if self.arch not in (*LLAMA_FAMILY, "bitnet") and self.kv_heads != self.n_heads:
             raise ConfigError("grouped-query attention (model.n_kv_heads) is a llama option")
         if self.retnet_variant not in RETNET_VARIANTS:
             raise ConfigError(f"model.retnet_variant must be one of {RETNET_VARIANTS}, got {self.retnet_variant!r}")
@@ -160,6 +161,8 @@ class ModelConfig:
                 f"retnet rotates pairs of key dimensions: d_model / n_heads = {self.head_dim} must be even"
             )
         self._check_moe()
+        if self.bitlinear and self.moe:
+            raise ConfigError("model.bitnet applies to dense backbones: an MoE's experts run as grouped matmuls")
         if self.version not in (3, 4):
             raise ConfigError(f"model.version must be 3 or 4, got {self.version}")
 
@@ -189,6 +192,11 @@ class ModelConfig:
             )
         if self.arch == "retnet" and self.sliding_window > 0:
             raise ConfigError("model.sliding_window is an attention option; retnet's past decays instead")
+
+    @property
+    def bitlinear(self) -> bool:
+        """Whether the backbone's matmuls are BitLinear (model.bitnet, or arch bitnet)."""
+        return self.bitnet or self.arch == "bitnet"
 
     @property
     def n_experts(self) -> int:

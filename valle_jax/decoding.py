@@ -845,7 +845,7 @@ class Decoder:
     @property
     def step_layers(self) -> list[dict] | None:
         """The layer weights the AR steps read (None: XLA's dot over `params`, off the kernels)."""
-        if self._step_layers is None and self.plan.kernels:
+        if self._step_layers is None and (self.plan.kernels or self.cfg.bitlinear):  # BitNet: packed everywhere
             self._step_layers = self._pack(self._params)
         return self._step_layers
 

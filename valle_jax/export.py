@@ -62,6 +62,11 @@ def export(
     out = Path(out)
     if fmt == "auto":
         fmt = "reference" if out.suffix == ".pth" else "valle_jax"
+    if fmt == "reference" and cfg.arch == "bitnet":
+        raise ValueError(
+            "arch bitnet has no reference layout to export to: the reference built it from the unpinned "
+            "`bitnet` package (docs/deviations.md); export to a valle_jax model directory instead"
+        )
     params = _to_numpy(params)
     if fmt == "reference":
         return write_reference(out, params, cfg, symmap, stats, overwrite)

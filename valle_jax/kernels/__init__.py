@@ -1,7 +1,8 @@
 """Hand-written CPU kernels for decoding steps, compiled on first use and called through XLA's FFI.
 
 `rows_linear(x_MK, w_PKC, n)` is x @ w for the few rows of a decoding step, with float32 or bfloat16
-weights packed by `pack` in panels of 32 columns; `cache_attention` is a step's attention over the
+weights packed by `pack` in panels of 32 columns, or BitNet's ternary weights packed 2 bits a weight
+in the same panels (uint32 [P, K, 2], valle_jax.ternary's layout); `cache_attention` is a step's attention over the
 filled part of its KV cache; `block_attention` the attention of many queries at once over it (the
 NAR's levels, a prefill) (cpu_kernels.cc says why XLA's own dot and attention are not used there).
 The library is built from
@@ -237,16 +238,20 @@ def unpack(w_PKC: jax.Array, n: int) -> jax.Array:
 
 
 def rows_linear(x_MK: jax.Array, w_PKC: jax.Array, n: int, isa: str | None = None) -> jax.Array:
-    """float32 [M, n] = x @ w, on the CPU: x float32 [M, K], w float32 or bfloat16 [K, n] packed by `pack`."""
+    """float32 [M, n] = x @ w, on the CPU: x float32 [M, K], w float32 or bfloat16 [K, n] packed by
+    `pack`, or ternary (-1, 0, 1) packed as uint32 [P, K, 2] by valle_jax.ternary.pack."""
     isa = _require(isa)
     m, k = x_MK.shape
-    if w_PKC.shape != (panels(n), k, PANEL):
+    if w_PKC.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint32):
+        raise ValueError(
+            f"rows_linear: weights must be float32 or bfloat16 (or ternary bits, uint32), not {w_PKC.dtype}"
+        )
+    row = 2 if w_PKC.dtype == jnp.uint32 else PANEL  # a ternary panel row: two 32-bit masks
+    if w_PKC.shape != (panels(n), k, row):
         raise ValueError(
             f"rows_linear: x {x_MK.shape} and packed w {w_PKC.shape} do not make [{m}, {n}] (w must be "
-            f"pack(w [K, N]): [{panels(n)}, {k}, {PANEL}])"
+            f"[{panels(n)}, {k}, {row}])"
         )
-    if w_PKC.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"rows_linear: weights must be float32 or bfloat16, not {w_PKC.dtype}")
     call = jax.ffi.ffi_call(
         target("valle_rows_linear", isa), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
     )

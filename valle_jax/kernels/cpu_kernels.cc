@@ -3,7 +3,12 @@
 // RowsLinear: y[M, N] = x[M, K] @ w[K, N] for the few rows of a decoding step (M = batch size), with
 // x and y float32 and w float32 or bfloat16 (widened in registers, never in memory), w packed in
 // panels of 32 columns: w_PKC [P, K, 32], P = ceil(N / 32), panel p holding columns 32p .. 32p + 31
-// row after row (zeros past N).
+// row after row (zeros past N). Or w ternary (BitNet b1.58, valle_jax/ternary.py): w_PK2 uint32
+// [P, K, 2], word 0 of a panel row with bit j set where column j is +1, word 1 where it is -1, so a
+// step streams 2 bits a weight (16x fewer bytes than float32). The bits become a vector of -1, 0,
+// +1 in registers (AVX-512: two masked moves; AVX2: two lookups in a 256-entry table of 8-lane bit
+// patterns) and go through the same loop; the caller quantises x to 8-bit integers held in floats
+// and rescales y, so the sums are of integers and exact.
 //
 // Why by hand: at a decoding step every weight is read once per step, so the step is a stream over
 // the weights. XLA's CPU dot runs a product of a few rows at ~45-85 GFLOP/s, and it has no fast
@@ -144,6 +149,47 @@ inline vf vexp2i(vf n) {
 }
 inline vf vzero_where_neginf(vf x, vf y) {
   return _mm256_andnot_ps(_mm256_cmp_ps(x, vset(-INFINITY), _CMP_EQ_OQ), y);
+}
+#endif
+
+// One row of a ternary panel: bit j of `plus` / `minus` set where column j is +1 / -1.
+struct Ternary {
+  uint32_t plus, minus;
+};
+
+// Elements of W per panel row (32 weights): 32 floats or bfloat16, one Ternary.
+template <typename W>
+constexpr int64_t kRowElements = 32;
+template <>
+constexpr int64_t kRowElements<Ternary> = 1;
+
+// Vector v of a panel row (lanes v * kLanes ..), widened to float32.
+template <typename W>
+inline vf wload(const W* row, int v) {
+  return vload(row + v * kLanes);
+}
+
+#if defined(__AVX512F__)
+template <>
+inline vf wload(const Ternary* row, int v) {
+  const __mmask16 plus = __mmask16(row->plus >> (16 * v)), minus = __mmask16(row->minus >> (16 * v));
+  return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(plus, vset(1.0f)), minus, vset(-1.0f));
+}
+#else
+// kBitLanes[b]: lane i is 1.0f where bit i of byte b is set (8 KB: stays in L1 while a panel streams)
+struct BitLanes {
+  alignas(32) float lanes[256][8];
+  BitLanes() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 8; ++i) lanes[b][i] = float((b >> i) & 1);
+  }
+};
+const BitLanes kBitLanes;
+
+template <>
+inline vf wload(const Ternary* row, int v) {
+  const int shift = 8 * v;
+  return vsub(vload(kBitLanes.lanes[(row->plus >> shift) & 255]), vload(kBitLanes.lanes[(row->minus >> shift) & 255]));
 }
 #endif
 
@@ -380,13 +426,14 @@ void panel_tile(const float* x, int64_t ldx, const W* wp, int64_t K, int v0, flo
                 bool prefetch) {
   vf acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vzero();
-  constexpr int64_t row_bytes = kPanel * sizeof(W);
+  constexpr int64_t row_bytes = kRowElements<W> * sizeof(W);
   const char* ahead = reinterpret_cast<const char*>(wp) + kPrefetchAhead;  // prefetching never faults
-  const W* w = wp + v0 * kLanes;
   for (int64_t k = 0; k < K; ++k) {
-    if (prefetch)
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(ahead + k * row_bytes + b, _MM_HINT_T0);
-    const vf w0 = vload(w + k * kPanel), w1 = vload(w + k * kPanel + kLanes);
+    // one prefetch per cache line of the stream (a ternary row is 8 bytes: every 8th row)
+    if (prefetch && (row_bytes >= 64 || (k * row_bytes) % 64 == 0))
+      for (int64_t b = 0; b < row_bytes || b == 0; b += 64) _mm_prefetch(ahead + k * row_bytes + b, _MM_HINT_T0);
+    const W* row = wp + k * kRowElements<W>;
+    const vf w0 = wload(row, v0), w1 = wload(row, v0 + 1);
     for (int i = 0; i < MR; ++i) {
       const vf xv = vset(x[i * ldx + k]);
       acc[i][0] = vfma(xv, w0, acc[i][0]);
@@ -433,7 +480,7 @@ void rows_linear(ffi::ThreadPool& pool, const float* x, const W* w, float* y, in
   auto work = [=]() {
     for (int64_t p; (p = progress->next.fetch_add(1, std::memory_order_relaxed)) < panels;) {
       const int64_t cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
-      panel_columns(x, w + p * K * kPanel, y + p * kPanel, M, K, N, cols);
+      panel_columns(x, w + p * K * kRowElements<W>, y + p * kPanel, M, K, N, cols);
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -446,8 +493,9 @@ ffi::Error RowsLinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
     return ffi::Error::InvalidArgument("RowsLinear: x [M, K], w [P, K, 32], y [M, N]");
   const int64_t M = xd[0], K = xd[1], N = yd[1];
-  if (yd[0] != M || wd[1] != K || wd[2] != kPanel || wd[0] != (N + kPanel - 1) / kPanel)
-    return ffi::Error::InvalidArgument("RowsLinear: x [M, K], w [ceil(N / 32), K, 32] and y [M, N] disagree");
+  const int64_t row = w.element_type() == ffi::DataType::U32 ? 2 : kPanel;  // ternary: two words a panel row
+  if (yd[0] != M || wd[1] != K || wd[2] != row || wd[0] != (N + kPanel - 1) / kPanel)
+    return ffi::Error::InvalidArgument("RowsLinear: x [M, K], w [ceil(N / 32), K, 32 or 2] and y [M, N] disagree");
   switch (w.element_type()) {
     case ffi::DataType::F32:
       rows_linear(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), y->typed_data(), M, K, N);
@@ -455,8 +503,11 @@ ffi::Error RowsLinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
     case ffi::DataType::BF16:
       rows_linear(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), y->typed_data(), M, K, N);
       break;
+    case ffi::DataType::U32:
+      rows_linear(pool, x.typed_data(), static_cast<const Ternary*>(w.untyped_data()), y->typed_data(), M, K, N);
+      break;
     default:
-      return ffi::Error::InvalidArgument("RowsLinear: w must be float32 or bfloat16");
+      return ffi::Error::InvalidArgument("RowsLinear: w must be float32, bfloat16 or packed ternary (uint32)");
   }
   return ffi::Error::Success();
 }

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from valle_jax import backend
+from valle_jax import backend, ternary
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
 from valle_jax.models import moe, xmoe
@@ -240,8 +240,15 @@ class Backbone(nnx.Module):
         return dict(cache, valid=cache["valid"].at[jnp.arange(b), slot_B].set(False, mode="drop"))
 
     def stacked(self) -> dict:
-        """The layer parameters (`layer_params`), each with a leading layers axis."""
-        return {name: getattr(self, name)[...] for name in self.layer_params}
+        """The layer parameters (`layer_params`), each with a leading layers axis; with BitLinear
+        (`cfg.bitlinear`) the matmul weights as ternary.TernaryWeights (one scale per layer's matrix)."""
+        params = {name: getattr(self, name)[...] for name in self.layer_params}
+        if not self.cfg.bitlinear:
+            return params
+        return {
+            k: ternary.TernaryWeight.of(a, self.STEP_MATMULS[k], stacked=True) if k in self.STEP_MATMULS else a
+            for k, a in params.items()
+        }
 
     @property
     def layer_params(self) -> tuple[str, ...]:
@@ -251,7 +258,7 @@ class Backbone(nnx.Module):
     def unstack(self) -> list[dict]:
         """The stacked layer parameters as one dict per layer (for decoding loops)."""
         stacked = self.stacked()
-        return [{k: a[i] for k, a in stacked.items()} for i in range(self.cfg.n_layers)]
+        return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.n_layers)]
 
 
 class TransformerBackbone(Backbone):
@@ -629,12 +636,46 @@ class MixtralBackbone(LlamaBackbone):
         return self.cfg.router_aux_loss_coef * moe.balance_loss(stats_L2E, valid_BS.sum())
 
 
+class BitNetBackbone(LlamaBackbone):
+    """arch "bitnet" (reference.md §3.4): the `bitnet` package's transformer as a llama-style stack
+    whose every matmul is a BitLinear (`cfg.bitlinear`): RMSNorm pre-norm, rotary attention
+    (grouped-query where n_kv_heads < n_heads), BitFeedForward (ungated: gelu(h W_in) W_out, 4d),
+    final RMSNorm. docs/model.md says what was chosen where the unpinned package changed."""
+
+    LAYER_PARAMS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "ffn_in", "ffn_out")
+    STEP_MATMULS = {"q": 1, "k": 1, "v": 1, "o": 2, "ffn_in": 1, "ffn_out": 1}
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        Backbone.__init__(self, cfg)
+        n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        f = cfg.ffn_mult * d
+        init = normal(0.02)
+        self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.q = L.param(rngs, init, (n, d, h, dh), ("layers", "embed", "heads", "head_dim"))
+        self.k = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o = L.param(rngs, init, (n, h, dh, d), ("layers", "heads", "head_dim", "embed"))
+        self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.ffn_in = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
+        self.ffn_out = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
+        self.final_norm = L.param(rngs, ones, (d,), ("embed",))
+
+    def layer(self, p, x, rope, valid, attend, key, state=None):
+        x, state = self.attention_block(p, x, rope, attend, key, state)
+        h = L.rms_norm(x, p["mlp_norm"], self.cfg.eps)
+        return x + feed_forward(h, p["ffn_in"], None, None, p["ffn_out"], jnp.dtype(self.cfg.dtype)), state
+
+
 def make_backbone(cfg: ModelConfig, rngs: nnx.Rngs) -> Backbone:
     if cfg.xmoe:
         return XMoERetNetBackbone(cfg, rngs)
     if cfg.moe:
         return MixtralBackbone(cfg, rngs)
     llama = LlamaBackbone  # mistral is llama with a window (cfg.window); a dense "mixtral" is refused by the config
-    return {"transformer": TransformerBackbone, "llama": llama, "mistral": llama, "retnet": RetNetBackbone}[cfg.arch](
-        cfg, rngs
-    )
+    return {
+        "transformer": TransformerBackbone,
+        "llama": llama,
+        "mistral": llama,
+        "retnet": RetNetBackbone,
+        "bitnet": BitNetBackbone,
+    }[cfg.arch](cfg, rngs)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from valle_jax.models.layers import after_gradient, dropout, matmul
+from valle_jax.ternary import TernaryWeight
 
 Array = jax.Array
 
@@ -40,6 +41,11 @@ def feed_forward(
     `dtype` with float32 accumulation; dropout at `rate` on the product when `key` is given."""
     b, s, d = h_BSD.shape
     rate = float(rate) if key is not None else 0.0
+    if isinstance(w_out, TernaryWeight):
+        # BitLinear weights: autodiff through the expression itself, whose products quantise what
+        # they multiply; the backward pass below multiplies gradients by the weights, which must not be
+        out_ND = _ffn_fwd(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), rate, key)[0]
+        return out_ND.reshape(b, s, -1)
     out_ND = _ffn(h_BSD.reshape(b * s, d), w_a, bias_a, w_b, w_out, jnp.dtype(dtype), rate, key)
     return out_ND.reshape(b, s, -1)
 
