@@ -245,6 +245,15 @@ def test_training_loss_adds_the_weighted_balance_loss():
     assert float(jnp.abs(grads["backbone"]["router"]).sum()) > 0
 
 
+def test_console_line_shows_the_router_aux_term():
+    from valle_jax.training.monitor import console_line
+
+    m = {"train/loss": 7.1, "train/acc_top10": 0.1, "train/lr": 1e-4, "train/grad_norm": 1.0}
+    m.update({"perf/tokens_per_s": 1e3, "perf/step_time_s": 0.5})
+    assert "router aux" not in console_line(1, 10, m)
+    assert "| router aux 0.00201 |" in console_line(1, 10, {**m, "train/router_aux": 0.0020123})
+
+
 def test_config_defaults_follow_the_hf_class():
     assert (tiny().eps, tiny().rope_base, tiny().window, tiny().top_k) == (1e-5, 1e6, 900, 2)
     llama_moe = ModelConfig(arch="llama", experts=4)  # the reference builds Mixtral for any llama arch
