@@ -335,3 +335,23 @@ def test_convert_arch_flag_accepts_what_the_keys_cannot_tell():
     assert _with_arch(tiny(), "llama").arch == "mixtral"  # the reference's llama with experts > 1
     with pytest.raises(ConversionError, match="keys are those of a llama"):
         _with_arch(dense, "mixtral")
+
+
+@pytest.mark.needs_espeak
+def test_synthesis_cli_reads_an_exported_mixtral(codec_dir, corpus, tmp_path):
+    """The export to the reference's fp32.pth layout (block_sparse_moe keys) reads back in the
+    synthesis CLI, which decodes with the MoE layers (greedy, so the same as the model's own decoder)."""
+    import soundfile as sf
+
+    from valle_jax import synthesize
+    from valle_jax.audio import HOP_LENGTH
+    from valle_jax.data.text import reference_symmap
+    from valle_jax.export import export
+
+    cfg = tiny(d_model=48, n_tokens=1024)
+    export(params_of(init_model(cfg, 0)), cfg, reference_symmap(), {}, tmp_path / "fp32.pth")
+    voice = sorted(corpus.rglob("*.wav"))[0]
+    args = ["Hello world.", str(voice), "--checkpoint", str(tmp_path / "fp32.pth"), "--heads", "4"]
+    args += ["--codec-dir", str(codec_dir), "--max-ar-steps", "12", "--ar-temp", "0", "--nar-temp", "0"]
+    assert synthesize.main(args + ["--out", str(tmp_path / "out.wav")]) == 0
+    assert len(sf.read(tmp_path / "out.wav")[0]) == 12 * HOP_LENGTH
