@@ -32,10 +32,14 @@ from train_step import SHAPES
 N_LEVELS, N_TOKENS, STOP = 8, 1024, 1024
 
 
-def build(size, torch, nn):
-    """The reference's AR_NAR llama model; `size` a preset name or (d_model, heads, layers)."""
+def build(size, torch, nn, experts: int = 1):
+    """The reference's AR_NAR llama model; `size` a preset name or (d_model, heads, layers). With
+    `experts` > 1 the reference builds HF `MixtralModel` instead (reference.md §3.3: a 900-position
+    window, top-min(2, E) experts) and adds 0.001 * HF's load-balancing loss over every position of
+    the padded batch (no mask) to the loss (reference.md §2.9)."""
     try:
-        from transformers import LlamaConfig, LlamaModel
+        from transformers import LlamaConfig, LlamaModel, MixtralConfig, MixtralModel
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
     except ImportError as e:
         raise SystemExit(
             f"the reference's step needs HF transformers ({e}): pip install 'transformers==4.40.2' "
@@ -66,7 +70,7 @@ def build(size, torch, nn):
             self.proms_emb = AudioEmbedding([N_TOKENS] * N_LEVELS)
             self.resps_emb = AudioEmbedding([N_TOKENS + 1] + [N_TOKENS] * (N_LEVELS - 1))
             self.sep = nn.Parameter(torch.randn(d))
-            config = LlamaConfig(
+            fields = dict(
                 vocab_size=N_TOKENS + 1,
                 hidden_size=d,
                 intermediate_size=4 * d,
@@ -80,7 +84,11 @@ def build(size, torch, nn):
                 is_encoder_decoder=False,
                 is_decoder=True,
             )
-            self.model = LlamaModel(config)
+            if experts > 1:
+                moe = dict(num_local_experts=experts, num_experts_per_tok=min(2, experts))
+                self.model = MixtralModel(MixtralConfig(**fields, **moe))
+            else:
+                self.model = LlamaModel(LlamaConfig(**fields))
             self.classifier = nn.Linear(d, N_TOKENS + 1)
 
         def sequence(self, text, lang, prom, resp_in, level):
@@ -103,16 +111,16 @@ def build(size, torch, nn):
             ignore = lambda n: torch.full((n,), -100, dtype=torch.long)  # noqa: E731
             for i, level in enumerate(levels):  # reference.md §2.4-§2.6, per sample as the reference does
                 if level == 0:  # AR: a stop row appended to the input, the stop token to the target
-                    stop_row = torch.full((1, N_LEVELS), STOP, dtype=resps.dtype)
+                    stop_row = torch.full((1, N_LEVELS), STOP, dtype=resps[i].dtype)
                     resp_in, target = torch.cat([resps[i], stop_row]), torch.cat([resps[i][:, 0], stop_row[0, :1]])
                 else:
                     resp_in, target = resps[i][:, :level], resps[i][:, level]
                 xs.append(self.sequence(text[i], lang[i], prom[i], resp_in, level))
-                t = torch.cat([text[i], ignore(1), lang[i], ignore(1), ignore(prom.shape[1]), ignore(1), target.long()])
+                t = torch.cat([text[i], ignore(1), lang[i], ignore(1), ignore(len(prom[i])), ignore(1), target.long()])
                 targets.append(t)
             x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
             m = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t), 1) for t in xs], batch_first=True)
-            h = self.model(inputs_embeds=x).last_hidden_state
+            h, aux = self.backbone(x)
             logits = self.classifier(h) * m
             flat_logits, flat_targets = [], []
             for i, level in enumerate(levels):
@@ -121,12 +129,22 @@ def build(size, torch, nn):
                     flat_logits.append(logits[i, : n - 1]), flat_targets.append(targets[i][1:])
                 else:
                     flat_logits.append(logits[i, :n]), flat_targets.append(targets[i])
-            return flat_logits, flat_targets
+            return flat_logits, flat_targets, aux
+
+        def backbone(self, x):
+            """(last hidden state, the weighted load-balancing loss: 0 without experts)."""
+            if experts <= 1:
+                return self.model(inputs_embeds=x).last_hidden_state, torch.zeros(())
+            out = self.model(inputs_embeds=x, output_router_logits=True)
+            cfg = self.model.config
+            balance = load_balancing_loss_func(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+            return out.last_hidden_state, cfg.router_aux_loss_coef * balance
 
         def forward(self, text, lang, prom, resps, levels):
-            flat_logits, flat_targets = self.logits_and_targets(text, lang, prom, resps, levels)
+            """(loss, top-10 accuracy): the loss is the cross-entropy plus the MoE's auxiliary term."""
+            flat_logits, flat_targets, aux = self.logits_and_targets(text, lang, prom, resps, levels)
             logits_nv, targets_n = torch.cat(flat_logits), torch.cat(flat_targets)
-            loss = torch.nn.functional.cross_entropy(logits_nv, targets_n, ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(logits_nv, targets_n, ignore_index=-100) + aux
             with torch.no_grad():
                 valid = targets_n != -100
                 top10 = logits_nv[valid].topk(10, dim=-1).indices

@@ -63,11 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- mesh: how devices are laid out and what is sharded over them ----
     h = c.mesh = ml_collections.ConfigDict()
-    h.shape = (-1, 1, 1)  # devices along (data, fsdp, tensor); one -1 takes the rest
+    h.shape = (-1, 1, 1, 1)  # devices along (data, fsdp, tensor, expert); one -1 takes the rest
     # logical axis -> mesh axes ("" = replicated; "a,b" = both). A dimension that a mesh axis size
-    # does not divide stays replicated. "batch" shards the data over the data-parallel axes.
+    # does not divide stays replicated. "batch" shards the data over the data-parallel axes; the
+    # expert axis is one of them: an MoE layer sends each token to the device holding its expert.
     h.rules = (
-        ("batch", "data,fsdp"),
+        ("batch", "data,fsdp,expert"),
+        ("experts", "expert"),
         ("embed", "fsdp"),
         ("vocab", "tensor"),
         ("heads", "tensor"),

@@ -2,8 +2,9 @@
 
     python -m tools.draw_batches --config configs/preset.py:llama-half --config.data.store=STORE
 
-ARCH is transformer, llama or retnet; SIZE is quarter, half, full or double (reference.md §2.2: widths 256/512/1024,
-4/8/16 heads, 12 layers, double = 24 layers at full width).
+ARCH is transformer, llama, mistral, mixtral (8 experts, 2 per token) or retnet; SIZE is quarter, half,
+full or double (reference.md §2.2: widths 256/512/1024, 4/8/16 heads, 12 layers, double = 24 layers at
+full width).
 """
 
 from configs import base

@@ -13,10 +13,10 @@ from flax import nnx
 
 from tools import parity
 from valle_jax import decoding as D
-from valle_jax.checkpointing import params_of
+from valle_jax.checkpointing import model_with_params, params_of
 from valle_jax.config import SIZES, ConfigError, ModelConfig
 from valle_jax.data.batch import pad_batch
-from valle_jax.models import init_model, jit_method, moe
+from valle_jax.models import init_model, jit_method, loss_and_metrics, moe, targets
 from valle_jax.models.convert import (
     ConversionError,
     from_reference,
@@ -55,6 +55,51 @@ def test_golden_mixtral_parity():
         # the golden aux_loss is loss - ce in float32: known to one ulp of a loss near 7 (4.8e-7)
         assert r.logit_err < 1e-5 and r.loss_err < 1e-5 and r.aux_err < 1e-6, r.line()
         assert r.acc_err == 0 and r.targets_exact, r.line()
+
+
+def golden_batch2():
+    """A two-sample, mixed-level batch like the withheld `inputs_batch2.npz` (its b1 text, a 50-frame
+    prompt, a 60-frame response at level 3; 74 of b1's 200 positions are padding), from the shipped
+    single-sample inputs: (texts, prompts, responses, levels)."""
+    inp = np.load(GOLDEN_DIR / "inputs.npz")
+    b1_text = np.array([1, 52, 23, 13, 3, 58, 62, 14, 25, 21, 29, 2], np.uint8)
+    prompts, resps = [inp["prompt"], inp["prompt"][:50]], [inp["response"], inp["response"][20:80]]
+    return [inp["text"], b1_text], prompts, resps, [0, 3]
+
+
+# HF transformers 4.40.2 MixtralModel on the golden mixtral weights with every router scaled by 60 (so
+# that routing is far from uniform and the padding's share of it shows), for golden_batch2(): the
+# reference's loss and its 0.001 * load-balancing term over all 400 positions, padding included.
+# tests/test_reference_baseline.py::test_reference_mixtral_padded_batch recomputes them with HF.
+SHARP_ROUTER = 60.0
+HF_SHARP_BATCH2 = {"loss": 7.1370062828063965, "aux": 0.002018572762608528}
+
+
+def sharp_golden_model():
+    model, cfg = parity.load_golden_model(GOLDEN_DIR, "mixtral")
+    params = params_of(model)
+    params["backbone"]["router"] = params["backbone"]["router"] * SHARP_ROUTER
+    return model_with_params(cfg, params), cfg
+
+
+@needs_golden
+def test_parity_runs_a_padded_batch_as_the_reference_does():
+    """The reference's load-balancing term counts the padded positions (zero inputs, no attention
+    mask); training counts the valid ones (docs/deviations.md). The parity tool reproduces the
+    reference's, where the training forward would miss it by ~1e-5."""
+    model, cfg = sharp_golden_model()
+    texts, prompts, resps, levels = golden_batch2()
+    batch = {k: jnp.asarray(v) for k, v in pad_batch(texts, [0, 0], prompts, resps).items()}
+    lv = jnp.asarray(levels)
+    both = lambda m, b, lv: (parity.reference_padded_forward(m, b, lv), m.forward(b, lv)[2])  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        (logits, valid, aux), trained_aux = jit_method(model, both)(batch, lv)
+    t, _ = targets(batch, lv, cfg.stop_token)
+    ce, _ = loss_and_metrics(logits, t, lv, cfg.n_resp_levels)
+    assert np.asarray(valid).sum(1).tolist() == [200, 126]
+    assert abs(float(aux) - HF_SHARP_BATCH2["aux"]) < 1e-8
+    assert abs(float(ce + aux) - HF_SHARP_BATCH2["loss"]) < 2e-6
+    assert abs(float(trained_aux) - HF_SHARP_BATCH2["aux"]) > 5e-6
 
 
 @needs_golden
@@ -200,6 +245,15 @@ def test_training_loss_adds_the_weighted_balance_loss():
     assert float(jnp.abs(grads["backbone"]["router"]).sum()) > 0
 
 
+def test_console_line_shows_the_router_aux_term():
+    from valle_jax.training.monitor import console_line
+
+    m = {"train/loss": 7.1, "train/acc_top10": 0.1, "train/lr": 1e-4, "train/grad_norm": 1.0}
+    m.update({"perf/tokens_per_s": 1e3, "perf/step_time_s": 0.5})
+    assert "router aux" not in console_line(1, 10, m)
+    assert "| router aux 0.00201 |" in console_line(1, 10, {**m, "train/router_aux": 0.0020123})
+
+
 def test_config_defaults_follow_the_hf_class():
     assert (tiny().eps, tiny().rope_base, tiny().window, tiny().top_k) == (1e-5, 1e6, 900, 2)
     llama_moe = ModelConfig(arch="llama", experts=4)  # the reference builds Mixtral for any llama arch
@@ -281,3 +335,23 @@ def test_convert_arch_flag_accepts_what_the_keys_cannot_tell():
     assert _with_arch(tiny(), "llama").arch == "mixtral"  # the reference's llama with experts > 1
     with pytest.raises(ConversionError, match="keys are those of a llama"):
         _with_arch(dense, "mixtral")
+
+
+@pytest.mark.needs_espeak
+def test_synthesis_cli_reads_an_exported_mixtral(codec_dir, corpus, tmp_path):
+    """The export to the reference's fp32.pth layout (block_sparse_moe keys) reads back in the
+    synthesis CLI, which decodes with the MoE layers (greedy, so the same as the model's own decoder)."""
+    import soundfile as sf
+
+    from valle_jax import synthesize
+    from valle_jax.audio import HOP_LENGTH
+    from valle_jax.data.text import reference_symmap
+    from valle_jax.export import export
+
+    cfg = tiny(d_model=48, n_tokens=1024)
+    export(params_of(init_model(cfg, 0)), cfg, reference_symmap(), {}, tmp_path / "fp32.pth")
+    voice = sorted(corpus.rglob("*.wav"))[0]
+    args = ["Hello world.", str(voice), "--checkpoint", str(tmp_path / "fp32.pth"), "--heads", "4"]
+    args += ["--codec-dir", str(codec_dir), "--max-ar-steps", "12", "--ar-temp", "0", "--nar-temp", "0"]
+    assert synthesize.main(args + ["--out", str(tmp_path / "out.wav")]) == 0
+    assert len(sf.read(tmp_path / "out.wav")[0]) == 12 * HOP_LENGTH

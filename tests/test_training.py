@@ -87,7 +87,7 @@ def test_mesh_shape_and_rules():
         MeshConfig(rules=(("embed", "fsdq"),))
     mcfg = mesh_config(base.get_config()).__class__(shape=(2, 2, 2), rules=mesh_config(base.get_config()).rules)
     mesh = make_mesh(mcfg)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
     cfg = model_config(tiny.get_config())
     sh = param_shardings(abstract_model(cfg), mesh, mcfg)
     P = jax.sharding.PartitionSpec

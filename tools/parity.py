@@ -11,7 +11,9 @@ The loss is the reference's whole training loss: for an MoE (mixtral, retnet_moe
 plus the weighted auxiliary loss; where the golden file also holds `aux_loss_*`, that term's error
 is printed too. `--arch` is the files' prefix: `retnet_moe` is a retnet with XMoE layers, checked
 with the second-expert policy "all" its golden files were made with (the reference's "random"
-draws from torch's RNG) and the eval capacity (0.25).
+draws from torch's RNG) and the eval capacity (0.25). A padded batch of the llama family runs as the
+reference runs it (`reference_padded_forward`), so that its load-balancing loss counts the padding as
+the reference's does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from valle_jax.checkpointing import model_with_params
-from valle_jax.config import ARCHS
+from valle_jax.config import ARCHS, LLAMA_FAMILY
 from valle_jax.data.batch import pad_batch
 from valle_jax.models import jit_method, loss_and_metrics, targets
 from valle_jax.models.convert import from_reference, infer_config
@@ -92,53 +94,86 @@ def run_case(forward, cfg, name, batch, levels, ref_logits, ref_loss, ref_acc, r
     )
 
 
+def single_cases(inp, out, prefix: str = ""):
+    """The one-utterance format (`inputs.npz`): one case per `logits_{tag}`, its level the tag's last digits."""
+    for tag in sorted({m.group(1) for k in out.files if (m := re.match(r"logits_(.+)", k))}):
+        level = int(re.search(r"(\d+)$", tag).group(1))
+        batch = pad_batch([inp["text"]], [int(inp["lang"][0])], [inp["prompt"]], [inp["response"]])
+        yield (
+            prefix + tag,
+            batch,
+            [level],
+            [out[f"logits_{tag}"]],
+            out[f"loss_{tag}"],
+            out[f"acc_top10_{tag}"],
+            out[f"loss_target_{tag}"],
+            out[f"aux_loss_{tag}"] if f"aux_loss_{tag}" in out.files else None,
+        )
+
+
+def batch_case(inp, out, name: str):
+    """The padded-batch format (`inputs_batch2.npz`): samples `_b0`, `_b1`, ... at `quant_levels`."""
+    n = sum(1 for k in inp.files if re.fullmatch(r"text_b\d+", k))
+    levels = [int(x) for x in out["quant_levels"]]
+    lang = int(inp["lang"][0])
+    batch = pad_batch(
+        [inp[f"text_b{i}"] for i in range(n)],
+        [lang] * n,
+        [inp[f"prompt_b{i}"] for i in range(n)],
+        [inp[f"response_b{i}"] for i in range(n)],
+    )
+    yield (
+        name,
+        batch,
+        levels,
+        [out[f"logits_b{i}"] for i in range(n)],
+        out["loss"],
+        out["acc_top10"],
+        out["loss_target"],
+        out["aux_loss"] if "aux_loss" in out.files else None,
+    )
+
+
 def cases(golden: Path, arch: str):
     """Yields (name, batch, levels, ref_logits list, loss, acc, targets, aux loss or None) for every
-    case present."""
+    case present: each `inputs{suffix}.npz` with an `{arch}_outputs{suffix}.npz`, in whichever of
+    the two formats its keys say (`inputs.npz` and `inputs_batch2.npz`; a longer case such as an
+    `inputs_long.npz` in either). Cases are named by their tags (single format) or "batch2", other
+    suffixes prefixing them."""
+    for inputs in sorted(golden.glob("inputs*.npz")):
+        suffix = inputs.stem[len("inputs") :]
+        outputs = golden / f"{arch}_outputs{suffix}.npz"
+        if not outputs.exists():
+            continue
+        inp, out = np.load(inputs), np.load(outputs)
+        name = suffix.lstrip("_")
+        if "text" in inp.files:
+            yield from single_cases(inp, out, f"{name}:" if name else "")
+        else:
+            yield from batch_case(inp, out, name or "batch")
 
-    single, single_out = golden / "inputs.npz", golden / f"{arch}_outputs.npz"
-    if single.exists() and single_out.exists():
-        inp, out = np.load(single), np.load(single_out)
-        for tag in sorted({m.group(1) for k in out.files if (m := re.match(r"logits_(.+)", k))}):
-            level = int(re.search(r"(\d+)$", tag).group(1))
-            batch = pad_batch([inp["text"]], [int(inp["lang"][0])], [inp["prompt"]], [inp["response"]])
-            yield (
-                tag,
-                batch,
-                [level],
-                [out[f"logits_{tag}"]],
-                out[f"loss_{tag}"],
-                out[f"acc_top10_{tag}"],
-                out[f"loss_target_{tag}"],
-                out[f"aux_loss_{tag}"] if f"aux_loss_{tag}" in out.files else None,
-            )
-    pair, pair_out = golden / "inputs_batch2.npz", golden / f"{arch}_outputs_batch2.npz"
-    if pair.exists() and pair_out.exists():
-        inp, out = np.load(pair), np.load(pair_out)
-        n = sum(1 for k in inp.files if re.fullmatch(r"text_b\d+", k))
-        levels = [int(x) for x in out["quant_levels"]]
-        lang = int(inp["lang"][0])
-        batch = pad_batch(
-            [inp[f"text_b{i}"] for i in range(n)],
-            [lang] * n,
-            [inp[f"prompt_b{i}"] for i in range(n)],
-            [inp[f"response_b{i}"] for i in range(n)],
-        )
-        yield (
-            "batch2",
-            batch,
-            levels,
-            [out[f"logits_b{i}"] for i in range(n)],
-            out["loss"],
-            out["acc_top10"],
-            out["loss_target"],
-            out["aux_loss"] if "aux_loss" in out.files else None,
-        )
+
+def reference_padded_forward(model, batch: dict, levels):
+    """`model.forward` over a batch padded as the reference pads it. The reference right-pads every
+    row with zero inputs to the longest row and passes HF no attention mask (reference.md §2.9, §3.3):
+    causality keeps the valid rows as they are, but the padded positions still run through every
+    layer, and the MoE's load-balancing loss averages over them too (docs/deviations.md: training
+    does not). Our layout keeps each row's valid positions as a prefix with zero inputs after it, so
+    marking every position before the longest row valid is that batch; logits stay masked to the
+    valid rows."""
+    x, valid = model.embed(batch, levels)
+    s = x.shape[1]
+    as_reference = jnp.broadcast_to(jnp.arange(s)[None, :] < valid.sum(1).max(), valid.shape)
+    positions = jnp.broadcast_to(jnp.arange(s)[None, :], valid.shape)
+    logits, _, _, aux = model.run_with_aux(x, positions, as_reference, levels)
+    return jnp.where(valid[..., None], logits, 0.0), valid, aux
 
 
 def check(golden: Path, arch: str, heads: int | None = None) -> list[CaseResult]:
     model, cfg = load_golden_model(golden, arch, heads)
-    forward = jit_method(model, lambda m, batch, levels: m.forward(batch, levels))
+    # the transformer is the one backbone to which the reference passes its padding mask
+    padded = reference_padded_forward if cfg.arch in LLAMA_FAMILY else type(model).forward
+    forward = jit_method(model, padded)
     return [run_case(forward, cfg, *c) for c in cases(golden, arch)]
 
 

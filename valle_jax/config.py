@@ -275,18 +275,23 @@ def model_config(config) -> ModelConfig:
     return _from_dict(ModelConfig, d)
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+EXPERT_AXIS = "expert"  # the mesh axis an MoE shards its experts over (valle_jax.models.moe)
+MESH_AXES = ("data", "fsdp", "tensor", EXPERT_AXIS)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    shape: tuple[int, int, int] = (-1, 1, 1)
+    shape: tuple[int, ...] = (-1, 1, 1, 1)  # 3 sizes leave the expert axis at 1
     rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
         shape = tuple(int(x) for x in self.shape)
+        shape += (1,) * (len(shape) == len(MESH_AXES) - 1)
         if len(shape) != len(MESH_AXES) or any(x == 0 or x < -1 for x in shape) or shape.count(-1) > 1:
-            raise ConfigError(f"mesh.shape must be 3 sizes for {MESH_AXES}, positive or one -1, got {self.shape}")
+            raise ConfigError(
+                f"mesh.shape must be 4 sizes for {MESH_AXES} (or 3, the expert axis 1), positive or one -1, "
+                f"got {self.shape}"
+            )
         rules = []
         for rule in self.rules:
             if len(rule) != 2:

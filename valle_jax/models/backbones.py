@@ -49,6 +49,7 @@ from valle_jax.models.feed_forward import feed_forward
 Array = jax.Array
 normal = jax.nn.initializers.normal
 ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
+HF_INIT = normal(0.02)  # HF's initializer_range (Llama, Mistral and Mixtral)
 
 
 class KV(NamedTuple):
@@ -317,19 +318,23 @@ class LlamaBackbone(Backbone):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg)
-        n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        f = cfg.ffn_mult * d
-        init = normal(0.02)  # HF Llama's initializer_range
+        self.init_attention(cfg, rngs)
+        n, d, f, init = cfg.n_layers, cfg.d_model, cfg.ffn_mult * cfg.d_model, HF_INIT
+        self.gate = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
+        self.up = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
+        self.down = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
+        self.final_norm = L.param(rngs, ones, (d,), ("embed",))
+
+    def init_attention(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        """The parameters every llama-family layer has before its feed-forward (in this order, which
+        fixes what each draws from `rngs`): the attention's norm and projections, the feed-forward's norm."""
+        n, d, h, g, dh, init = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, HF_INIT
         self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
         self.q = L.param(rngs, init, (n, d, h, dh), ("layers", "embed", "heads", "head_dim"))
         self.k = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
         self.v = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
         self.o = L.param(rngs, init, (n, h, dh, d), ("layers", "heads", "head_dim", "embed"))
         self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
-        self.gate = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
-        self.up = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
-        self.down = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
-        self.final_norm = L.param(rngs, ones, (d,), ("embed",))
 
     def position_features(self, positions_BS):
         return L.rope_tables(positions_BS, self.cfg.head_dim, self.cfg.rope_base)
@@ -607,15 +612,8 @@ class MixtralBackbone(LlamaBackbone):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         Backbone.__init__(self, cfg)
-        n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        e, f = cfg.n_experts, cfg.ffn_mult * d
-        init = normal(0.02)  # HF's initializer_range
-        self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
-        self.q = L.param(rngs, init, (n, d, h, dh), ("layers", "embed", "heads", "head_dim"))
-        self.k = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
-        self.v = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
-        self.o = L.param(rngs, init, (n, h, dh, d), ("layers", "heads", "head_dim", "embed"))
-        self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        self.init_attention(cfg, rngs)
+        n, d, e, f, init = cfg.n_layers, cfg.d_model, cfg.n_experts, cfg.ffn_mult * cfg.d_model, HF_INIT
         self.router = L.param(rngs, init, (n, d, e), ("layers", "embed", "experts"))
         self.w1 = L.param(rngs, init, (n, e, d, f), ("layers", "experts", "embed", "mlp"))  # gate
         self.w3 = L.param(rngs, init, (n, e, d, f), ("layers", "experts", "embed", "mlp"))  # up

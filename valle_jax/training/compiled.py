@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import jax
 import optax
+from jax.sharding import Mesh
 
 from valle_jax.config import ModelConfig
 from valle_jax.training.state import Layout
@@ -20,23 +21,41 @@ from valle_jax.training.step import DEVICE_KEYS, make_eval_step, make_train_step
 log = logging.getLogger("valle_jax.train")
 
 
+class OnMesh:
+    """A jitted step traced and run with its mesh as JAX's current mesh (`jax.set_mesh`): an MoE layer
+    reads the expert axis from it (valle_jax.models.moe), so the model needs no mesh of its own."""
+
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
 def jit_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs, layout: Layout):
     """step(state, batch, lr_scale) -> (state, metrics); the state's buffers are donated."""
-    return jax.jit(
+    jitted = jax.jit(
         make_train_step(graph, cfg, tx, level_probs),
         in_shardings=(layout.state, layout.batch_arrays, layout.replicated),
         out_shardings=(layout.state, layout.replicated),
         donate_argnums=(0,),
     )
+    return OnMesh(jitted, layout.mesh)
 
 
 def jit_eval_step(graph, cfg: ModelConfig, level_probs, layout: Layout):
     """eval_step(params, batch, key) -> summed metrics, replicated."""
-    return jax.jit(
+    jitted = jax.jit(
         make_eval_step(graph, cfg, level_probs),
         in_shardings=(layout.params, layout.batch_arrays, layout.replicated),
         out_shardings=layout.replicated,
     )
+    return OnMesh(jitted, layout.mesh)
 
 
 class CompiledSteps:

@@ -63,6 +63,7 @@ class Trainer:
         self.accum = self.optim_cfg.grad_accum
         self.mesh = sharding.make_mesh(self.mesh_cfg, devices)
         self._check_batch_divides()
+        sharding.check_expert_axis(self.mesh, self.model_cfg)
         self.store = Store(self.data_cfg.store)
         self.workdir.mkdir(parents=True, exist_ok=True)
         runs.check_languages(self.model_cfg, self.store.lang_symmap, np.unique(self.store.lang), self.store.path)

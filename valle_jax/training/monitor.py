@@ -108,6 +108,8 @@ def console_line(step: int, total: int, m: dict) -> str:
     parts = [
         f"step {step}/{total}",
         f"loss {m['train/loss']:.4f}",
+        # an MoE's load-balancing term (part of the loss; reference.md §2.9): rising means a router collapsing
+        *([f"router aux {m['train/router_aux']:.3g}"] if "train/router_aux" in m else []),
         f"acc {m['train/acc_top10']:.3f}",
         f"lr {m['train/lr']:.3g}",
         f"gnorm {m['train/grad_norm']:.3g}",

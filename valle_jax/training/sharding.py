@@ -18,9 +18,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from valle_jax.config import MESH_AXES, ConfigError, MeshConfig
+from valle_jax.config import EXPERT_AXIS, MESH_AXES, ConfigError, MeshConfig, ModelConfig
 
 BATCH = "batch"
+DATA_PARALLEL = ("data", "fsdp", "expert")  # the batch's axes when the rules do not say
 
 
 def resolve_shape(shape: tuple[int, ...], n_devices: int) -> tuple[int, ...]:
@@ -70,12 +71,20 @@ def param_shardings(abstract_model: nnx.Module, mesh: Mesh, cfg: MeshConfig) -> 
 
 def batch_sharding(mesh: Mesh, cfg: MeshConfig) -> NamedSharding:
     """Leading (batch) dimension over the rules' data-parallel axes."""
-    axes = tuple(a for a in dict(cfg.rules).get(BATCH, ("data", "fsdp")))
+    axes = tuple(a for a in dict(cfg.rules).get(BATCH, DATA_PARALLEL))
     return NamedSharding(mesh, P(axes if axes else None))
 
 
 def data_parallel_size(mesh: Mesh, cfg: MeshConfig) -> int:
-    return math.prod(mesh.shape[a] for a in dict(cfg.rules).get(BATCH, ("data", "fsdp")))
+    return math.prod(mesh.shape[a] for a in dict(cfg.rules).get(BATCH, DATA_PARALLEL))
+
+
+def check_expert_axis(mesh: Mesh, cfg: ModelConfig) -> None:
+    """An MoE's experts must split evenly over the expert axis (each device holds E / axis of them);
+    without experts the axis is one more data-parallel axis."""
+    n = mesh.shape[EXPERT_AXIS]
+    if n > 1 and cfg.moe and cfg.n_experts % n:
+        raise ConfigError(f"model.experts={cfg.n_experts} is not divisible by the mesh's {n}-device {EXPERT_AXIS} axis")
 
 
 def mirror_shardings(tree: Any, params: dict, param_sh: dict, mesh: Mesh) -> Any:
