@@ -12,6 +12,9 @@ os.environ.setdefault(
     "--xla_llvm_disable_expensive_passes=true",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# nanodo's rule: an implicit rank promotion (a [D] vector against a [B, S, D] array) is an error, so every
+# broadcast in the package is written out; subprocesses the tests start inherit it
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
 import dataclasses  # noqa: E402
 import shutil  # noqa: E402

@@ -132,7 +132,7 @@ def test_bad_input_prompt_lengths_are_refused_before_loading(value, capsys, voic
         (["--min-ar-steps", "-2"], "min_ar_steps"),
         (["--min-ar-steps", "500"], "min_ar_steps must be -1 (from the text), 0 (off) or at most max_ar_steps=450"),
         (["--length-normalization", "-1"], "length_normalization must be >= 0"),
-        (["--language", "xx"], "language 'xx' is not supported (known: en, ja)"),
+        (["--language", "xx"], "language 'xx' is not supported by espeak-ng"),
     ],
 )
 def test_out_of_range_flags_are_refused_before_loading(flags, expect, capsys, voice, checkpoint, tmp_path):
