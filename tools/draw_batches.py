@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from valle_jax.config import data_config
+from valle_jax.config_files import resolve_argv
 from valle_jax.data.pipeline import BatchPlan, make_iterator
 from valle_jax.data.store import Store
 
@@ -54,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(resolve_argv(argv)))  # installed presets too

@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from valle_jax.atomic import io_error_line
+from valle_jax.config_files import resolve_argv
 from valle_jax.runtime import reexec_with_tcmalloc, start_training_process
 from valle_jax.training.lock import WorkdirBusy, WorkdirLock
 
@@ -93,7 +94,9 @@ def _flag_error(e: BaseException, argv: list[str]) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a mistyped config key or a missing config file reported in one line
-    (exit status 2) instead of a traceback; `--verbose` keeps the traceback."""
+    (exit status 2) instead of a traceback; `--verbose` keeps the traceback. A --config path that
+    does not exist may name an installed preset (valle_jax/config_files.py)."""
+    argv = resolve_argv(argv)
     verbose = "--verbose" in argv
     path = _config_path(argv)
     if path and not Path(path).is_file() and not verbose:
