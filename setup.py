@@ -35,10 +35,11 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
 ]
 
-# Audio in and out: EnCodec runs in torch (valle_jax/codec.py is the only module that imports it).
-# The lock pins torch==2.13.0, which on the project's machines is a local CPU wheel; from PyPI, a
-# Linux torch is a CUDA build of several GB: install the torch you want first, pip keeps it.
-CODEC_REQUIRES = ["torch>=2.13.0", "encodec>=0.1.1"]
+# Audio in and out: EnCodec runs in torch, as do reading and writing the reference's .pth files
+# (valle_jax/extras.py names this extra when they are missing). torch 2.13 is the one tested; the
+# lock pins torch==2.13.0, on the project's machines a local CPU wheel. From PyPI, a Linux torch is a
+# CUDA build of several GB: for a CPU-only machine install torch 2.13 from PyTorch's CPU index first.
+CODEC_REQUIRES = ["torch>=2.13.0,<2.14", "encodec>=0.1.1,<0.2"]
 
 # python -m valle_jax.evaluate and the speech scores of training's audio samples (docs/evaluation.md):
 # WER/CER (jiwer, with PocketSphinx's offline US-English model), speaker similarity (Resemblyzer, whose
