@@ -105,7 +105,7 @@ def test_every_console_script_names_a_runnable_module(command):
 def test_config_flag_finds_installed_presets_and_prefers_real_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here: as outside a checkout
     installed = config_files.installed_configs()
-    assert installed == REPO / "configs"
+    assert installed is not None and (installed / "preset.py").is_file()
     assert config_files.resolve("configs/preset.py:llama-half") == f"{installed / 'preset.py'}:llama-half"
     assert config_files.resolve_argv(["x", "--config=configs/demo.py"]) == ["x", f"--config={installed / 'demo.py'}"]
     assert config_files.resolve("configs/nothing.py") == "configs/nothing.py"  # train.py reports it missing
