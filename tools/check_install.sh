@@ -22,11 +22,13 @@ full/bin/pip install -q "${CONSTRAINTS[@]}" './src[codec,dev]' 2> >(grep -v "^WA
 scripts=(valle-jax)
 while IFS= read -r name; do scripts+=("valle-jax-$name"); done < <(full/bin/python -c \
   'from valle_jax.cli import COMMANDS; print("\n".join(COMMANDS))')
+failed=0
 for script in "${scripts[@]}"; do
   if ! out="$(full/bin/"$script" --help 2>&1)"; then
-    echo "check: FAIL $script --help" >&2; echo "$out" | tail -5 >&2; exit 1
+    echo "check: FAIL $script --help" >&2; echo "$out" | tail -5 >&2; failed=1
+  else
+    echo "check: ok $script --help ($(echo "$out" | head -1 | cut -c1-70))"
   fi
-  echo "check: ok $script --help ($(echo "$out" | head -1 | cut -c1-70))"
 done
 full/bin/python -c 'import valle_jax.codec as c; c.import_encodec(); print("check: ok codec extra imports encodec")'
 
@@ -36,4 +38,5 @@ core/bin/python -c "import valle_jax, sys; assert 'torch' not in sys.modules"
 if core/bin/python -c "import torch" 2>/dev/null; then echo "check: FAIL the core install has torch" >&2; exit 1; fi
 core/bin/valle-jax-train --help >/dev/null
 echo "check: ok core install: import valle_jax without torch, and torch not installed"
+if [ "$failed" = 1 ]; then echo "check: some --help failed (above)" >&2; exit 1; fi
 echo "check: all passed ($("$PYTHON" --version 2>&1))"

@@ -23,6 +23,13 @@ _BATCHES = flags.DEFINE_integer("batches", 8, "how many batches to draw")
 flags.mark_flag_as_required("config")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with --config also naming installed presets, and --help exiting 0 (absl's exits 1)."""
+    if {"--help", "-h", "-?", "--helpshort"}.intersection(argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+    return app.parse_flags_with_usage(resolve_argv(argv))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -55,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(resolve_argv(argv)))  # installed presets too
+    app.run(main, flags_parser=parse_flags)
