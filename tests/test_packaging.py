@@ -112,3 +112,13 @@ def test_config_flag_finds_installed_presets_and_prefers_real_files(tmp_path, mo
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.py").write_text("")
     assert config_files.resolve("configs/demo.py") == "configs/demo.py"  # the user's own file wins
+
+
+def test_help_of_the_absl_commands_exits_0(capsys):
+    """absl's own --help exits 1: the console scripts' --help must succeed like the argparse ones.
+    (tools.draw_batches does the same; both define --config, so one process imports only one.)"""
+    from valle_jax import train
+
+    with pytest.raises(SystemExit) as done:
+        train.parse_flags(["valle-jax-train", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out  # the usage (of __main__: pytest, here)
