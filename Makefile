@@ -3,10 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean lock
 setup: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml tools/setup_env.sh
+$(STAMP): setup.py pyproject.toml requirements.lock tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV)
 	touch $(STAMP)
 
@@ -26,3 +26,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# requirements.lock, which setup, CI and `tools.tpu install` install from: every package of a fresh
+# Python 3.11 install of the dev extra, exactly. Rerun after changing setup.py's requirements.
+# torch's local label is dropped (torch==2.13.0 matches the local CPU wheel and PyPI's build alike).
+LOCK_VENV := /tmp/valle-jax-lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && python3.11 -m venv $(LOCK_VENV)
+	cd /tmp && $(LOCK_VENV)/bin/pip install -q "$(CURDIR)[dev]"
+	{ echo "# Made by \`make lock\` (Python 3.11, pip freeze of a fresh install of the dev extra); used as pip -c."; \
+	  $(LOCK_VENV)/bin/pip freeze | grep -iv "^valle[-_]jax" | sed -E 's/^(torch==[^+]+)\+cpu$$/\1/'; } > requirements.lock
+	rm -rf $(LOCK_VENV)

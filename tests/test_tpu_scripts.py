@@ -28,7 +28,34 @@ def test_install_ships_head_to_every_worker(capsys):
     archive, scp, setup = commands(capsys, "install", *BASE)
     assert archive[:2] == ["git", "archive"] and archive[-1] == "HEAD"
     assert scp[4] == "scp" and "--worker=all" in scp
-    assert "jax[tpu]==" in setup[-1] and "pip install" in setup[-1]
+    remote = setup[-1]
+    assert "-c requirements.lock -e '.[tpu]'" in remote  # the tpu extra at the locked versions
+    assert "torch" not in remote and "cuda" not in remote
+    assert "uv venv -q --python 3.12 .venv" in remote  # the image's Python 3.10 is too old
+    assert remote.index("sys.version_info") < remote.index("pip install -q --python .venv")  # checked first
+
+
+@pytest.mark.parametrize(
+    "accelerator, runtime",
+    [
+        ("v4-32", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-8", "v2-alpha-tpuv5"),
+        ("v6e-8", "v2-alpha-tpuv6e"),
+    ],
+)
+def test_create_picks_the_software_version_from_the_accelerator_type(capsys, accelerator, runtime):
+    (create,) = commands(capsys, "create", *BASE, "--type", accelerator)
+    assert create[create.index("--version") + 1] == runtime
+    (create,) = commands(capsys, "create", *BASE, "--type", accelerator, "--runtime", "my-image")
+    assert create[create.index("--version") + 1] == "my-image"
+
+
+def test_create_refuses_an_unknown_generation_unless_given_a_runtime(capsys):
+    assert main(["create", *BASE, "--type", "v9x-8"]) == 2
+    assert "pass --runtime" in capsys.readouterr().err
+    (create,) = commands(capsys, "create", *BASE, "--type", "v9x-8", "--runtime", "v2-alpha-tpu9")
+    assert create[create.index("--version") + 1] == "v2-alpha-tpu9"
 
 
 def test_launch_clears_stale_holders_then_trains_everywhere(capsys):
@@ -57,6 +84,7 @@ def test_launch_clears_stale_holders_then_trains_everywhere(capsys):
         (["create", "--name", "ok", "--zone", "nowhere", "--type", "v4-32"], "--zone"),
         (["create", "--name", "ok", "--zone", "us-central2-b", "--type", "tpu"], "--type"),
         (["launch", "--name", "ok", "--zone", "us-central2-b", "--workdir", "/x"], "--config"),
+        (["install", "--name", "ok", "--zone", "us-central2-b", "--python", "3.10"], "--python"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_reason(capsys, argv, message):

@@ -14,12 +14,20 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from valle_jax.config import data_config
+from valle_jax.config_files import resolve_argv
 from valle_jax.data.pipeline import BatchPlan, make_iterator
 from valle_jax.data.store import Store
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
 _BATCHES = flags.DEFINE_integer("batches", 8, "how many batches to draw")
 flags.mark_flag_as_required("config")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with --config also naming installed presets, and --help exiting 0 (absl's exits 1)."""
+    if {"--help", "-h", "-?", "--helpshort"}.intersection(argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+    return app.parse_flags_with_usage(resolve_argv(argv))
 
 
 def main(argv):
@@ -54,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

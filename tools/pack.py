@@ -45,6 +45,7 @@ from valle_jax.config import ModelConfig
 from valle_jax.data import languages
 from valle_jax.data import text as T
 from valle_jax.data.store import INDEX_NAME, Store, StoreError, StoreWriter
+from valle_jax.extras import require_torch
 
 CODEBOOK_SIZE = 1024
 # EnCodec 24 kHz gives at most 32 levels (24 kbps): a bigger second axis is a transposed array
@@ -99,7 +100,7 @@ def check_codes(codes: np.ndarray) -> np.ndarray:
 
 def load_qnt_pt(path: Path) -> np.ndarray:
     """The reference's `.qnt.pt`: a bare (1, Q, T) int64 tensor -> int16[T, Q]."""
-    import torch  # optional heavy dependency: torch  # noqa: PLC0415
+    torch = require_torch(f"reading {path.name} (the reference's PyTorch codes)")
 
     t = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != 1:

@@ -1,6 +1,8 @@
 """EnCodec 24 kHz (torch): waveforms <-> codes int16[T, 8] at 75 frames/s.
 
-One of the two modules of the package that import torch (with valle_jax/vocoder.py). Weights come from, in this order:
+The package's audio in and out (with valle_jax/vocoder.py): it needs the codec extra (torch, encodec;
+`pip install 'valle-jax[codec]'`, which CodecUnavailable names when they are missing), and loads torch
+only when a codec is made, so importing it stays light. Weights come from, in this order:
 a local directory (`codec_dir`, holding `encodec_24khz-d7cc33bc.th`), or the encodec package's
 own pretrained loader (the torch hub cache under $TORCH_HOME, downloading when the network allows).
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from valle_jax.atomic import atomic_path, write_text
 from valle_jax.audio import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, num_frames
+from valle_jax.extras import MissingExtra, require_codec_package
 
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"  # the name the encodec package and torch hub use
 INFO_NAME = "codec_info.json"  # written beside a random codec: marks it as not-speech
@@ -33,7 +36,7 @@ BANDWIDTH_LEVELS = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}  # kbps -> RVQ l
 
 
 class CodecUnavailable(RuntimeError):
-    """No EnCodec weights could be loaded."""
+    """EnCodec cannot be used: no weights could be loaded, or the codec extra is not installed."""
 
 
 def _torchaudio_stand_in() -> types.ModuleType:
@@ -63,6 +66,7 @@ def import_encodec():
     """Imports the encodec package, installing the torchaudio stand-in when needed."""
     if "encodec" in sys.modules:
         return sys.modules["encodec"]
+    _require("torch")
     try:
         importlib.import_module("torchaudio")
     except (ImportError, OSError):
@@ -71,7 +75,15 @@ def import_encodec():
         stand_in = _torchaudio_stand_in()
         sys.modules["torchaudio"] = stand_in
         sys.modules["torchaudio.transforms"] = stand_in.transforms
-    return importlib.import_module("encodec")
+    return _require("encodec")
+
+
+def _require(name: str):
+    """torch or encodec, or CodecUnavailable naming the extra that installs them."""
+    try:
+        return require_codec_package(name, "audio in and out (EnCodec)")
+    except MissingExtra as e:
+        raise CodecUnavailable(str(e)) from e
 
 
 def _new_model(pretrained: bool):
@@ -83,8 +95,7 @@ def _new_model(pretrained: bool):
 
 def load_encodec_model(codec_dir: str | os.PathLike | None = None):
     """Returns an EncodecModel (eval mode) from `codec_dir` or the package's pretrained loader."""
-    import torch  # noqa: PLC0415 - optional heavy dependency: torch
-
+    torch = _require("torch")
     if codec_dir is not None:
         path = Path(codec_dir)
         ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
@@ -205,8 +216,7 @@ def build_random_codec(wavs: Sequence[np.ndarray], out_dir: str | os.PathLike, s
     random, following the residual chain (layer k is filled from what layers < k left over), so
     real audio maps to many distinct codes per level. About 1.5 s on 2 cores.
     """
-    import torch  # noqa: PLC0415 - optional heavy dependency: torch
-
+    torch = _require("torch")
     torch.manual_seed(seed)
     model = _new_model(pretrained=False)
     with torch.inference_mode():

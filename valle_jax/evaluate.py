@@ -50,6 +50,7 @@ from valle_jax.config import ConfigError
 from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Knobs, Settings, make_continuation, make_inputs
 from valle_jax.metrics import MetricUnavailable, Sample
+from valle_jax.tensorboard import summary_writer
 from valle_jax.tts import TTS
 
 log = logging.getLogger("valle_jax.evaluate")
@@ -327,9 +328,7 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, step: int) -> None
     write_text(out / "utterances.jsonl", "".join(json.dumps(r, default=_plain) + "\n" for r in rows))
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=_plain) + "\n")
     write_text(out / "summary.md", markdown(summary))
-    from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional heavy dependency: tensorboardX (protobuf)
-
-    tb = SummaryWriter(str(out / "tb"))
+    tb = summary_writer(str(out / "tb"))
     for k, s in summary["metrics"].items():
         if not math.isnan(s["mean"]):
             tb.add_scalar(f"eval_{summary['protocol']}/{k}", s["mean"], step)

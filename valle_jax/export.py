@@ -21,6 +21,7 @@ import numpy as np
 from valle_jax.atomic import atomic_path
 from valle_jax.checkpointing import save_model
 from valle_jax.config import ModelConfig
+from valle_jax.extras import require_torch
 from valle_jax.models.convert import to_reference
 from valle_jax.runs import load_params
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 def write_reference(
     out: Path, params: Mapping, cfg: ModelConfig, symmap: Mapping, stats: Mapping, overwrite: bool = False
 ) -> Path:
-    import torch  # noqa: PLC0415 - optional heavy dependency: torch
+    torch = require_torch(f"writing {out.name} (a PyTorch state dict)")
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")

@@ -23,10 +23,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from valle_jax.atomic import io_error_line
+from valle_jax.config_files import resolve_argv
 from valle_jax.runtime import reexec_with_tcmalloc, start_training_process
 from valle_jax.training.lock import WorkdirBusy, WorkdirLock
 
 EXIT_BAD_INPUT, EXIT_USAGE, EXIT_WRITE, EXIT_ABORTED = 1, 2, 4, 130
+HELP = {"--help", "-h", "-?", "--helpshort"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, TensorBoard, exports")
@@ -93,7 +95,11 @@ def _flag_error(e: BaseException, argv: list[str]) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a mistyped config key or a missing config file reported in one line
-    (exit status 2) instead of a traceback; `--verbose` keeps the traceback."""
+    (exit status 2) instead of a traceback; `--verbose` keeps the traceback. A --config path that
+    does not exist may name an installed preset (valle_jax/config_files.py)."""
+    argv = resolve_argv(argv)
+    if HELP.intersection(argv[1:]):  # absl's own --help exits 1; asking for help is not an error
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     verbose = "--verbose" in argv
     path = _config_path(argv)
     if path and not Path(path).is_file() and not verbose:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from valle_jax.config import LLAMA_FAMILY, ModelConfig
+from valle_jax.extras import require_torch
 
 UNUSED = ("tasks_emb.weight", "model.embed_tokens.weight")  # held by the reference, never used
 N_TASKS = 8  # rows of the reference's tasks_emb: its model config's `tasks` (reference.md §2.3, §8.1)
@@ -40,7 +41,7 @@ def read_source(path: Path) -> tuple[dict, dict, dict]:
                 return {k: z[k] for k in z.files}, {}, {}
         except Exception as e:  # BadZipFile, ValueError, OSError, pickle errors...
             raise ConversionError(f"{path}: not a readable .npz state dict ({_first_line(e)})") from e
-    import torch  # optional heavy dependency: torch  # noqa: PLC0415
+    torch = require_torch(f"reading {path.name} (a PyTorch checkpoint)")
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from valle_jax.tensorboard import summary_writer
+
 # dense bf16 peak FLOP/s per device (vendor figures; the MFU denominator when train.peak_flops is 0)
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -61,9 +63,7 @@ class MetricsWriter:
         self.tb = None
         self.jsonl = None
         if enabled:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional heavy dependency: tensorboardX (protobuf)
-
-            self.tb = SummaryWriter(str(workdir / "tb"), flush_secs=10)
+            self.tb = summary_writer(str(workdir / "tb"), flush_secs=10)
             self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
