@@ -109,4 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
     t.nonfinite = "stop"  # non-finite loss or gradient: "stop" (the bad update is never applied) | "skip"
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = known device table, CPU measured)
     t.export_on_quit = False  # also export the model when `quit` or a signal stops training
+    # a new run starts from these weights (fresh optimizer, step 0); a workdir with checkpoints resumes
+    # instead. Model dir, training workdir, fp32.pth / .pth / .npz / .safetensors, hf://OWNER/REPO[/PATH][@REV]
+    t.init_from = ""
+    t.init_from_step = -1  # the checkpoint of a training workdir given as init_from (-1 = its newest good one)
     return c

@@ -4,6 +4,8 @@ A model directory holds:
     config.json   {"format": "valle_jax.model", "version": 1, "model": ModelConfig fields, "stats": {...}}
     symmap.json   the phoneme symbol map the model was trained with
     params/       the parameters (orbax), nested exactly as nnx.state(VALLE(cfg), nnx.Param)
+or, instead of params/ (`fmt="safetensors"`, the Hugging Face convention for a model repository):
+    model.safetensors   one tensor per parameter, named by its path with dots ("backbone.q")
 It is written into a temp directory and renamed into place, so a killed save leaves no half model.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import safetensors.numpy
 from flax import nnx
 
 from valle_jax.atomic import publish_dir, temp_dir_beside
@@ -26,6 +29,8 @@ from valle_jax.config import ModelConfig
 from valle_jax.models.valle import abstract_model, model_from_params
 
 FORMAT, VERSION = "valle_jax.model", 1
+SAFETENSORS = "model.safetensors"
+MODEL_FORMATS = ("orbax", "safetensors")
 
 
 class CheckpointError(ValueError):
@@ -64,15 +69,22 @@ def save_model(
     symmap: Mapping[str, int],
     stats: Mapping | None = None,
     overwrite: bool = False,
+    fmt: str = "orbax",
 ) -> Path:
+    """Writes a model directory; `fmt` "orbax" (params/) or "safetensors" (model.safetensors)."""
+    if fmt not in MODEL_FORMATS:
+        raise CheckpointError(f"model format must be one of {MODEL_FORMATS}, got {fmt!r}")
     out = Path(directory).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     tmp = temp_dir_beside(out)
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", jax.tree.map(np.asarray, dict(params)))
-        ckptr.wait_until_finished()
+        if fmt == "safetensors":
+            safetensors.numpy.save_file(flatten(params), tmp / SAFETENSORS, metadata={"format": FORMAT})
+        else:
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(tmp / "params", jax.tree.map(np.asarray, dict(params)))
+            ckptr.wait_until_finished()
         (tmp / "config.json").write_text(
             json.dumps(
                 {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(cfg), "stats": dict(stats or {})},
@@ -98,11 +110,48 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
     return ModelConfig(**meta["model"]), json.loads((path / "symmap.json").read_text("utf-8")), meta.get("stats", {})
 
 
+def flatten(params: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    """{"backbone.q": array, ...}: a nested parameter dict as safetensors names it (contiguous float32)."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.ascontiguousarray(np.asarray(v))
+    return out
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    """The inverse of `flatten`."""
+    out: dict = {}
+    for name, v in flat.items():
+        *parents, leaf = name.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def read_params(directory: str | os.PathLike, cfg: ModelConfig) -> dict:
+    """The parameters of a model directory (either format), checked against `cfg`."""
+    path = Path(directory).absolute()
+    if (path / SAFETENSORS).is_file():
+        try:
+            params = unflatten(safetensors.numpy.load_file(path / SAFETENSORS))
+        except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+            raise CheckpointError(f"{path / SAFETENSORS}: not a readable safetensors file ({e})") from e
+        check_params(cfg, params)
+        return params
+    if not (path / "params").is_dir():
+        raise CheckpointError(f"{path}: neither params/ nor {SAFETENSORS} holds the parameters")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract_model(cfg)))
+    # restoring into `target` already checks the structure and shapes against the config
+    return ocp.StandardCheckpointer().restore(path / "params", target)
+
+
 def load_model(directory: str | os.PathLike, **overrides):
     """(model, config, symmap) from a model directory; `overrides` change runtime fields (dtype, ...)."""
     cfg, symmap, _ = read_config(directory)
     cfg = dataclasses.replace(cfg, **overrides)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract_model(cfg)))
-    # restoring into `target` already checks the structure and shapes against the config
-    params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params", target)
-    return model_from_params(cfg, params), cfg, symmap
+    return model_from_params(cfg, read_params(directory, cfg)), cfg, symmap

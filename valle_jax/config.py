@@ -338,6 +338,8 @@ class TrainConfig:
     nonfinite: str = "stop"
     peak_flops: float = 0.0
     export_on_quit: bool = False
+    init_from: str = ""
+    init_from_step: int = -1
 
     def __post_init__(self):
         if self.nonfinite not in NONFINITE:

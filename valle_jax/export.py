@@ -1,11 +1,15 @@
 """Exports a training run's parameters (no optimizer state) for synthesis or for the reference.
 
-    python -m valle_jax.export --workdir DIR --out OUT [--step N] [--format auto|valle_jax|reference] [--overwrite]
+    python -m valle_jax.export --workdir DIR --out OUT [--step N] [--format auto|valle_jax|safetensors|reference]
+        [--overwrite] [--push-to-hub OWNER/REPO [--private]]
 
-OUT is a valle_jax model directory (config.json, symmap.json, params/: what synthesis loads), or,
-with --format reference or an OUT ending in .pth, the reference's `fp32.pth` layout
+OUT is a valle_jax model directory (config.json, symmap.json, params/: what synthesis loads; with
+--format safetensors, model.safetensors instead of params/, the Hugging Face layout), or, with
+--format reference or an OUT ending in .pth, the reference's `fp32.pth` layout
 {"module": state dict, "stats": {...}, "userdata": {"symmap": ...}} for going back to PyTorch.
 Both are written to a temp path and renamed, so a killed export leaves nothing half-written.
+--push-to-hub uploads the model directory to a Hugging Face repository (created if missing;
+--private makes a new one private); the token is huggingface_hub's (HF_TOKEN or `hf auth login`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from valle_jax import hub
 from valle_jax.atomic import atomic_path
 from valle_jax.checkpointing import save_model
 from valle_jax.config import ModelConfig
@@ -62,7 +67,9 @@ def export(
     params = _to_numpy(params)
     if fmt == "reference":
         return write_reference(out, params, cfg, symmap, stats, overwrite)
-    return save_model(out, cfg, params, symmap, stats, overwrite=overwrite)
+    return save_model(
+        out, cfg, params, symmap, stats, overwrite=overwrite, fmt="safetensors" if fmt == "safetensors" else "orbax"
+    )
 
 
 def _to_numpy(tree):
@@ -84,16 +91,24 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, required=True, help="the training directory (python -m valle_jax.train)")
     p.add_argument("--out", type=Path, required=True, help="model directory, or FILE.pth for the reference layout")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
-    p.add_argument("--format", choices=("auto", "valle_jax", "reference"), default="auto")
+    p.add_argument("--format", choices=("auto", "valle_jax", "safetensors", "reference"), default="auto")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--push-to-hub", metavar="OWNER/REPO", default=None, help="upload the model directory")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.private and not args.push_to_hub:
+        print("error: --private needs --push-to-hub", file=sys.stderr)
+        return 2
     try:
         out, step = export_run(args.workdir, args.out, args.step, args.format, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"exported step {step} of {args.workdir} to {out}")
+        if args.push_to_hub:
+            url = hub.push(out, args.push_to_hub, private=args.private)
+            print(f"pushed {out} to {args.push_to_hub}: {url}")
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # HubError, CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"exported step {step} of {args.workdir} to {out}")
     return 0
 
 

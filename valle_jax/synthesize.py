@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from valle_jax import sources
 from valle_jax.audio import SAMPLE_RATE, AudioError, write_wav
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Settings
+from valle_jax.hub import HubError
 from valle_jax.models.convert import ConversionError
 from valle_jax.runtime import use_cpu_xla_flags
 from valle_jax.tts import TTS, EmptyAudioWarning
@@ -87,9 +89,9 @@ def parser() -> argparse.ArgumentParser:
         "--checkpoint",
         "--ar-ckpt",
         dest="checkpoint",
-        type=Path,
+        type=str,
         required=True,
-        help="model directory, training directory or reference .pth",
+        help="model directory, training directory, reference .pth or hf://OWNER/REPO[/PATH][@REV]",
     )
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a training directory (default: latest)")
     p.add_argument(
@@ -160,7 +162,7 @@ def usage_error(args: argparse.Namespace, sampling: dict, text: str | None) -> s
         return f"--heads must be >= 1, got {args.heads}"
     if text is not None and not text.strip():
         return "empty text: nothing to synthesise"
-    if not args.checkpoint.exists():
+    if not sources.exists(args.checkpoint):
         return f"{args.checkpoint}: checkpoint not found"
     if args.text_file is not None and not args.text_file.is_file():
         return f"{args.text_file}: text file not found"
@@ -271,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         DecodeError,
         CheckpointError,
         ConversionError,
+        HubError,
         CodecUnavailable,
         FileNotFoundError,
     ) as e:

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from valle_jax import runs
 from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
-from valle_jax.checkpointing import CheckpointError, load_model, model_with_params
+from valle_jax.checkpointing import model_with_params
 from valle_jax.config import ModelConfig
-from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode, reference_symmap
+from valle_jax.data.text import LANG_SYMMAP, Phonemizer, TextError, encode
 from valle_jax.decoding import DecodeError, Decoder, Settings, make_inputs
-from valle_jax.models.convert import from_reference, infer_config, read_source
+from valle_jax.sources import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +60,14 @@ Reference = str | os.PathLike | Sequence[str | os.PathLike] | Prompt | np.ndarra
 
 
 def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None = None, heads: int | None = None):
-    """(model, config, symmap) from a model directory (export / convert_reference), a training
-    workdir (its latest checkpoint, or `step`) or a reference checkpoint file (.pth / .npz, whose
-    head count is inferred for the reference's sizes, else taken from `heads`)."""
-    path = Path(path)
-    over = {"dtype": dtype} if dtype else {}
-    if (path / "config.json").is_file():
-        return load_model(path, **over)
-    if runs.is_run(path):
-        run = runs.load_params(path, step)
-        cfg = dataclasses.replace(run.model, **over)
-        log.info("loaded step %d of the training run %s", run.step, path)
-        return model_with_params(cfg, run.params), cfg, run.symmap
-    if path.is_file() and path.suffix in (".pth", ".pt", ".npz"):
-        state, symmap, _ = read_source(path)
-        cfg = infer_config(state, heads, **over)
-        return model_with_params(cfg, from_reference(state, cfg)), cfg, symmap or reference_symmap()
-    raise CheckpointError(
-        f"{path}: not a model directory (config.json), a training directory ({runs.RUN_FILE}) "
-        "or a reference checkpoint (.pth / .npz)"
-    )
+    """(model, config, symmap) from any checkpoint path (valle_jax.sources): a model directory
+    (export / convert_reference), a training workdir (its latest checkpoint, or `step`), a reference
+    checkpoint file (.pth / .npz / .safetensors, whose head count is inferred for the reference's
+    sizes, else taken from `heads`) or an hf://OWNER/REPO[/PATH][@REV] path to one of these."""
+    weights = load_weights(path, step, heads)
+    cfg = dataclasses.replace(weights.model, dtype=dtype) if dtype else weights.model
+    log.info("loaded the %s", weights.origin)
+    return model_with_params(cfg, weights.params), cfg, weights.symmap
 
 
 def settings_of(**sampling):

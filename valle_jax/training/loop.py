@@ -26,7 +26,7 @@ from valle_jax.config import ConfigError, data_config, mesh_config, model_config
 from valle_jax.data.pipeline import make_iterator
 from valle_jax.data.store import Store
 from valle_jax.models.valle import abstract_model, seq_len
-from valle_jax.training import control, monitor, sharding
+from valle_jax.training import control, init_from, monitor, sharding
 from valle_jax.training import state as S
 from valle_jax.training.checkpoint import Checkpoints, CheckpointWriteError
 from valle_jax.training.compiled import CompiledSteps, jit_eval_step, jit_train_step
@@ -63,13 +63,19 @@ class Trainer:
         self.accum = self.optim_cfg.grad_accum
         self.mesh = sharding.make_mesh(self.mesh_cfg, devices)
         self._check_batch_divides()
-        self.store = Store(self.data_cfg.store)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        runs.check_run(self.workdir, self.model_cfg, self.store.symmap, self.store.path)
-        if self.primary:
-            runs.write_run(self.workdir, self.model_cfg, self.store.symmap, self.config.to_dict())
-        self._build_steps()
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.train_cfg.keep)
+        store = Store(self.data_cfg.store)
+        # a resume, a fresh run from train.init_from (its weights, merged vocabularies), or a random start
+        self.start_from = init_from.plan(
+            self.train_cfg, self.model_cfg, store, self.workdir, resuming=bool(self.checkpoints.all_steps())
+        )
+        self.model_cfg, self.symmap = self.start_from.model, self.start_from.vocab.symmap
+        self.store = init_from.wrap(store, self.start_from.vocab)
+        runs.check_run(self.workdir, self.model_cfg, self.symmap, self.store.path)
+        if self.primary:
+            runs.write_run(self.workdir, self.model_cfg, self.symmap, self.config.to_dict())
+        self._build_steps()
         self.writer = monitor.MetricsWriter(self.workdir, enabled=self.primary)
         self.peak_flops, self.peak_source = monitor.device_peak_flops(self.train_cfg.peak_flops)
         self.meter = Meter(
@@ -80,6 +86,7 @@ class Trainer:
         self.evaluate = Evaluator(
             self.eval_step, self.layout.global_batch, self.data_cfg, self.train_cfg, seed, self.writer, audio
         )
+        self.evaluate.open_store = lambda path: init_from.into_run(Store(path), self.symmap, self.model_cfg.n_tokens)
         self.console = control.Console(commands, self.primary, self._command_handlers())
         self.stop = control.StopRequest()  # run() installs its signal handlers
 
@@ -113,7 +120,12 @@ class Trainer:
         """(state, data iterator state or None, step): the newest good checkpoint's, or a fresh run's."""
         data_state, step = None, 0
         seed = int(self.config.seed)
-        if not self.checkpoints.all_steps():
+        if not self.checkpoints.all_steps() and self.start_from.params is not None:
+            state = init_from.initial_state(self.start_from.params, self.tx, seed, self.layout)
+            log.info(
+                "started a new run in %s from the %s (fresh optimizer, step 0)", self.workdir, self.start_from.origin
+            )
+        elif not self.checkpoints.all_steps():
             state = S.fresh_state(self.model_cfg, self.tx, seed, self.layout)
             log.info("started a new run in %s", self.workdir)
         else:
@@ -123,6 +135,8 @@ class Trainer:
             )
             self.meter.stats.update(meta.get("stats", {}))
             log.info("resumed from step %d of %s", step, self.workdir)
+            if self.train_cfg.init_from:
+                log.info("train.init_from (%s) is not used: the workdir has checkpoints", self.train_cfg.init_from)
         return S.inject(state, self.injected, self.layout, self.optim_cfg.embeddings), data_state, step
 
     def iterator(self, data_state=None):
@@ -298,7 +312,7 @@ class Trainer:
 
     def export(self, p: Progress) -> None:
         meta = self._meta(p.step)
-        export_params(p.state["params"], self.model_cfg, self.store.symmap, meta, self.workdir, self.primary)
+        export_params(p.state["params"], self.model_cfg, self.symmap, meta, self.workdir, self.primary)
 
     def _command_handlers(self) -> dict:
         def set_lr(p: Progress, cmd: control.Command) -> None:
