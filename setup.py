@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     "h5py>=3.10",
     "matplotlib>=3.8",  # python -m valle_jax.plot
     "absl-py>=2.0",
+    # model directories as model.safetensors, reference-keyed .safetensors, and hf:// checkpoint paths
+    "safetensors>=0.4",
+    "huggingface_hub>=0.24",
 ]
 
 # python -m valle_jax.evaluate and the speech scores of training's audio samples (docs/evaluation.md):
