@@ -56,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
     m.scan_unroll = 0  # layers per scan iteration; 0 = fully unrolled (faster, less memory; 1 = compile once per layer)
     m.retnet_variant = "fork"  # retnet layout: "fork" (the reference's checkpoints) | "torchscale" (upstream 0.3.0)
     m.retention_chunk = 0  # retnet: chunk size (positions) of the chunkwise form; 0 = parallel form
+    # LoRA adapters (docs/training.md): with rank > 0 only the adapters train, on the train.init_from model
+    m.lora = ml_collections.ConfigDict()
+    m.lora.rank = 0  # adapter rank (0 = no adapters)
+    m.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    m.lora.dropout = 0.0  # probability of dropping an adapter input feature (one mask per step)
+    m.lora.targets = ("attention", "ffn")  # presets (attention: q/k/v/o; ffn: the FFN matrices) or path regexes
     m.attention = "dense"  # "dense" | "blocked": query blocks with recomputation, no [B,H,S,S] kept for backward
 
     # ---- mesh: how devices are laid out and what is sharded over them ----

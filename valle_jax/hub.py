@@ -110,8 +110,8 @@ def conversion_dir(local: Path) -> Path:
 def push(model_dir: str | os.PathLike, repo_id: str, private: bool = False, message: str | None = None) -> str:
     """Uploads a model directory to `repo_id` (created if missing); returns the commit's URL."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise HubError(f"{model_dir} is not a model directory (no config.json) to push")
+    if not (model_dir / "config.json").is_file() and not (model_dir / "lora.json").is_file():
+        raise HubError(f"{model_dir} is neither a model directory (config.json) nor a LoRA adapter (lora.json)")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise HubError(f"--push-to-hub {repo_id!r}: expected OWNER/REPO")
     api = huggingface_hub.HfApi()

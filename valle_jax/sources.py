@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from valle_jax import hub, runs
+from valle_jax import adapters, hub, runs
 from valle_jax.checkpointing import CheckpointError, read_config, read_params, save_model
 from valle_jax.config import ModelConfig
 from valle_jax.data.text import reference_symmap
 from valle_jax.models.convert import ConversionError, from_reference, infer_config, read_source
+from valle_jax.vocab import Vocab, grow
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def load_weights(path: str | os.PathLike, step: int | None = None, heads: int | 
     if is_model_dir(local):
         cfg, symmap, stats = read_config(local)
         return Weights(read_params(local, cfg), cfg, symmap, f"model directory {path}", stats.get("step"))
+    if runs.is_run(local) and adapters.run_lora(local).enabled:  # a LoRA run: its adapters merged into its base
+        adapter, base, step = adapters.load_run(local, step, lambda p, s: load_weights(p, s, heads))
+        params = adapters.merged(base.params, adapter, base.model)
+        return Weights(
+            params, base.model, base.symmap, f"LoRA step {step} of the run {path} on the {base.origin}", step
+        )
     if runs.is_run(local):
         run = runs.load_params(local, step)
         return Weights(run.params, run.model, run.symmap, f"step {run.step} of the training run {path}", run.step)
@@ -69,6 +76,18 @@ def load_weights(path: str | os.PathLike, step: int | None = None, heads: int | 
         f"{path}: not a model directory (config.json), a training directory ({runs.RUN_FILE}) or a "
         f"reference checkpoint ({' / '.join(REFERENCE_SUFFIXES)})"
     )
+
+
+def with_adapter(weights: Weights, adapter_dir: str | os.PathLike) -> Weights:
+    """`weights` with a LoRA adapter directory merged in (its vocabularies grown as the adapter's run grew them)."""
+    adapter = adapters.load(hub.resolve(adapter_dir))
+    n_langs = adapter.model.n_langs
+    vocab = Vocab(adapter.symmap, tuple(s for s in adapter.symmap if s not in weights.symmap), None, n_langs)
+    model = dataclasses.replace(weights.model, n_langs=max(n_langs, weights.model.n_langs))
+    adapters.check_fits(adapter, model)
+    params = grow(as_numpy(weights.params), weights.symmap, vocab, model.n_langs)
+    params = adapters.merged(params, adapter, model)
+    return Weights(params, model, dict(adapter.symmap), f"{weights.origin} with the LoRA adapter {adapter_dir}", None)
 
 
 def _cached_conversion(local: Path, heads: int | None) -> Path | None:

@@ -80,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
         "positional",
         nargs="+",
         metavar="TEXT REFERENCE",
-        help="the text and the reference audio (';'-separated files); with --text-file only REFERENCE",
+        help="the text and the reference audio (';'-separated files, or a voice file of python -m valle_jax.voice); "
+        "with --text-file only REFERENCE",
     )
     p.add_argument(
         "--out", "--out-path", dest="out", type=Path, required=True, help="output wav (or directory, with --text-file)"
@@ -94,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
         help="model directory, training directory, reference .pth or hf://OWNER/REPO[/PATH][@REV]",
     )
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a training directory (default: latest)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter directory (valle_jax.export of a LoRA run) to apply")
     p.add_argument(
         "--heads",
         type=int,
@@ -110,6 +112,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="utterances decoded together")
     p.add_argument("--language", default="en")
     p.add_argument("--input-prompt-length", type=float, default=3.0, help="seconds of reference kept (0: all)")
+    p.add_argument(
+        "--no-trim",
+        action="store_true",
+        help="encode the reference as it is (default: trim its silences and normalise its loudness first)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute and weight dtype")
     p.add_argument(
         "--kv-dtype",
@@ -197,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
             ]
             if not lines:
                 raise TextError(f"{args.text_file}: no text")
-        TTS.read_references(reference, args.input_prompt_length)  # the voice's files, checked before the model loads
+        # the voice's files, checked before the model loads
+        TTS.read_references(reference, args.input_prompt_length, trim=not args.no_trim)
         t0 = time.perf_counter()
         tts = TTS.load(
             args.checkpoint,
@@ -206,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
             step=args.step,
             heads=args.heads,
             kv_dtype=args.kv_dtype,
+            lora=args.lora,
         )
+        tts.trim = not args.no_trim
         voice = tts.prompt(reference, args.input_prompt_length)
         print(
             f"model {args.checkpoint} ({tts.cfg.arch}, d={tts.cfg.d_model}, {tts.cfg.n_layers} layers); "

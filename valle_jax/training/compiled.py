@@ -20,10 +20,10 @@ from valle_jax.training.step import DEVICE_KEYS, make_eval_step, make_train_step
 log = logging.getLogger("valle_jax.train")
 
 
-def jit_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs, layout: Layout):
+def jit_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs, layout: Layout, merge=None):
     """step(state, batch, lr_scale) -> (state, metrics); the state's buffers are donated."""
     return jax.jit(
-        make_train_step(graph, cfg, tx, level_probs),
+        make_train_step(graph, cfg, tx, level_probs, merge),
         in_shardings=(layout.state, layout.batch_arrays, layout.replicated),
         out_shardings=(layout.state, layout.replicated),
         donate_argnums=(0,),

@@ -40,21 +40,12 @@ from valle_jax.data.store import Store
 from valle_jax.hub import HubError
 from valle_jax.models.convert import ConversionError
 from valle_jax.sources import Weights, as_numpy, load_weights
+from valle_jax.vocab import Vocab, grow, merge_vocab, remap_table
 
 log = logging.getLogger("valle_jax.train")
 
 # the fields (beyond runs.SHAPE_FIELDS, less n_langs which may grow) that decide parameter shapes
 MUST_MATCH = tuple(f for f in runs.SHAPE_FIELDS if f != "n_langs") + ("retnet_variant", "n_experts")
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-    """The run's text and language vocabularies, as merged with a checkpoint's."""
-
-    symmap: dict  # phoneme -> id: the checkpoint's ids, then the store's new symbols
-    added: tuple[str, ...]  # the store's symbols the checkpoint's map lacked
-    remap: np.ndarray | None  # store text id -> run text id (None: the same ids)
-    n_langs: int  # rows of the language table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,70 +70,27 @@ def check_same_model(source: ModelConfig, config: ModelConfig, where: str) -> No
         )
 
 
-def merge_vocab(ckpt_map: Mapping[str, int], store_map: Mapping[str, int], n_tokens: int) -> Vocab:
-    """The checkpoint's map plus the store's new symbols, and the store-id -> run-id table."""
-    merged = dict(ckpt_map)
-    next_id = max(merged.values(), default=-1) + 1
-    added = []
-    for sym in sorted(store_map, key=lambda s: (store_map[s], s)):
-        if sym not in merged:
-            merged[sym], next_id = next_id, next_id + 1
-            added.append(sym)
-    if next_id > n_tokens:
-        raise ConfigError(
-            f"the merged phoneme map needs {next_id} text ids but the model's text table has {n_tokens} rows "
-            f"(model.n_tokens): {len(added)} symbols are new to the checkpoint"
-        )
-    return Vocab(merged, tuple(added), remap_table(store_map, merged, n_tokens), 0)
-
-
-def remap_table(store_map: Mapping[str, int], run_map: Mapping[str, int], n_tokens: int) -> np.ndarray | None:
-    """int32[n_tokens]: a store id -> the run's id of the same symbol (None when all are the same)."""
-    missing = sorted(set(store_map) - set(run_map))
-    if missing:
-        raise ConfigError(f"the store's symbols {missing} are not in the run's phoneme map")
-    table = np.arange(n_tokens, dtype=np.int32)
-    assigned: dict[int, str] = {}
-    for sym, i in store_map.items():
-        first = assigned.setdefault(i, sym)
-        if run_map[first] != run_map[sym]:  # two symbols sharing a store id must share a run id
-            raise ConfigError(f"the store gives {first!r} and {sym!r} the same id {i}, the run's map does not")
-        table[i] = run_map[sym]
-    return None if np.array_equal(table, np.arange(n_tokens)) else table
-
-
-def grow(params: dict, ckpt_map: Mapping[str, int], vocab: Vocab, n_langs: int) -> dict:
-    """`params` with rows for the added symbols and languages (see the module docstring)."""
-    params = dict(params)
-    text = np.array(params["text_emb"], np.float32)
-    if vocab.added:
-        used = sorted(set(ckpt_map.values()))
-        text[[vocab.symmap[s] for s in vocab.added]] = text[used].mean(axis=0) if used else 0.0
-    params["text_emb"] = text
-    langs = np.asarray(params["lang_emb"], np.float32)
-    if n_langs > len(langs):
-        extra = np.broadcast_to(langs.mean(axis=0, keepdims=True), (n_langs - len(langs), langs.shape[1]))
-        params["lang_emb"] = np.concatenate([langs, extra])
-    return params
-
-
-def plan(train: TrainConfig, model: ModelConfig, store: Store, workdir: Path, resuming: bool) -> Start:
+def plan(
+    train: TrainConfig, model: ModelConfig, store: Store, workdir: Path, resuming: bool, need_base: bool = False
+) -> Start:
     """How the run in `workdir` starts: a resume (the run's own vocabularies), a fresh run from
-    `train.init_from`, or a fresh random run (the store's vocabularies)."""
+    `train.init_from`, or a fresh random run (the store's vocabularies). With `need_base` (LoRA:
+    the base model is not in the checkpoints) a resume loads the source's weights too."""
     store_langs = int(store.lang.max()) + 1 if len(store.lang) else 1
-    if runs.is_run(workdir) and runs.read_run(workdir).config.get("train", {}).get("init_from"):
-        if resuming:  # an init_from run's own vocabularies, recorded when it started
-            run = runs.read_run(workdir)
-            cfg = dataclasses.replace(model, n_langs=run.model.n_langs)
-            remap = remap_table(store.symmap, run.symmap, model.n_tokens)
-            return Start(cfg, Vocab(dict(run.symmap), (), remap, cfg.n_langs))
+    recorded = runs.read_run(workdir).config.get("train", {}) if runs.is_run(workdir) else {}
+    if resuming and recorded.get("init_from"):  # an init_from run's own vocabularies, recorded when it started
+        run = runs.read_run(workdir)
+        cfg = dataclasses.replace(model, n_langs=run.model.n_langs)
+        vocab = Vocab(dict(run.symmap), (), remap_table(store.symmap, run.symmap, model.n_tokens), cfg.n_langs)
+        if not need_base:
+            return Start(cfg, vocab)
+        weights = _load(recorded["init_from"], recorded.get("init_from_step", -1), model)
+        added = tuple(s for s in run.symmap if s not in weights.symmap)
+        vocab = dataclasses.replace(vocab, added=added)
+        return Start(cfg, vocab, grow(as_numpy(weights.params), weights.symmap, vocab, cfg.n_langs), weights.origin)
     if resuming or not train.init_from:
         return Start(model, Vocab(dict(store.symmap), (), None, model.n_langs))
-    step = train.init_from_step if train.init_from_step >= 0 else None
-    try:
-        weights: Weights = load_weights(train.init_from, step=step, heads=model.n_heads)
-    except (CheckpointError, ConversionError, HubError, FileNotFoundError) as e:  # one line for the command
-        raise ConfigError(f"train.init_from {train.init_from}: {e}") from e
+    weights = _load(train.init_from, train.init_from_step, model)
     check_same_model(weights.model, model, train.init_from)
     vocab = merge_vocab(weights.symmap, store.symmap, model.n_tokens)
     n_langs = max(weights.model.n_langs, model.n_langs, store_langs)
@@ -153,6 +101,13 @@ def plan(train: TrainConfig, model: ModelConfig, store: Store, workdir: Path, re
     if n_langs > weights.model.n_langs:
         log.info("the language table grows from %d to %d rows", weights.model.n_langs, n_langs)
     return Start(dataclasses.replace(model, n_langs=n_langs), vocab, params, weights.origin)
+
+
+def _load(source: str, step: int, model: ModelConfig) -> Weights:
+    try:
+        return load_weights(source, step=step if step >= 0 else None, heads=model.n_heads)
+    except (CheckpointError, ConversionError, HubError, FileNotFoundError) as e:  # one line for the command
+        raise ConfigError(f"train.init_from {source}: {e}") from e
 
 
 def initial_state(params: dict, tx, seed: int, layout) -> dict:
