@@ -4,6 +4,7 @@ safetensors model directories, hf:// paths through a pre-populated hub cache (no
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -235,10 +236,11 @@ def _tiny():
 
 
 @pytest.mark.needs_espeak
-def test_lora_training_sharded_export_and_merge(donor, store_path, tmp_path):
+def test_lora_training_sharded_export_and_merge(donor, store_path, tmp_path, monkeypatch, capsys):
     from tests.test_training import run_steps
     from valle_jax import adapters
     from valle_jax.export import export_run
+    from valle_jax.export import main as export_main
     from valle_jax.sources import with_adapter
 
     root, cfg, params, _ = donor
@@ -278,6 +280,26 @@ def test_lora_training_sharded_export_and_merge(donor, store_path, tmp_path):
     assert_same_close(merged, expect)
     assert_same_close(with_adapter(load_weights(root / "orbax"), out).params, expect)  # TTS.load(base, lora=)
     assert_same_close(load_weights(tmp_path / "run8").params, expect)
+    # the command: merged, as safetensors, pushed to the hub (huggingface_hub's HfApi replaced: no network)
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(hub.huggingface_hub, "HfApi", FakeApi)
+    argv = ["--workdir", str(tmp_path / "run8"), "--out", str(tmp_path / "pushed"), "--merge-lora"]
+    assert export_main([*argv, "--format", "safetensors", "--push-to-hub", "me/voice", "--private"]) == 0
+    assert calls == [
+        ("create", "me/voice", True, True),
+        ("upload", "me/voice", ["config.json", "model.safetensors", "symmap.json"]),
+    ]
+    assert "pushed" in capsys.readouterr().out
+    assert export_main([*argv[:4], "--private"]) == 2  # --private alone is a usage error
     # resuming brings the adapters back onto the base
     t = make_trainer(c8, tmp_path / "run8")
     state, _, step = t.restore_or_init()
