@@ -325,13 +325,14 @@ def test_trimming_removes_a_known_silence():
 
 
 @pytest.mark.needs_espeak
-def test_a_voice_file_gives_the_codes_of_its_wav(codec, codec_dir, corpus, tmp_path, capsys):
+def test_a_voice_file_gives_the_codes_of_its_wav(codec, corpus, tmp_path):
     from valle_jax import voice
     from valle_jax.config import ModelConfig
     from valle_jax.tts import TTS
 
     wav = sorted(corpus.rglob("*.wav"))[0]
-    assert voice.main(["make", str(wav), "--out", str(tmp_path / "v.npz"), "--codec-dir", str(codec_dir)]) == 0
+    voice.make([wav], tmp_path / "v.npz", codec)  # what `python -m valle_jax.voice make` runs
+    assert voice.main(["make", str(wav), "--out", str(tmp_path / "v.wav")]) == 2  # a voice file is an .npz
     tts = TTS.__new__(TTS)  # prompt() needs the config and the codec only
     tts.cfg, tts._codec, tts.trim = ModelConfig(), codec, True
     from_wav, from_file = tts.prompt(str(wav), 0), tts.prompt(str(tmp_path / "v.npz"), 0)
