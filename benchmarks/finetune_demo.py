@@ -133,6 +133,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         c = config(stores["ft"], args.steps, **{"train.init_from": str(base_dir), "optim.learning_rate": 3e-4})
         c.optim.warmup_steps = 0
+        c.data.batch_size = 2  # one voice's few utterances (and its 3 validation ones) fill no batch of 8
         c.model.lora.rank = more.get("model.lora.rank", 0)
         t = Trainer(c, workdir, commands="off")
         before = val_losses(t, t.restore_or_init()[0], stores)
