@@ -33,6 +33,9 @@ INSTALL_REQUIRES = [
     "h5py>=3.10",  # tools.pack reads the reference's HDF5 datasets
     "matplotlib>=3.8",  # python -m valle_jax.plot
     "absl-py>=2.0",
+    # model directories as model.safetensors, reference-keyed .safetensors, and hf:// checkpoint paths
+    "safetensors>=0.4",
+    "huggingface_hub>=0.24",
 ]
 
 # Audio in and out: EnCodec runs in torch, as do reading and writing the reference's .pth files

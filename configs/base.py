@@ -59,6 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
     m.scan_unroll = 0  # layers per scan iteration; 0 = fully unrolled (faster, less memory; 1 = compile once per layer)
     m.retnet_variant = "fork"  # retnet layout: "fork" (the reference's checkpoints) | "torchscale" (upstream 0.3.0)
     m.retention_chunk = 0  # retnet: chunk size (positions) of the chunkwise form; 0 = parallel form
+    # LoRA adapters (docs/training.md): with rank > 0 only the adapters train, on the train.init_from model
+    m.lora = ml_collections.ConfigDict()
+    m.lora.rank = 0  # adapter rank (0 = no adapters)
+    m.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    m.lora.dropout = 0.0  # probability of dropping an adapter input feature (one mask per step)
+    m.lora.targets = ("attention", "ffn")  # presets (attention: q/k/v/o; ffn: the FFN matrices) or path regexes
     m.attention = "dense"  # "dense" | "blocked": query blocks with recomputation, no [B,H,S,S] kept for backward
 
     # ---- mesh: how devices are laid out and what is sharded over them ----
@@ -114,4 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
     t.nonfinite = "stop"  # non-finite loss or gradient: "stop" (the bad update is never applied) | "skip"
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = known device table, CPU measured)
     t.export_on_quit = False  # also export the model when `quit` or a signal stops training
+    # a new run starts from these weights (fresh optimizer, step 0); a workdir with checkpoints resumes
+    # instead. Model dir, training workdir, fp32.pth / .pth / .npz / .safetensors, hf://OWNER/REPO[/PATH][@REV]
+    t.init_from = ""
+    t.init_from_step = -1  # the checkpoint of a training workdir given as init_from (-1 = its newest good one)
     return c

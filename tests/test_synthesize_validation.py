@@ -173,11 +173,14 @@ def test_a_reference_shorter_than_half_a_second_names_the_minimum(capsys, checkp
 @pytest.mark.usefixtures("no_loading")
 def test_a_reference_silent_after_trimming_is_an_error(capsys, checkpoint, tmp_path):
     late = tone(tmp_path / "late.wav", 3.0, silent_head=2.0)  # speech only after 2 s of silence
-    rc, err, seconds = usage(capsys, late, checkpoint, tmp_path, "--input-prompt-length", 1.5)
+    rc, err, seconds = usage(capsys, late, checkpoint, tmp_path, "--input-prompt-length", 1.5, "--no-trim")
     assert rc == 2 and len(err) == 1 and "silent" in err[0] and "0.5 s" in err[0], err
     assert seconds < FAST_S
-    wavs, _ = TTS.read_references(str(late), 0)  # the whole file is fine
+    wavs, _ = TTS.read_references(str(late), 0, trim=False)  # the whole file is fine
     assert len(wavs[0]) == 3 * SAMPLE_RATE
+    # trimmed (the default), the silence is gone: the 1.5 s kept are the tone, padded by 50 ms
+    wavs, _ = TTS.read_references(str(late), 1.5)
+    assert abs(len(wavs[0]) - 1.05 * SAMPLE_RATE) <= 0.02 * SAMPLE_RATE
 
 
 def test_prompt_codes_shorter_than_half_a_second_are_refused():

@@ -5,6 +5,8 @@ A model directory holds:
     symmap.json   the phoneme symbol map the model was trained with
     params/       the parameters (orbax), nested exactly as nnx.state(VALLE(cfg), nnx.Param); a
                   BitNet's BitLinear weights packed, 2 bits a weight (valle_jax.models.bitnet)
+or, instead of params/ (`fmt="safetensors"`, the Hugging Face convention for a model repository):
+    model.safetensors   one tensor per parameter, named by its path with dots ("backbone.q")
 It is written into a temp directory and renamed into place, so a killed save leaves no half model.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import safetensors.numpy
 from flax import nnx
 
 from valle_jax.atomic import publish_dir, temp_dir_beside
@@ -29,6 +32,8 @@ from valle_jax.models import bitnet
 from valle_jax.models.valle import abstract_model, model_from_params
 
 FORMAT, VERSION = "valle_jax.model", 1
+SAFETENSORS = "model.safetensors"
+MODEL_FORMATS = ("orbax", "safetensors")
 
 
 class CheckpointError(ValueError):
@@ -68,8 +73,12 @@ def save_model(
     stats: Mapping | None = None,
     overwrite: bool = False,
     langs: Mapping[str, int] | None = None,
+    fmt: str = "orbax",
 ) -> Path:
-    """`langs`: language code -> row of the model's language table (None: the reference's en=0, ja=1)."""
+    """Writes a model directory; `fmt` "orbax" (params/) or "safetensors" (model.safetensors). `langs`:
+    language code -> row of the model's language table (None: the reference's en=0, ja=1)."""
+    if fmt not in MODEL_FORMATS:
+        raise CheckpointError(f"model format must be one of {MODEL_FORMATS}, got {fmt!r}")
     out = Path(directory).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -77,9 +86,12 @@ def save_model(
         params = bitnet.pack_params(abstract_model(cfg).backbone, params)
     tmp = temp_dir_beside(out)
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", jax.tree.map(np.asarray, dict(params)))
-        ckptr.wait_until_finished()
+        if fmt == "safetensors":
+            safetensors.numpy.save_file(flatten(params), tmp / SAFETENSORS, metadata={"format": FORMAT})
+        else:
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(tmp / "params", jax.tree.map(np.asarray, dict(params)))
+            ckptr.wait_until_finished()
         (tmp / "config.json").write_text(
             json.dumps(
                 {
@@ -117,16 +129,55 @@ def read_langs(directory: str | os.PathLike) -> dict[str, int]:
     return dict(meta.get("langs") or REFERENCE_LANGS)
 
 
+def flatten(params: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    """{"backbone.q": array, ...}: a nested parameter dict as safetensors names it (contiguous float32)."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.ascontiguousarray(np.asarray(v))
+    return out
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    """The inverse of `flatten`."""
+    out: dict = {}
+    for name, v in flat.items():
+        *parents, leaf = name.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def read_params(directory: str | os.PathLike, cfg: ModelConfig) -> dict:
+    """The parameters of a model directory (either format), checked against `cfg`; a BitNet's packed
+    weights unpacked to the latents the model holds."""
+    path = Path(directory).absolute()
+    abstract = abstract_model(cfg)
+    packed = bitnet.is_packed(cfg)
+    if (path / SAFETENSORS).is_file():
+        try:
+            params = unflatten(safetensors.numpy.load_file(path / SAFETENSORS))
+        except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+            raise CheckpointError(f"{path / SAFETENSORS}: not a readable safetensors file ({e})") from e
+        params = bitnet.unpack_params(abstract.backbone, params) if packed else params
+        check_params(cfg, params)
+        return params
+    if not (path / "params").is_dir():
+        raise CheckpointError(f"{path}: neither params/ nor {SAFETENSORS} holds the parameters")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract))
+    if packed:
+        target = bitnet.packed_shapes(abstract.backbone, target)
+    # restoring into `target` already checks the structure and shapes against the config
+    params = ocp.StandardCheckpointer().restore(path / "params", target)
+    return bitnet.unpack_params(abstract.backbone, params) if packed else params
+
+
 def load_model(directory: str | os.PathLike, **overrides):
     """(model, config, symmap) from a model directory; `overrides` change runtime fields (dtype, ...)."""
     cfg, symmap, _ = read_config(directory)
     cfg = dataclasses.replace(cfg, **overrides)
-    abstract = abstract_model(cfg)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_of(abstract))
-    if bitnet.is_packed(cfg):
-        target = bitnet.packed_shapes(abstract.backbone, target)
-    # restoring into `target` already checks the structure and shapes against the config
-    params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params", target)
-    if bitnet.is_packed(cfg):
-        params = bitnet.unpack_params(abstract.backbone, params)
-    return model_from_params(cfg, params), cfg, symmap
+    return model_from_params(cfg, read_params(directory, cfg)), cfg, symmap

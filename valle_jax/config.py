@@ -268,6 +268,7 @@ def model_config(config) -> ModelConfig:
     """ModelConfig from a full config's `model` section; `size` fills d_model/n_heads/n_layers."""
     d = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
     size = d.pop("size", "")
+    d.pop("lora", None)  # adapters are not part of the model (valle_jax.models.lora.lora_config)
     if size:
         if size not in SIZES:
             raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {size!r}")
@@ -366,6 +367,8 @@ class TrainConfig:
     nonfinite: str = "stop"
     peak_flops: float = 0.0
     export_on_quit: bool = False
+    init_from: str = ""
+    init_from_step: int = -1
 
     def __post_init__(self):
         if self.nonfinite not in NONFINITE:

@@ -27,12 +27,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from valle_jax import audio_io, text_split
+from valle_jax import audio_io, sources, text_split
 from valle_jax import best_of as B
 from valle_jax.audio import SAMPLE_RATE, AudioError
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Settings
+from valle_jax.hub import HubError
 from valle_jax.models.convert import ConversionError
 from valle_jax.runtime import use_cpu_xla_flags
 from valle_jax.tts import TTS, VOCODERS, EmptyAudioWarning
@@ -83,7 +84,8 @@ def parser() -> argparse.ArgumentParser:
         "positional",
         nargs="+",
         metavar="TEXT REFERENCE",
-        help="the text and the reference audio (';'-separated files); with --text-file only REFERENCE",
+        help="the text and the reference audio (';'-separated files, or a voice file of python -m valle_jax.voice); "
+        "with --text-file only REFERENCE",
     )
     p.add_argument(
         "--out",
@@ -97,11 +99,12 @@ def parser() -> argparse.ArgumentParser:
         "--checkpoint",
         "--ar-ckpt",
         dest="checkpoint",
-        type=Path,
+        type=str,
         required=True,
-        help="model directory, training directory or reference .pth",
+        help="model directory, training directory, reference .pth or hf://OWNER/REPO[/PATH][@REV]",
     )
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a training directory (default: latest)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter directory (valle_jax.export of a LoRA run) to apply")
     p.add_argument(
         "--heads",
         type=int,
@@ -143,6 +146,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--language", default="en")
     p.add_argument("--input-prompt-length", type=float, default=3.0, help="seconds of reference kept (0: all)")
+    p.add_argument(
+        "--no-trim",
+        action="store_true",
+        help="encode the reference as it is (default: trim its silences and normalise its loudness first)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute and weight dtype")
     p.add_argument(
         "--kv-dtype",
@@ -238,7 +246,7 @@ def usage_error(args: argparse.Namespace, sampling: dict, text: str | None) -> s
         return f"--heads must be >= 1, got {args.heads}"
     if text is not None and not text.strip():
         return "empty text: nothing to synthesise"
-    if not args.checkpoint.exists():
+    if not sources.exists(args.checkpoint):
         return f"{args.checkpoint}: checkpoint not found"
     if args.text_file is not None and not args.text_file.is_file():
         return f"{args.text_file}: text file not found"
@@ -275,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
             ]
             if not lines:
                 raise TextError(f"{args.text_file}: no text")
-        TTS.read_references(reference, args.input_prompt_length)  # the voice's files, checked before the model loads
+        # the voice's files, checked before the model loads
+        TTS.read_references(reference, args.input_prompt_length, trim=not args.no_trim)
         t0 = time.perf_counter()
         tts = TTS.load(
             args.checkpoint,
@@ -284,8 +293,10 @@ def run(args: argparse.Namespace) -> int:
             step=args.step,
             heads=args.heads,
             kv_dtype=args.kv_dtype,
+            lora=args.lora,
             **vocoder_options(args),
         )
+        tts.trim = not args.no_trim
         if args.vocoder == "vocos":
             tts.vocos  # noqa: B018 - loaded now: missing weights are an error before any decoding
         voice = tts.prompt(reference, args.input_prompt_length)
@@ -378,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
         DecodeError,
         CheckpointError,
         ConversionError,
+        HubError,
         CodecUnavailable,
         VocoderUnavailable,
         FileNotFoundError,

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from valle_jax import audio_io, runs, text_split
+from valle_jax import audio_io, hub, runs, text_split, voice
 from valle_jax import best_of as B
 from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
-from valle_jax.checkpointing import CheckpointError, load_model, model_with_params, read_langs
+from valle_jax.checkpointing import model_with_params, read_langs
 from valle_jax.config import ModelConfig
 from valle_jax.data import languages
-from valle_jax.data.text import Phonemizer, TextError, encode, reference_symmap
+from valle_jax.data.text import Phonemizer, TextError, encode
 from valle_jax.decoding import DecodeError, Decoder, Settings, make_inputs
-from valle_jax.models.convert import from_reference, infer_config, read_source
+from valle_jax.sources import load_weights, with_adapter
 
 VOCODERS = ("encodec", "vocos")  # what turns codes into audio (valle_jax.vocoder)
 
@@ -67,33 +67,30 @@ class Prompt:
 Reference = str | os.PathLike | Sequence[str | os.PathLike] | Prompt | np.ndarray
 
 
-def load_any(path: str | os.PathLike, dtype: str | None = None, step: int | None = None, heads: int | None = None):
-    """(model, config, symmap) from a model directory (export / convert_reference), a training
-    workdir (its latest checkpoint, or `step`) or a reference checkpoint file (.pth / .npz, whose
-    head count is inferred for the reference's sizes, else taken from `heads`)."""
-    path = Path(path)
-    over = {"dtype": dtype} if dtype else {}
-    if (path / "config.json").is_file():
-        return load_model(path, **over)
-    if runs.is_run(path):
-        run = runs.load_params(path, step)
-        cfg = dataclasses.replace(run.model, **over)
-        log.info("loaded step %d of the training run %s", run.step, path)
-        return model_with_params(cfg, run.params), cfg, run.symmap
-    if path.is_file() and path.suffix in (".pth", ".pt", ".npz"):
-        state, symmap, _ = read_source(path)
-        cfg = infer_config(state, heads, **over)
-        return model_with_params(cfg, from_reference(state, cfg)), cfg, symmap or reference_symmap()
-    raise CheckpointError(
-        f"{path}: not a model directory (config.json), a training directory ({runs.RUN_FILE}) "
-        "or a reference checkpoint (.pth / .npz)"
-    )
+def load_any(
+    path: str | os.PathLike,
+    dtype: str | None = None,
+    step: int | None = None,
+    heads: int | None = None,
+    lora: str | os.PathLike | None = None,
+):
+    """(model, config, symmap) from any checkpoint path (valle_jax.sources): a model directory
+    (export / convert_reference), a training workdir (its latest checkpoint, or `step`), a reference
+    checkpoint file (.pth / .npz / .safetensors, whose head count is inferred for the reference's
+    sizes, else taken from `heads`) or an hf://OWNER/REPO[/PATH][@REV] path to one of these; `lora`:
+    a LoRA adapter directory merged into it."""
+    weights = load_weights(path, step, heads)
+    if lora:
+        weights = with_adapter(weights, lora)
+    cfg = dataclasses.replace(weights.model, dtype=dtype) if dtype else weights.model
+    log.info("loaded the %s", weights.origin)
+    return model_with_params(cfg, weights.params), cfg, weights.symmap
 
 
 def languages_of(path: str | os.PathLike) -> dict[str, int]:
     """The language map of what `load_any` loads: a model directory's or a run's (written by
     training from its store), else the reference's en=0, ja=1 (reference .pth files)."""
-    path = Path(path)
+    path = hub.resolve(path)
     if (path / "config.json").is_file():
         return read_langs(path)
     if runs.is_run(path):
@@ -135,6 +132,7 @@ class TTS:
         self.decoder = Decoder(model, chunk=chunk, kv_dtype=kv_dtype)
         self.codec_dir = codec_dir
         self.vocoder, self.vocoder_dir, self.codec_device = vocoder, vocoder_dir, codec_device
+        self.trim = True  # references are trimmed of silence and loudness-normalised before encoding (voice.clean)
         self._codec = self._vocos = None
         self._phonemizers: dict[str, Phonemizer] = {}
         self._ids: dict[tuple[str, str], list[int]] = {}
@@ -149,11 +147,13 @@ class TTS:
         step: int | None = None,
         heads: int | None = None,
         kv_dtype: str | None = None,
+        lora: str | os.PathLike | None = None,
         **decoding,
     ) -> TTS:
         """`kv_dtype`: the AR's KV cache ("bfloat16" halves what a step reads from it; None: the
-        model's dtype, see decoding.Decoder). `decoding`: vocoder, vocoder_dir, codec_device (__init__)."""
-        model, cfg, symmap = load_any(path, dtype, step, heads)
+        model's dtype, see decoding.Decoder). `lora`: a LoRA adapter directory to merge into the model.
+        `decoding`: vocoder, vocoder_dir, codec_device (__init__)."""
+        model, cfg, symmap = load_any(path, dtype, step, heads, lora)
         return cls(model, cfg, symmap, codec_dir, kv_dtype=kv_dtype, langs=languages_of(path), **decoding)
 
     @property
@@ -226,8 +226,10 @@ class TTS:
             codes, sources = references.codes, references.sources
         elif isinstance(references, np.ndarray):
             codes, sources = references, ()
+        elif voice.is_voice_file(references):  # codes saved by python -m valle_jax.voice: no encoding
+            codes, sources = voice.load(references)
         else:
-            wavs, sources = self.read_references(references, input_prompt_length)
+            wavs, sources = self.read_references(references, input_prompt_length, trim=self.trim)
             codes = np.concatenate(self.codec.encode_batch(wavs), axis=0)
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] < self.cfg.n_prom_levels or len(codes) == 0:
@@ -251,13 +253,19 @@ class TTS:
 
     @classmethod
     def read_references(
-        cls, references: str | os.PathLike | Sequence[str | os.PathLike], input_prompt_length: float = 3.0
+        cls,
+        references: str | os.PathLike | Sequence[str | os.PathLike],
+        input_prompt_length: float = 3.0,
+        trim: bool = True,
     ) -> tuple[list[np.ndarray], tuple[str, ...]]:
         """(waveforms, paths) of reference audio (`a.wav;b.wav` or a list), checked before any
         encoding: each file exists, is readable and not silent, and what `input_prompt_length`
         seconds (0: all) keeps of them joined lasts MIN_PROMPT_SECONDS and is not silent. Needs no
         model or codec, so callers can check a voice before loading them."""
         cls.check_prompt_length(input_prompt_length)
+        if voice.is_voice_file(references):  # a saved voice: checked by reading it, no audio to return
+            voice.load(references)
+            return [], (str(references),)
         paths = (
             [p for p in str(references).split(";") if p]
             if isinstance(references, (str, os.PathLike))
@@ -272,7 +280,7 @@ class TTS:
             wav = load_audio(p)
             if is_silent(wav):
                 raise AudioError(f"{p}: reference audio is silent")
-            wavs.append(wav)
+            wavs.append(voice.clean(wav) if trim else wav)
         kept = np.concatenate(wavs)
         if input_prompt_length > 0:
             kept = kept[: int(SAMPLE_RATE * input_prompt_length)]

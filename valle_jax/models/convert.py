@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 
 from valle_jax.config import LLAMA_FAMILY, ModelConfig
 from valle_jax.extras import require_torch
@@ -30,11 +31,17 @@ class ConversionError(ValueError):
 
 
 def read_source(path: Path) -> tuple[dict, dict, dict]:
-    """(state dict of numpy arrays, symmap or {}, stats or {}) from a .pth or .npz file; a file
-    neither torch nor numpy can read is one ConversionError (its first line), not a traceback."""
+    """(state dict of numpy arrays, symmap or {}, stats or {}) from a .pth, .npz or .safetensors
+    file (the reference's key names); a file that cannot be read is one ConversionError (its first
+    line), not a traceback."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return dict(safetensors.numpy.load_file(path)), {}, {}
+        except Exception as e:  # SafetensorError (bad header), OSError
+            raise ConversionError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
     if path.suffix == ".npz":
         try:
             with np.load(path) as z:

@@ -37,10 +37,10 @@ class OnMesh:
             return self.jitted.lower(*args)
 
 
-def jit_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs, layout: Layout):
+def jit_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs, layout: Layout, merge=None):
     """step(state, batch, lr_scale) -> (state, metrics); the state's buffers are donated."""
     jitted = jax.jit(
-        make_train_step(graph, cfg, tx, level_probs),
+        make_train_step(graph, cfg, tx, level_probs, merge),
         in_shardings=(layout.state, layout.batch_arrays, layout.replicated),
         out_shardings=(layout.state, layout.replicated),
         donate_argnums=(0,),

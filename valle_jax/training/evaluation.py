@@ -28,6 +28,7 @@ from flax import nnx
 from valle_jax.audio import SAMPLE_RATE, write_wav
 from valle_jax.config import DataConfig, ModelConfig
 from valle_jax.data.pipeline import make_iterator
+from valle_jax.data.store import Store
 from valle_jax.decoding import Decoder, Inputs, Settings
 from valle_jax.metrics import MetricUnavailable, Sample, make_metric
 from valle_jax.metrics.intelligibility import error_rates
@@ -173,13 +174,14 @@ class Evaluator:
     ):
         self.eval_step, self.global_batch, self.train_cfg = eval_step, global_batch, train_cfg
         self.data_cfg = dataclasses.replace(data_cfg, store=train_cfg.eval_store or data_cfg.store, num_workers=0)
+        self.open_store = Store  # path -> Store (a run with a merged phoneme map remaps its ids)
         self.key = jax.random.key(seed + 2)  # the levels of validation batch i: fold_in(key, i)
         self.writer, self.audio = writer, audio
 
     def _batches(self):
         cfg = self.data_cfg
         it = make_iterator(
-            cfg.store,
+            self.open_store(cfg.store),
             cfg,
             process_index=jax.process_index(),
             process_count=jax.process_count(),

@@ -25,8 +25,10 @@ from valle_jax.checkpointing import params_of
 from valle_jax.config import ConfigError, data_config, mesh_config, model_config, optim_config, train_config
 from valle_jax.data.pipeline import make_iterator
 from valle_jax.data.store import Store
+from valle_jax.models import lora as LR
+from valle_jax.models.lora import lora_config
 from valle_jax.models.valle import abstract_model, seq_len
-from valle_jax.training import control, monitor, sharding
+from valle_jax.training import control, init_from, lora_state, monitor, sharding
 from valle_jax.training import state as S
 from valle_jax.training.checkpoint import Checkpoints, CheckpointWriteError
 from valle_jax.training.compiled import CompiledSteps, jit_eval_step, jit_train_step
@@ -64,28 +66,37 @@ class Trainer:
         self.mesh = sharding.make_mesh(self.mesh_cfg, devices)
         self._check_batch_divides()
         sharding.check_expert_axis(self.mesh, self.model_cfg)
-        self.store = Store(self.data_cfg.store)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        runs.check_languages(self.model_cfg, self.store.lang_symmap, np.unique(self.store.lang), self.store.path)
-        runs.check_run(self.workdir, self.model_cfg, self.store.symmap, self.store.path, self.store.lang_symmap)
-        if self.primary:
-            runs.write_run(
-                self.workdir, self.model_cfg, self.store.symmap, self.config.to_dict(), self.store.lang_symmap
-            )
-        self._build_steps()
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.train_cfg.keep)
+        store = Store(self.data_cfg.store)
+        self.lora = lora_config(config)
+        resuming = bool(self.checkpoints.all_steps())
+        # a resume, a fresh run from train.init_from (its weights, merged vocabularies), or a random start
+        self.start_from = init_from.plan(
+            self.train_cfg, self.model_cfg, store, self.workdir, resuming, need_base=self.lora.enabled
+        )
+        if self.lora.enabled and self.start_from.params is None:
+            raise ConfigError("model.lora trains adapters on a pretrained model: set train.init_from to the base model")
+        self.model_cfg, self.symmap = self.start_from.model, self.start_from.vocab.symmap
+        self.store = init_from.wrap(store, self.start_from.vocab)
+        langs = self.store.lang_symmap
+        runs.check_languages(self.model_cfg, langs, np.unique(self.store.lang), self.store.path)
+        runs.check_run(self.workdir, self.model_cfg, self.symmap, self.store.path, langs)
+        if self.primary:
+            runs.write_run(self.workdir, self.model_cfg, self.symmap, self.config.to_dict(), langs)
+        self._build_steps()
         self.writer = monitor.MetricsWriter(self.workdir, enabled=self.primary)
         self.peak_flops, self.peak_source = monitor.device_peak_flops(self.train_cfg.peak_flops)
         self.meter = Meter(
             self.writer, self.model_cfg, self.data_cfg, self.train_cfg, self.peak_flops, self.lr.at, self.primary
         )
-        eval_store = self.train_cfg.eval_store
-        symmap = Store(eval_store).symmap if eval_store else self.store.symmap  # what eval batches' ids mean
-        audio = AudioSamples(self.train_cfg, self.model_cfg, self.workdir, self.primary, self.writer, symmap)
+        # eval batches' ids are the run's: both stores are read through the run's map (init_from.into_run)
+        audio = AudioSamples(self.train_cfg, self.model_cfg, self.workdir, self.primary, self.writer, self.symmap)
         seed = int(self.config.seed)
         self.evaluate = Evaluator(
             self.eval_step, self.layout.global_batch, self.data_cfg, self.train_cfg, seed, self.writer, audio
         )
+        self.evaluate.open_store = lambda path: init_from.into_run(Store(path), self.symmap, self.model_cfg.n_tokens)
         self.console = control.Console(commands, self.primary, self._command_handlers())
         self.stop = control.StopRequest()  # run() installs its signal handlers
 
@@ -103,14 +114,26 @@ class Trainer:
         graph, abstract_params = nnx.graphdef(abstract), params_of(abstract)
         embeddings = self.optim_cfg.embeddings
         self.injected = load_embeddings(embeddings, self.model_cfg) if embeddings else {}
-        self.tx, schedule, self.frozen = make_optimizer(
-            self.optim_cfg, abstract_params, self.train_cfg.steps, [f"^{k}$" for k in self.injected]
-        )
+        merge, self.full_params = None, lambda state: state["params"]
+        if self.lora.enabled:  # the optimizer sees only the adapters; injected tables go into the frozen base
+            self.lora_targets = LR.find_targets(abstract, self.lora)
+            trained = jax.eval_shape(lambda: LR.init_adapters(self.lora_targets, self.lora, 0))
+            extra_frozen = []
+        else:
+            trained, extra_frozen = abstract_params, [f"^{k}$" for k in self.injected]
+        self.tx, schedule, self.frozen = make_optimizer(self.optim_cfg, trained, self.train_cfg.steps, extra_frozen)
         self.lr = LearningRate(schedule)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        self.layout = S.make_layout(self.mesh, self.mesh_cfg, abstract, abstract_params, abstract_opt)
+        abstract_opt = jax.eval_shape(self.tx.init, trained)
+        if self.lora.enabled:
+            self.layout = lora_state.make_layout(
+                self.mesh, self.mesh_cfg, abstract, self.lora_targets, trained, abstract_opt
+            )
+            merge = lora_state.merge_fn(self.lora_targets, self.lora)
+            self.full_params = lora_state.merger(self.lora_targets, self.lora, self.layout)
+        else:
+            self.layout = S.make_layout(self.mesh, self.mesh_cfg, abstract, abstract_params, abstract_opt)
         probs = self.train_cfg.level_probs
-        self.train_step = jit_train_step(graph, self.model_cfg, self.tx, probs, self.layout)
+        self.train_step = jit_train_step(graph, self.model_cfg, self.tx, probs, self.layout, merge)
         self.eval_step = jit_eval_step(graph, self.model_cfg, probs, self.layout)
         self.compiled = CompiledSteps(self.train_step)
 
@@ -119,7 +142,14 @@ class Trainer:
         """(state, data iterator state or None, step): the newest good checkpoint's, or a fresh run's."""
         data_state, step = None, 0
         seed = int(self.config.seed)
-        if not self.checkpoints.all_steps():
+        if self.lora.enabled:
+            return self._restore_or_init_lora(seed)
+        if not self.checkpoints.all_steps() and self.start_from.params is not None:
+            state = init_from.initial_state(self.start_from.params, self.tx, seed, self.layout)
+            log.info(
+                "started a new run in %s from the %s (fresh optimizer, step 0)", self.workdir, self.start_from.origin
+            )
+        elif not self.checkpoints.all_steps():
             state = S.fresh_state(self.model_cfg, self.tx, seed, self.layout)
             log.info("started a new run in %s", self.workdir)
         else:
@@ -129,7 +159,39 @@ class Trainer:
             )
             self.meter.stats.update(meta.get("stats", {}))
             log.info("resumed from step %d of %s", step, self.workdir)
+            if self.train_cfg.init_from:
+                log.info("train.init_from (%s) is not used: the workdir has checkpoints", self.train_cfg.init_from)
         return S.inject(state, self.injected, self.layout, self.optim_cfg.embeddings), data_state, step
+
+    def _restore_or_init_lora(self, seed: int) -> tuple[dict, Any, int]:
+        """A LoRA run: fresh adapters on the init_from base, or the checkpoint's adapters on the base
+        loaded again (checkpoints hold the adapters and their optimizer state only)."""
+        base, data_state, step = self.start_from.params, None, 0
+        if not self.checkpoints.all_steps():
+            state = lora_state.initial_state(base, self.lora_targets, self.lora, self.tx, seed, self.layout)
+            log.info(
+                "started a new LoRA run in %s (rank %d on %d matrices) on the %s",
+                self.workdir,
+                self.lora.rank,
+                len(self.lora_targets),
+                self.start_from.origin,
+            )
+        else:
+            base_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), base)
+            abstract = lora_state.abstract_state(
+                base_abstract, self.lora_targets, self.lora, self.tx, seed, self.layout
+            )
+            (state, data_state, meta), step = self.checkpoints.newest_good(
+                lambda s: self.checkpoints.restore(s, abstract), lambda restored: restored[0]["params"]
+            )
+            state["base"] = jax.device_put(base, self.layout.params)
+            self.meter.stats.update(meta.get("stats", {}))
+            log.info("resumed the LoRA run %s from step %d on the %s", self.workdir, step, self.start_from.origin)
+        if self.injected:
+            state["base"] = S.inject({"params": state["base"]}, self.injected, self.layout, self.optim_cfg.embeddings)[
+                "params"
+            ]
+        return state, data_state, step
 
     def iterator(self, data_state=None):
         it = make_iterator(
@@ -216,7 +278,7 @@ class Trainer:
         return [
             Every(cfg.log_every, lambda p: self.meter.log(p.step)),
             Every(sync_every, lambda p: self.console.sync(stop, p)),
-            Every(cfg.eval_every, lambda p: self.evaluate(p.state["params"], p.step)),
+            Every(cfg.eval_every, lambda p: self.evaluate(self.full_params(p.state), p.step)),
             Every(cfg.save_every, self.save),
         ]
 
@@ -289,6 +351,7 @@ class Trainer:
             "micro_step": step * self.accum,
             "stats": dict(self.meter.stats),
             "lr_override": self.lr.override,
+            **({"lora_base": self.start_from.origin} if self.lora.enabled else {}),  # what the adapters adapt
         }
 
     def save(self, p: Progress) -> None:
@@ -305,7 +368,7 @@ class Trainer:
     def export(self, p: Progress) -> None:
         meta = self._meta(p.step)
         langs = self.store.lang_symmap
-        export_params(p.state["params"], self.model_cfg, self.store.symmap, meta, self.workdir, self.primary, langs)
+        export_params(self.full_params(p.state), self.model_cfg, self.symmap, meta, self.workdir, self.primary, langs)
 
     def _command_handlers(self) -> dict:
         def set_lr(p: Progress, cmd: control.Command) -> None:
@@ -319,7 +382,7 @@ class Trainer:
             "save": lambda p, cmd: self.save(p),
             "quit": lambda p, cmd: self.save(p),
             "export": save_and_export,
-            "eval": lambda p, cmd: self.evaluate(p.state["params"], p.step),
+            "eval": lambda p, cmd: self.evaluate(self.full_params(p.state), p.step),
             "lr": set_lr,
         }
 

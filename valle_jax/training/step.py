@@ -54,14 +54,22 @@ def batch_loss(graph, params: dict, batch: dict, key: Array, cfg: ModelConfig, l
     return loss, metrics
 
 
-def make_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs=()) -> Callable:
+def make_train_step(
+    graph, cfg: ModelConfig, tx: optax.GradientTransformation, level_probs=(), merge: Callable | None = None
+) -> Callable:
     """step(state, batch, lr_scale) -> (state, metrics). An update whose loss or gradient is not
-    finite is not applied (parameters and optimizer state stay as they were); `finite` says so."""
+    finite is not applied (parameters and optimizer state stay as they were); `finite` says so.
+    With `merge` (LoRA), the state's "params" are what trains (the adapters) and the model runs
+    `merge(state["base"], params, key)`; the frozen base passes through unchanged."""
+
+    def loss_of(params, batch, key, base):
+        full = params if merge is None else merge(base, params, jax.random.fold_in(key, 1))
+        return batch_loss(graph, full, batch, key, cfg, level_probs, True)
 
     def step(state: dict, batch: dict, lr_scale: Array):
         key = jax.random.fold_in(state["rng"], state["step"])
-        (loss, metrics), grads = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
-            graph, state["params"], batch, key, cfg, level_probs, True
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"], batch, key, state.get("base")
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -75,6 +83,8 @@ def make_train_step(graph, cfg: ModelConfig, tx: optax.GradientTransformation, l
         # in place instead of first copying the optimizer state (~600 MB for the half preset)
         params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state["params"], state["opt_state"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        if "base" in state:
+            new_state["base"] = state["base"]
         metrics.update(grad_norm=grad_norm, finite=finite)
         return new_state, metrics
 
