@@ -289,7 +289,7 @@ def test_feed_forward_backward_equals_autodiff(gated, rate, dtype):
     mm = lambda x, w: jnp.einsum("bsd,df->bsf", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)  # noqa: E731
 
     def plain(h, w_a, bias, w_b, w_out):
-        f = jax.nn.gelu(mm(h, w_a) + (0.0 if bias is None else bias), approximate=False)
+        f = jax.nn.gelu(mm(h, w_a) + (0.0 if bias is None else bias[None, None, :]), approximate=False)
         f = L.dropout(f if w_b is None else f * mm(h, w_b), rate, drop_key)
         return mm(f, w_out)
 

@@ -118,14 +118,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 class _HideOrbaxErrors(logging.Filter):
     """orbax logs a failed save several times, with tracebacks, from its background threads, and
-    asyncio reports its failed write tasks as "Task exception was never retrieved" when they are
-    collected; the trainer then reports the failure in one line. Kept in log.txt and with --verbose."""
+    asyncio reports its failed write tasks and futures as "Task/Future exception was never retrieved"
+    when they are collected (a future's report names only the orbax temp path it failed to write); the
+    trainer then reports the failure in one line. Kept in log.txt and with --verbose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
         from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-        orbax_task = record.name == "asyncio" and f"{os.sep}orbax{os.sep}" in record.getMessage()
+        orbax_task = record.name == "asyncio" and "orbax" in record.getMessage()
         return not (from_orbax or orbax_task)
 
 
