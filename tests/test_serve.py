@@ -159,6 +159,32 @@ def test_queue_full_is_429_and_draining_is_503(tts, wav_bytes):
     assert client.get("/healthz").json()["status"] == "draining"
 
 
+def test_best_of_request_is_the_best_of_n_candidates(tts, wav_bytes):
+    app = make_app(tts)
+    with TestClient(app) as client:
+        vid = app.state.voices.add(wav_bytes)[0]
+        sampled = {"ar_temp": 1.0, "nar_temp": 0.0, "max_ar_steps": 12, "seed": 3}
+        ok = tts_json(client, text="Hello.", voice=vid, settings=sampled, best_of=3)
+        assert ok.status_code == 200, ok.text
+        wav, sr = sf.read(io.BytesIO(ok.content))
+        assert sr == SAMPLE_RATE and wav.shape == (12 * HOP_LENGTH,) and np.abs(wav).max() > 0
+        scores = json.loads(ok.headers["x-best-of-scores"])
+        assert len(scores["candidates"]) == 3 and scores["criteria"] == "mean AR log-probability"
+        logprobs = [c["logprob"] for c in scores["candidates"]]
+        assert scores["chosen"] == int(np.argmax(logprobs)) and len(set(logprobs)) == 3  # they differ
+        assert "x-best-of-scores" not in tts_json(client, text="Hello.", voice=vid).headers  # best_of absent: 1
+        form = {"text": "Hello.", "settings": json.dumps(sampled), "best_of": "3"}  # a multipart field is text
+        three = client.post("/v1/tts", data=form, files={"audio": ("v.wav", wav_bytes)})  # same compiled N
+        assert len(json.loads(three.headers["x-best-of-scores"])["candidates"]) == 3
+        for bad, words in [(0, "1 to 64"), (65, "1 to 64"), ("x", "integer"), (True, "1 to 64")]:
+            r = tts_json(client, text="Hello.", voice=vid, settings=sampled, best_of=bad)
+            assert r.status_code == 422 and words in r.json()["error"], (bad, r.text)
+        greedy = tts_json(client, text="Hello.", voice=vid, best_of=3)  # temperatures 0: N identical copies
+        assert greedy.status_code == 422 and "sampling" in greedy.json()["error"]
+        metrics = client.get("/metrics").text
+        assert "valle_best_of_candidates_count 2.0" in metrics and "valle_best_of_candidates_sum 6.0" in metrics
+
+
 def test_sigterm_drains_the_queue_and_exits_0(model_dir, codec_dir, wav_bytes, tmp_path):
     import portpicker
 
@@ -179,6 +205,8 @@ def test_sigterm_drains_the_queue_and_exits_0(model_dir, codec_dir, wav_bytes, t
         "300",
         "--voice-dir",
         str(tmp_path / "v"),
+        "--best-of-asr",
+        "none",  # loads no ASR or verifier at start
     ]
     server = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import uvicorn
 
+from valle_jax import best_of as B
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.codec import CodecUnavailable
 from valle_jax.decoding import Settings
@@ -45,6 +46,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-chars", type=int, default=1000)
     p.add_argument("--max-audio-seconds", type=float, default=30.0, help="reference audio in, generated audio out")
     p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument(
+        "--max-best-of", type=int, default=B.MAX_BEST_OF, help="candidates a best_of request may ask for at most"
+    )
+    p.add_argument(
+        "--best-of-asr",
+        default="pocketsphinx",
+        help="what ranks best_of candidates: an ASR for WER then speaker similarity (pocketsphinx: offline, its "
+        "model ships in its wheel; a missing library falls back with a warning), or none: the mean AR "
+        "log-probability alone",
+    )
     p.add_argument("--voice-dir", type=Path, default=None, help="where encoded voices are kept (shared by replicas)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None)
@@ -66,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
 
 def build(args: argparse.Namespace):
     """(app, seconds spent warming up) for the parsed command line."""
+    if not 1 <= args.max_best_of <= B.MAX_BEST_OF:
+        raise ValueError(f"--max-best-of must be from 1 to {B.MAX_BEST_OF}, got {args.max_best_of}")
+    B.check_best_of(1, Settings(), args.best_of_asr)  # an unknown --best-of-asr: refused before the model loads
 
     tts = TTS.load(
         args.checkpoint, codec_dir=args.codec_dir, dtype=args.dtype, kv_dtype=args.kv_dtype, **vocoder_options(args)
@@ -73,9 +87,11 @@ def build(args: argparse.Namespace):
     tts.codec  # noqa: B018 - loaded now: a missing codec is an error at start, not at the first request
     if args.vocoder == "vocos":
         tts.vocos  # noqa: B018
+    judge = B.make_judge(args.best_of_asr)  # loaded now, not at the first best_of request
+    log.info("best_of candidates are ranked by %s", judge.criteria)
     metrics = Metrics()
-    limits = Limits(args.max_text_chars, args.max_audio_seconds, int(args.max_upload_mb * 2**20))
-    engine = Engine(tts, args.max_batch, args.max_wait_ms, args.max_queue, metrics.observer())
+    limits = Limits(args.max_text_chars, args.max_audio_seconds, int(args.max_upload_mb * 2**20), args.max_best_of)
+    engine = Engine(tts, args.max_batch, args.max_wait_ms, args.max_queue, metrics.observer(), judge)
     voices = VoiceStore(tts, args.voice_dir, max_audio_seconds=args.max_audio_seconds)
     warm = engine.warm_up(settings=Settings(max_ar_steps=args.warm_up_steps)) if args.warm_up == "all" else 0.0
     return create_app(engine, voices, limits, metrics), warm

@@ -1,13 +1,16 @@
 """The FastAPI application: endpoints, limits and their HTTP answers, Prometheus metrics.
 
-    POST /v1/tts      text, voice (an id, or an uploaded wav or voice file), language, format, settings -> audio
+    POST /v1/tts      text, voice (an id, or an uploaded wav or voice file), language, format, settings, best_of
+                      -> audio
     POST /v1/voices   an uploaded wav or voice file (.npy codes) -> {"id", "seconds"}
     GET  /v1/voices   the voices this replica knows
     GET  /healthz     {"status": "ok" | "draining", "queue": N}
     GET  /metrics     Prometheus text: requests by endpoint and status, latency and batch-size histograms, queue depth
 
 /v1/tts takes JSON (`{"text", "voice", "language", "format", "settings": {...}}`) or a multipart form with the
-same fields (`settings` as a JSON string) and the reference in the file field `audio`. Errors are JSON
+same fields (`settings` as a JSON string) and the reference in the file field `audio`. `best_of` N > 1
+decodes N candidates alone (outside the dynamic batch) and answers the best; every candidate's scores come
+in the header `X-Best-Of-Scores` (JSON, valle_jax.best_of.BestOf.as_dict). Errors are JSON
 `{"error": message}`: 404 unknown voice id, 406 no acceptable audio type, 413 text, upload or reference audio
 over the limits, 422 unusable input (empty text, unknown symbols, bad audio, bad settings), 429 queue full,
 503 shutting down.
@@ -19,6 +22,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import math
 import time
 from contextlib import asynccontextmanager
 
@@ -28,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from valle_jax import best_of as B
 from valle_jax.audio import SAMPLE_RATE, AudioError
 from valle_jax.data.text import TextError
 from valle_jax.decoding import DecodeError, Settings
@@ -48,6 +53,7 @@ class Limits:
     max_text_chars: int = 1000
     max_audio_seconds: float = 30.0  # reference audio in, and the longest audio a request may ask for
     max_upload_bytes: int = 10 * 2**20
+    max_best_of: int = B.MAX_BEST_OF  # candidates one request may ask for (they are one batch: memory)
 
 
 class HttpError(Exception):
@@ -92,9 +98,15 @@ class Metrics:
             "valle_batch_size", "requests decoded together", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
         )
         self.queue = Gauge("valle_queue_depth", "requests waiting for a batch", registry=self.registry)
+        self.best_of = Histogram(
+            "valle_best_of_candidates",
+            "candidates decoded per best-of request (best_of > 1)",
+            registry=self.registry,
+            buckets=(2, 4, 8, 16, 32, 64),
+        )
 
     def observer(self) -> Observer:
-        return Observer(batch=self.batch.observe, queue_depth=self.queue.set)
+        return Observer(batch=self.batch.observe, queue_depth=self.queue.set, best_of=self.best_of.observe)
 
 
 def encode_audio(wav, fmt: str) -> bytes:
@@ -136,6 +148,30 @@ def parse_settings(raw, limits: Limits) -> Settings:
             f"{limits.max_audio_seconds:g} s of audio ({int(limits.max_audio_seconds * 75)} steps)",
         )
     return settings
+
+
+def parse_best_of(raw, settings: Settings, limits: Limits) -> int:
+    """The request's `best_of` (absent: 1), checked against the settings (best_of.check_best_of) and the
+    server's limit: HTTP 422 when unusable."""
+    if raw is None:
+        return 1
+    if isinstance(raw, str):  # a form field
+        try:
+            raw = int(raw.strip())
+        except ValueError as e:
+            raise HttpError(422, f"best_of must be an integer, got {raw!r}") from e
+    B.check_best_of(raw, settings, B.NO_ASR)  # DecodeError: 422 (the server's own judge is checked at start)
+    if raw > limits.max_best_of:
+        raise HttpError(422, f"best_of={raw} is over this server's limit of {limits.max_best_of} candidates")
+    return int(raw)
+
+
+def scores_header(pick: B.BestOf) -> str:
+    """Every candidate's scores as compact JSON (a non-finite score as null: JSON has no NaN)."""
+    clean = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None  # noqa: E731
+    d = pick.as_dict()
+    d["candidates"] = [{k: clean(v) for k, v in c.items()} for c in d["candidates"]]
+    return json.dumps(d, separators=(",", ":"))
 
 
 def create_app(engine: Engine, voices: VoiceStore, limits: Limits, metrics: Metrics) -> FastAPI:
@@ -216,6 +252,7 @@ def create_app(engine: Engine, voices: VoiceStore, limits: Limits, metrics: Metr
                 raise HttpError(413, f"the text is {len(text)} characters; at most {limits.max_text_chars}")
             language = str(fields.get("language", "en"))
             settings = parse_settings(fields.get("settings", {}), limits)
+            best_of = parse_best_of(fields.get("best_of"), settings, limits)
             length = float(fields.get("input_prompt_length", 3.0))
             if data is not None:
                 _, voice = await run_in_threadpool(voices.add, data, length)
@@ -223,7 +260,8 @@ def create_app(engine: Engine, voices: VoiceStore, limits: Limits, metrics: Metr
                 voice = voices.get(str(fields["voice"]))
             else:
                 raise HttpError(422, "no voice: give a voice id ('voice') or upload reference audio ('audio')")
-            result = await asyncio.wrap_future(engine.submit(" ".join(text.split()), voice, language, settings))
+            job = engine.submit(" ".join(text.split()), voice, language, settings, best_of)
+            result = await asyncio.wrap_future(job)
             audio = await run_in_threadpool(encode_audio, result.wav, fmt)
         except Exception as e:
             return answer_error("tts", e)
@@ -236,6 +274,8 @@ def create_app(engine: Engine, voices: VoiceStore, limits: Limits, metrics: Metr
             "X-Queued-Seconds": f"{result.queued_s:.3f}",
             "X-Settings": json.dumps(dataclasses.asdict(settings), separators=(",", ":")),
         }
+        if result.best_of is not None:
+            headers["X-Best-Of-Scores"] = scores_header(result.best_of)
         return Response(audio, media_type=FORMATS[fmt][0], headers=headers)
 
     return app

@@ -19,6 +19,11 @@ has stopped, and its KV cache is laid out for the batch's text and prompt bucket
 would need the loop to exit every chunk and a prefill into one row of a live cache (docs/serving.md).
 
 A request's `seed` makes it reproducible only when it is decoded alone: a batch draws from one key.
+
+A best-of-N request (`best_of` > 1) is decoded alone, outside the dynamic batch, on this same worker (which
+owns the model): its N candidates are already a batch of N rows (valle_jax.best_of.pick_best), scored by the
+engine's judge, and the best kept. It does not wait for batch-mates, and no batch waits behind it longer than
+its own decode and scoring.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from valle_jax import best_of as B
 from valle_jax.decoding import Knobs, Settings, make_inputs
 from valle_jax.tts import TTS, Prompt
 
@@ -56,12 +62,16 @@ class Job:
     voice: Prompt
     language: str
     settings: Settings
+    best_of: int = 1  # > 1: decoded alone, the best of that many candidates
     future: Future = dataclasses.field(default_factory=Future)
     queued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
     def static_key(self) -> tuple:
-        """The choices compiled into the decoder: rows of one batch must share them."""
+        """The choices compiled into the decoder: rows of one batch must share them. A best-of job's key
+        is its own, so it is always a batch of one."""
+        if self.best_of > 1:
+            return ("best_of", id(self))
         s = self.settings
         return (s.mode, max(s.beam_width, 1), s.sign_aware_penalties, s.ras_window)
 
@@ -73,6 +83,7 @@ class Result:
     stopped: bool  # False: the AR ran to max_ar_steps
     batch_size: int  # requests gathered into its batch (failed rows counted, padding rows not)
     queued_s: float  # from submit to the start of its batch
+    best_of: B.BestOf | None = None  # a best-of request's candidates and their scores
 
 
 @dataclasses.dataclass
@@ -81,6 +92,7 @@ class Observer:
 
     batch: callable = lambda size: None  # noqa: E731
     queue_depth: callable = lambda depth: None  # noqa: E731
+    best_of: callable = lambda n: None  # noqa: E731
 
 
 def batch_bucket(n: int) -> int:
@@ -95,10 +107,12 @@ class Engine:
         max_wait_ms: float = 20.0,
         max_queue: int = 64,
         observer: Observer | None = None,
+        judge: B.Judge | None = None,
     ):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
         self.tts, self.max_batch, self.max_wait, self.max_queue = tts, max_batch, max_wait_ms / 1000, max_queue
+        self.judge = judge or B.Judge()  # what ranks best-of candidates (default: mean AR log-probability)
         self.observer = observer or Observer()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -112,8 +126,10 @@ class Engine:
         self._thread.start()
         return self
 
-    def submit(self, text: str, voice: Prompt, language: str, settings: Settings) -> Future:
-        job = Job(text, voice, language, settings)
+    def submit(self, text: str, voice: Prompt, language: str, settings: Settings, best_of: int = 1) -> Future:
+        """`best_of` > 1: the request is decoded alone, as that many candidates, and the best one answered
+        (check it first with best_of.check_best_of)."""
+        job = Job(text, voice, language, settings, best_of)
         with self._cond:
             if self._draining:
                 raise Draining("the server is shutting down")
@@ -164,7 +180,8 @@ class Engine:
                     self._vocoding.shutdown(wait=True)
                     return
                 deadline = self._queue[0].queued_at + self.max_wait
-                while len(self._queue) < self.max_batch and not self._draining:
+                alone = self._queue[0].best_of > 1  # its own batch: nothing to wait for
+                while len(self._queue) < self.max_batch and not self._draining and not alone:
                     left = deadline - time.perf_counter()
                     if left <= 0:
                         break
@@ -191,6 +208,9 @@ class Engine:
 
     def _run(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
+        if jobs[0].best_of > 1:  # alone (its static key is its own)
+            self._run_best_of(jobs[0], started)
+            return
         ready = []
         for job in jobs:  # each row's own failures: unknown symbols, unsupported language
             try:
@@ -213,6 +233,21 @@ class Engine:
                     row[0].future.set_exception(e)
             return
         self._vocoding.submit(self._answer, ready, outputs, len(jobs), started)
+
+    def _run_best_of(self, job: Job, started: float) -> None:
+        """N candidates as one batch, scored and the best answered; vocoding and scoring stay on this thread
+        (the candidates must be heard to be ranked)."""
+        self.observer.batch(1)
+        self.observer.best_of(job.best_of)
+        try:
+            ids, lang = self.tts.text_ids(job.text, job.language), self.tts.language_id(job.language)
+            pick = B.pick_best(self.tts, ids, lang, job.voice.codes, job.best_of, job.settings, self.judge, job.text)
+            if len(pick.codes) == 0:
+                raise EmptyAudio(f"none of the {job.best_of} candidates has frames (the stop token came first)")
+            stopped = pick.stopped[pick.chosen]
+            job.future.set_result(Result(pick.wav, len(pick.codes), stopped, 1, started - job.queued_at, pick))
+        except Exception as e:
+            job.future.set_exception(e)
 
     def _decode(self, rows: list[tuple]) -> list[tuple[np.ndarray, bool]]:
         """(codes [frames, levels], stopped) per row: one AR and one NAR call for the whole batch."""
