@@ -81,6 +81,18 @@ def group_of(rel: Path) -> str:
     return rel.parts[-3] if len(rel.parts) >= 3 else "group"
 
 
+def add_language_flags(p: argparse.ArgumentParser, language_help: str) -> None:
+    """--language (every group's, unless named) and the repeatable --group-language GROUP=LANG."""
+    p.add_argument("--language", default="en", help=language_help)
+    p.add_argument(
+        "--group-language",
+        action="append",
+        default=[],
+        metavar="GROUP=LANG",
+        help="language of one speaker group (repeatable)",
+    )
+
+
 def parse_group_language(items: Iterable[str]) -> dict[str, str]:
     """`["GROUP=LANG", ...]` (repeatable --group-language flags) -> {group: language}."""
     out = {}

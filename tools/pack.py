@@ -40,7 +40,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from tools.common import Report, find_files, parse_group_language, setup_logging, utterance_id
+from tools.common import Report, add_language_flags, find_files, parse_group_language, setup_logging, utterance_id
 from valle_jax.config import ModelConfig
 from valle_jax.data import languages
 from valle_jax.data import text as T
@@ -488,14 +488,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("sources", type=Path, nargs="+", help="prepared/reference folders, or one reference HDF5 file")
     p.add_argument("--out", type=Path, required=True, help="store directory to create")
-    p.add_argument("--language", default="en", help="language of every group not named by --group-language")
-    p.add_argument(
-        "--group-language",
-        action="append",
-        default=[],
-        metavar="GROUP=LANG",
-        help="language of one speaker group (repeatable)",
-    )
+    add_language_flags(p, "language of every group not named by --group-language")
     p.add_argument(
         "--levels", type=int, default=None, help="codec levels per utterance (default: what most inputs have)"
     )

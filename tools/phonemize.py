@@ -25,6 +25,7 @@ from tqdm import tqdm
 from tools.common import (
     Report,
     Shard,
+    add_language_flags,
     find_files,
     group_of,
     parse_group_language,
@@ -97,14 +98,7 @@ def phonemize_dir(
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.phonemize", description=__doc__.split("\n\n")[0])
     p.add_argument("text_dir", type=Path, nargs="?", help="folder searched recursively for <id>.txt transcripts")
-    p.add_argument("--language", default="en", help="an espeak-ng language code (default en = espeak en-us)")
-    p.add_argument(
-        "--group-language",
-        action="append",
-        default=[],
-        metavar="GROUP=LANG",
-        help="language of one speaker group (repeatable)",
-    )
+    add_language_flags(p, "an espeak-ng language code (default en = espeak en-us)")
     p.add_argument("--list-languages", action="store_true", help="print the language codes espeak-ng supports")
     p.add_argument("--shard", type=shard_arg, default=Shard(), help="I/N: do only shard I (0..N-1) of N")
     p.add_argument("--out", type=Path, default=None, help="output root (default: beside the transcripts)")
