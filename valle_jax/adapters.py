@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 import safetensors.numpy
 
 from valle_jax import runs
-from valle_jax.atomic import publish_dir, temp_dir_beside
+from valle_jax.atomic import as_path, staged_dir
 from valle_jax.checkpointing import CheckpointError, flatten, unflatten
 from valle_jax.config import ModelConfig
 from valle_jax.models import lora as LR
@@ -49,7 +48,7 @@ class Adapter:
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    return (as_path(path) / META_FILE).is_file()
 
 
 def run_lora(workdir: str | os.PathLike) -> LR.LoraConfig:
@@ -79,7 +78,7 @@ def load_run(workdir: str | os.PathLike, step: int | None, load_base: Callable) 
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         jax.eval_shape(lambda: LR.init_adapters(targets, lcfg, 0)),
     )
-    ckpts = Checkpoints(Path(workdir) / "checkpoints", async_save=False)
+    ckpts = Checkpoints(as_path(workdir) / "checkpoints", async_save=False)
     try:
         adapters, meta, step = ckpts.restore_params(step, target)
     finally:
@@ -118,11 +117,10 @@ def check_fits(adapter: Adapter, model: ModelConfig) -> None:
 
 
 def save(out: str | os.PathLike, adapter: Adapter, overwrite: bool = False) -> Path:
-    out = Path(out).absolute()
+    out = as_path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tmp = temp_dir_beside(out)
-    try:
+    with staged_dir(out, META_FILE) as tmp:
         safetensors.numpy.save_file(flatten(adapter.adapters), tmp / ADAPTER_FILE, metadata={"format": FORMAT})
         meta = {
             "format": FORMAT,
@@ -135,13 +133,11 @@ def save(out: str | os.PathLike, adapter: Adapter, overwrite: bool = False) -> P
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=list))
         (tmp / "symmap.json").write_text(json.dumps(adapter.symmap, ensure_ascii=False))
-        return publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def load(directory: str | os.PathLike) -> Adapter:
-    path = Path(directory)
+    path = as_path(directory)
     if not is_adapter_dir(path):
         raise CheckpointError(
             f"{path} is not a LoRA adapter directory (no {META_FILE}; see python -m valle_jax.export)"
@@ -153,7 +149,7 @@ def load(directory: str | os.PathLike) -> Adapter:
         )
     lcfg = LR.LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
     return Adapter(
-        unflatten(safetensors.numpy.load_file(path / ADAPTER_FILE)),
+        unflatten(safetensors.numpy.load((path / ADAPTER_FILE).read_bytes())),
         lcfg,
         ModelConfig(**meta["model"]),
         json.loads((path / "symmap.json").read_text("utf-8")),

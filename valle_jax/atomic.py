@@ -1,7 +1,17 @@
-"""Atomic file output: write to a temp file beside the target, then rename over it.
+"""Atomic file output: write to a temp file beside the target, then rename over it; and the one
+place that decides how a path is written: as a local file or as an object-store object.
 
 A killed process therefore leaves either the old file or the complete new one, never a
 partial file under the final name. Temp files are named `.<name>.<random>.tmp[<suffix>]`.
+
+Object stores (gs://, s3://, ... through etils.epath; docs/cloud.md) have no rename that is atomic
+(GCS renames by copy and delete), no hard links and no appends, but an uploaded object appears
+whole or not at all. So on an object store a file is written under its final name directly, a
+library that writes only to local files writes into a local temp file that is then uploaded, and
+a directory (a model, an adapter) is staged locally and uploaded with its marker file last: the
+directory is complete once its marker exists. `object_store` decides; besides URI paths it takes the
+local directories listed in VALLE_JAX_OBJECT_STORE_ROOTS (os.pathsep-separated), so that the
+object-store code path can run on a local disk (the tests) or on a bucket mount without hard links.
 
 `io_error` turns a failed write (a Python OSError, or the error text tensorstore gives orbax) into
 the file and the errno's meaning, for one-line messages about full disks and read-only workdirs.
@@ -18,7 +28,37 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from etils import epath
+
 TMP_SUFFIX = ".tmp"
+OBJECT_STORE_ROOTS = "VALLE_JAX_OBJECT_STORE_ROOTS"  # local directories written as object stores are
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` names a remote object (gs://bucket/..., s3://..., az://...)."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an etils.epath.Path (local ones made absolute; `absolute()` would mangle a URI)."""
+    return epath.Path(path) if is_uri(path) else epath.Path(path).absolute()
+
+
+def object_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is written as an object store is: no appends, no renames, no hard links."""
+    if is_uri(path):
+        return True
+    roots = [r for r in os.environ.get(OBJECT_STORE_ROOTS, "").split(os.pathsep) if r]
+    here = os.path.abspath(os.fspath(path))
+    return any(here == r or here.startswith(r.rstrip(os.sep) + os.sep) for r in map(os.path.abspath, roots))
+
+
+def upload(local: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copies the local file `local` to `path` (an object appears once its upload is complete)."""
+    dst = as_path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "rb") as src, dst.open("wb") as out:
+        shutil.copyfileobj(src, out, 1 << 22)
 
 
 @contextlib.contextmanager
@@ -28,16 +68,50 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     `suffix` ends the temp name, for libraries that infer the format from it (np.save appends
     '.npy' to a name without it; soundfile reads the extension).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX + suffix, dir=path.parent)
+    remote = object_store(path)
+    path = Path(path) if not remote else as_path(path)
+    if not remote:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # on an object store the temp file is local (the library writes local files) and then uploaded
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX + suffix, dir=None if remote else path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if remote:
+            upload(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """Yields a local temp directory to fill; if the block succeeds it replaces the directory `path`.
+    Locally by renames (`publish_dir`); on an object store by an upload in which the file `marker`
+    (what readers check, e.g. config.json) is removed first and written last, so a reader never
+    takes a half-replaced directory for a complete one."""
+    remote = object_store(path)
+    tmp = Path(tempfile.mkdtemp(prefix=".staged.", suffix=TMP_SUFFIX)) if remote else temp_dir_beside(path)
+    try:
+        yield tmp
+        if remote:
+            _upload_dir(tmp, as_path(path), marker)
+        else:
+            publish_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _upload_dir(tmp: Path, dst: epath.Path, marker: str) -> None:
+    if dst.exists():
+        if (dst / marker).exists():
+            (dst / marker).unlink()
+        dst.rmtree()
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for p in sorted(files, key=lambda p: p.relative_to(tmp) == Path(marker)):  # the marker last
+        upload(p, dst / p.relative_to(tmp).as_posix())
 
 
 def temp_dir_beside(path: str | os.PathLike) -> Path:
@@ -64,6 +138,11 @@ def publish_dir(tmp: Path, path: str | os.PathLike) -> Path:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    if object_store(path):  # the object appears whole once uploaded: no temp object, no rename
+        dst = as_path(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
+        return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

@@ -7,7 +7,9 @@ A model directory holds:
                   BitNet's BitLinear weights packed, 2 bits a weight (valle_jax.models.bitnet)
 or, instead of params/ (`fmt="safetensors"`, the Hugging Face convention for a model repository):
     model.safetensors   one tensor per parameter, named by its path with dots ("backbone.q")
-It is written into a temp directory and renamed into place, so a killed save leaves no half model.
+It is written into a temp directory and renamed into place, so a killed save leaves no half model
+(on an object store, gs:// or s3://, it is staged locally and uploaded with config.json last:
+valle_jax/atomic.py). Any of these may be read from an object store.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 from flax import nnx
 
-from valle_jax.atomic import publish_dir, temp_dir_beside
+from valle_jax.atomic import as_path, object_store, staged_dir
 from valle_jax.config import ModelConfig
 from valle_jax.data.languages import REFERENCE_LANGS
 from valle_jax.models import bitnet
@@ -79,13 +80,12 @@ def save_model(
     language code -> row of the model's language table (None: the reference's en=0, ja=1)."""
     if fmt not in MODEL_FORMATS:
         raise CheckpointError(f"model format must be one of {MODEL_FORMATS}, got {fmt!r}")
-    out = Path(directory).absolute()
+    out = as_path(directory)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if bitnet.is_packed(cfg):
         params = bitnet.pack_params(abstract_model(cfg).backbone, params)
-    tmp = temp_dir_beside(out)
-    try:
+    with staged_dir(out, "config.json") as tmp:
         if fmt == "safetensors":
             safetensors.numpy.save_file(flatten(params), tmp / SAFETENSORS, metadata={"format": FORMAT})
         else:
@@ -105,13 +105,11 @@ def save_model(
             )
         )
         (tmp / "symmap.json").write_text(json.dumps(dict(symmap), ensure_ascii=False))
-        return publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
-    path = Path(directory)
+    path = as_path(directory)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path} is not a valle_jax model directory (no config.json)")
@@ -125,7 +123,7 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
 
 def read_langs(directory: str | os.PathLike) -> dict[str, int]:
     """The language map of a model directory (those written before it had one: the reference's)."""
-    meta = json.loads((Path(directory) / "config.json").read_text())
+    meta = json.loads((as_path(directory) / "config.json").read_text())
     return dict(meta.get("langs") or REFERENCE_LANGS)
 
 
@@ -155,12 +153,12 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
 def read_params(directory: str | os.PathLike, cfg: ModelConfig) -> dict:
     """The parameters of a model directory (either format), checked against `cfg`; a BitNet's packed
     weights unpacked to the latents the model holds."""
-    path = Path(directory).absolute()
+    path = as_path(directory)
     abstract = abstract_model(cfg)
     packed = bitnet.is_packed(cfg)
     if (path / SAFETENSORS).is_file():
         try:
-            params = unflatten(safetensors.numpy.load_file(path / SAFETENSORS))
+            params = unflatten(_load_safetensors(path / SAFETENSORS))
         except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
             raise CheckpointError(f"{path / SAFETENSORS}: not a readable safetensors file ({e})") from e
         params = bitnet.unpack_params(abstract.backbone, params) if packed else params
@@ -174,6 +172,13 @@ def read_params(directory: str | os.PathLike, cfg: ModelConfig) -> dict:
     # restoring into `target` already checks the structure and shapes against the config
     params = ocp.StandardCheckpointer().restore(path / "params", target)
     return bitnet.unpack_params(abstract.backbone, params) if packed else params
+
+
+def _load_safetensors(path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors: memory-mapped from a local file, read whole from an object store."""
+    if object_store(path):
+        return safetensors.numpy.load(path.read_bytes())
+    return safetensors.numpy.load_file(path)
 
 
 def load_model(directory: str | os.PathLike, **overrides):

@@ -9,7 +9,8 @@ OUT is a valle_jax model directory (config.json, symmap.json, params/: what synt
 --format safetensors, model.safetensors instead of params/, the Hugging Face layout), or, with
 --format reference or an OUT ending in .pth, the reference's `fp32.pth` layout
 {"module": state dict, "stats": {...}, "userdata": {"symmap": ...}} for going back to PyTorch.
-Both are written to a temp path and renamed, so a killed export leaves nothing half-written.
+Both are written to a temp path and renamed, so a killed export leaves nothing half-written. DIR and
+OUT may be gs://, s3://... paths (docs/cloud.md).
 --push-to-hub uploads the model directory to a Hugging Face repository (created if missing;
 --private makes a new one private); the token is huggingface_hub's (HF_TOKEN or `hf auth login`).
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from valle_jax import adapters, hub
-from valle_jax.atomic import atomic_path
+from valle_jax.atomic import as_path, atomic_path, is_uri
 from valle_jax.checkpointing import save_model
 from valle_jax.config import ModelConfig
 from valle_jax.extras import require_torch
@@ -68,7 +69,7 @@ def export(
 ) -> Path:
     """`langs`: the model's language map (a model directory keeps it; the reference's .pth has no
     place for one, its readers assume en=0, ja=1)."""
-    out = Path(out)
+    out = as_path(out)
     if fmt == "auto":
         fmt = "reference" if out.suffix == ".pth" else "valle_jax"
     if fmt == "reference" and cfg.arch == "bitnet":
@@ -115,8 +116,8 @@ def export_run(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m valle_jax.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, required=True, help="the training directory (python -m valle_jax.train)")
-    p.add_argument("--out", type=Path, required=True, help="model directory, or FILE.pth for the reference layout")
+    p.add_argument("--workdir", required=True, help="the training directory (python -m valle_jax.train)")
+    p.add_argument("--out", required=True, help="model directory, or FILE.pth for the reference layout")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument("--format", choices=("auto", "valle_jax", "safetensors", "reference"), default="auto")
     p.add_argument("--overwrite", action="store_true")
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.private and not args.push_to_hub:
         print("error: --private needs --push-to-hub", file=sys.stderr)
+        return 2
+    if args.push_to_hub and is_uri(args.out):  # huggingface_hub uploads a local folder
+        print("error: --push-to-hub needs a local --out", file=sys.stderr)
         return 2
     try:
         out, step = export_run(args.workdir, args.out, args.step, args.format, args.overwrite, args.merge_lora)

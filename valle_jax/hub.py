@@ -19,6 +19,8 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+from valle_jax.atomic import as_path, is_uri
+
 PREFIX = "hf://"
 _PATH = re.compile(r"^hf://(?P<owner>[\w.-]+)/(?P<repo>[\w.-]+)(?P<path>(?:/[^@]+)?)(?:@(?P<rev>[^/@]+))?$")
 
@@ -68,7 +70,10 @@ def cache_dir() -> Path:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A local path for `path`: itself unless it is a hub path, which is fetched into (or found in) the cache."""
+    """A local path for `path`: itself unless it is a hub path, which is fetched into (or found in) the
+    cache; an object-store path (gs://...) stays one, as an etils.epath.Path."""
+    if is_uri(path) and not is_hub_path(path):
+        return as_path(path)
     if not is_hub_path(path):
         return Path(path)
     hp = parse(str(path))

@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from valle_jax.atomic import atomic_path
+from valle_jax import appending
+from valle_jax.atomic import as_path, atomic_path
 
 ALIASES = {
     "loss": "train/loss",
@@ -34,11 +35,11 @@ XS = {"step": "step", "tokens": "stats/tokens_processed"}
 
 def read_metrics(workdir: Path) -> dict[str, dict[int, float]]:
     """{metric name: {step: value}} (later lines override earlier ones for the same step)."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
+    path = as_path(workdir) / "metrics.jsonl"
+    if not appending.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training directory that has logged?")
     out: dict[str, dict[int, float]] = {}
-    for line in path.read_text("utf-8").splitlines():
+    for line in appending.read_text(path).splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
@@ -93,7 +94,7 @@ def plot(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m valle_jax.plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--workdir", required=True, help="the training directory (local, or gs://..., s3://...)")
     p.add_argument("--xs", choices=sorted(XS), default="step")
     p.add_argument("--ys", default="loss,acc", help="comma-separated metric names")
     p.add_argument("--smooth", type=float, default=10.0, help="EWM centre of mass (0 = raw only)")

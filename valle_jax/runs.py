@@ -3,6 +3,7 @@
 A run directory holds `run.json` (the model config, the phoneme map and the full training config,
 written by training) and `checkpoints/<step>/` (valle_jax.training.checkpoint). Export, synthesis
 and training all read a run through this module, so none of them needs another's code to do it.
+A run directory may be local or on an object store (gs://, s3://... through etils.epath; docs/cloud.md).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
+from etils import epath
 
-from valle_jax.atomic import write_text
+from valle_jax.atomic import as_path, write_text
 from valle_jax.checkpointing import params_of
 from valle_jax.config import ConfigError, ModelConfig
 from valle_jax.data.languages import REFERENCE_LANGS
@@ -62,12 +64,12 @@ class RunParams:
     langs: dict = dataclasses.field(default_factory=lambda: dict(REFERENCE_LANGS))  # language -> row
 
 
-def is_run(path: str | Path) -> bool:
-    return (Path(path) / RUN_FILE).is_file()
+def is_run(path: str | Path | epath.Path) -> bool:
+    return (as_path(path) / RUN_FILE).is_file()
 
 
-def read_run(workdir: str | Path) -> RunRecord:
-    path = Path(workdir) / RUN_FILE
+def read_run(workdir: str | Path | epath.Path) -> RunRecord:
+    path = as_path(workdir) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{workdir} is not a valle_jax training directory (no {RUN_FILE})")
     run = json.loads(path.read_text("utf-8"))
@@ -87,7 +89,7 @@ def check_languages(model: ModelConfig, langs: Mapping[str, int], used: Sequence
 
 
 def check_run(
-    workdir: Path, model: ModelConfig, symmap: Mapping, store: str | Path, langs: Mapping | None = None
+    workdir: epath.Path, model: ModelConfig, symmap: Mapping, store: str | Path, langs: Mapping | None = None
 ) -> None:
     """Raises ConfigError when `workdir` already holds a run of another model, phoneme or language map."""
     if not is_run(workdir):
@@ -106,7 +108,7 @@ def check_run(
 
 
 def write_run(
-    workdir: Path, model: ModelConfig, symmap: Mapping, config: Mapping, langs: Mapping | None = None
+    workdir: epath.Path, model: ModelConfig, symmap: Mapping, config: Mapping, langs: Mapping | None = None
 ) -> None:
     record = {
         "model": dataclasses.asdict(model),
@@ -129,10 +131,10 @@ def run_stats(meta: Mapping) -> dict:
     return stats
 
 
-def load_params(workdir: str | Path, step: int | None = None) -> RunParams:
+def load_params(workdir: str | Path | epath.Path, step: int | None = None) -> RunParams:
     """Checkpoint `step` (default: the latest complete one) of a run, its parameters on the first
     device and without the optimizer state."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     run = read_run(workdir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(

@@ -5,6 +5,7 @@ Kinds, tried in this order:
     hf://OWNER/REPO[/PATH][@REV]   resolved through the hub cache (valle_jax.hub), then as below
     a model directory               config.json + params/ or model.safetensors (export, convert_reference)
     a training workdir              run.json + checkpoints/ (the newest good step, or `step`)
+(model directories and workdirs may be on an object store: gs://BUCKET/..., s3://...; docs/cloud.md)
     a reference file                fp32.pth / state-dict .pth / .npz / .safetensors with the reference's keys
 A reference file found on the hub is converted once into a model directory kept beside the hub
 cache (hub.conversion_dir), so later loads skip the conversion.
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from valle_jax import adapters, hub, runs
+from valle_jax.atomic import as_path
 from valle_jax.checkpointing import CheckpointError, read_config, read_params, save_model
 from valle_jax.config import ModelConfig
 from valle_jax.data.text import reference_symmap
@@ -113,7 +115,7 @@ def _cached_conversion(local: Path, heads: int | None) -> Path | None:
 
 def exists(path: str | os.PathLike) -> bool:
     """Whether a checkpoint path can be tried at all (hub paths are not looked up here)."""
-    return hub.is_hub_path(path) or Path(path).exists()
+    return hub.is_hub_path(path) or as_path(path).exists()
 
 
 def as_numpy(params) -> dict:

@@ -22,7 +22,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from valle_jax.atomic import io_error_line
+from valle_jax.appending import AppendFile
+from valle_jax.atomic import as_path, io_error_line, object_store
 from valle_jax.config_files import resolve_argv
 from valle_jax.runtime import reexec_with_tcmalloc, start_training_process
 from valle_jax.training.lock import WorkdirBusy, WorkdirLock
@@ -31,7 +32,9 @@ EXIT_BAD_INPUT, EXIT_USAGE, EXIT_WRITE, EXIT_ABORTED = 1, 2, 4, 130
 HELP = {"--help", "-h", "-?", "--helpshort"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<preset>.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, TensorBoard, exports")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "run directory: checkpoints, logs, TensorBoard, exports; local or gs://, s3:// (docs/cloud.md)"
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     os.environ.get("VALLE_JAX_DISTRIBUTED", "") not in ("", "0"),
@@ -130,21 +133,63 @@ class _HideOrbaxErrors(logging.Filter):
         return not (from_orbax or orbax_task)
 
 
-class _LogFile(logging.FileHandler):
-    """WORKDIR/log.txt; on a full or read-only disk it says so once and leaves the console to log alone
+class _OnceOnError:
+    """On a full or read-only disk a log file says so once and leaves the console to log alone
     (logging's default prints a traceback for every line that fails)."""
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]
         logging.getLogger().removeHandler(self)
         print(
-            f"warning: cannot write {self.baseFilename} ({io_error_line(error) or error}): logging to the console only",
+            f"warning: cannot write {self.name_of_file} ({io_error_line(error) or error}): logging to the console only",
             file=sys.stderr,
         )
         try:
             self.close()
-        except OSError:
+        except Exception:  # noqa: BLE001 - the failure is reported above; closing must not raise again
             pass
+
+
+class _LogFile(_OnceOnError, logging.FileHandler):
+    """WORKDIR/log.txt on a local disk."""
+
+    @property
+    def name_of_file(self) -> str:
+        return self.baseFilename
+
+
+class _ObjectStoreLog(_OnceOnError, logging.Handler):
+    """WORKDIR/log.txt on an object store: its lines go into valle_jax.appending's parts, uploaded at
+    most every FLUSH_SECS and when the run ends (a killed run loses at most that much of its log)."""
+
+    FLUSH_SECS = 10.0
+
+    def __init__(self, path):
+        super().__init__()
+        self.file = AppendFile(path, flush_secs=self.FLUSH_SECS)
+        self.name_of_file = str(path)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.file.write(self.format(record) + "\n")
+            self.file.flush()
+        except Exception:  # noqa: BLE001 - logging's contract: report through handleError
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.file.sync()
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            super().close()
+
+
+def log_file(workdir) -> logging.Handler:
+    """The handler writing WORKDIR/log.txt (valle_jax.atomic.object_store decides which kind)."""
+    path = as_path(workdir) / "log.txt"
+    return _ObjectStoreLog(path) if object_store(path) else _LogFile(path, encoding="utf-8")
 
 
 def _hide_closed_loop_errors() -> None:
@@ -160,7 +205,7 @@ def _hide_closed_loop_errors() -> None:
     sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisablehook(u)
 
 
-def setup_logging(workdir: Path, primary: bool, verbose: bool = False) -> None:
+def setup_logging(workdir, primary: bool, verbose: bool = False) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -174,7 +219,7 @@ def setup_logging(workdir: Path, primary: bool, verbose: bool = False) -> None:
     root.addHandler(console)
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-        file = _LogFile(workdir / "log.txt", encoding="utf-8")
+        file = log_file(workdir)
         file.setFormatter(fmt)
         root.addHandler(file)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
@@ -199,7 +244,7 @@ def main(argv) -> int:
         )
     from valle_jax.training.control import StopRequest  # noqa: PLC0415 - see `import jax` above
 
-    workdir = Path(_WORKDIR.value)
+    workdir = as_path(_WORKDIR.value)
     primary = jax.process_index() == 0
     lock = WorkdirLock(workdir)
     stop = StopRequest()  # installed once training starts; until then Ctrl-C just interrupts
@@ -231,7 +276,7 @@ def _locked(lock: WorkdirLock, primary: bool, stop) -> int:
         lock.release()
 
 
-def _train(workdir: Path, primary: bool, stop) -> int:
+def _train(workdir, primary: bool, stop) -> int:
     setup_logging(workdir, primary, _VERBOSE.value)
     from valle_jax.config import ConfigError  # noqa: PLC0415 - see `import jax` above
     from valle_jax.data.store import StoreError  # noqa: PLC0415 - see `import jax` above

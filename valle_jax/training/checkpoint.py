@@ -1,4 +1,6 @@
-"""Training checkpoints: an orbax CheckpointManager over `WORKDIR/checkpoints/<step>/`.
+"""Training checkpoints: an orbax CheckpointManager over `WORKDIR/checkpoints/<step>/`, a local
+directory or an object store's (gs://, s3://: orbax writes those itself, through etils.epath and
+tensorstore, with its own commit marker instead of a rename).
 
 Items: "params" and "opt_state" (sharded arrays, restored onto whatever mesh the target says),
 "train" (step counter and base RNG key), "data" (the grain iterator state, JSON) and "meta"
@@ -23,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from valle_jax.atomic import errno_meaning, io_error
+from valle_jax.atomic import as_path, errno_meaning, io_error
 
 log = logging.getLogger("valle_jax.train")
 
@@ -41,7 +42,7 @@ ITEMS = ("params", "opt_state", "train", "data", "meta")
 
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 4, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=1,
@@ -155,7 +156,8 @@ class Checkpoints:
             if failed is None:
                 failed = self.queued if self.queued is not None and not self.has_complete(self.queued) else step
             for tmp in self.directory.glob(f"{failed}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    tmp.rmtree()
             raise CheckpointWriteError(failed, self.directory, e, code, path) from e
 
     def has_complete(self, step: int) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from valle_jax import runs
-from valle_jax.atomic import io_error_line
+from valle_jax.atomic import as_path, io_error_line
 from valle_jax.checkpointing import params_of
 from valle_jax.config import ConfigError, data_config, mesh_config, model_config, optim_config, train_config
 from valle_jax.data.pipeline import make_iterator
@@ -56,7 +56,7 @@ class Progress:
 
 class Trainer:
     def __init__(self, config, workdir: str | Path, commands: str = "auto", devices=None):
-        self.config, self.workdir = config, Path(workdir).absolute()
+        self.config, self.workdir = config, as_path(workdir)  # local, or gs://... (docs/cloud.md)
         self.data_cfg, self.model_cfg = data_config(config), model_config(config)
         self.mesh_cfg, self.optim_cfg, self.train_cfg = mesh_config(config), optim_config(config), train_config(config)
         if not self.data_cfg.store:
@@ -357,6 +357,7 @@ class Trainer:
     def save(self, p: Progress) -> None:
         """A checkpoint of step `p.step` (once: a second call for the same step does nothing)."""
         self.meter.flush()  # the checkpoint's stats include the last step
+        self.writer.sync()  # on an object store, the metrics reach it with each checkpoint
         if self.checkpoints.has(p.step):
             return
         t0 = time.perf_counter()

@@ -1,18 +1,23 @@
 """What a run reports: TensorBoard events, a metrics.jsonl the plot command reads, console lines,
-and the device peak that MFU is measured against. Only process 0 writes."""
+and the device peak that MFU is measured against. Only process 0 writes. On an object store the
+workdir's metrics.jsonl is a series of parts (valle_jax.appending), uploaded at most every
+FLUSH_SECS and at each checkpoint (`sync`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from valle_jax.appending import AppendFile
 from valle_jax.tensorboard import summary_writer
+
+FLUSH_SECS = 10.0  # TensorBoard's flush interval, and metrics.jsonl's on an object store
 
 # dense bf16 peak FLOP/s per device (vendor figures; the MFU denominator when train.peak_flops is 0)
 PEAK_FLOPS = {
@@ -58,13 +63,13 @@ def device_peak_flops(configured: float = 0.0) -> tuple[float, str]:
 class MetricsWriter:
     """TensorBoard scalars under WORKDIR/tb and one JSON object per line in WORKDIR/metrics.jsonl."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir: epath.Path, enabled: bool = True):
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
         if enabled:
-            self.tb = summary_writer(str(workdir / "tb"), flush_secs=10)
-            self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self.tb = summary_writer(workdir / "tb", flush_secs=FLUSH_SECS)
+            self.jsonl = AppendFile(workdir / "metrics.jsonl", flush_secs=FLUSH_SECS)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -83,6 +88,13 @@ class MetricsWriter:
         self.tb.add_audio(tag, clip, step, sample_rate=sample_rate)  # [samples]: mono
         if text:
             self.tb.add_text(tag, text, step)
+
+    def sync(self) -> None:
+        """On an object store, everything logged so far reaches the workdir now (at each checkpoint);
+        locally the writers' own flushing is kept as it was."""
+        if self.enabled and self.jsonl.remote:
+            self.tb.flush()
+            self.jsonl.sync()
 
     def close(self) -> None:
         if self.enabled:
