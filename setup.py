@@ -33,6 +33,9 @@ INSTALL_REQUIRES = [
     "h5py>=3.10",  # tools.pack reads the reference's HDF5 datasets
     "matplotlib>=3.8",  # python -m valle_jax.plot
     "absl-py>=2.0",
+    # workdirs on object stores (gs://, s3://; docs/cloud.md): the paths orbax already takes, for
+    # run.json, logs, metrics, TensorBoard, locks and exports too
+    "etils[epath]>=1.15",
     # model directories as model.safetensors, reference-keyed .safetensors, and hf:// checkpoint paths
     "safetensors>=0.4",
     "huggingface_hub>=0.24",
@@ -59,6 +62,10 @@ EVAL_REQUIRES = [
     # pyworld and webrtcvad import pkg_resources at import time, which setuptools 81 removed
     "setuptools<81",
 ]
+
+# gs:// workdirs (docs/cloud.md): etils.epath reaches GCS through fsspec's gcsfs when TensorFlow is
+# absent (orbax's arrays go through tensorstore, which needs nothing more); s3:// takes s3fs instead
+CLOUD_REQUIRES = ["gcsfs>=2024.2"]
 
 # Not an extra: tests/test_xmoe.py compares against torchscale==0.3.0 where it is installed, with
 # `pip install --no-deps torchscale==0.3.0` (its own pins would replace torch; docs/install.md).
@@ -108,7 +115,8 @@ setup(
     extras_require={
         "codec": CODEC_REQUIRES,
         "cuda": [JAX.replace("jax", "jax[cuda]", 1)],
-        "tpu": [JAX.replace("jax", "jax[tpu]", 1)],
+        "tpu": [JAX.replace("jax", "jax[tpu]", 1), *CLOUD_REQUIRES],  # TPU VMs keep their runs in gs://
+        "cloud": CLOUD_REQUIRES,
         "eval": EVAL_REQUIRES,
         "serve": SERVE_REQUIRES,
         "dev": DEV_REQUIRES,

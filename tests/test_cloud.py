@@ -4,18 +4,21 @@ bucket is (with gcsfs), that refuses appends and renames as an object store does
 on an object store is in tests/test_train_cli.py (test_object_store_workdir_resumes_like_a_local_run)."""
 
 import importlib
+import io
 import json
 import logging
 
 import jax
 import numpy as np
 import pytest
+import soundfile
 from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 
 from configs import tiny
 from valle_jax import appending, atomic
+from valle_jax.audio import write_wav
 from valle_jax.checkpointing import params_of, read_config, read_params, save_model
 from valle_jax.config import model_config
 from valle_jax.models.valle import abstract_model
@@ -68,8 +71,11 @@ def test_gs_path_goes_through_epath_fsspec(bucket):
     assert str(p) == "gs://bucket/run" and p._backend is epath_backend.fsspec_backend
     assert atomic.object_store(p) and not atomic.object_store(bucket)
     atomic.write_text(p / "run.json", '{"a": 1}')  # directly under its name: no temp object, no rename
-    assert sorted(x.name for x in bucket.joinpath("run").iterdir()) == ["run.json"]
+    write_wav(p / "samples" / "0_hyp.wav", np.full(480, 0.5, np.float32))  # soundfile writes a local temp
+    assert sorted(x.name for x in bucket.joinpath("run").iterdir()) == ["run.json", "samples"]
     assert json.loads((p / "run.json").read_text()) == {"a": 1}
+    wav, rate = soundfile.read(io.BytesIO((p / "samples" / "0_hyp.wav").read_bytes()))
+    assert rate == 24000 and len(wav) == 480 and abs(wav[0] - 0.5) < 1e-4
 
 
 def test_appended_file_is_parts_read_back_in_order(bucket):

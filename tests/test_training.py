@@ -5,6 +5,7 @@ console commands, reference export."""
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,17 +22,21 @@ import pytest
 
 from configs import base, tiny
 from tests.conftest import GOLDEN_DIR
-from valle_jax import runs
-from valle_jax.atomic import io_error, io_error_line
-from valle_jax.checkpointing import params_of, save_model
+from valle_jax import appending, runs, sources
+from valle_jax.atomic import OBJECT_STORE_ROOTS, io_error, io_error_line
+from valle_jax.checkpointing import load_model, params_of, save_model
 from valle_jax.config import ConfigError, MeshConfig, OptimConfig, mesh_config, model_config
+from valle_jax.export import main as export_main
 from valle_jax.models import init_model
 from valle_jax.models import layers as L
 from valle_jax.models.attention import _flash, _forward, flash_attend
 from valle_jax.models.convert import from_reference, infer_config, normalise_keys, to_reference
 from valle_jax.models.dense_attention import dense_attend
 from valle_jax.models.feed_forward import feed_forward
+from valle_jax.plot import read_metrics
+from valle_jax.train import log_file
 from valle_jax.training import control
+from valle_jax.training import lock as lock_module
 from valle_jax.training.checkpoint import Checkpoints, CheckpointWriteError
 from valle_jax.training.control import Command, CommandReader, parse
 from valle_jax.training.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
@@ -436,6 +441,52 @@ def test_restore_walks_back_past_a_bad_checkpoint(two_checkpoints, tmp_path, cap
     assert make_trainer(cfg2, workdir).run() == 0
     assert (workdir / "checkpoints" / f"{bad}.unreadable").is_dir()
     assert runs.load_params(workdir).step == bad
+
+
+@pytest.mark.needs_espeak
+def test_object_store_workdir_resumes_like_a_local_run(two_checkpoints, tmp_path, monkeypatch, caplog):
+    """The object-store code path (no appends, renames or hard links: valle_jax.atomic.object_store;
+    docs/cloud.md), forced on a local directory, with training's own lock and log.txt handler: a run
+    that ends at step 1 and is resumed to step 2 writes the metrics, run.json and checkpoints of the
+    uninterrupted local run, and reads back as one (load_weights, export into the store, plot)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ref_dir, cfg = two_checkpoints
+    monkeypatch.setenv(OBJECT_STORE_ROOTS, str(tmp_path))
+    monkeypatch.setattr(lock_module, "SETTLE_S", 0.0)
+    workdir = tmp_path / "run"
+    train_log = logging.getLogger("valle_jax.train")
+    for steps in (1, 2):
+        c = test_config(cfg.data.store, **{"train.steps": steps, "train.save_every": 1, "train.log_every": 1})
+        with WorkdirLock(workdir), caplog.at_level("INFO", logger="valle_jax.train"):
+            handler = log_file(workdir)
+            train_log.addHandler(handler)
+            try:
+                assert make_trainer(c, workdir).run() == 0
+            finally:
+                train_log.removeHandler(handler)
+                handler.close()
+    names = {p.name for p in workdir.iterdir()}
+    assert not names & {"metrics.jsonl", "log.txt", "lock"}, names
+    assert {"metrics.jsonl.part-00000", "metrics.jsonl.part-00001", "log.txt.part-00001"} <= names
+    got, ref = read_metrics(workdir)["train/loss"], read_metrics(ref_dir)["train/loss"]
+    assert sorted(got) == sorted(ref) == [1, 2]
+    np.testing.assert_allclose([got[1], got[2]], [ref[1], ref[2]], rtol=1e-6)
+    assert json.loads((workdir / "run.json").read_text()) == json.loads((ref_dir / "run.json").read_text())
+    log = appending.read_text(workdir / "log.txt")
+    assert "started a new run" in log and "resumed from step 1" in log and "finished 2 steps" in log
+    ea = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2]
+    run = sources.load_weights(workdir)  # what synthesis, init_from and export read
+    assert run.step == 2
+    base = runs.load_params(ref_dir)
+    for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(run.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert export_main(["--workdir", str(workdir), "--out", str(tmp_path / "model")]) == 0
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # staged elsewhere, uploaded in place
+    model, _, _ = load_model(tmp_path / "model")
+    np.testing.assert_array_equal(np.asarray(params_of(model)["sep"]), np.asarray(base.params["sep"]))
 
 
 def test_workdir_lock(tmp_path, caplog):

@@ -67,6 +67,7 @@ class AppendFile:
 
     def __init__(self, path: str | os.PathLike, flush_secs: float = 10.0, part_bytes: int = PART_BYTES):
         self.path = as_path(path)
+        self.name = str(self.path)  # as a file object names itself (error messages use it)
         self.remote = object_store(path)
         self.flush_secs, self.part_bytes = flush_secs, part_bytes
         self.closed = False

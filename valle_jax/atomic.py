@@ -63,7 +63,8 @@ def upload(local: str | os.PathLike, path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yields a temp path to write; renames it to `path` if the block succeeds.
+    """Yields a temp path to write; renames it to `path` if the block succeeds. On an object store
+    the temp file is a local one, uploaded under `path` instead (the object appears once complete).
 
     `suffix` ends the temp name, for libraries that infer the format from it (np.save appends
     '.npy' to a name without it; soundfile reads the extension).

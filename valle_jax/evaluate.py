@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 import zlib
@@ -42,7 +43,7 @@ import numpy as np
 import soundfile as sf
 
 from valle_jax import metrics
-from valle_jax.atomic import write_text
+from valle_jax.atomic import as_path, write_text
 from valle_jax.audio import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, AudioError, load_audio, write_wav
 from valle_jax.checkpointing import CheckpointError
 from valle_jax.codec import CodecUnavailable
@@ -340,8 +341,8 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, step: int) -> None
 def _plain(v):
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
-    if isinstance(v, Path):
-        return str(v)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
     raise TypeError(f"cannot write {type(v).__name__} as JSON")
 
 
@@ -368,7 +369,7 @@ def run(args) -> dict:
         raise EvalError(f"no utterance of {args.test_list} can be evaluated under the {args.protocol} protocol")
     names = [m for m in args.metrics.split(",") if m]
     scorers = build_metrics(names, args.asr, args.asr_model, args.verifier)  # fails before any synthesis
-    out = Path(args.out)
+    out = as_path(args.out)  # local, or a bucket (docs/cloud.md)
     timing, stopped = None, [True] * len(items)
     continuation = args.protocol == "continuation"
     if args.ground_truth:
@@ -439,7 +440,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="model directory, training workdir or reference .pth")
     p.add_argument("--test-list", required=True, type=Path, help="JSONL: audio, text, speaker (docs/evaluation.md)")
     p.add_argument("--protocol", required=True, choices=PROTOCOLS)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: eval/PROTOCOL)")
+    p.add_argument("--out", default=None, help="output folder, local or gs://... (default: eval/PROTOCOL)")
     p.add_argument("--asr", default="pocketsphinx", help="ASR backend for WER: pocketsphinx (offline) or whisper")
     p.add_argument("--asr-model", default=None, help="the ASR's model (whisper: size or folder; default base.en)")
     p.add_argument("--verifier", default="resemblyzer", help="speaker verifier for SIM: resemblyzer or wavlm")
