@@ -1,7 +1,7 @@
 """Workdirs on object stores (docs/cloud.md) without a network: a gs:// bucket served by an fsspec
 filesystem over a local directory, reached through etils.epath's own fsspec backend exactly as a real
 bucket is (with gcsfs), that refuses appends and renames as an object store does. The training run
-on an object store is in tests/test_train_cli.py (test_object_store_workdir_resumes_like_a_local_run)."""
+on an object store is in tests/test_training.py (test_object_store_workdir_resumes_like_a_local_run)."""
 
 import importlib
 import io
