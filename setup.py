@@ -63,9 +63,11 @@ EVAL_REQUIRES = [
     "setuptools<81",
 ]
 
-# gs:// workdirs (docs/cloud.md): etils.epath reaches GCS through fsspec's gcsfs when TensorFlow is
-# absent (orbax's arrays go through tensorstore, which needs nothing more); s3:// takes s3fs instead
-CLOUD_REQUIRES = ["gcsfs>=2024.2"]
+# gs:// and s3:// workdirs (docs/cloud.md): etils.epath reaches them through fsspec's gcsfs and s3fs
+# when TensorFlow is absent, as etils's own extras declare (orbax's arrays go through tensorstore,
+# which needs nothing more). A TPU VM gets the gs:// part.
+GCS_REQUIRES = ["etils[epath-gcs]>=1.15"]
+CLOUD_REQUIRES = ["etils[epath-gcs,epath-s3]>=1.15"]
 
 # Not an extra: tests/test_xmoe.py compares against torchscale==0.3.0 where it is installed, with
 # `pip install --no-deps torchscale==0.3.0` (its own pins would replace torch; docs/install.md).
@@ -115,7 +117,7 @@ setup(
     extras_require={
         "codec": CODEC_REQUIRES,
         "cuda": [JAX.replace("jax", "jax[cuda]", 1)],
-        "tpu": [JAX.replace("jax", "jax[tpu]", 1), *CLOUD_REQUIRES],  # TPU VMs keep their runs in gs://
+        "tpu": [JAX.replace("jax", "jax[tpu]", 1), *GCS_REQUIRES],  # TPU VMs keep their runs in gs://
         "cloud": CLOUD_REQUIRES,
         "eval": EVAL_REQUIRES,
         "serve": SERVE_REQUIRES,
