@@ -377,12 +377,19 @@ def test_environment_has_eight_devices():
     assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")
 
 
+# compiled train steps of this module's runs, for tests that train the same config again: what they
+# test is the run's storage and state, not compilation, which is most of a tiny run's time
+COMPILED: dict[str, CompiledSteps] = {}
+
+
 @pytest.fixture(scope="module")
 def two_checkpoints(store_path, tmp_path_factory):
     """A run directory with complete checkpoints at steps 1 and 2."""
     workdir = tmp_path_factory.mktemp("two_checkpoints") / "run"
     cfg = test_config(store_path, **{"train.steps": 2, "train.save_every": 1, "train.log_every": 1})
-    assert make_trainer(cfg, workdir).run() == 0
+    trainer = make_trainer(cfg, workdir)
+    assert trainer.run() == 0
+    COMPILED["two_checkpoints"] = trainer.compiled
     return workdir, cfg
 
 
@@ -456,10 +463,9 @@ def test_object_store_workdir_resumes_like_a_local_run(two_checkpoints, tmp_path
     ref_dir, cfg = two_checkpoints
     monkeypatch.setenv(OBJECT_STORE_ROOTS, str(tmp_path))
     monkeypatch.setattr(lock_module, "SETTLE_S", 0.0)
-    # the second start compiles nothing: it takes the first's compiled step (what a resume reads from
-    # the store is under test, not compilation), which takes a third off the test's time
-    compiled: dict = {}
-    monkeypatch.setattr(loop_module, "CompiledSteps", lambda jitted: compiled.setdefault("step", CompiledSteps(jitted)))
+    # both starts take the local run's compiled step (its config but train.steps, which the constant
+    # schedule does not read): three quarters off the test's time
+    monkeypatch.setattr(loop_module, "CompiledSteps", lambda jitted: COMPILED["two_checkpoints"])
     workdir = tmp_path / "run"
     train_log = logging.getLogger("valle_jax.train")
     for steps in (1, 2):
