@@ -14,13 +14,19 @@ from valle_jax import backend, runtime
 FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
-def test_cpu_flags_are_added_after_the_users_own():
+@pytest.fixture
+def checked_jaxlib(monkeypatch):
+    """The jaxlib release the flags were measured with, whatever is installed (JAX 0.12 gets none)."""
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: runtime.CPU_XLA_FLAGS_JAXLIB + "2")
+
+
+def test_cpu_flags_are_added_after_the_users_own(checked_jaxlib):
     env = runtime.with_cpu_xla_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", FLAG]
     assert runtime.with_cpu_xla_flags({})["XLA_FLAGS"] == FLAG
 
 
-def test_cpu_flags_follow_the_work():
+def test_cpu_flags_follow_the_work(checked_jaxlib):
     """YNNPACK's fusions stay on for training the backbones they speed up; off for training llama
     and for decoding (training_arch None)."""
     assert runtime.with_cpu_xla_flags({}, training_arch="llama")["XLA_FLAGS"] == FLAG
@@ -31,7 +37,7 @@ def test_cpu_flags_follow_the_work():
     assert runtime.with_cpu_xla_flags({"XLA_FLAGS": mine}, training_arch="retnet")["XLA_FLAGS"] == mine
 
 
-def test_cpu_flags_leave_a_flag_the_user_set_and_honour_the_opt_out():
+def test_cpu_flags_leave_a_flag_the_user_set_and_honour_the_opt_out(checked_jaxlib):
     mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
     assert runtime.with_cpu_xla_flags({"XLA_FLAGS": mine})["XLA_FLAGS"] == mine
     assert "XLA_FLAGS" not in runtime.with_cpu_xla_flags({"VALLE_JAX_CPU_FLAGS": "0"})
