@@ -11,6 +11,8 @@ pre-activations' gradients, each computed by a transposing elementwise loop that
 column by column (~0.2 s apiece at that size, three per layer). Here the backward pass keeps h,
 a and b, recomputes gelu elementwise (no matmul is recomputed), and writes every product as a 2D
 matmul whose large operand is contracted along its rows, which the CPU matmul reads as it lies.
+A weight that is a LoRA training step's LoraWeight (frozen W and its adapter) gets the adapter's
+gradients alone (models.lora.backward_2d): the frozen W's weight-gradient matmuls are not computed.
 """
 
 from __future__ import annotations
