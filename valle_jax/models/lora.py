@@ -14,11 +14,13 @@ scan slices it like any stacked parameter, and every product with it goes throug
 feed-forward's hand-written backward pass asks `backward_2d`, the MoE products `product`. So no
 backbone changes a line, and W + AB is never formed in training.
 
-Why not in weight space (W + AB merged before the forward, as this module first did): that kept a
-merged copy of every target matrix and its full-size gradient beside the frozen base, so a LoRA
-step needed more memory than a full fine-tune (docs/training.md). In activation space the base
-gets no gradient at all and its weight-gradient matmuls are skipped. `merge` (W + AB) remains what
-evaluation, export and synthesis run: equal to the adapter path within float rounding.
+Why not in weight space (W + AB merged before the forward, as this module first did): that formed
+a merged copy of every target matrix and its full-size gradient beside the frozen base, and ran the
+frozen matrices' weight-gradient matmuls only to reduce them to A and B; dropout could only drop
+whole input features of A for a step. In activation space the base gets no gradient at all (a
+faster step; the memory is about the same at the half preset, where activations dominate:
+docs/training.md), and dropout acts per token. `merge` (W + AB) remains what evaluation, export and
+synthesis run: equal to the adapter path within float rounding.
 
 BitNet (`model.bitlinear`) is the exception: its products quantise the weight, and ternary(W + AB)
 is not ternary(W) plus AB, so there a LoraWeight is merged per stacked matrix before quantising
