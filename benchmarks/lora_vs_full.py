@@ -4,7 +4,9 @@
 
 The reference training shapes (text 60, prompt 225, response 375 frames; batch 8), adamw as
 configured by default, float32. Each mode runs in a fresh process, so its peak RSS (parameters,
-optimizer state, activations, XLA's buffers) is its own. LoRA: rank --rank on the attention and
+optimizer state, activations, XLA's buffers) is its own; "XLA peak" is the compiled step's own
+account (memory_analysis: its arguments, outputs not aliased to them, and temporaries), which does
+not depend on the allocator or on what else the process holds. LoRA: rank --rank on the attention and
 FFN presets (models/lora.py), the base passed frozen beside the adapters as training does.
 """
 
@@ -22,6 +24,11 @@ SHAPE = (60, 225, 375)  # text, prompt, response: the shapes the reference was t
 
 
 def child(args) -> dict:
+    from valle_jax.runtime import start_training_process
+
+    # as `python -m valle_jax.train` runs: with JAX's asynchronous CPU dispatch a step can start while
+    # the last one's temporaries are alive, so peak RSS would count two steps' buffers on some runs
+    start_training_process(args.arch)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -29,6 +36,7 @@ def child(args) -> dict:
 
     from valle_jax.config import SIZES, ModelConfig, OptimConfig
     from valle_jax.models import lora as LR
+    from valle_jax.training import lora_state
     from valle_jax.training.optim import make_optimizer
     from valle_jax.training.step import abstract_model, init_params, make_train_step
 
@@ -54,7 +62,7 @@ def child(args) -> dict:
         lcfg = LR.LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
         targets = LR.find_targets(abstract, lcfg)
         trained = jax.jit(lambda: LR.init_adapters(targets, lcfg, 0))()
-        merge = lambda base, adapters, key: LR.merge(base, adapters, targets, lcfg, key)  # noqa: E731
+        merge = lora_state.merge_fn(targets, lcfg)
         state["base"] = params
     else:
         trained, merge = params, None
@@ -67,6 +75,9 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, lr).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()  # XLA's own account: deterministic, unlike RSS
+    compiled_peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    compiled_peak += mem.temp_size_in_bytes
     state, m = compiled(state, batch, lr)
     jax.block_until_ready(m["loss"])
     times = []
@@ -82,6 +93,8 @@ def child(args) -> dict:
         "compile_s": compile_s,
         "step_s": statistics.median(times),
         "steps": [round(t, 2) for t in times],
+        "temp_gb": mem.temp_size_in_bytes / 2**30,
+        "compiled_peak_gb": compiled_peak / 2**30,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "loss": float(m["loss"]),
     }
@@ -104,16 +117,20 @@ def main() -> None:
     common += ["--steps", str(args.steps)]
     rows = [run_child(__file__, [*common, "--mode", mode], mode, 1, True, args.arch) for mode in ("full", "lora")]
     print(f"{args.arch}-{args.size}, batch {args.batch}, shapes {SHAPE}, LoRA rank {args.rank} on attention + FFN")
-    print(f"{'mode':6} {'trained':>9} {'opt state':>10} {'compile':>8} {'step':>8} {'peak RSS':>9}  steps")
+    head = f"{'mode':6} {'trained':>9} {'opt state':>10} {'compile':>8} {'step':>8} {'XLA temp':>9} {'XLA peak':>9}"
+    print(f"{head} {'peak RSS':>9}  steps")
     for r in rows:
         print(
             f"{r['mode']:6} {r['trained_M']:8.2f}M {r['opt_state_MB']:8.1f}MB {r['compile_s']:7.1f}s "
-            f"{r['step_s']:7.2f}s {r['peak_rss_gb']:7.2f}GB  {r['steps']}"
+            f"{r['step_s']:7.2f}s {r['temp_gb']:7.2f}GB {r['compiled_peak_gb']:7.2f}GB {r['peak_rss_gb']:7.2f}GB  "
+            f"{r['steps']}"
         )
     full, lora = rows
     print(
         f"LoRA / full: step time {lora['step_s'] / full['step_s']:.2f}, optimizer state "
-        f"{lora['opt_state_MB'] / full['opt_state_MB']:.4f}, peak RSS {lora['peak_rss_gb'] / full['peak_rss_gb']:.2f}"
+        f"{lora['opt_state_MB'] / full['opt_state_MB']:.4f}, XLA peak (arguments + outputs + temporaries) "
+        f"{lora['compiled_peak_gb'] / full['compiled_peak_gb']:.2f}, peak RSS "
+        f"{lora['peak_rss_gb'] / full['peak_rss_gb']:.2f}"
     )
 
 

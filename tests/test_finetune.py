@@ -4,9 +4,11 @@ safetensors model directories, hf:// paths through a pre-populated hub cache (no
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -229,6 +231,75 @@ def test_lora_adapters_on_every_backbone():
         LR.find_targets(abstract_model(cfg), LR.LoraConfig(rank=2, targets=("^nothing$",)))
 
 
+def test_lora_in_activation_space_on_every_backbone():
+    """The train step's adapters (LoraWeight: x·W + s·(x·A)·B, never W + AB) against the merged model:
+    a zero adapter gives exactly the base model's loss, a trained one the merged model's loss within
+    1e-5, and the same gradients. The backbones' products with a LoRA matrix: attention and dense
+    projections (llama; the transformer's fused qkv and retnet's value-width products go through
+    the same matrix product), the feed-forward's hand-written backward pass (llama), Mixtral's
+    grouped expert products, XMoE's batched ones (retnet), and BitNet's merge before quantising."""
+    from flax import nnx
+
+    from valle_jax.models import lora as LR
+    from valle_jax.training.step import batch_loss, init_params
+
+    lcfg = LR.LoraConfig(rank=2, alpha=4.0)
+    rng = np.random.default_rng(0)
+    b, t, p, r = 2, 5, 6, 7
+    batch = {
+        "text": rng.integers(3, 20, (b, t)).astype(np.int32),
+        "text_len": np.array([t, 3], np.int32),
+        "lang": np.zeros(b, np.int32),
+        "prompt": rng.integers(0, 1024, (b, p, 8)).astype(np.int16),
+        "prompt_len": np.array([p, 4], np.int32),
+        "resp": rng.integers(0, 1024, (b, r, 8)).astype(np.int16),
+        "resp_len": np.array([r, 5], np.int32),
+        "row_valid": np.ones(b, bool),
+    }
+    for arch, extra in [("llama", {}), ("mixtral", {"experts": 2}), ("retnet", {"experts": 2}), ("bitnet", {})]:
+        cfg = dataclasses.replace(model_config(_tiny()), arch=arch, n_layers=1, **extra)
+        abstract = abstract_model(cfg)
+        graph, targets = nnx.graphdef(abstract), LR.find_targets(abstract, lcfg)
+        params = init_params(cfg, 0)
+        zero = LR.init_adapters(targets, lcfg, 1)
+        trained = jax.tree.map(lambda x: x + 0.05, zero)  # B != 0
+        key = jax.random.key(5)
+
+        def loss(p):
+            return batch_loss(graph, p, batch, key, cfg, (), False)[0]
+
+        # gradients where hand-written backward passes meet adapters (the rest is autodiff of the products)
+        with_grads = jax.value_and_grad if arch in ("llama", "retnet") else (lambda f: lambda a: (f(a), {}))
+        by_activation = jax.jit(with_grads(lambda a: loss(LR.wrap(params, a, targets, lcfg, None))))
+        by_weight = jax.jit(with_grads(lambda a: loss(LR.merge(params, a, targets, lcfg))))
+        # merge(params, zero) is params bit for bit (test_lora_adapters_on_every_backbone)
+        assert by_activation(zero)[0] == by_weight(zero)[0], arch
+        (l_act, g_act), (l_merged, g_merged) = by_activation(trained), by_weight(trained)
+        np.testing.assert_allclose(l_act, l_merged, rtol=1e-5, err_msg=arch)
+        assert abs(float(l_act) - float(by_weight(zero)[0])) > 1e-4, arch  # the adapter does act
+        scale = max((float(np.max(np.abs(y))) for y in jax.tree.leaves(g_merged)), default=0.0)
+        for x, y in zip(jax.tree.leaves(g_act), jax.tree.leaves(g_merged)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * scale, err_msg=arch)
+    with pytest.raises(ValueError, match="does not contract"):  # a product that is no target's
+        w = LR.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), None, 1.0, 0.0)
+        w.apply("nf,df->nd", jnp.ones((5, 3)), jnp.float32)
+
+
+def test_lora_dropout_is_per_token():
+    """The adapter's input loses elements independently per token and feature (peft's lora_dropout),
+    scaled by 1/(1-p); the same seed drops the same elements."""
+    from valle_jax.models import lora as LR
+
+    w = LR.LoraWeight(jnp.ones((8, 3)), jnp.ones((8, 2)), jnp.ones((2, 3)), jnp.uint32(7), 1.0, 0.25)
+    x = jnp.ones((64, 8))
+    d = np.asarray(w.dropped(x))
+    assert set(np.unique(d)) == {0.0, np.float32(1.0 / 0.75)}
+    assert 0.15 < np.mean(d == 0) < 0.35
+    assert len({tuple(row) for row in (d == 0)}) > 32  # tokens get different masks
+    np.testing.assert_array_equal(np.asarray(w.dropped(x)), d)
+    assert np.any(np.asarray(dataclasses.replace(w, seed=jnp.uint32(8)).dropped(x)) != d)
+
+
 def _tiny():
     from configs import tiny
 
@@ -243,8 +314,16 @@ def test_lora_training_sharded_export_and_merge(donor, store_path, tmp_path, mon
     from valle_jax.export import main as export_main
     from valle_jax.sources import with_adapter
 
-    root, cfg, params, _ = donor
-    lora = {"train.init_from": str(root / "orbax"), "optim.learning_rate": 1e-2}
+    root, cfg, params, symmap = donor
+    # the base lacks the two symbols the store uses most and has one language: the run grows both
+    # tables, and trains the grown rows beside the adapters
+    store = Store(store_path)
+    counts = np.bincount(np.concatenate([store.read(i)[1] for i in range(len(store))]), minlength=cfg.n_tokens)
+    ids = list(symmap.values())
+    unique = [s for s in symmap if ids.count(symmap[s]) == 1]
+    dropped = sorted(unique, key=lambda s: -counts[symmap[s]])[:2]
+    save_model(tmp_path / "base", cfg, params, {s: i for s, i in symmap.items() if s not in dropped})
+    lora = {"train.init_from": str(tmp_path / "base"), "optim.learning_rate": 1e-2, "model.n_langs": 2}
     c8, c1 = test_config(store_path, **lora), test_config(store_path, **lora)
     for c in (c8, c1):
         c.model.lora.rank, c.model.lora.dropout = 4, 0.1
@@ -261,9 +340,17 @@ def test_lora_training_sharded_export_and_merge(donor, store_path, tmp_path, mon
     a_q, q = s8["params"]["backbone"]["q"]["a"], s8["base"]["backbone"]["q"]
     assert a_q.sharding.spec[1] == q.sharding.spec[1] == "fsdp"  # the adapter follows its matrix's input axis
     assert s8["params"]["backbone"]["q"]["b"].sharding.spec[2] == q.sharding.spec[2] == "tensor"
-    # only the adapters changed; the optimizer state covers only them
-    assert_same(jax.device_get(s8["base"]), params)
+    # only the adapters and the grown rows changed; the optimizer state covers only them
+    base = t8.start_from.params
+    assert_same(jax.device_get(s8["base"]), base)
     assert np.any(np.asarray(s8["params"]["backbone"]["q"]["b"]))
+    grown = [t8.symmap[s] for s in dropped]
+    assert tuple(sorted(grown)) == next(t.ids for t in t8.lora_targets if t.name == "text_emb")
+    assert s8["params"]["lang_emb"]["rows"].shape == (1, cfg.d_model)  # language 1, new to the base
+    table = np.asarray(jax.device_get(t8.full_params(s8))["text_emb"])
+    old_rows = [i for i in range(cfg.n_tokens) if i not in grown]
+    np.testing.assert_array_equal(table[old_rows], base["text_emb"][old_rows])  # the base's rows, bit for bit
+    assert np.all(np.abs(table[grown] - base["text_emb"][grown]).max(axis=1) > 0)  # every grown row trained
     n_adapter = sum(np.size(x) for x in jax.tree.leaves(s8["params"]))
     n_opt = sum(np.size(x) for x in jax.tree.leaves(s8["opt_state"]) if np.ndim(x) > 0)
     assert n_opt == 2 * n_adapter  # adam's two moments, of the adapters only
@@ -278,7 +365,7 @@ def test_lora_training_sharded_export_and_merge(donor, store_path, tmp_path, mon
     merged = load_weights(merged_dir).params
     expect = jax.device_get(t8.full_params(s8))
     assert_same_close(merged, expect)
-    assert_same_close(with_adapter(load_weights(root / "orbax"), out).params, expect)  # TTS.load(base, lora=)
+    assert_same_close(with_adapter(load_weights(tmp_path / "base"), out).params, expect)  # TTS.load(base, lora=)
     assert_same_close(load_weights(tmp_path / "run8").params, expect)
     # the command: merged, as safetensors, pushed to the hub (huggingface_hub's HfApi replaced: no network)
     calls = []
@@ -305,8 +392,21 @@ def test_lora_training_sharded_export_and_merge(donor, store_path, tmp_path, mon
     state, _, step = t.restore_or_init()
     assert step == 2
     assert_same_close(jax.device_get(state["params"]), jax.device_get(s8["params"]))
-    assert_same(jax.device_get(state["base"]), params)
+    assert_same(jax.device_get(state["base"]), base)
     t.checkpoints.close()
+
+
+@pytest.mark.needs_espeak
+def test_validation_store_with_unknown_symbols_fails_at_start(store_path, tmp_path):
+    """A validation store the run's phoneme map cannot read stops the run before step 0, naming the
+    store and its symbols (not at the first evaluation)."""
+    val = tmp_path / "val"
+    shutil.copytree(store_path, val)
+    index = json.loads((val / "index.json").read_text())
+    index["symmap"]["ʘ"] = max(index["symmap"].values()) + 1
+    (val / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=rf"validation store {val} has symbols .*\['ʘ'\]"):
+        make_trainer(test_config(store_path, **{"train.eval_store": str(val)}), tmp_path / "run")
 
 
 def test_trimming_removes_a_known_silence():

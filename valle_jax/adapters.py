@@ -2,8 +2,10 @@
 
 An adapter directory (`python -m valle_jax.export --workdir LORA_RUN --out DIR`) holds
     lora.json          {"format": "valle_jax.lora", "version": 1, "lora": LoraConfig, "model": ModelConfig,
-                        "base": the base model's path (train.init_from), "base_step": its step or -1, "stats"}
-    adapter.safetensors  A and B of each adapted matrix ("backbone.q.a", "backbone.q.b", ...)
+                        "base": the base model's path (train.init_from), "base_step": its step or -1, "stats",
+                        "rows": {table: the ids of the rows the run grew and trained} (absent: none)}
+    adapter.safetensors  A and B of each adapted matrix ("backbone.q.a", "backbone.q.b", ...), and the
+                       trained delta of the grown rows ("text_emb.rows", "lang_emb.rows"; models.lora.GrownRows)
     symmap.json        the run's phoneme map (the base's, grown by the store's new symbols)
 Synthesis merges it into a base (`--checkpoint BASE --lora DIR`, `TTS.load(BASE, lora=DIR)`);
 `export --merge-lora` writes the merged model as a plain model directory.
@@ -45,6 +47,17 @@ class Adapter:
     base: str  # the base model's path
     base_step: int  # -1: its newest
     stats: dict
+    rows: dict = dataclasses.field(default_factory=dict)  # table -> the grown rows' ids (models.lora.GrownRows)
+
+    def targets(self, model: ModelConfig) -> list:
+        return targets_for(model, self.lora, self.rows)
+
+
+def targets_for(model: ModelConfig, lora: LR.LoraConfig, rows: dict) -> list:
+    """What an adapter adapts in `model`: its matrices, and the grown rows (`rows`: table -> ids) it trained."""
+    abstract = abstract_model(model)
+    grown = LR.grown_rows(abstract, rows.get("text_emb", ()), rows.get("lang_emb", ()))
+    return LR.find_targets(abstract, lora) + grown
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -72,7 +85,10 @@ def load_run(workdir: str | os.PathLike, step: int | None, load_base: Callable) 
     recorded = run.config.get("train", {})
     base_path, base_step = recorded.get("init_from", ""), int(recorded.get("init_from_step", -1))
     base = load_base(base_path, base_step if base_step >= 0 else None)
-    targets = LR.find_targets(abstract_model(run.model), lcfg)
+    added = tuple(s for s in run.symmap if s not in base.symmap)
+    rows = {"text_emb": [run.symmap[s] for s in added], "lang_emb": list(range(base.model.n_langs, run.model.n_langs))}
+    rows = {k: v for k, v in rows.items() if v}
+    targets = targets_for(run.model, lcfg, rows)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -83,7 +99,7 @@ def load_run(workdir: str | os.PathLike, step: int | None, load_base: Callable) 
         adapters, meta, step = ckpts.restore_params(step, target)
     finally:
         ckpts.close()
-    vocab = Vocab(dict(run.symmap), tuple(s for s in run.symmap if s not in base.symmap), None, run.model.n_langs)
+    vocab = Vocab(dict(run.symmap), added, None, run.model.n_langs)
     params = grow(jax.tree.map(np.asarray, base.params), base.symmap, vocab, run.model.n_langs)
     base = dataclasses.replace(base, params=params, model=run.model, symmap=dict(run.symmap))
     adapter = Adapter(
@@ -94,6 +110,7 @@ def load_run(workdir: str | os.PathLike, step: int | None, load_base: Callable) 
         base_path,
         base_step,
         runs.run_stats(meta),
+        rows,
     )
     return adapter, base, step
 
@@ -101,7 +118,7 @@ def load_run(workdir: str | os.PathLike, step: int | None, load_base: Callable) 
 def merged(params: dict, adapter: Adapter, model: ModelConfig) -> dict:
     """`params` (numpy) with the adapter merged in, float32."""
     check_fits(adapter, model)
-    targets = LR.find_targets(abstract_model(model), adapter.lora)
+    targets = adapter.targets(model)
     out = jax.jit(lambda p, a: LR.merge(p, a, targets, adapter.lora))(params, adapter.adapters)
     return jax.tree.map(np.asarray, out)
 
@@ -130,6 +147,7 @@ def save(out: str | os.PathLike, adapter: Adapter, overwrite: bool = False) -> P
             "base": adapter.base,
             "base_step": adapter.base_step,
             "stats": adapter.stats,
+            **({"rows": adapter.rows} if adapter.rows else {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=list))
         (tmp / "symmap.json").write_text(json.dumps(adapter.symmap, ensure_ascii=False))
@@ -156,4 +174,5 @@ def load(directory: str | os.PathLike) -> Adapter:
         meta.get("base", ""),
         int(meta.get("base_step", -1)),
         meta.get("stats", {}),
+        {k: [int(i) for i in v] for k, v in meta.get("rows", {}).items()},
     )

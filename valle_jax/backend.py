@@ -24,6 +24,7 @@ import enum
 import functools
 import math
 import os
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -314,10 +315,19 @@ def packed_rows_fit(rows: int) -> bool:
 # ---- the operations model code calls -------------------------------------------------------------
 
 
+@typing.runtime_checkable
+class AppliesItself(typing.Protocol):
+    """A weight that computes its own products with x (models.lora.LoraWeight: the base product plus
+    the adapter's); backend.linear hands it the product."""
+
+    def apply(self, spec: str, x: Array, dtype) -> Array: ...
+
+
 def linear(spec: str, x: Array, w, dtype) -> Array:
     """einsum with `dtype` operands (float32 or bfloat16 compute) and float32 accumulation; `w` is
-    an array, or a StepWeight (decoding on the CPU kernels)."""
-    if isinstance(w, (StepWeight, ternary.TernaryWeight)):
+    an array, a StepWeight (decoding on the CPU kernels), a TernaryWeight (BitLinear) or another
+    weight that applies itself (a LoRA adapter's, in training)."""
+    if isinstance(w, (StepWeight, ternary.TernaryWeight, AppliesItself)):
         return w.apply(spec, x, dtype)
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 

@@ -45,6 +45,7 @@ from valle_jax.models import retention as R
 from valle_jax.models.attention import flash_attend
 from valle_jax.models.dense_attention import dense_attend
 from valle_jax.models.feed_forward import feed_forward
+from valle_jax.models.lora import LoraWeight
 
 Array = jax.Array
 normal = jax.nn.initializers.normal
@@ -246,6 +247,8 @@ class Backbone(nnx.Module):
         params = {name: getattr(self, name)[...] for name in self.layer_params}
         if not self.cfg.bitlinear:
             return params
+        # a LoRA adapter merges before quantising: ternary(W + AB) is not ternary(W) + AB (models.lora)
+        params = {k: a.merged() if isinstance(a, LoraWeight) else a for k, a in params.items()}
         return {
             k: ternary.TernaryWeight.of(a, self.STEP_MATMULS[k], stacked=True) if k in self.STEP_MATMULS else a
             for k, a in params.items()

@@ -11,6 +11,8 @@ pre-activations' gradients, each computed by a transposing elementwise loop that
 column by column (~0.2 s apiece at that size, three per layer). Here the backward pass keeps h,
 a and b, recomputes gelu elementwise (no matmul is recomputed), and writes every product as a 2D
 matmul whose large operand is contracted along its rows, which the CPU matmul reads as it lies.
+A weight that is a LoRA training step's LoraWeight (frozen W and its adapter) gets the adapter's
+gradients alone (models.lora.backward_2d): the frozen W's weight-gradient matmuls are not computed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from valle_jax.models.layers import after_gradient, dropout, matmul
+from valle_jax.models.lora import LoraWeight, backward_2d
 from valle_jax.ternary import TernaryWeight
 
 Array = jax.Array
@@ -80,26 +83,29 @@ def _ffn_bwd(dtype, rate, res, g_NE):
     y_NF, slope_NF = _gelu_and_slope(a_NF)
     f_NF = dropout(y_NF if b_NF is None else y_NF * b_NF, rate, key)
     # weight gradients as (small operand)^T (large operand): "nd,nf->df" contracts both along rows
-    d_w_out = matmul("ne,nf->ef", g_NE, f_NF, dtype).T
-    df_NF = dropout(matmul("ne,fe->nf", g_NE, w_out, dtype), rate, key)
+    if isinstance(w_out, LoraWeight):  # a frozen matrix: its adapter's gradients alone (models.lora)
+        df_NF, d_w_out = backward_2d(w_out, f_NF, g_NE, dtype, lambda g, w: matmul("ne,fe->nf", g, w, dtype))
+        df_NF = dropout(df_NF, rate, key)
+    else:
+        d_w_out = matmul("ne,nf->ef", g_NE, f_NF, dtype).T.astype(w_out.dtype)
+        df_NF = dropout(matmul("ne,fe->nf", g_NE, w_out, dtype), rate, key)
     if b_NF is None:
         da_NF, d_w_b, db_NF = df_NF * slope_NF, None, None
     else:
         da_NF, db_NF = df_NF * b_NF * slope_NF, df_NF * y_NF
-        d_w_b = matmul("nd,nf->df", h_ND, db_NF, dtype)
-    d_w_a = matmul("nd,nf->df", h_ND, da_NF, dtype)
-    dh_ND = matmul("nf,df->nd", da_NF, w_a, dtype)
+    dh_ND, d_w_a = _input_side(w_a, h_ND, da_NF, dtype)
     if db_NF is not None:
-        dh_ND = dh_ND + matmul("nf,df->nd", db_NF, w_b, dtype)
+        dh_b, d_w_b = _input_side(w_b, h_ND, db_NF, dtype)
+        dh_ND = dh_ND + dh_b
     d_bias = None if bias_a is None else da_NF.sum(0).astype(bias_a.dtype)
-    return (
-        dh_ND.astype(h_ND.dtype),
-        d_w_a.astype(w_a.dtype),
-        d_bias,
-        None if w_b is None else d_w_b.astype(w_b.dtype),
-        d_w_out.astype(w_out.dtype),
-        None,
-    )
+    return (dh_ND.astype(h_ND.dtype), d_w_a, d_bias, d_w_b, d_w_out, None)
+
+
+def _input_side(w, h_ND: Array, d_NF: Array, dtype) -> tuple[Array, object]:
+    """(dh, dw) of the product h·w given its gradient d."""
+    if isinstance(w, LoraWeight):
+        return backward_2d(w, h_ND, d_NF, dtype, lambda g, w: matmul("nf,df->nd", g, w, dtype))
+    return matmul("nf,df->nd", d_NF, w, dtype), matmul("nd,nf->df", h_ND, d_NF, dtype).astype(w.dtype)
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)

@@ -1,17 +1,30 @@
-"""LoRA: low-rank adapters on the backbone's matrices, applied in weight space.
+"""LoRA: low-rank adapters on the backbone's matrices, applied beside them in activation space.
 
 For a target matrix W (its leading "layers"/"experts" axes kept, its remaining axes split into input
-and output axes) an adapter holds A [*lead, *in, r] and B [*lead, r, *out]; the model uses
-    W + (alpha / r) * A @ B
+and output axes) an adapter holds A [*lead, *in, r] and B [*lead, r, *out]; a product x·W becomes
+    x·W + (alpha / r) * (dropout(x)·A)·B
 B starts at zero, so a fresh adapter changes nothing. A starts uniform in ±1/sqrt(fan_in) (the
-usual Kaiming-uniform bound for a linear layer's input).
+usual Kaiming-uniform bound for a linear layer's input). Dropout drops elements of the adapter's
+input, per token and feature, as peft's lora_dropout does (a counter-based hash: layers.kept).
 
-Why weight space (W + AB before the forward) rather than a second path x·A·B inside every layer:
-every backbone (transformer, llama/mistral/mixtral, retnet) and every kernel then takes adapters
-without a line of model code changing, the merged model is exactly what synthesis runs, and the
-extra cost is one rank-r product per matrix per step, small beside the batch's matmuls. The price:
-LoRA dropout cannot drop per token; it drops input features of the adapter (rows of A), one mask
-per step and matrix, scaled by 1/(1-p) (docs/deviations.md).
+How adapters reach the layers: the train step hands the model its frozen parameters with every
+target replaced by a `LoraWeight` (W, A, B and a dropout seed per leading slice; `wrap`). The layer
+scan slices it like any stacked parameter, and every product with it goes through the weight:
+`backend.linear` (attention, dense FFN outside the custom backward) calls `LoraWeight.apply`, the
+feed-forward's hand-written backward pass asks `backward_2d`, the MoE products `product`. So no
+backbone changes a line, and W + AB is never formed in training.
+
+Why not in weight space (W + AB merged before the forward, as this module first did): that formed
+a merged copy of every target matrix and its full-size gradient beside the frozen base, and ran the
+frozen matrices' weight-gradient matmuls only to reduce them to A and B; dropout could only drop
+whole input features of A for a step. In activation space the base gets no gradient at all (a
+faster step; the memory is about the same at the half preset, where activations dominate:
+docs/training.md), and dropout acts per token. `merge` (W + AB) remains what evaluation, export and
+synthesis run: equal to the adapter path within float rounding.
+
+BitNet (`model.bitlinear`) is the exception: its products quantise the weight, and ternary(W + AB)
+is not ternary(W) plus AB, so there a LoraWeight is merged per stacked matrix before quantising
+(Backbone.stacked), which keeps the merged export exactly what was trained.
 
 Which axes are inputs: a matrix whose last axis is "embed" maps its middle axes to the model
 width (o, down, ffn_out, fc2, w2); every other target maps "embed" to its remaining axes (q, k, v,
@@ -21,6 +34,7 @@ gate, up, ...). Adapters carry logical axes derived from their matrix's, so they
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -30,12 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from valle_jax import backend
 from valle_jax.config import ConfigError
+from valle_jax.models import layers as L
+
+Array = jax.Array
 
 LEAD_AXES = ("layers", "experts")  # axes a matrix is stacked over: one adapter per slice
 PRESETS = {
     "attention": r"^backbone/(q|k|v|o|g|qkv|out)$",  # q/k/v/o (retnet's gate g; transformer's fused qkv/out)
-    "ffn": r"^backbone/(gate|up|down|ffn_in|ffn_out|fc1|fc2|w1|w2|w3)$",  # dense, gated and expert FFNs
+    # dense, gated and expert FFNs (Mixtral's w1/w2/w3, XMoE's expert_fc1/expert_fc2)
+    "ffn": r"^backbone/(gate|up|down|ffn_in|ffn_out|fc1|fc2|w1|w2|w3|expert_fc1|expert_fc2)$",
 }
 
 
@@ -47,7 +66,7 @@ class LoraError(ConfigError):
 class LoraConfig:
     rank: int = 0  # 0: no adapters
     alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # probability of dropping an input feature of the adapter (per step)
+    dropout: float = 0.0  # probability of dropping an element of the adapter's input (per token and feature)
     targets: tuple[str, ...] = ("attention", "ffn")  # presets (PRESETS) or regexes over parameter paths
 
     def __post_init__(self):
@@ -137,6 +156,34 @@ def find_targets(abstract_model: nnx.Module, cfg: LoraConfig) -> list[Target]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class GrownRows:
+    """Rows of an embedding table that the run grew (new phonemes, new languages: valle_jax.vocab):
+    they train in a LoRA run, as a delta added to the frozen table's rows, stored beside the
+    adapters as {"text_emb": {"rows": [len(ids), D]}}. Zero at the start, so a fresh run changes
+    nothing; the table's other rows stay frozen."""
+
+    path: tuple[str, ...]  # ("text_emb",)
+    ids: tuple[int, ...]  # the grown rows
+    width: int
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+
+def grown_rows(abstract_model: nnx.Module, text_ids, lang_ids) -> list[GrownRows]:
+    """The GrownRows targets of a run whose text table grew rows `text_ids` and whose language
+    table grew rows `lang_ids` (either may be empty)."""
+    width = abstract_model.text_emb.shape[-1]
+    out = []
+    for name, ids in (("text_emb", text_ids), ("lang_emb", lang_ids)):
+        ids = tuple(sorted(int(i) for i in ids))
+        if ids:
+            out.append(GrownRows((name,), ids, width))
+    return out
+
+
 def _get(tree: Mapping, path: tuple[str, ...]):
     for k in path:
         tree = tree[k]
@@ -155,6 +202,9 @@ def init_adapters(targets: list[Target], cfg: LoraConfig, seed: int) -> dict:
     key = jax.random.key(seed)
     out: dict = {}
     for i, t in enumerate(targets):
+        if isinstance(t, GrownRows):
+            _set_leaf(out, (*t.path, "rows"), jnp.zeros((len(t.ids), t.width), jnp.float32))
+            continue
         bound = 1.0 / math.sqrt(t.fan_in)
         a_shape = (*t.shape[: t.lead + t.n_in], cfg.rank)
         a = jax.random.uniform(jax.random.fold_in(key, i), a_shape, jnp.float32, -bound, bound)
@@ -164,11 +214,20 @@ def init_adapters(targets: list[Target], cfg: LoraConfig, seed: int) -> dict:
 
 
 def _nest(tree: dict, path: tuple[str, ...], a, b) -> dict:
+    return _set_leaf(tree, path, {"a": a, "b": b})
+
+
+def _set_leaf(tree: dict, path: tuple[str, ...], value) -> dict:
     node = tree
     for k in path[:-1]:
         node = node.setdefault(k, {})
-    node[path[-1]] = {"a": a, "b": b}
+    node[path[-1]] = value
     return tree
+
+
+def _with_rows(table: Array, t: GrownRows, rows: Array) -> Array:
+    """The table with its grown rows moved by the trained delta."""
+    return table.at[np.asarray(t.ids)].add(rows.astype(table.dtype))
 
 
 def delta(t: Target, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -180,18 +239,128 @@ def delta(t: Target, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     return d.reshape(*lead_in, *lead_out[t.lead :])
 
 
-def merge(base: Mapping, adapters: Mapping, targets: list[Target], cfg: LoraConfig, key=None) -> dict:
-    """`base` with each target W replaced by W + scale * A @ B; with `key` and dropout > 0, input
-    features of each adapter are dropped (see the module docstring)."""
+def merge(base: Mapping, adapters: Mapping, targets: list[Target], cfg: LoraConfig) -> dict:
+    """`base` with each target W replaced by W + scale * A @ B: the model evaluation, export and
+    synthesis run (no dropout)."""
     out = dict(base)
+    for t in targets:
+        ad = _get(adapters, t.path)
+        w = _get(base, t.path)
+        if isinstance(t, GrownRows):
+            out = _set(out, t.path, _with_rows(w, t, ad["rows"]))
+            continue
+        out = _set(out, t.path, w + delta(t, ad["a"], ad["b"], cfg.scale).astype(w.dtype))
+    return out
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "a", "b", "seed"], meta_fields=["scale", "rate"])
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    """A frozen matrix and its adapter, as the layers receive it in a LoRA training step (module
+    docstring). While stacked, every field has the matrix's leading axes; the layer scan slices them."""
+
+    w: Array  # the frozen matrix
+    a: Array  # [*lead, *in, r]
+    b: Array  # [*lead, r, *out]
+    seed: Array | None  # uint32 [*lead]: the dropout hash's seed; None: no dropout
+    scale: float  # alpha / r
+    rate: float  # dropout probability
+
+    # what code that reads a parameter asks of it (`param[...]`, its shape)
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError(f"a LoraWeight is read whole (param[...]), not at {index!r}")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def lead(self) -> int:
+        """How many leading (stacked) axes the fields still have."""
+        return self.a.ndim + self.b.ndim - 2 - self.w.ndim
+
+    def merged(self) -> Array:
+        """W + scale * A @ B (the leading axes kept), no dropout."""
+        lead = self.lead
+        a2 = self.a.reshape(*self.a.shape[:lead], -1, self.a.shape[-1])
+        b2 = self.b.reshape(*self.b.shape[: lead + 1], -1)
+        d = jnp.einsum("...ir,...ro->...io", a2, b2) * self.scale
+        return self.w + d.reshape(self.w.shape).astype(self.w.dtype)
+
+    def dropped(self, x: Array, seed: Array | None = None) -> Array:
+        """The adapter's input: x with elements dropped at `rate` (scaled by 1/(1-rate)); `seed`
+        (broadcast against x) overrides the weight's own (expert products: one per row's expert)."""
+        seed = self.seed if seed is None else seed
+        if seed is None or self.rate == 0.0:
+            return x
+        idx = jax.lax.iota(jnp.uint32, math.prod(x.shape)).reshape(x.shape)
+        keep = L.kept(idx, seed.astype(jnp.uint32), 1.0 - self.rate)
+        return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+
+    def apply(self, spec: str, x: Array, dtype) -> Array:
+        """backend.linear(spec, x, W) + scale * (dropped(x)·A)·B, for one slice (no leading axes) and
+        a spec that contracts the weight's input axes with x."""
+        ins, outs, xs, ys, r = _split_spec(spec, self)
+        batch = "".join(c for c in ys if c not in outs)
+        base = backend.linear(spec, x, self.w, dtype)
+        t = _dot(f"{xs},{ins}{r}->{batch}{r}", self.dropped(x), self.a, dtype)
+        return base + self.scale * _dot(f"{batch}{r},{r}{outs}->{ys}", t, self.b, dtype)
+
+    def product(self, x: Array, plain, seed: Array | None = None) -> Array:
+        """plain(x, W) + scale * plain(plain(dropped(x), A), B): an expert product (`plain`: the MoE's
+        batched or grouped matmul over its experts), `seed` the rows' seeds."""
+        t = plain(self.dropped(x, seed), self.a)
+        return plain(x, self.w) + self.scale * plain(t, self.b)
+
+
+def _dot(spec: str, x: Array, y: Array, dtype) -> Array:
+    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _split_spec(spec: str, w: LoraWeight) -> tuple[str, str, str, str, str]:
+    """(input letters, output letters, x's letters, the result's letters, a free letter for the rank)
+    of a product with an unstacked LoraWeight."""
+    xs, rest = spec.replace(" ", "").split(",")
+    ws, ys = rest.split("->")
+    n_in = w.a.ndim - 1
+    ins, outs = ws[:n_in], ws[n_in:]
+    if w.lead or any(c not in xs or c in ys for c in ins) or any(c in xs for c in outs):
+        raise ValueError(f"{spec!r} does not contract a LoRA matrix's input axes ({ws}: {n_in} input axes)")
+    return ins, outs, xs, ys, next(c for c in "rzyxwvutsqponmlkjihgfedcba" if c not in spec)
+
+
+def backward_2d(w, x_ND: Array, g_NF: Array, dtype, transposed_x_grad) -> tuple[Array, object]:
+    """For y = x·w ("nd,df->nf"), the gradients (dx, dw) given dy: what a hand-written backward
+    pass (models.feed_forward) needs of a LoraWeight. `transposed_x_grad(g, W)` is the caller's own
+    dy·W^T. dw is a LoraWeight of gradients: none for the frozen W and the seed, dA and dB."""
+    dx = transposed_x_grad(g_NF, w.w)
+    xd = w.dropped(x_ND)
+    t_NR = _dot("nd,dr->nr", xd, w.a, dtype)
+    db = w.scale * _dot("nr,nf->rf", t_NR, g_NF, dtype)
+    dt_NR = w.scale * _dot("nf,rf->nr", g_NF, w.b, dtype)
+    da = _dot("nd,nr->dr", xd, dt_NR, dtype)
+    dx = dx + w.dropped(_dot("nr,dr->nd", dt_NR, w.a, dtype))  # the dropout's mask and scale, once more
+    return dx, dataclasses.replace(w, w=None, a=da.astype(w.a.dtype), b=db.astype(w.b.dtype), seed=None)
+
+
+def wrap(base: Mapping, adapters: Mapping, targets: list[Target], cfg: LoraConfig, key: Array | None) -> dict:
+    """`base` with each target W replaced by a LoraWeight of W and its adapter (the train step's
+    model; dropout seeds drawn from `key`, None: no dropout)."""
+    out = dict(base)
+    rate = cfg.dropout if key is not None else 0.0
     for i, t in enumerate(targets):
         ad = _get(adapters, t.path)
-        a = ad["a"]
-        if key is not None and cfg.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - cfg.dropout, a.shape[:-1])
-            a = a * (keep[..., None].astype(a.dtype) / (1.0 - cfg.dropout))
-        w = _get(base, t.path)
-        out = _set(out, t.path, w + delta(t, a, ad["b"], cfg.scale).astype(w.dtype))
+        if isinstance(t, GrownRows):
+            out = _set(out, t.path, _with_rows(_get(base, t.path), t, ad["rows"]))
+            continue
+        seed = jax.random.bits(jax.random.fold_in(key, i), t.shape[: t.lead], jnp.uint32) if rate else None
+        out = _set(out, t.path, LoraWeight(_get(base, t.path), ad["a"], ad["b"], seed, cfg.scale, rate))
     return out
 
 
@@ -200,6 +369,9 @@ def adapter_axes(targets: list[Target]) -> dict:
     axes, B its leading and output axes; the rank axis is never sharded."""
     out: dict = {}
     for t in targets:
+        if isinstance(t, GrownRows):  # a few rows: replicated
+            _set_leaf(out, (*t.path, "rows"), (None, None))
+            continue
         lead, n_in = t.axes[: t.lead], t.axes[t.lead : t.lead + t.n_in]
         _nest(out, t.path, (*lead, *n_in, None), (*lead, None, *t.axes[t.lead + t.n_in :]))
     return out

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from valle_jax import backend
 from valle_jax.config import EXPERT_AXIS, ModelConfig
 from valle_jax.models.layers import matmul
+from valle_jax.models.lora import LoraWeight
 
 Array = jax.Array
 
@@ -69,10 +70,16 @@ def _grouped_ffn(x_MD: Array, expert_M: Array, w1: Array, w3: Array, w2: Array, 
     order_M = jnp.argsort(expert_M, stable=True)
     sizes_E = jnp.zeros(w1.shape[0], jnp.int32).at[expert_M].add(1, mode="drop")  # rows past their sum: zeros
 
-    def grouped(x_MD, w_EDF):
+    def plain(x_MD, w_EDF):
         # the CPU has no batched bfloat16 dot, and jax lowers ragged_dot there to one
         x_MD, w_EDF = backend.batched_dot_operands(x_MD.astype(dtype), w_EDF.astype(dtype))
         return jax.lax.ragged_dot(x_MD, w_EDF, sizes_E, preferred_element_type=jnp.float32)
+
+    def grouped(x_MD, w):
+        if isinstance(w, LoraWeight):  # each row's dropout seed is its expert's (models.lora)
+            seed = None if w.seed is None else jnp.repeat(w.seed, sizes_E, total_repeat_length=x_MD.shape[0])
+            return w.product(x_MD, plain, None if seed is None else seed[:, None])
+        return plain(x_MD, w)
 
     y_MD = _expert_ffn(x_MD[order_M], w1, w3, w2, grouped)
     return jnp.zeros_like(y_MD).at[order_M].set(y_MD, unique_indices=True)
@@ -137,9 +144,14 @@ def capacity(
     dest_A = jnp.where(kept_A, expert_A * c + slot_A, e * c)  # dropped: a spare row, never read back
     x_ECD = jnp.zeros((e * c + 1, d), h_ND.dtype).at[dest_A].set(h_ND[token_A])[: e * c].reshape(e, c, d)
 
-    def batched(x_ECD, w_EDF):
+    def plain(x_ECD, w_EDF):
         x_ECD, w_EDF = backend.batched_dot_operands(x_ECD.astype(dtype), w_EDF.astype(dtype))
         return jnp.einsum("ecd,edf->ecf", x_ECD, w_EDF, preferred_element_type=jnp.float32)
+
+    def batched(x_ECD, w):
+        if isinstance(w, LoraWeight):
+            return w.product(x_ECD, plain, None if w.seed is None else w.seed[:, None, None])
+        return plain(x_ECD, w)
 
     if axis is not None:  # [E, C, D] -> this device's experts' slots from every device, [E / n, n * C, D]
         x_ECD = jax.lax.all_to_all(x_ECD, axis, split_axis=0, concat_axis=1, tiled=True)

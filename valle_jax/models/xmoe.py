@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from valle_jax import backend
 from valle_jax.config import ModelConfig
 from valle_jax.models import layers as L
+from valle_jax.models.lora import LoraWeight
 
 Array = jax.Array
 GATE_DIM = 16  # torchscale's wg_reduction width
@@ -189,9 +190,14 @@ def with_capacity(h_ND: Array, p: dict, g: Gate, tokens_N: Array, slots: int, li
     token_A = jnp.concatenate([jnp.arange(n), jnp.arange(n)])
     x_ECD = jnp.zeros((e * c + 1, d), h_ND.dtype).at[dest_A].set(h_ND[token_A])[: e * c].reshape(e, c, d)
 
-    def batched(x_ECK, w_EKF):
+    def plain(x_ECK, w_EKF):
         x_ECK, w_EKF = backend.batched_dot_operands(x_ECK.astype(dtype), w_EKF.astype(dtype))
         return jnp.einsum("eck,ekf->ecf", x_ECK, w_EKF, preferred_element_type=jnp.float32)
+
+    def batched(x_ECK, w):
+        if isinstance(w, LoraWeight):  # a LoRA adapter beside the frozen experts (models.lora)
+            return w.product(x_ECK, plain, None if w.seed is None else w.seed[:, None, None])
+        return plain(x_ECK, w)
 
     y_ECD = _experts(x_ECD, p, batched, lambda t: t[:, None], eps)
     y_AD = jnp.concatenate([y_ECD.reshape(e * c, d), jnp.zeros((1, d), y_ECD.dtype)])[dest_A]
@@ -207,9 +213,14 @@ def dropless(h_ND: Array, p: dict, g: Gate, eps: float, dtype) -> Array:
     sizes_E = jnp.bincount(expert_A, length=e).astype(jnp.int32)
     sorted_expert = expert_A[order_A]
 
-    def grouped(x_MK, w_EKF):
+    def plain(x_MK, w_EKF):
         x_MK, w_EKF = backend.batched_dot_operands(x_MK.astype(dtype), w_EKF.astype(dtype))
         return jax.lax.ragged_dot(x_MK, w_EKF, sizes_E, preferred_element_type=jnp.float32)
+
+    def grouped(x_MK, w):
+        if isinstance(w, LoraWeight):  # each row's dropout seed is its expert's
+            return w.product(x_MK, plain, None if w.seed is None else w.seed[sorted_expert][:, None])
+        return plain(x_MK, w)
 
     y = _experts(h_ND[order_A % n], p, grouped, lambda t: t[sorted_expert], eps)
     y_AD = jnp.zeros_like(y).at[order_A].set(y, unique_indices=True)

@@ -178,6 +178,11 @@ class Evaluator:
         self.key = jax.random.key(seed + 2)  # the levels of validation batch i: fold_in(key, i)
         self.writer, self.audio = writer, audio
 
+    def check_store(self) -> None:
+        """Opens the validation store once at start-up, so that one the run cannot read (symbols the
+        run's phoneme map lacks) fails before step 0 rather than at the first evaluation."""
+        self.open_store(self.data_cfg.store)
+
     def _batches(self):
         cfg = self.data_cfg
         it = make_iterator(

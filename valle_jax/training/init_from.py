@@ -57,6 +57,12 @@ class Start:
     vocab: Vocab
     params: dict | None = None  # numpy, grown to `model` (None: random init, or a resume)
     origin: str = ""  # the source, for the log
+    base_langs: int = 0  # the source's language rows (those past it were grown)
+
+    def grown_rows(self) -> tuple[list[int], list[int]]:
+        """(text rows, language rows) that this run added to its source's tables."""
+        text = [self.vocab.symmap[s] for s in self.vocab.added]
+        return text, list(range(self.base_langs, self.model.n_langs)) if self.params is not None else []
 
 
 def check_same_model(source: ModelConfig, config: ModelConfig, where: str) -> None:
@@ -87,7 +93,8 @@ def plan(
         weights = _load(recorded["init_from"], recorded.get("init_from_step", -1), model)
         added = tuple(s for s in run.symmap if s not in weights.symmap)
         vocab = dataclasses.replace(vocab, added=added)
-        return Start(cfg, vocab, grow(as_numpy(weights.params), weights.symmap, vocab, cfg.n_langs), weights.origin)
+        params = grow(as_numpy(weights.params), weights.symmap, vocab, cfg.n_langs)
+        return Start(cfg, vocab, params, weights.origin, weights.model.n_langs)
     if resuming or not train.init_from:
         return Start(model, Vocab(dict(store.symmap), (), None, model.n_langs))
     weights = _load(train.init_from, train.init_from_step, model)
@@ -100,7 +107,7 @@ def plan(
         log.info("the phoneme map grows by %d symbols new to the checkpoint: %s", len(vocab.added), list(vocab.added))
     if n_langs > weights.model.n_langs:
         log.info("the language table grows from %d to %d rows", weights.model.n_langs, n_langs)
-    return Start(dataclasses.replace(model, n_langs=n_langs), vocab, params, weights.origin)
+    return Start(dataclasses.replace(model, n_langs=n_langs), vocab, params, weights.origin, weights.model.n_langs)
 
 
 def _load(source: str, step: int, model: ModelConfig) -> Weights:
@@ -148,5 +155,11 @@ def wrap(store: Store, vocab: Vocab) -> Store:
 
 def into_run(store: Store, run_map: Mapping[str, int], n_tokens: int) -> Store:
     """`store` reading its text ids as the run's map numbers its symbols (a validation store)."""
+    missing = sorted(set(store.symmap) - set(run_map))
+    if missing:  # the model has no trained row for them: validation could only score garbage
+        raise ConfigError(
+            f"the validation store {store.path} has symbols the run's phoneme map lacks: {missing}; "
+            "pack it from data the training store covers, or train on a store holding those symbols"
+        )
     remap = remap_table(store.symmap, run_map, n_tokens)
     return RemappedStore(store, remap) if remap is not None else store

@@ -97,6 +97,7 @@ class Trainer:
             self.eval_step, self.layout.global_batch, self.data_cfg, self.train_cfg, seed, self.writer, audio
         )
         self.evaluate.open_store = lambda path: init_from.into_run(Store(path), self.symmap, self.model_cfg.n_tokens)
+        self.evaluate.check_store()
         self.console = control.Console(commands, self.primary, self._command_handlers())
         self.stop = control.StopRequest()  # run() installs its signal handlers
 
@@ -116,7 +117,10 @@ class Trainer:
         self.injected = load_embeddings(embeddings, self.model_cfg) if embeddings else {}
         merge, self.full_params = None, lambda state: state["params"]
         if self.lora.enabled:  # the optimizer sees only the adapters; injected tables go into the frozen base
-            self.lora_targets = LR.find_targets(abstract, self.lora)
+            # the adapted matrices, and the table rows this run grew (new phonemes, languages): those train too
+            self.lora_targets = LR.find_targets(abstract, self.lora) + LR.grown_rows(
+                abstract, *self.start_from.grown_rows()
+            )
             trained = jax.eval_shape(lambda: LR.init_adapters(self.lora_targets, self.lora, 0))
             extra_frozen = []
         else:
@@ -170,10 +174,11 @@ class Trainer:
         if not self.checkpoints.all_steps():
             state = lora_state.initial_state(base, self.lora_targets, self.lora, self.tx, seed, self.layout)
             log.info(
-                "started a new LoRA run in %s (rank %d on %d matrices) on the %s",
+                "started a new LoRA run in %s (rank %d on %d matrices; grown table rows trained: %s) on the %s",
                 self.workdir,
                 self.lora.rank,
-                len(self.lora_targets),
+                sum(isinstance(t, LR.Target) for t in self.lora_targets),
+                {t.name: len(t.ids) for t in self.lora_targets if isinstance(t, LR.GrownRows)} or "none",
                 self.start_from.origin,
             )
         else:

@@ -49,8 +49,9 @@ def make_layout(mesh, mesh_cfg, abstract_model, targets, abstract_adapters, abst
 
 
 def merge_fn(targets: list[LR.Target], cfg: LR.LoraConfig):
-    """merge(base, adapters, key) for the train step (dropout from `key`)."""
-    return lambda base, adapters, key: LR.merge(base, adapters, targets, cfg, key)
+    """merge(base, adapters, key) for the train step: the base with its targets as LoraWeights (the
+    adapters applied beside them, in activation space; dropout seeds from `key`)."""
+    return lambda base, adapters, key: LR.wrap(base, adapters, targets, cfg, key)
 
 
 def initial_state(base: dict, targets, cfg: LR.LoraConfig, tx, seed: int, layout: Layout) -> dict:
