@@ -28,6 +28,16 @@ from valle_jax.data.text import espeak_available  # noqa: E402
 GOLDEN_DIR = Path(os.environ.get("VALLE_JAX_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
 
+def assert_parity(results, names: list[str], aux_err: float | None = None) -> None:
+    """tools.parity.check's comparisons, named `names`, within float32 noise: logits and loss to 1e-5,
+    the auxiliary (MoE) loss to `aux_err` (None: not compared), accuracy and targets exact."""
+    assert [r.name for r in results] == names
+    for r in results:
+        assert r.logit_err < 1e-5 and r.loss_err < 1e-5, r.line()
+        assert aux_err is None or r.aux_err < aux_err, r.line()
+        assert r.acc_err == 0 and r.targets_exact, r.line()
+
+
 def pytest_collection_modifyitems(config, items):
     if not espeak_available():
         skip = pytest.mark.skip(
