@@ -18,6 +18,7 @@ import resource
 import statistics
 import time
 
+from batches import random_batch
 from child import run_child
 
 SHAPE = (60, 225, 375)  # text, prompt, response: the shapes the reference was timed at
@@ -43,17 +44,7 @@ def child(args) -> dict:
     d, h, n = SIZES[args.size]
     cfg = ModelConfig(arch=args.arch, d_model=d, n_heads=h, n_layers=n)
     t_len, p_len, r_len = SHAPE
-    b, rng = args.batch, np.random.default_rng(0)
-    batch = {
-        "text": rng.integers(3, 200, (b, t_len)).astype(np.int32),
-        "text_len": np.full(b, t_len, np.int32),
-        "lang": np.zeros(b, np.int32),
-        "prompt": rng.integers(0, 1024, (b, p_len, 8)).astype(np.int16),
-        "prompt_len": np.full(b, p_len, np.int32),
-        "resp": rng.integers(0, 1024, (b, r_len, 8)).astype(np.int16),
-        "resp_len": np.full(b, r_len, np.int32),
-        "row_valid": np.ones(b, bool),
-    }
+    batch = random_batch(args.batch, t_len, p_len, r_len)
     abstract = abstract_model(cfg)
     graph = nnx.graphdef(abstract)
     params = jax.jit(lambda: init_params(cfg, 0))()

@@ -24,6 +24,7 @@ import resource
 import statistics
 import time
 
+from batches import random_batch
 from child import run_child
 
 FEW_STEPS = 4  # a short AR run: its time is the prefill's, subtracted from the full run
@@ -53,18 +54,7 @@ def train_child(args) -> dict:
 
     cfg = model_config(args, args.arm)
     t_len, p_len, r_len = args.shape
-    b = args.batch
-    rng = np.random.default_rng(0)
-    batch = {
-        "text": rng.integers(3, 200, (b, t_len)).astype(np.int32),
-        "text_len": np.full(b, t_len, np.int32),
-        "lang": np.zeros(b, np.int32),
-        "prompt": rng.integers(0, 1024, (b, p_len, 8)).astype(np.int16),
-        "prompt_len": np.full(b, p_len, np.int32),
-        "resp": rng.integers(0, 1024, (b, r_len, 8)).astype(np.int16),
-        "resp_len": np.full(b, r_len, np.int32),
-        "row_valid": np.ones(b, bool),
-    }
+    batch = random_batch(args.batch, t_len, p_len, r_len)
     params = jax.jit(lambda: init_params(cfg, 0))()
     tx, _, _ = make_optimizer(OptimConfig(), params, 1000)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}

@@ -24,6 +24,7 @@ import resource
 import statistics
 import time
 
+from batches import random_batch
 from child import run_child
 
 from valle_jax.config import ARCHS
@@ -58,17 +59,7 @@ def child(args) -> dict:
     )
     t_len, p_len, r_len = SHAPES[args.shape]
     b = args.batch
-    rng = np.random.default_rng(0)
-    batch = {
-        "text": rng.integers(3, 200, (b, t_len)).astype(np.int32),
-        "text_len": np.full(b, t_len, np.int32),
-        "lang": np.zeros(b, np.int32),
-        "prompt": rng.integers(0, 1024, (b, p_len, 8)).astype(np.int16),
-        "prompt_len": np.full(b, p_len, np.int32),
-        "resp": rng.integers(0, 1024, (b, r_len, 8)).astype(np.int16),
-        "resp_len": np.full(b, r_len, np.int32),
-        "row_valid": np.ones(b, bool),
-    }
+    batch = random_batch(b, t_len, p_len, r_len)
     mesh = make_mesh(MeshConfig(shape=(-1, 1, 1)))
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}

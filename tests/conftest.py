@@ -1,4 +1,5 @@
-"""Shared fixtures: a small espeak-ng corpus, a usable random codec, and a packed store.
+"""Shared fixtures: a small espeak-ng corpus, a usable random codec, a packed store, and a tiny random
+exported model (built once a session: the synthesis, evaluation and serving tests only read it).
 
 XLA_FLAGS must be set before JAX starts its backend: 8 fake CPU devices for sharding tests.
 """
@@ -25,6 +26,16 @@ import pytest  # noqa: E402
 from valle_jax.data.text import espeak_available  # noqa: E402
 
 GOLDEN_DIR = Path(os.environ.get("VALLE_JAX_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+
+def assert_parity(results, names: list[str], aux_err: float | None = None) -> None:
+    """tools.parity.check's comparisons, named `names`, within float32 noise: logits and loss to 1e-5,
+    the auxiliary (MoE) loss to `aux_err` (None: not compared), accuracy and targets exact."""
+    assert [r.name for r in results] == names
+    for r in results:
+        assert r.logit_err < 1e-5 and r.loss_err < 1e-5, r.line()
+        assert aux_err is None or r.aux_err < aux_err, r.line()
+        assert r.acc_err == 0 and r.targets_exact, r.line()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -87,6 +98,34 @@ def store_path(prepared, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "store"
     assert pack.pack([prepared], out, progress=False).finish() == 0
     return out
+
+
+def save_tiny_model(out: Path, cfg=None, symmap=None) -> Path:
+    """Export a randomly initialised model (seed 0; by default a 2-layer d_model=48 transformer with the
+    reference symmap) to `out`, as `valle_jax.export` would: the checkpoint the synthesis tests load."""
+    from valle_jax.checkpointing import params_of, save_model
+    from valle_jax.config import ModelConfig
+    from valle_jax.data.text import reference_symmap
+    from valle_jax.models import init_model
+
+    cfg = cfg or ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
+    save_model(out, cfg, params_of(init_model(cfg, 0)), reference_symmap() if symmap is None else symmap)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """save_tiny_model's default model (read-only: tests that write a checkpoint use their own tmp_path)."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tts(tiny_model_dir, codec_dir):
+    """The tiny model with the random codec behind the TTS API, shared so its compiled decoders are too
+    (tests must not change its attributes)."""
+    from valle_jax.tts import TTS
+
+    return TTS.load(tiny_model_dir, codec_dir=codec_dir)
 
 
 @pytest.fixture

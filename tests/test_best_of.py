@@ -11,30 +11,12 @@ import soundfile as sf
 
 from valle_jax import best_of as B
 from valle_jax import synthesize
-from valle_jax.config import ModelConfig
-from valle_jax.data.text import reference_symmap
 from valle_jax.decoding import DecodeError, Settings
 from valle_jax.tts import TTS, MaxStepsWarning
 
 pytestmark = pytest.mark.needs_espeak
 TEXT = "Hello there."
 SAMPLING = dict(max_ar_steps=8, seed=5)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-
-    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(out, cfg, params_of(init_model(cfg, 0)), reference_symmap())
-    return out
-
-
-@pytest.fixture(scope="module")
-def tts(model_dir, codec_dir):
-    return TTS.load(model_dir, codec_dir=codec_dir)
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +36,20 @@ class Scripted:
         return {self.key: self.values.pop(0)}
 
 
-def test_api_keeps_the_best_candidate(tts, voice):
+def test_api_keeps_the_best_candidate(tiny_tts, voice):
     with pytest.warns(MaxStepsWarning):
-        (by_lp,) = tts.best_of(TEXT, str(voice), 3, asr="none", **SAMPLING)
+        (by_lp,) = tiny_tts.best_of(TEXT, str(voice), 3, asr="none", **SAMPLING)
     lps = [c.logprob for c in by_lp.candidates]
     assert by_lp.criteria == "mean AR log-probability" and by_lp.chosen == int(np.argmax(lps))
     assert len(set(lps)) == 3 and all(c.wer is None and c.sim is None for c in by_lp.candidates)
     assert by_lp.codes.shape == (8, 8) and by_lp.frames == [8, 8, 8] and by_lp.stopped == [False] * 3
-    np.testing.assert_array_equal(by_lp.wav, tts.decode(by_lp.codes))
+    np.testing.assert_array_equal(by_lp.wav, tiny_tts.decode(by_lp.codes))
     # WER first (0 and 2 tie), then similarity: candidate 2, whatever the log-probabilities say
     judge = B.Judge(wer=Scripted("wer", [0.0, 0.5, 0.0]), sim=Scripted("sim_prompt", [0.2, 0.9, 0.7]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MaxStepsWarning)
-        (by_wer,) = tts.best_of(TEXT, str(voice), 3, judge=judge, **SAMPLING)
-        wav = tts.synthesize(TEXT, str(voice), best_of=3, asr="none", **SAMPLING)
+        (by_wer,) = tiny_tts.best_of(TEXT, str(voice), 3, judge=judge, **SAMPLING)
+        wav = tiny_tts.synthesize(TEXT, str(voice), best_of=3, asr="none", **SAMPLING)
     assert by_wer.chosen == 2 and by_wer.criteria == "WER, then speaker similarity, then mean AR log-probability"
     assert [c.logprob for c in by_wer.candidates] == lps  # the same seed: the same candidates
     d = by_wer.as_dict()
@@ -90,10 +72,10 @@ def test_best_of_requests_that_cannot_work_are_refused():
     B.check_best_of(1, Settings(beam_width=3, ar_temp=0, nar_temp=0))  # one candidate: anything goes
 
 
-def test_cli_best_of_reports_every_candidate(tts, model_dir, codec_dir, voice, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(TTS, "load", lambda *a, **k: tts)  # the API test's model, compiled for 3 candidates
+def test_cli_best_of_reports_every_candidate(tiny_tts, tiny_model_dir, codec_dir, voice, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(TTS, "load", lambda *a, **k: tiny_tts)  # the API test's model, compiled for 3 candidates
     out = tmp_path / "o.wav"
-    base = [TEXT, str(voice), "--out", str(out), "--checkpoint", str(model_dir), "--codec-dir", str(codec_dir)]
+    base = [TEXT, str(voice), "--out", str(out), "--checkpoint", str(tiny_model_dir), "--codec-dir", str(codec_dir)]
     assert synthesize.main(base + ["--best-of", "0"]) == 2
     assert synthesize.main(base + ["--best-of", "2", "--beam-width", "2"]) == 2
     err = capsys.readouterr().err

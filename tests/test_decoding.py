@@ -486,6 +486,25 @@ def test_continuation_conditions_on_the_given_frames(model, decoder):
         np.testing.assert_array_equal(gen.codes[i], codes[i, k[i] : length[i]])
 
 
+@pytest.mark.parametrize("arch", ["llama", "retnet"])
+def test_given_frames_prefilled_in_one_pass_equal_stepped(arch):
+    """The given frames every row has (8 here: the shortest row's 9, down to the chunk) go through the
+    model in one pass after the prefix; the longer rows step the rest. Greedy, the frames after them
+    and the logits every step chose from are those of stepping every given frame (into a KV cache;
+    a recurrent state continued chunkwise)."""
+    cfg = dataclasses.replace(tiny(arch, retention_chunk=8 if arch == "retnet" else 0), n_layers=1)
+    dec = D.Decoder(init_model(cfg, 1))
+    inputs = inputs_of(*utterances(13))
+    _, cont = _continuation(2, (19, 9, 13))
+    settings = dataclasses.replace(GREEDY, max_ar_steps=8, min_ar_steps=0)
+    one_pass = dec.ar(inputs, settings, continuation=cont, keep_logits=True)
+    stepped = dec.ar(inputs, settings, continuation=cont, keep_logits=True, prefill_given=False)
+    np.testing.assert_array_equal(np.asarray(one_pass.tokens), np.asarray(stepped.tokens))
+    np.testing.assert_array_equal(np.asarray(one_pass.length), np.asarray(stepped.length))
+    n = int(np.asarray(stepped.length).max())
+    np.testing.assert_allclose(np.asarray(one_pass.logits)[:, :n], np.asarray(stepped.logits)[:, :n], atol=1e-5)
+
+
 def test_continuation_with_beams_and_bad_continuations(decoder):
     inputs = inputs_of(*utterances(12))
     given, cont = _continuation(1, (6, 3, 0))

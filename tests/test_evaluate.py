@@ -10,8 +10,6 @@ import soundfile as sf
 
 from tools import make_test_list
 from valle_jax import evaluate
-from valle_jax.config import ModelConfig
-from valle_jax.data.text import reference_symmap
 from valle_jax.evaluate import EvalError, pair_prompts, read_test_list
 from valle_jax.metrics.stats import interval
 
@@ -84,24 +82,13 @@ def test_bad_lists_and_options_are_one_line_errors(test_list, tmp_path, capsys):
     ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-
-    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(out, cfg, params_of(init_model(cfg, 0)), reference_symmap())
-    return out
-
-
-def test_end_to_end_with_a_tiny_model_and_a_random_codec(model_dir, codec_dir, test_list, tmp_path, capsys):
+def test_end_to_end_with_a_tiny_model_and_a_random_codec(tiny_model_dir, codec_dir, test_list, tmp_path, capsys):
     """The continuation protocol (its synthesis is the cross protocol's, plus the prompt frames the
     AR continues): each wav is the prompt's second, then 16 generated frames."""
     pytest.importorskip("resemblyzer")
     pytest.importorskip("pocketsphinx")
     out = tmp_path / "continuation"
-    args = ["--checkpoint", str(model_dir), "--codec-dir", str(codec_dir), "--test-list", str(test_list)]
+    args = ["--checkpoint", str(tiny_model_dir), "--codec-dir", str(codec_dir), "--test-list", str(test_list)]
     args += ["--protocol", "continuation", "--out", str(out), "--limit", "4", "--batch-size", "2"]
     args += ["--prompt-seconds", "1"]
     args += ["--max-ar-steps", "16", "--seed", "3"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN_DIR
+from conftest import GOLDEN_DIR, assert_parity
 from flax import nnx
 
 from tools import parity
@@ -43,9 +43,7 @@ def random_batch(rng, lengths, q=8, n_tokens=64):
 @pytest.mark.parametrize("arch", GOLDEN_ARCHS)
 def test_golden_parity(arch):
     results = parity.check(GOLDEN_DIR, arch)
-    assert [r.name for r in results] == ["ar_l0", "nar_l1", "nar_l7"]
-    for r in results:
-        assert r.logit_err < 1e-5 and r.loss_err < 1e-5 and r.acc_err == 0 and r.targets_exact, r.line()
+    assert_parity(results, ["ar_l0", "nar_l1", "nar_l7"])
 
 
 @needs_golden

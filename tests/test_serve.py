@@ -14,10 +14,10 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import save_tiny_model
 from starlette.testclient import TestClient
 
 from valle_jax.audio import HOP_LENGTH, SAMPLE_RATE
-from valle_jax.config import ModelConfig
 from valle_jax.data.text import reference_symmap
 from valle_jax.serve.app import Limits, Metrics, create_app
 from valle_jax.serve.engine import Engine
@@ -30,14 +30,8 @@ LIMITS = Limits(max_text_chars=200, max_audio_seconds=5.0, max_upload_bytes=400_
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-
-    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
-    out = tmp_path_factory.mktemp("model") / "tiny"
     symmap = {k: v for k, v in reference_symmap().items() if k != "ð"}  # "the" has an unknown symbol
-    save_model(out, cfg, params_of(init_model(cfg, 0)), symmap)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", symmap=symmap)
 
 
 @pytest.fixture(scope="module")

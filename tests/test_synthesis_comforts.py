@@ -10,8 +10,6 @@ import soundfile as sf
 
 from valle_jax import audio_io, synthesize, text_split
 from valle_jax.audio import HOP_LENGTH, SAMPLE_RATE, AudioError
-from valle_jax.config import ModelConfig
-from valle_jax.data.text import reference_symmap
 
 # 2,000 characters of prose: sentences of every length, abbreviations, initials, decimals, a quote
 # and one sentence far too long for a piece (it must be cut at its commas, then between words)
@@ -115,17 +113,6 @@ def test_join_puts_pauses_between_non_empty_pieces():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-
-    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(out, cfg, params_of(init_model(cfg, 0)), reference_symmap())
-    return out
-
-
-@pytest.fixture(scope="module")
 def voice_wav(tmp_path_factory):
     path = tmp_path_factory.mktemp("voice") / "voice.wav"
     sf.write(path, 0.3 * np.sin(np.arange(2 * SAMPLE_RATE) / 7.0), SAMPLE_RATE)
@@ -154,14 +141,14 @@ def fake_codec(monkeypatch):
 
 @pytest.mark.needs_espeak
 def test_the_api_decodes_a_paragraph_as_one_batch_in_one_voice_and_joins_it_with_pauses(
-    model_dir, voice_wav, fake_codec, tmp_path, monkeypatch
+    tiny_model_dir, voice_wav, fake_codec, tmp_path, monkeypatch
 ):
     """The decoder itself is tested elsewhere (test_synthesize, test_decoding): here it returns
     `steps` frames per row, so the test sees what synthesis hands it and what it does with the result."""
     from valle_jax import TTS
     from valle_jax.decoding import Decoder, Output
 
-    tts = TTS.load(model_dir)
+    tts = TTS.load(tiny_model_dir)
     assert tts.sample_rate == SAMPLE_RATE
     calls, steps, pause = [], 3, 0.1
 
@@ -196,13 +183,13 @@ def fake_codes(self, texts, references, progress=None, batch_size=8, **kwargs):
 
 
 @pytest.mark.needs_espeak
-def test_cli_writes_only_wav_to_stdout(model_dir, voice_wav, fake_codec, monkeypatch, capsysbinary):
+def test_cli_writes_only_wav_to_stdout(tiny_model_dir, voice_wav, fake_codec, monkeypatch, capsysbinary):
     from valle_jax.tts import TTS
 
     fake_codes.batch_sizes = []
     monkeypatch.setattr(TTS, "generate_codes", fake_codes)
     text = "One sentence here. And a second one! A third?"
-    args = [text, str(voice_wav), "--out", "-", "--checkpoint", str(model_dir)]
+    args = [text, str(voice_wav), "--out", "-", "--checkpoint", str(tiny_model_dir)]
     assert synthesize.main([*args, "--pause", "0.2"]) == 0
     out, err = capsysbinary.readouterr()
     wav, sr = sf.read(io.BytesIO(out))
@@ -213,7 +200,7 @@ def test_cli_writes_only_wav_to_stdout(model_dir, voice_wav, fake_codec, monkeyp
 
 @pytest.mark.needs_espeak
 def test_cli_text_file_shows_progress_and_writes_the_chosen_format(
-    model_dir, voice_wav, fake_codec, tmp_path, monkeypatch, capsys
+    tiny_model_dir, voice_wav, fake_codec, tmp_path, monkeypatch, capsys
 ):
     from valle_jax.tts import TTS
 
@@ -222,7 +209,7 @@ def test_cli_text_file_shows_progress_and_writes_the_chosen_format(
     lines = tmp_path / "lines.txt"
     lines.write_text("First. Second.\nThird line.\n\nFourth. Fifth. Sixth.\n")
     out = tmp_path / "wavs"
-    common = ["--checkpoint", str(model_dir)]
+    common = ["--checkpoint", str(tiny_model_dir)]
     rc = synthesize.main([str(voice_wav), "--text-file", str(lines), "--out", str(out), *common, "--format", "flac"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["0001.flac", "0002.flac", "0004.flac"]

@@ -4,6 +4,7 @@ and a random codec, the checkpoint formats it reads, and the error cases."""
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import save_tiny_model
 from flax import nnx
 
 from valle_jax import synthesize
@@ -17,67 +18,51 @@ GREEDY = dict(ar_temp=0.0, nar_temp=0.0, max_ar_steps=STEPS)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-
-    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(out, cfg, params_of(init_model(cfg, 0)), reference_symmap())
-    return out
-
-
-@pytest.fixture(scope="module")
-def tts(model_dir, codec_dir):
-    from valle_jax import TTS
-
-    return TTS.load(model_dir, codec_dir=codec_dir)
-
-
-@pytest.fixture(scope="module")
 def voice_wav(corpus):
     return sorted(corpus.rglob("*.wav"))[0]
 
 
-def test_api_synthesize_returns_24khz_audio_of_the_generated_length(tts, voice_wav):
+def test_api_synthesize_returns_24khz_audio_of_the_generated_length(tiny_tts, voice_wav):
     with pytest.warns(UserWarning, match="max_ar_steps=12 without a stop token"):
-        wav = tts.synthesize("Hello there.", str(voice_wav), **GREEDY)
+        wav = tiny_tts.synthesize("Hello there.", str(voice_wav), **GREEDY)
     assert wav.dtype == np.float32 and wav.shape == (STEPS * HOP_LENGTH,) and np.isfinite(wav).all()
     with pytest.warns(UserWarning):
-        two = tts.synthesize("Hello there.\n\nGood night.", str(voice_wav), pause=0.0, **GREEDY)
+        two = tiny_tts.synthesize("Hello there.\n\nGood night.", str(voice_wav), pause=0.0, **GREEDY)
     assert two.shape == (2 * STEPS * HOP_LENGTH,)  # lines concatenated, blank lines skipped
     np.testing.assert_array_equal(two[: len(wav)], wav)
 
 
-def test_api_batch_equals_one_by_one_and_prompts_are_reusable(tts, voice_wav, corpus):
+def test_api_batch_equals_one_by_one_and_prompts_are_reusable(tiny_tts, voice_wav, corpus):
     other = sorted(corpus.rglob("*.wav"))[-1]
-    voice = tts.prompt(str(voice_wav), input_prompt_length=1.0)
+    voice = tiny_tts.prompt(str(voice_wav), input_prompt_length=1.0)
     assert len(voice.codes) == 75 and voice.codes.shape[1] == 8
     texts = ["One small step.", "A much longer sentence to synthesise here.", "Three."]
     refs = [voice, str(other), voice]
     with pytest.warns(UserWarning):
-        together = tts.generate_codes(texts, refs, batch_size=2, input_prompt_length=1.0, **GREEDY)
-        alone = [tts.generate_codes([t], [r], input_prompt_length=1.0, **GREEDY)[0] for t, r in zip(texts, refs)]
+        together = tiny_tts.generate_codes(texts, refs, batch_size=2, input_prompt_length=1.0, **GREEDY)
+        alone = [tiny_tts.generate_codes([t], [r], input_prompt_length=1.0, **GREEDY)[0] for t, r in zip(texts, refs)]
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
     assert together[0].shape == (STEPS, 8)
 
 
-def test_reference_checkpoint_and_model_dir_give_the_same_speech(tts, model_dir, codec_dir, voice_wav, tmp_path):
+def test_reference_checkpoint_and_model_dir_give_the_same_speech(
+    tiny_tts, tiny_model_dir, codec_dir, voice_wav, tmp_path
+):
     from valle_jax import TTS
     from valle_jax.checkpointing import params_of
     from valle_jax.export import write_reference
 
-    params = params_of(nnx.merge(tts.decoder.graph, tts.decoder.params))
-    pth = write_reference(tmp_path / "fp32.pth", params, tts.cfg, tts.symmap, {})
+    params = params_of(nnx.merge(tiny_tts.decoder.graph, tiny_tts.decoder.params))
+    pth = write_reference(tmp_path / "fp32.pth", params, tiny_tts.cfg, tiny_tts.symmap, {})
     other = TTS.load(pth, codec_dir=codec_dir, heads=4)
     with pytest.warns(UserWarning):
-        a = tts.generate_codes(["Good morning."], [str(voice_wav)], **GREEDY)[0]
+        a = tiny_tts.generate_codes(["Good morning."], [str(voice_wav)], **GREEDY)[0]
         b = other.generate_codes(["Good morning."], [str(voice_wav)], **GREEDY)[0]
     np.testing.assert_array_equal(a, b)
 
 
-def test_cli_writes_a_wav_of_the_expected_length(model_dir, codec_dir, voice_wav, tmp_path, capsys):
+def test_cli_writes_a_wav_of_the_expected_length(tiny_model_dir, codec_dir, voice_wav, tmp_path, capsys):
     out = tmp_path / "out.wav"
     rc = synthesize.main(
         [
@@ -86,7 +71,7 @@ def test_cli_writes_a_wav_of_the_expected_length(model_dir, codec_dir, voice_wav
             "--out",
             str(out),
             "--checkpoint",
-            str(model_dir),
+            str(tiny_model_dir),
             "--codec-dir",
             str(codec_dir),
             "--max-ar-steps",
@@ -108,11 +93,8 @@ def test_cli_writes_a_wav_of_the_expected_length(model_dir, codec_dir, voice_wav
 
 def test_cli_synthesises_with_a_retnet_model(codec_dir, voice_wav, tmp_path, capsys):
     """The recurrent-state decoder behind the same command; a rolling context is refused by name."""
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-
     cfg = ModelConfig(arch="retnet", d_model=48, n_heads=4, n_layers=2, retention_chunk=32)
-    save_model(tmp_path / "retnet", cfg, params_of(init_model(cfg, 0)), reference_symmap())
+    save_tiny_model(tmp_path / "retnet", cfg)
     args = [
         "Hello world.",
         str(voice_wav),
@@ -130,7 +112,7 @@ def test_cli_synthesises_with_a_retnet_model(codec_dir, voice_wav, tmp_path, cap
     assert "max_ar_context" in capsys.readouterr().err and not (tmp_path / "ctx.wav").exists()
 
 
-def test_cli_text_file_writes_one_wav_per_line(model_dir, codec_dir, voice_wav, tmp_path):
+def test_cli_text_file_writes_one_wav_per_line(tiny_model_dir, codec_dir, voice_wav, tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("First line.\n\nSecond line here.\nThird.\n")
     out = tmp_path / "wavs"
@@ -142,7 +124,7 @@ def test_cli_text_file_writes_one_wav_per_line(model_dir, codec_dir, voice_wav, 
             "--out",
             str(out),
             "--checkpoint",
-            str(model_dir),
+            str(tiny_model_dir),
             "--codec-dir",
             str(codec_dir),
             "--max-ar-steps",
@@ -157,11 +139,11 @@ def test_cli_text_file_writes_one_wav_per_line(model_dir, codec_dir, voice_wav, 
     assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0003.wav", "0004.wav"]  # by line number
 
 
-def test_cli_text_file_skips_a_bad_line_and_keeps_the_rest(model_dir, codec_dir, voice_wav, tmp_path, capsys):
+def test_cli_text_file_skips_a_bad_line_and_keeps_the_rest(tiny_model_dir, codec_dir, voice_wav, tmp_path, capsys):
     from valle_jax.checkpointing import read_config, save_model
     from valle_jax.tts import load_any
 
-    model, cfg, symmap = load_any(model_dir)
+    model, cfg, symmap = load_any(tiny_model_dir)
     lacking = tmp_path / "lacking"  # the same model, its symbol map without "ð"
     save_model(
         lacking, cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {k: v for k, v in symmap.items() if k != "ð"}
@@ -201,7 +183,7 @@ def test_cli_text_file_skips_a_bad_line_and_keeps_the_rest(model_dir, codec_dir,
         ("flags", "top_p"),
     ],
 )
-def test_cli_errors_are_specific(case, expect, model_dir, codec_dir, voice_wav, tmp_path, capsys):
+def test_cli_errors_are_specific(case, expect, tiny_model_dir, codec_dir, voice_wav, tmp_path, capsys):
     ref, text, extra = str(voice_wav), "Hello.", []
     if case == "empty":
         text = "  \n "
@@ -225,7 +207,7 @@ def test_cli_errors_are_specific(case, expect, model_dir, codec_dir, voice_wav, 
             "--out",
             str(out),
             "--checkpoint",
-            str(model_dir),
+            str(tiny_model_dir),
             "--codec-dir",
             str(codec_dir),
             "--max-ar-steps",
@@ -237,20 +219,24 @@ def test_cli_errors_are_specific(case, expect, model_dir, codec_dir, voice_wav, 
     assert not out.exists()
 
 
-def test_unknown_symbols_and_untrained_languages_are_named(tts, voice_wav):
+def test_unknown_symbols_and_untrained_languages_are_named(tiny_tts, voice_wav):
     from valle_jax import TTS
 
-    model = nnx.merge(tts.decoder.graph, tts.decoder.params)
-    small = TTS(model, tts.cfg, {k: v for k, v in tts.symmap.items() if k not in ("ð", "ɛ")}, tts.codec_dir)
+    model = nnx.merge(tiny_tts.decoder.graph, tiny_tts.decoder.params)
+    small = TTS(
+        model, tiny_tts.cfg, {k: v for k, v in tiny_tts.symmap.items() if k not in ("ð", "ɛ")}, tiny_tts.codec_dir
+    )
     with pytest.raises(TextError, match="not in the symbol map.*ð"):
         small.text_ids("Then the weather.")
     with pytest.raises(TextError, match="not supported by this model"):
-        tts.language_id("ja")  # a one-language model
+        tiny_tts.language_id("ja")  # a one-language model
     with pytest.raises(AudioError, match="reference codes"):
-        tts.prompt(np.zeros((10, 2), np.int16))
+        tiny_tts.prompt(np.zeros((10, 2), np.int16))
 
 
-def test_cli_kv_dtype_bfloat16_decodes_with_a_bfloat16_cache(model_dir, codec_dir, voice_wav, tmp_path, monkeypatch):
+def test_cli_kv_dtype_bfloat16_decodes_with_a_bfloat16_cache(
+    tiny_model_dir, codec_dir, voice_wav, tmp_path, monkeypatch
+):
     """--kv-dtype reaches the decoder: the AR's cache is bfloat16 (its bits on the CPU), and the
     command still writes the full length."""
     from valle_jax import TTS
@@ -266,7 +252,7 @@ def test_cli_kv_dtype_bfloat16_decodes_with_a_bfloat16_cache(model_dir, codec_di
             "--out",
             str(out),
             "--checkpoint",
-            str(model_dir),
+            str(tiny_model_dir),
             "--codec-dir",
             str(codec_dir),
             "--max-ar-steps",

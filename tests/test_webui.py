@@ -12,8 +12,6 @@ import pytest
 import soundfile as sf
 
 from valle_jax.audio import HOP_LENGTH, SAMPLE_RATE
-from valle_jax.config import ModelConfig
-from valle_jax.data.text import reference_symmap
 from valle_jax.decoding import Settings
 
 CHROMIUM = next(
@@ -36,18 +34,12 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def webui(codec_dir, tmp_path_factory):
+def webui(tiny_tts, tmp_path_factory):
     import portpicker
 
-    from valle_jax.checkpointing import params_of, save_model
-    from valle_jax.models import init_model
-    from valle_jax.tts import TTS
     from valle_jax.webui import WebUI, warm_up
 
-    cfg = ModelConfig(arch="transformer", d_model=48, n_heads=4, n_layers=2)
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(out, cfg, params_of(init_model(cfg, 0)), reference_symmap())
-    tts = TTS.load(out, codec_dir=codec_dir)
+    tts = tiny_tts
     defaults = Settings(max_ar_steps=STEPS)
     t0 = time.perf_counter()
     warm_up(tts, defaults)

@@ -88,20 +88,19 @@ def add_language_flags(p: argparse.ArgumentParser, language_help: str) -> None:
         "--group-language",
         action="append",
         default=[],
+        type=group_language_item,
         metavar="GROUP=LANG",
         help="language of one speaker group (repeatable)",
     )
 
 
-def parse_group_language(items: Iterable[str]) -> dict[str, str]:
-    """`["GROUP=LANG", ...]` (repeatable --group-language flags) -> {group: language}."""
-    out = {}
-    for item in items:
-        group, sep, lang = item.partition("=")
-        if not sep or not group or not lang:
-            raise ValueError(f"--group-language takes GROUP=LANG, got {item!r}")
-        out[group] = lang
-    return out
+def group_language_item(item: str) -> tuple[str, str]:
+    """One --group-language GROUP=LANG as (group, language): argparse's `type`, so a malformed one is a
+    usage error of every command with the flag; `dict(args.group_language)` is then {group: language}."""
+    group, sep, lang = item.partition("=")
+    if not sep or not group or not lang:
+        raise argparse.ArgumentTypeError(f"takes GROUP=LANG, got {item!r}")
+    return group, lang
 
 
 def find_files(root: Path, suffixes: Iterable[str], exclude: Iterable[str] = ()) -> list[Path]:

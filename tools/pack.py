@@ -40,7 +40,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from tools.common import Report, add_language_flags, find_files, parse_group_language, setup_logging, utterance_id
+from tools.common import Report, add_language_flags, find_files, setup_logging, utterance_id
 from valle_jax.config import ModelConfig
 from valle_jax.data import languages
 from valle_jax.data import text as T
@@ -504,15 +504,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     try:
-        group_language = parse_group_language(args.group_language)
-    except ValueError as e:
-        p.error(str(e))
-    try:
         report = pack(
             args.sources,
             args.out,
             args.language,
-            group_language,
+            dict(args.group_language),
             args.shard_size,
             args.overwrite,
             args.hdf5_type,

@@ -28,7 +28,6 @@ from tools.common import (
     add_language_flags,
     find_files,
     group_of,
-    parse_group_language,
     remove_stale_temps_of,
     setup_logging,
     shard_arg,
@@ -116,16 +115,12 @@ def main(argv=None) -> int:
     if args.text_dir is None or not args.text_dir.is_dir():
         p.error(f"{args.text_dir} is not a directory")
     try:
-        group_language = parse_group_language(args.group_language)
-    except ValueError as e:
-        p.error(str(e))
-    try:
         report = phonemize_dir(
             args.text_dir,
             args.out or args.text_dir,
             args.language,
             args.overwrite,
-            group_language=group_language,
+            group_language=dict(args.group_language),
             shard=args.shard,
         )
     except T.TextError as e:

@@ -19,11 +19,13 @@ repetition and length penalties, mirostat, VALL-E 2's repetition-aware sampling,
 search whose beams reorder the cache. The stop token is banned in NAR passes.
 
 Continuation (VALL-E's continuation task, `Continuation`): a row's response may start with given
-frames (the first seconds of the utterance itself). The AR takes them as its first outputs, one
-step each, instead of sampling (`Forced`), so every later step conditions on them exactly as on
-frames it had sampled (the cache, a recurrent state and the uncached path alike); the NAR keeps
-their codes at every level. The given frames are stepped, not prefilled in one pass: slower (a 3 s
-prompt is 225 more AR steps) but one code path for every backbone and per-row lengths.
+frames (the first seconds of the utterance itself). The AR takes them as its first outputs instead
+of sampling (`Forced`), so every later step conditions on them exactly as on frames it had sampled
+(the cache, a recurrent state and the uncached path alike); the NAR keeps their codes at every
+level. The frames every row has (the shortest row's count, down to a whole chunk) go through the
+model in one pass after the prefix (`Absorbed`), as the prompt does, and the loop starts after them;
+a longer row's remaining given frames are stepped, forced, like sampled ones. A rolling context
+(`max_ar_context`) masks frames step by step, so with one every given frame is stepped.
 """
 
 from __future__ import annotations
@@ -371,6 +373,14 @@ def _pick(
 # them with constructed distributions.
 
 
+class Absorbed(NamedTuple):
+    """Given frames the model state has already taken in (one pass after the prefix): the loop starts
+    at step `steps`, as if it had taken `forced`'s first `steps` tokens one step each."""
+
+    steps: int  # static: frames 0..steps-1 of every row (each row has at least this many given); a chunk multiple
+    logits: Array | None  # float32 [B, steps, V]: the logits each of those steps would have sampled from (keep_logits)
+
+
 class ArResult(NamedTuple):
     tokens: Array  # int32 [B, N]: level-0 codes, the stop token from each row's end on
     length: Array  # int32 [B]: frames before the stop (or the step limit)
@@ -432,11 +442,13 @@ def ar_loop(
     ras_window: int = 10,
     keep_logits: bool = False,
     forced: Forced | None = None,
+    absorbed: Absorbed | None = None,
 ) -> ArResult:
     """Samples up to `n_slots` tokens per row; exits when every row is done. `n_slots` must be a
     multiple of `chunk` (the steps one while-loop iteration scans). `forced`: a row's first steps
     take the given tokens instead of sampling (they count as its output, in the step limits and in
-    the penalties' history, and leave mirostat's state alone)."""
+    the penalties' history, and leave mirostat's state alone). `absorbed`: the first of them are in
+    `state` already (`first_logits_BV` then follow them): the loop starts after them."""
     b, v = first_logits_BV.shape
     assert n_slots % chunk == 0, (n_slots, chunk)
     knobs = jax.tree.map(jnp.asarray, knobs)
@@ -462,18 +474,36 @@ def ar_loop(
             kept=kept,
         ), None
 
+    t0, tokens, done = _start(b, n_slots, stop, knobs, forced, absorbed)
+    kept = jnp.zeros((b, n_slots, v), jnp.float32) if keep_logits else jnp.zeros((), jnp.float32)
+    if keep_logits and absorbed is not None and absorbed.steps:
+        kept = kept.at[:, : absorbed.steps].set(absorbed.logits)
     start = ArState(
-        t=jnp.zeros((), jnp.int32),
+        t=t0,
         logits=first_logits_BV.astype(jnp.float32),
-        tokens=jnp.full((b, n_slots), stop, jnp.int32),
-        done=jnp.zeros((b,), bool),
+        tokens=tokens,
+        done=done,
         mu=S.mirostat_init(knobs.tau),
         model=state,
-        kept=jnp.zeros((b, n_slots, v), jnp.float32) if keep_logits else jnp.zeros((), jnp.float32),
+        kept=kept,
     )
     end = jax.lax.while_loop(_running(n_slots), lambda s: jax.lax.scan(one, s, None, length=chunk)[0], start)
     length, stopped = _ends(end.tokens, knobs.max_steps, stop)
     return ArResult(end.tokens, length, stopped, end.model, end.kept if keep_logits else None)
+
+
+def _start(
+    rows: int, n_slots: int, stop: int, knobs: Knobs, forced: Forced | None, absorbed: Absorbed | None
+) -> tuple[Array, Array, Array]:
+    """(first step, token history [rows, n_slots], done [rows]) of a loop: from nothing, or after the
+    absorbed given frames, as stepping them would have left them (no row ends on a given frame
+    but at its step limit)."""
+    tokens = jnp.full((rows, n_slots), stop, jnp.int32)
+    if absorbed is None or absorbed.steps == 0:
+        return jnp.zeros((), jnp.int32), tokens, jnp.zeros((rows,), bool)
+    k = absorbed.steps
+    tokens = tokens.at[:, :k].set(forced.tokens[:, :k])
+    return jnp.asarray(k, jnp.int32), tokens, k >= knobs.max_steps
 
 
 def _ends(tokens_BN: Array, max_steps_B: Array, stop: int) -> tuple[Array, Array]:
@@ -506,6 +536,7 @@ def beam_loop(
     chunk: int = 8,
     sign_aware: bool = True,
     forced: Forced | None = None,
+    absorbed: Absorbed | None = None,
 ) -> tuple[ArResult, Array]:
     """Beam search over B utterances x `width` beams (rows b * width + w of `state`, which
     `reorder_fn(state, rows)` gathers). A beam's score is the sum of its tokens' log-probabilities
@@ -513,7 +544,9 @@ def beam_loop(
     beams are ranked by it over (tokens scored)**knobs.length_norm (`_normalised`); a finished beam
     keeps its score and length. Returns each utterance's best beam and its (summed) score.
     `forced` (rows as `state`'s): a forced step gives every beam its token at log-probability 0, so
-    the beams stay one (beam 0) until the given frames end, and the scores count sampled tokens alone."""
+    the beams stay one (beam 0) until the given frames end, and the scores count sampled tokens alone;
+    `absorbed` (as ar_loop's): the first of them are in `state` already, the search starts after them
+    (the beams are still one there, their scores 0 and -inf)."""
     bw, v = first_logits_BV.shape
     b = bw // width
     assert n_slots % chunk == 0
@@ -546,11 +579,12 @@ def beam_loop(
             model=model,
         ), None
 
+    t0, tokens, done = _start(bw, n_slots, stop, knobs, forced, absorbed)
     start = BeamState(
-        t=jnp.zeros((), jnp.int32),
+        t=t0,
         logits=first_logits_BV.astype(jnp.float32),
-        tokens=jnp.full((bw, n_slots), stop, jnp.int32),
-        done=jnp.zeros((bw,), bool),
+        tokens=tokens,
+        done=done,
         # all beams start identical: only beam 0 may expand at the first step, or they would stay copies
         score=jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, NEG_INF), b),
         length=jnp.ones((bw,), jnp.int32),
@@ -614,23 +648,49 @@ def _cached_step(model: VALLE, sp: int, context_B: Array, layers: list[dict]):
     return step
 
 
-def _uncached_step(model: VALLE, x_prefix: Array, valid_prefix: Array, n_slots: int):
+def _uncached_logits(model: VALLE, x_prefix: Array, valid_prefix: Array, frames_BN: Array, t: Array, plen: Array):
+    """The whole sequence, prefix and frames 0..t of the buffer `frames_BN`, through the model:
+    logits [B, sp + N, V] (slot sp + t chooses frame t + 1)."""
+    (b, sp), n = valid_prefix.shape, frames_BN.shape[1]
+    level = jnp.zeros((b,), jnp.int32)
+    x = jnp.concatenate([x_prefix, model.embed_frames(frames_BN[..., None], level)], axis=1)
+    slots = jnp.arange(n)[None, :]
+    valid = jnp.concatenate([valid_prefix, jnp.broadcast_to(slots <= t, (b, n))], axis=1)
+    pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(sp), (b, sp)), plen[:, None] + slots], axis=1)
+    return model.run(x, pos, valid, level)[0]
+
+
+def _uncached_step(model: VALLE, x_prefix: Array, valid_prefix: Array):
     """step_fn without a cache (the reference's way): the whole sequence, prefix and every frame
     so far, runs through the model at each step; frames are kept in a fixed-size buffer."""
-    b, sp = valid_prefix.shape
+    sp = valid_prefix.shape[1]
 
     def step(state, tok_B, t):
         frames, plen = state
         frames = jax.lax.dynamic_update_slice_in_dim(frames, tok_B[:, None], t, axis=1)
-        level = jnp.zeros((b,), jnp.int32)
-        x = jnp.concatenate([x_prefix, model.embed_frames(frames[..., None], level)], axis=1)
-        slots = jnp.arange(n_slots)[None, :]
-        valid = jnp.concatenate([valid_prefix, jnp.broadcast_to(slots <= t, (b, n_slots))], axis=1)
-        pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(sp), (b, sp)), plen[:, None] + slots], axis=1)
-        logits, _, _ = model.run(x, pos, valid, level)
+        logits = _uncached_logits(model, x_prefix, valid_prefix, frames, t, plen)
         return jax.lax.dynamic_index_in_dim(logits, sp + t, axis=1, keepdims=False), (frames, plen)
 
     return step
+
+
+def _absorbed(first_BV: Array, frame_logits_BKV: Array) -> tuple[Array, Absorbed]:
+    """(the logits the loop starts from, Absorbed) after a pass over K given frames whose logits
+    (frame t's: choosing frame t + 1) are `frame_logits_BKV`; `first_BV`: the prefix's (frame 0's)."""
+    k = frame_logits_BKV.shape[1]
+    kept = jnp.concatenate([first_BV[:, None], frame_logits_BKV[:, : k - 1]], axis=1)
+    return frame_logits_BKV[:, k - 1], Absorbed(k, kept)
+
+
+def _absorb_cached(model: VALLE, forced: Forced, k: int, cache, plen: Array, layers: list[dict]):
+    """Given frames 0..k-1 of every row through the model in one pass after the prefix, into the
+    cache at the slots and positions their steps would have used: (their logits [B, k, V], cache)."""
+    b = plen.shape[0]
+    level = jnp.zeros((b,), jnp.int32)
+    x = model.embed_frames(forced.tokens[:, :k, None], level)
+    pos = plen[:, None] + jnp.arange(k)[None, :]
+    logits, _, cache = model.run(x, pos, jnp.ones((b, k), bool), level, cache, layers=layers)
+    return logits, cache
 
 
 def _reorderer(model: VALLE):
@@ -650,6 +710,7 @@ class ArPlan:
     ras_window: int = 10
     cached: bool = True  # False: the reference's way, the whole sequence at every step
     keep_logits: bool = False
+    absorbed: int = 0  # given frames (Continuation) of every row prefilled in one pass (a chunk multiple)
     kv_storage: str = "float32"  # the KV cache buffers' dtype
     layout: backend.CacheLayout = backend.CacheLayout()
 
@@ -682,20 +743,30 @@ def _ar(
     from `params`, once, outside the loop. `forced`: the given first frames (Continuation)."""
     model = nnx.merge(graph, params)
     stop = model.cfg.stop_token
-    sp = prefix_slots(inputs)
+    sp, k = prefix_slots(inputs), plan.absorbed
+    absorbed = None
     if not plan.cached:
         first, _, plen, x, valid = _prefill(model, inputs)
-        state = (jnp.full((valid.shape[0], plan.n_slots), stop, jnp.int32), plen)
-        step = _uncached_step(model, x, valid, plan.n_slots)
-        return ar_loop(first, step, state, knobs, key, forced=forced, **plan.loop_options(stop))
+        frames = jnp.full((valid.shape[0], plan.n_slots), stop, jnp.int32)
+        if k:  # one pass over the prefix and the given frames, as the step before frame k would make
+            frames = frames.at[:, :k].set(forced.tokens[:, :k])
+            logits = _uncached_logits(model, x, valid, frames, jnp.asarray(k - 1), plen)
+            first, absorbed = _absorbed(first, logits[:, sp : sp + k])
+        step = _uncached_step(model, x, valid)
+        options = plan.loop_options(stop)
+        return ar_loop(first, step, (frames, plen), knobs, key, forced=forced, absorbed=absorbed, **options)
     layers = layers if layers is not None else model.backbone.unstack()
     if not backend.packed_rows_fit(len(inputs.text_len) * plan.width):
         layers = [backend.unpacked(p) for p in layers]  # here, once: XLA would unpack them at every step
     spec = CacheSpec(sp + plan.n_slots, plan.kv_storage, plan.layout)
     first, cache, plen, _, _ = _prefill(model, inputs, spec, layers)
+    if k:
+        logits, cache = _absorb_cached(model, forced, k, cache, plen, layers)
+        first, absorbed = _absorbed(first, logits)
     if plan.mode != "beam":
         step = _cached_step(model, sp, knobs.context, layers)
-        return ar_loop(first, step, (cache, plen), knobs, key, forced=forced, **plan.loop_options(stop))
+        options = plan.loop_options(stop)
+        return ar_loop(first, step, (cache, plen), knobs, key, forced=forced, absorbed=absorbed, **options)
     rows = jnp.repeat(jnp.arange(first.shape[0]), plan.width)
     reorder = _reorderer(model)
     state = reorder((cache, plen), rows)
@@ -703,7 +774,8 @@ def _ar(
     forced = None if forced is None else jax.tree.map(lambda a: a[rows], forced)
     step = _cached_step(model, sp, knobs.context, layers)
     options = dict(width=plan.width, n_slots=plan.n_slots, stop=stop, chunk=plan.chunk, sign_aware=plan.sign_aware)
-    return beam_loop(first[rows], step, reorder, state, knobs, forced=forced, **options)[0]
+    absorbed = None if absorbed is None else Absorbed(k, None)  # beams keep no logits
+    return beam_loop(first[rows], step, reorder, state, knobs, forced=forced, absorbed=absorbed, **options)[0]
 
 
 class NarStart(NamedTuple):
@@ -867,14 +939,17 @@ class Decoder:
         knobs: Knobs | None = None,
         n_slots: int | None = None,
         continuation: Continuation | None = None,
+        prefill_given: bool = True,
     ) -> ArResult:
         """Level 0. `knobs` overrides the per-row values `settings` gives (their minimum steps from
         each row's text length); `n_slots` the step bucket (a multiple of the chunk).
-        `continuation`: each row's response starts with its given frames, which the AR steps through
+        `continuation`: each row's response starts with its given frames, which the AR takes
         as its own output before sampling; the result's tokens and length then cover the whole
         response (given frames first), its step limit counts the frames generated after them (the
         row's max_steps + its given frames), and its minimum steps count the whole response (from the
-        text: the given frames say part of it)."""
+        text: the given frames say part of it). The given frames every row has go through the model in
+        one pass (module docstring); `prefill_given=False` steps through every one instead (what the
+        one pass is tested against)."""
         b = len(inputs.text_len)
         knobs = knobs if knobs is not None else Knobs.of(settings, b, text_len=np.asarray(inputs.text_len))
         forced = None
@@ -888,7 +963,10 @@ class Decoder:
                 "decodes from a recurrent state, whose past already fades by its decay"
             )
         n_slots = n_slots or self.n_slots(int(np.max(knobs.max_steps)))
-        call = self.ar_call(settings, n_slots, cached, keep_logits)
+        absorbed = 0
+        if forced is not None and prefill_given and not np.any(np.asarray(knobs.context) > 0):
+            absorbed = min(int(np.min(continuation.length)), n_slots) // self.chunk * self.chunk
+        call = self.ar_call(settings, n_slots, cached, keep_logits, absorbed)
         return call(self.params, inputs, knobs, jax.random.key(settings.seed), forced=forced)
 
     def check_continuation(self, c: Continuation, batch: int) -> None:
@@ -904,7 +982,9 @@ class Decoder:
         if codes.size and (codes.min() < 0 or codes.max() >= self.cfg.stop_token):
             raise DecodeError(f"continuation codes must lie in 0..{self.cfg.stop_token - 1}")
 
-    def ar_plan(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False) -> ArPlan:
+    def ar_plan(
+        self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False, absorbed: int = 0
+    ) -> ArPlan:
         return ArPlan(
             n_slots=n_slots,
             chunk=self.chunk,
@@ -914,14 +994,17 @@ class Decoder:
             ras_window=settings.ras_window,
             cached=cached,
             keep_logits=keep_logits,
+            absorbed=absorbed,
             kv_storage=backend.cache_storage(self.plan.kv_dtype).name,
             layout=self.plan.cache_layout,
         )
 
-    def ar_call(self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False):
+    def ar_call(
+        self, settings: Settings, n_slots: int, cached: bool = True, keep_logits: bool = False, absorbed: int = 0
+    ):
         """The jitted AR with the static choices of `settings` bound: `(params, inputs, knobs, key) ->
-        ArResult` (for `jax.eval_shape` or `.lower()` too)."""
-        plan = self.ar_plan(settings, n_slots, cached, keep_logits)
+        ArResult` (for `jax.eval_shape` or `.lower()` too); `absorbed`: ArPlan's."""
+        plan = self.ar_plan(settings, n_slots, cached, keep_logits, absorbed)
         return functools.partial(self._ar, layers=self.step_layers if cached else None, plan=plan)
 
     def nar(

@@ -5,8 +5,8 @@
 
 - `continuation`: as in the VALL-E paper, the first --prompt-seconds (3) of the utterance are the
   prompt and the text is its whole transcript; the model continues the prompt's own codes
-  (decoding.Continuation: the response starts with the prompt frames, the AR steps through them as
-  its own output and samples from there on; this model family also takes them as its prompt
+  (decoding.Continuation: the response starts with the prompt frames, the AR takes them as its
+  own output, in one pass, and samples from there on; this model family also takes them as its prompt
   input). The scored audio is the whole response, the prompt's seconds (re-synthesised from their
   codes, decoded together with the continuation) then the continuation: WER is against the whole
   transcript, MCD and the duration ratio against the whole ground truth, and speaker similarity is
@@ -233,7 +233,7 @@ def synthesize(
         compute = ar_s + nar_s + decode_s
         timing = {
             "rtf": compute / audio_s if audio_s > 0 else float("nan"),
-            "ar_steps_per_s": int(length.max()) / ar_s,
+            "ar_steps_per_s": int((length - k_rows).max()) / ar_s,  # given frames: one pass, not steps
             "ar_frames_per_s": int(length.sum()) / ar_s,
             "batch": start // batch_size,
             "batch_size": len(rows),

@@ -23,13 +23,12 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from valle_jax import audio_io, hub, runs, text_split, voice
 from valle_jax import best_of as B
-from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
+from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent
 from valle_jax.checkpointing import model_with_params, read_langs
 from valle_jax.config import ModelConfig
 from valle_jax.data import languages
@@ -271,16 +270,7 @@ class TTS:
             if isinstance(references, (str, os.PathLike))
             else [str(p) for p in references]
         )
-        if not paths:
-            raise AudioError("no reference audio given")
-        wavs = []
-        for p in paths:
-            if not Path(p).is_file():
-                raise AudioError(f"{p}: reference audio not found")
-            wav = load_audio(p)
-            if is_silent(wav):
-                raise AudioError(f"{p}: reference audio is silent")
-            wavs.append(voice.clean(wav) if trim else wav)
+        wavs = [voice.clean(w) if trim else w for w in voice.read_audio(paths)]
         kept = np.concatenate(wavs)
         if input_prompt_length > 0:
             kept = kept[: int(SAMPLE_RATE * input_prompt_length)]

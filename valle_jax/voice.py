@@ -98,6 +98,22 @@ def load(path: str | os.PathLike) -> tuple[np.ndarray, tuple[str, ...]]:
     return codes, tuple(meta.get("sources", ()))
 
 
+def read_audio(sources: Sequence[str]) -> list[np.ndarray]:
+    """The waveforms of reference audio files, as they are: at least one file, each existing and not
+    silent (the checks both a voice file and synthesis make of their references)."""
+    if not sources:
+        raise AudioError("no reference audio given")
+    wavs = []
+    for src in sources:
+        if not Path(src).is_file():
+            raise AudioError(f"{src}: reference audio not found")
+        wav = load_audio(src)
+        if is_silent(wav):
+            raise AudioError(f"{src}: reference audio is silent")
+        wavs.append(wav)
+    return wavs
+
+
 def encode(codec, wavs: Sequence[np.ndarray], trim_audio: bool = True) -> np.ndarray:
     """The codes of references joined in time, each cleaned first unless `trim_audio` is False."""
     wavs = [clean(w) for w in wavs] if trim_audio else list(wavs)
@@ -109,17 +125,7 @@ def make(
 ) -> tuple[Path, np.ndarray]:
     """Writes the voice file `out` of `references` (their codes joined in time)."""
     sources = [str(r) for r in references]
-    if not sources:
-        raise AudioError("no reference audio given")
-    wavs = []
-    for src in sources:
-        if not Path(src).is_file():
-            raise AudioError(f"{src}: reference audio not found")
-        wav = load_audio(src)
-        if is_silent(wav):
-            raise AudioError(f"{src}: reference audio is silent")
-        wavs.append(wav)
-    codes = encode(codec, wavs, trim_audio)
+    codes = encode(codec, read_audio(sources), trim_audio)
     return save(out, codes, sources, trim_audio), codes
 
 

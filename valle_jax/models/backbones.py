@@ -328,10 +328,11 @@ class LlamaBackbone(Backbone):
         self.down = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
         self.final_norm = L.param(rngs, ones, (d,), ("embed",))
 
-    def init_attention(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+    def init_attention(self, cfg: ModelConfig, rngs: nnx.Rngs, init=HF_INIT) -> None:
         """The parameters every llama-family layer has before its feed-forward (in this order, which
-        fixes what each draws from `rngs`): the attention's norm and projections, the feed-forward's norm."""
-        n, d, h, g, dh, init = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, HF_INIT
+        fixes what each draws from `rngs`): the attention's norm and projections, the feed-forward's norm.
+        `init` draws the projections (HF's for llama/mixtral, BitLinear's for bitnet)."""
+        n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
         self.q = L.param(rngs, init, (n, d, h, dh), ("layers", "embed", "heads", "head_dim"))
         self.k = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
@@ -648,15 +649,8 @@ class BitNetBackbone(LlamaBackbone):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         Backbone.__init__(self, cfg)
-        n, d, h, g, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        f = cfg.ffn_mult * d
-        init = normal(0.02)
-        self.attn_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
-        self.q = L.param(rngs, init, (n, d, h, dh), ("layers", "embed", "heads", "head_dim"))
-        self.k = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
-        self.v = L.param(rngs, init, (n, d, g, dh), ("layers", "embed", "kv_heads", "head_dim"))
-        self.o = L.param(rngs, init, (n, h, dh, d), ("layers", "heads", "head_dim", "embed"))
-        self.mlp_norm = L.param(rngs, ones, (n, d), ("layers", "embed"))
+        n, d, f, init = cfg.n_layers, cfg.d_model, cfg.ffn_mult * cfg.d_model, normal(0.02)
+        self.init_attention(cfg, rngs, init)
         self.ffn_in = L.param(rngs, init, (n, d, f), ("layers", "embed", "mlp"))
         self.ffn_out = L.param(rngs, init, (n, f, d), ("layers", "mlp", "embed"))
         self.final_norm = L.param(rngs, ones, (d,), ("embed",))
