@@ -2,14 +2,15 @@
 the same requests served one at a time.
 
     python benchmarks/serve_load.py [--sizes tiny,quarter] [--clients 1,4,16,64] [--audio-seconds 2]
-        [--max-batch 16] [--max-wait-ms 20] [--bad 0.1] [--arch ARCH]
+        [--max-batch 16] [--max-wait-ms 20] [--bad 0.1] [--per-client 4] [--arch ARCH]
 
 For each model size (randomly initialised, saved locally, a random codec built from espeak-ng speech) the
 script starts two servers in fresh processes, both warmed up for the requests' step bucket:
   - sequential: --max-batch 1, one client: every request decoded alone (the baseline, and a lone request's
     latency);
   - batched: --max-batch N --max-wait-ms W, with 1, 4, 16, 64 concurrent clients.
-Each client sends requests back to back until the run's list is done (max(4 * clients, 16) requests). A
+Each client sends requests back to back until the run's list is done (max(--per-client * clients, 16)
+requests; fewer per client keeps the quarter model's run short). A
 request asks for --audio-seconds of audio (the random model never stops, so every row runs its full step
 limit) with its own temperature and top-k. A fraction --bad of the requests is bad (empty text, an unknown
 language that fails inside its batch, or an out-of-range setting): every good one must be answered 200, every
@@ -181,7 +182,7 @@ def bench(size: str, args) -> list[dict]:
                 f"{server.url}/v1/voices", files={"audio": ("v.wav", voice_wav.read_bytes())}, timeout=120
             ).json()["id"]
             for clients in levels:
-                n = max(4 * clients, 16)
+                n = max(args.per_client * clients, 16)
                 r = asyncio.run(run_load(server.url, requests_for(n, vid, steps, args.bad), clients))
                 r |= {
                     "size": size,
@@ -204,6 +205,7 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=20.0)
     p.add_argument("--bad", type=float, default=0.1)
+    p.add_argument("--per-client", type=int, default=4, help="requests per client (at least 16 in all)")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     print(f"cpus: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (a shared machine: compare ratios)")

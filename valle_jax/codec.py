@@ -221,18 +221,21 @@ class Codec:
         import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
         codes = [np.asarray(c) for c in codes]
-        if not codes:
-            return
         frames = [len(c) for c in codes]
-        if max(frames) == 0:
+        if not codes or max(frames) == 0:
             yield from (np.zeros((0,), np.float32) for _ in codes)
             return
-        batch = np.zeros((len(codes), codes[0].shape[1], max(frames)), np.int64)
-        for i, c in enumerate(codes):
-            batch[i, :, : len(c)] = c.T
         # inference mode is entered per call, never across a yield (it would leak into the caller's code)
         with torch.inference_mode():
-            emb = self.model.quantizer.decode(torch.from_numpy(batch).to(self.device).transpose(0, 1))  # [B, D, T]
+            # the codebook sum per row (rows may carry different numbers of levels), right-padded with zeros
+            emb = None
+            for i, c in enumerate(codes):
+                if len(c):
+                    row = torch.from_numpy(np.asarray(c, np.int64).T[:, None]).to(self.device)  # [Q, 1, T]
+                    e = self.model.quantizer.decode(row)
+                    if emb is None:
+                        emb = e.new_zeros((len(codes), e.shape[1], max(frames)))
+                    emb[i, :, : len(c)] = e[0]
             if self.device != "cpu":
                 whole = self.model.decoder(emb)[:, 0].cpu().numpy().astype(np.float32)
             else:

@@ -367,7 +367,7 @@ class TTS:
         return self.codec.decode_rows(codes)
 
     def synthesize_batch(self, texts: Sequence[str], references: Sequence[Reference], **kwargs) -> list[np.ndarray]:
-        return [self.decode(c) for c in self.generate_codes(texts, references, **kwargs)]
+        return list(self.decode_rows(self.generate_codes(texts, references, **kwargs)))
 
     @staticmethod
     def lines(text: str) -> list[str]:

@@ -101,7 +101,7 @@ class WebUI:
             )
             if progress is not None:
                 progress(0.8, desc="vocoding")
-            parts = [self.tts.decode(c) for c in codes]
+            parts = list(self.tts.decode_rows(codes))
             if not any(len(p) for p in parts):
                 raise DecodeError("the model produced no audio (the stop token came first); try another seed")
             wav = np.concatenate(parts)
