@@ -2,14 +2,16 @@
 the same requests served one at a time.
 
     python benchmarks/serve_load.py [--sizes tiny,quarter] [--clients 1,4,16,64] [--audio-seconds 2]
-        [--max-batch 16] [--max-wait-ms 20] [--bad 0.1] [--arch ARCH]
+        [--max-batch 16] [--max-wait-ms 20] [--bad 0.1] [--per-client 4] [--vocoder encodec|vocos] [--arch ARCH]
 
-For each model size (randomly initialised, saved locally, a random codec built from espeak-ng speech) the
-script starts two servers in fresh processes, both warmed up for the requests' step bucket:
+For each model size (randomly initialised, saved locally, a random codec built from espeak-ng speech; with
+--vocoder vocos a random Vocos of the real one's size, dim 384 and 8 layers, decodes the audio) the script
+starts two servers in fresh processes, both warmed up for the requests' step bucket:
   - sequential: --max-batch 1, one client: every request decoded alone (the baseline, and a lone request's
     latency);
   - batched: --max-batch N --max-wait-ms W, with 1, 4, 16, 64 concurrent clients.
-Each client sends requests back to back until the run's list is done (max(4 * clients, 16) requests). A
+Each client sends requests back to back until the run's list is done (max(--per-client * clients, 16)
+requests; fewer per client keeps the quarter model's run short). A
 request asks for --audio-seconds of audio (the random model never stops, so every row runs its full step
 limit) with its own temperature and top-k. A fraction --bad of the requests is bad (empty text, an unknown
 language that fails inside its batch, or an out-of-range setting): every good one must be answered 200, every
@@ -42,6 +44,7 @@ from valle_jax.codec import build_random_codec
 from valle_jax.config import SIZES, ModelConfig
 from valle_jax.data.text import reference_symmap
 from valle_jax.models import init_model
+from valle_jax.vocoder import build_random_vocos
 
 TEXTS = [  # up to 30 phoneme ids each: one text bucket (32), the one the server's warm-up compiles
     "Hello there.",
@@ -71,7 +74,9 @@ def setup(size: str, arch: str, root: Path) -> tuple[Path, Path, Path]:
 
 
 class Server:
-    def __init__(self, model: Path, codec: Path, steps: int, max_batch: int, max_wait_ms: float):
+    def __init__(
+        self, model: Path, codec: Path, steps: int, max_batch: int, max_wait_ms: float, vocos: Path | None = None
+    ):
         self.port = portpicker.pick_unused_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -93,6 +98,8 @@ class Server:
             "--warm-up-steps",
             str(steps),
         ]
+        if vocos is not None:
+            cmd += ["--vocoder", "vocos", "--vocoder-dir", str(vocos)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         t0 = time.perf_counter()
         while True:
@@ -172,16 +179,17 @@ def bench(size: str, args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model, codec, voice_wav = setup(size, args.arch, Path(tmp))
+        vocos = build_random_vocos(Path(tmp) / "vocos", dim=384, layers=8) if args.vocoder == "vocos" else None
         for name, max_batch, wait, levels in (
             ("sequential", 1, 0.0, [1]),
             ("batched", args.max_batch, args.max_wait_ms, args.clients),
         ):
-            server = Server(model, codec, steps, max_batch, wait)
+            server = Server(model, codec, steps, max_batch, wait, vocos)
             vid = httpx.post(
                 f"{server.url}/v1/voices", files={"audio": ("v.wav", voice_wav.read_bytes())}, timeout=120
             ).json()["id"]
             for clients in levels:
-                n = max(4 * clients, 16)
+                n = max(args.per_client * clients, 16)
                 r = asyncio.run(run_load(server.url, requests_for(n, vid, steps, args.bad), clients))
                 r |= {
                     "size": size,
@@ -204,13 +212,15 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=20.0)
     p.add_argument("--bad", type=float, default=0.1)
+    p.add_argument("--vocoder", choices=("encodec", "vocos"), default="encodec")
+    p.add_argument("--per-client", type=int, default=4, help="requests per client (at least 16 in all)")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     print(f"cpus: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (a shared machine: compare ratios)")
     for size in args.sizes.split(","):
         rows = bench(size, args)
         seq = next(r for r in rows if r["server"] == "sequential")
-        print(f"\n{size}: sequential {seq['rps']:.2f} req/s, lone request p50 {seq['p50']:.2f} s")
+        print(f"\n{size} ({args.vocoder}): sequential {seq['rps']:.2f} req/s, lone request p50 {seq['p50']:.2f} s")
         print(
             f"{'clients':>7} {'req/s':>7} {'x seq':>6} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'p95/lone':>8} "
             f"{'batch':>6} {'bad':>4} {'all good 200':>12} {'alive':>5}"

@@ -24,6 +24,19 @@ def test_top_k_keeps_exactly_k_per_row(logits):
     assert set(np.flatnonzero(np.isfinite(out[1]))) == set(top5)
 
 
+def test_kth_largest_is_the_sorted_rows_kth_value_with_ties_signs_and_infinities():
+    x = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32) * 50
+    x[0, :40] = 7.25  # ties across the k-th place
+    x[1, ::3] = -np.inf
+    x[2] = -x[2]
+    x[3, :5] = [np.inf, 0.0, -0.0, 0.0, -0.0]
+    x[4] = -0.0
+    x[5, :150] = np.float32(1e-38)  # subnormal and tiny values
+    k = np.array([35, 250, 1, 3, 17, 400])
+    want = -np.sort(-x, axis=1)[np.arange(6), np.clip(k, 1, 300) - 1]
+    assert np.array_equal(np.asarray(S.kth_largest(jnp.asarray(x), jnp.asarray(k)))[:, 0], want)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p(logits):
     p = jnp.array([0.5, 0.9, 1.0, 0.0])
     out = np.asarray(S.top_p(logits, p))

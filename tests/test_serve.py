@@ -56,7 +56,13 @@ def tts_json(client, **fields):
     return client.post("/v1/tts", json={"settings": GREEDY, **fields})
 
 
-def test_endpoints_error_statuses_and_metrics(tts, wav_bytes):
+def voice_file_bytes(path, codes) -> bytes:
+    from valle_jax import voice
+
+    return voice.save(path, codes, ["ref.wav"], trimmed=True).read_bytes()
+
+
+def test_endpoints_error_statuses_and_metrics(tts, wav_bytes, tmp_path):
     with TestClient(make_app(tts, max_batch=4, max_wait_ms=400)) as client:
         assert client.get("/healthz").json() == {"status": "ok", "queue": 0}
         up = client.post("/v1/voices", files={"audio": ("v.wav", wav_bytes, "audio/wav")})
@@ -77,10 +83,11 @@ def test_endpoints_error_statuses_and_metrics(tts, wav_bytes):
         form = {"text": "Hello.", "format": "ogg", "settings": json.dumps(GREEDY)}
         ogg = client.post("/v1/tts", data=form, files={"audio": ("v.wav", wav_bytes)})  # an upload in the request
         assert ogg.status_code == 200 and ogg.headers["content-type"] == "audio/ogg"
-        codes = io.BytesIO()
-        np.save(codes, np.random.default_rng(0).integers(0, 1024, (100, 8)))
-        npy = client.post("/v1/tts", data=form | {"format": "wav"}, files={"audio": ("v.npy", codes.getvalue())})
-        assert npy.status_code == 200  # a voice file (codes)
+        npz = voice_file_bytes(tmp_path / "v.npz", np.random.default_rng(0).integers(0, 1024, (100, 8)))
+        by_file = client.post("/v1/tts", data=form | {"format": "wav"}, files={"audio": ("v.npz", npz)})
+        assert by_file.status_code == 200  # a voice file of python -m valle_jax.voice
+        not_ours = io.BytesIO()
+        np.savez(not_ours, codes=np.zeros((100, 8), np.int16))  # a zip, but no voice file's record
 
         long_wav = io.BytesIO()
         sf.write(long_wav, np.tile(sf.read(io.BytesIO(wav_bytes))[0], 3)[: 6 * 22050], 22050, format="WAV")
@@ -101,6 +108,7 @@ def test_endpoints_error_statuses_and_metrics(tts, wav_bytes):
                 tts_json(client, text="Hello."),
                 tts_json(client, text="Hello.", voice=vid, format="mp3"),
                 client.post("/v1/voices", files={"audio": ("bad.wav", b"RIFF not audio")}),
+                client.post("/v1/voices", files={"audio": ("bad.npz", not_ours.getvalue())}),
                 client.post("/v1/tts", content=b"{", headers={"content-type": "application/json"}),
             ],
         }
@@ -139,6 +147,32 @@ def test_endpoints_error_statuses_and_metrics(tts, wav_bytes):
         assert count("valle_batch_size_count") == 6 and count('valle_batch_size_bucket{le="2.0"}') == 5
         assert count("valle_tts_latency_seconds_count") == 6
         assert count("valle_queue_depth") == 0
+
+
+def test_voice_dir_holds_voice_files_that_replicas_share(tts, tmp_path):
+    """Uploads are kept as valle_jax.voice files named by their content hash: another replica on the same
+    folder (a new VoiceStore) finds them, the same upload gets the same id on both, and a voice file made
+    with python -m valle_jax.voice and copied there is the voice of its name. (An uploaded wav's file:
+    test_sigterm_drains_the_queue_and_exits_0.)"""
+    from valle_jax import voice
+    from valle_jax.serve.voices import UnknownVoice
+
+    folder = tmp_path / "voices"
+    one, two = VoiceStore(tts, folder), VoiceStore(tts, folder)
+    made = np.random.default_rng(1).integers(0, 1024, (300, 8))
+    npz = voice_file_bytes(tmp_path / "alice.npz", made)
+    vid, kept = one.add(npz)  # trimmed to the default 3 s
+    assert np.array_equal(kept.codes, made[: 75 * 3]) and vid == two.add(npz)[0] != "alice"
+    codes, sources = voice.load(folder / f"{vid}.npz")
+    assert np.array_equal(codes, kept.codes) and sources == ("ref.wav",)
+    assert np.array_equal(VoiceStore(tts, folder).get(vid).codes, kept.codes)  # read from the folder
+
+    (folder / "alice.npz").write_bytes(npz)
+    (folder / "junk.npz").write_bytes(b"PK\x03\x04 not a voice file")
+    assert np.array_equal(two.get("alice").codes, made)  # used whole, as made
+    assert [v["id"] for v in two.list()] == sorted(["alice", vid])  # the junk is no voice
+    with pytest.raises(UnknownVoice):
+        two.get("../voices/alice")
 
 
 def test_queue_full_is_429_and_draining_is_503(tts, wav_bytes):
@@ -218,7 +252,7 @@ def test_sigterm_drains_the_queue_and_exits_0(model_dir, codec_dir, wav_bytes, t
             assert time.time() < deadline, "the server did not come up"
             time.sleep(0.3)
         vid = httpx.post(f"{base}/v1/voices", files={"audio": ("v.wav", wav_bytes)}, timeout=60).json()["id"]
-        assert (tmp_path / "v" / f"{vid}.npy").is_file()  # where other replicas find it
+        assert (tmp_path / "v" / f"{vid}.npz").is_file()  # where other replicas find it
         answers = []
         body = {"text": "Hello there.", "voice": vid, "settings": GREEDY}
         threads = [

@@ -131,6 +131,9 @@ class FakeCodec:
     def decode(self, codes):
         return np.full((len(codes) * HOP_LENGTH,), 0.25, np.float32)
 
+    def decode_rows(self, rows):
+        return (self.decode(c) for c in rows)
+
 
 @pytest.fixture
 def fake_codec(monkeypatch):

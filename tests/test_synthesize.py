@@ -29,7 +29,7 @@ def test_api_synthesize_returns_24khz_audio_of_the_generated_length(tiny_tts, vo
     with pytest.warns(UserWarning):
         two = tiny_tts.synthesize("Hello there.\n\nGood night.", str(voice_wav), pause=0.0, **GREEDY)
     assert two.shape == (2 * STEPS * HOP_LENGTH,)  # lines concatenated, blank lines skipped
-    np.testing.assert_array_equal(two[: len(wav)], wav)
+    np.testing.assert_allclose(two[: len(wav)], wav, atol=1e-5)  # vocoded as a batch: equal within float rounding
 
 
 def test_api_batch_equals_one_by_one_and_prompts_are_reusable(tiny_tts, voice_wav, corpus):

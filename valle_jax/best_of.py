@@ -162,7 +162,7 @@ def pick_best(
         codes = np.zeros((n, 0, tts.cfg.n_resp_levels), np.int32)
     levels = 1 + settings.nar_levels(tts.cfg.n_resp_levels)
     cand_codes = [codes[i, : length[i], :levels] for i in range(n)]
-    wavs = [tts.decode(c) for c in cand_codes]
+    wavs = list(tts.decode_rows(cand_codes))
     if judge.sim is not None and voice_wav is None:
         voice_wav = tts.decode(np.asarray(voice_codes))
     candidates = score_candidates(wavs, text, voice_wav, SAMPLE_RATE, judge.wer, judge.sim, list(logprobs))

@@ -20,7 +20,7 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,12 +201,57 @@ class Codec:
 
     def decode(self, codes_TQ: np.ndarray) -> np.ndarray:
         """int codes [T, Q] -> float32 waveform of T * 320 samples at 24 kHz."""
+        return self.decode_batch([codes_TQ])[0]
+
+    def decode_batch(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """int codes [T_i, Q] each -> float32 waveforms of T_i * 320 samples (see `decode_rows`)."""
+        return list(self.decode_rows(codes))
+
+    def decode_rows(self, codes: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+        """The waveforms of `codes` [T_i, Q] in order, each yielded as soon as it is made.
+
+        The 24 kHz decoder is causal, so a right-padded row decodes to the same samples as the row alone
+        (within float rounding). On CPU the codebook lookup, the first convolution and the LSTM (at 75
+        frames/s, where a batch pays: the LSTM is a sequence of small products) run once on the padded
+        batch; the upsampling convolutions, whose activations at up to 24 kHz fall out of cache when
+        batched (2-thread EnCodec, 16 rows of 2 s: 0.237 CPU-s per row batched, 0.132 one at a time,
+        0.114 split this way), run row by row, so the caller can answer a row before its batch-mates
+        are done. On an accelerator the whole batch is one call.
+        """
         import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
-        codes = torch.from_numpy(np.asarray(codes_TQ, np.int64).T[None]).to(self.device)
+        codes = [np.asarray(c) for c in codes]
+        frames = [len(c) for c in codes]
+        if not codes or max(frames) == 0:
+            yield from (np.zeros((0,), np.float32) for _ in codes)
+            return
+        # inference mode is entered per call, never across a yield (it would leak into the caller's code)
         with torch.inference_mode():
-            wav = self.model.decode([(codes, None)])[0, 0]
-        return wav.cpu().numpy().astype(np.float32)[: codes.shape[-1] * HOP_LENGTH]
+            # the codebook sum per row (rows may carry different numbers of levels), right-padded with zeros
+            emb = None
+            for i, c in enumerate(codes):
+                if len(c):
+                    row = torch.from_numpy(np.asarray(c, np.int64).T[:, None]).to(self.device)  # [Q, 1, T]
+                    e = self.model.quantizer.decode(row)
+                    if emb is None:
+                        emb = e.new_zeros((len(codes), e.shape[1], max(frames)))
+                    emb[i, :, : len(c)] = e[0]
+            if self.device != "cpu":
+                whole = self.model.decoder(emb)[:, 0].cpu().numpy().astype(np.float32)
+            else:
+                layers = list(self.model.decoder.model)
+                split = next(i for i, m in enumerate(layers) if type(m).__name__ == "SLSTM") + 1
+                front, back = torch.nn.Sequential(*layers[:split]), torch.nn.Sequential(*layers[split:])
+                feats = front(emb)
+        for i, n in enumerate(frames):
+            if n == 0:
+                yield np.zeros((0,), np.float32)
+            elif self.device != "cpu":
+                yield whole[i, : n * HOP_LENGTH]
+            else:
+                with torch.inference_mode():
+                    wav = back(feats[i : i + 1, :, :n])[0, 0].cpu().numpy().astype(np.float32)
+                yield wav[: n * HOP_LENGTH]
 
 
 def build_random_codec(wavs: Sequence[np.ndarray], out_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -349,8 +349,15 @@ class TTS:
             return np.zeros((0,), np.float32)
         return self.vocos.decode(codes) if self.vocoder == "vocos" else self.codec.decode(codes)
 
+    def decode_rows(self, codes: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+        """The waveforms of several rows of codes, in order, each as soon as it is made (EnCodec decodes
+        them as one batch: Codec.decode_rows; Vocos one at a time: Vocos.decode_batch)."""
+        if self.vocoder == "vocos":
+            return (self.decode(c) for c in codes)
+        return self.codec.decode_rows(codes)
+
     def synthesize_batch(self, texts: Sequence[str], references: Sequence[Reference], **kwargs) -> list[np.ndarray]:
-        return [self.decode(c) for c in self.generate_codes(texts, references, **kwargs)]
+        return list(self.decode_rows(self.generate_codes(texts, references, **kwargs)))
 
     @staticmethod
     def lines(text: str) -> list[str]:

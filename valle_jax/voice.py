@@ -17,6 +17,7 @@ Before encoding, each reference is cleaned (on by default; --no-trim keeps it ra
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -29,6 +30,8 @@ from valle_jax.atomic import atomic_path
 from valle_jax.audio import FRAME_RATE, SAMPLE_RATE, AudioError, is_silent, load_audio
 
 FORMAT, VERSION = "valle_jax.voice", 1
+CODEBOOK_SIZE = 1024  # codes per EnCodec level
+ZIP_MAGIC = b"PK\x03\x04"  # np.savez writes a zip archive
 TOP_DB = 40.0  # frames this far below the loudest are silence
 FRAME_SECONDS = 0.02
 PAD = 0.05  # seconds of the silence kept before the first and after the last sounding frame
@@ -88,13 +91,32 @@ def load(path: str | os.PathLike) -> tuple[np.ndarray, tuple[str, ...]]:
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: voice file not found")
+    return _read(path, str(path))
+
+
+def loads(data: bytes, name: str = "the voice file") -> tuple[np.ndarray, tuple[str, ...]]:
+    """`load` of a voice file's bytes (an upload); `name` is what errors call it."""
+    return _read(io.BytesIO(data), name)
+
+
+def is_voice_data(data: bytes) -> bool:
+    """Whether `data` may be a voice file (a zip archive, as numpy's savez writes) rather than audio."""
+    return data.startswith(ZIP_MAGIC)
+
+
+def _read(source, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(source, allow_pickle=False) as z:
             codes, meta = z["codes"], json.loads(str(z["meta"]))
     except Exception as e:  # BadZipFile, KeyError, ValueError: not one of ours
-        raise AudioError(f"{path}: not a voice file of python -m valle_jax.voice ({type(e).__name__}: {e})") from e
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise AudioError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{VERSION}")
+        raise AudioError(f"{name}: not a voice file of python -m valle_jax.voice ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (None, None)
+        raise AudioError(f"{name}: format {got[0]} v{got[1]}, expected {FORMAT} v{VERSION}")
+    if not np.issubdtype(codes.dtype, np.integer) or codes.ndim != 2 or len(codes) == 0:
+        raise AudioError(f"{name}: a voice file holds int codes [frames, levels], got {codes.dtype} {codes.shape}")
+    if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
+        raise AudioError(f"{name}: a voice file's codes must lie in [0, {CODEBOOK_SIZE})")
     return codes, tuple(meta.get("sources", ()))
 
 

@@ -2,12 +2,13 @@
 
     python -m valle_jax.webui --checkpoint PATH [--listen HOST:PORT] [--share] [--voice-dir DIR]
 
-Text; a reference audio upload or microphone recording, or a saved voice (`--voice-dir`: the `<id>.npy`
-codes the server keeps, valle_jax.serve); the language; every sampling setting with the reference's defaults
-(decoding.Settings); the audio out with a download button, and the settings actually used. "One utterance per
-line" decodes the lines as one batch and joins them in order. Bad input (empty text, unknown symbols, an
-unreadable or too short reference) shows as a message in the page, never a stack trace. The model loads
-once and is compiled for the default buckets before the page is served (the log says how long that took).
+Text; a reference audio upload or microphone recording, or a saved voice (`--voice-dir`: `<name>.npz` voice
+files of `python -m valle_jax.voice make`, as the server keeps them, valle_jax.serve); the language; every
+sampling setting with the reference's defaults (decoding.Settings); the audio out with a download button, and
+the settings actually used. "One utterance per line" decodes the lines as one batch and joins them in order.
+Bad input (empty text, unknown symbols, an unreadable or too short reference) shows as a message in the page,
+never a stack trace. The model loads once and is compiled for the default buckets before the page is served
+(the log says how long that took).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class WebUI:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def saved_voices(self) -> list[str]:
-        return sorted(p.stem for p in self.voice_dir.glob("*.npy")) if self.voice_dir else []
+        return sorted(p.stem for p in self.voice_dir.glob("*.npz")) if self.voice_dir else []
 
     def voice(self, reference: str | None, saved: str | None, input_prompt_length: float) -> Prompt:
         if reference:
@@ -79,7 +80,7 @@ class WebUI:
         if saved:
             if saved not in self.saved_voices():
                 raise AudioError(f"no saved voice {saved!r}")
-            return self.tts.prompt(np.load(self.voice_dir / f"{saved}.npy", allow_pickle=False), input_prompt_length)
+            return self.tts.prompt(self.voice_dir / f"{saved}.npz", input_prompt_length)
         raise AudioError("no voice: upload or record a reference, or pick a saved voice")
 
     def generate(self, text, reference, saved, language, lines_mode, input_prompt_length, *values, progress=None):
@@ -100,7 +101,7 @@ class WebUI:
             )
             if progress is not None:
                 progress(0.8, desc="vocoding")
-            parts = [self.tts.decode(c) for c in codes]
+            parts = list(self.tts.decode_rows(codes))
             if not any(len(p) for p in parts):
                 raise DecodeError("the model produced no audio (the stop token came first); try another seed")
             wav = np.concatenate(parts)
@@ -190,7 +191,9 @@ def main(argv=None) -> int:
     add_vocoder_flags(p)
     p.add_argument("--listen", default="127.0.0.1:7860", help="HOST:PORT")
     p.add_argument("--share", action="store_true", help="a public gradio.live link (needs the network)")
-    p.add_argument("--voice-dir", type=Path, default=None, help="saved voices (<id>.npy codes, as the server keeps)")
+    p.add_argument(
+        "--voice-dir", type=Path, default=None, help="saved voices (<name>.npz voice files, as the server keeps them)"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

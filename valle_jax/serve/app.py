@@ -2,7 +2,7 @@
 
     POST /v1/tts      text, voice (an id, or an uploaded wav or voice file), language, format, settings, best_of
                       -> audio
-    POST /v1/voices   an uploaded wav or voice file (.npy codes) -> {"id", "seconds"}
+    POST /v1/voices   an uploaded wav or voice file (.npz of python -m valle_jax.voice make) -> {"id", "seconds"}
     GET  /v1/voices   the voices this replica knows
     GET  /healthz     {"status": "ok" | "draining", "queue": N}
     GET  /metrics     Prometheus text: requests by endpoint and status, latency and batch-size histograms, queue depth
@@ -231,7 +231,7 @@ def create_app(engine: Engine, voices: VoiceStore, limits: Limits, metrics: Metr
         try:
             fields, data = await body_of(request)
             if data is None:
-                raise HttpError(422, "upload the voice as the multipart file field 'audio' (a wav or .npy codes)")
+                raise HttpError(422, "upload the voice as the multipart file field 'audio' (a wav or .npz voice file)")
             length = float(fields.get("input_prompt_length", 3.0))
             vid, voice = await run_in_threadpool(voices.add, data, length)
         except Exception as e:

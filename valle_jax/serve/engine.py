@@ -7,11 +7,15 @@ request's own settings; what the decoder compiles in (the sampler mode, beam wid
 RAS window) must agree within a batch: a request that differs waits for the next batch. The batch is padded
 to a power of two with rows whose step limit is 1, so the compiled programs are one per batch bucket.
 
-Rows are vocoded on a second thread while the worker gathers and decodes the next batch.
+Rows are vocoded on a second thread while the worker decodes the next batch, at most one batch ahead: the
+worker hands batch k+1 to the vocoder only once batch k is vocoded, so it gathers batch k+2 after batch k's
+clients have their audio and could send again. Without that bound a vocoder slower than the decoder lets
+the worker run ahead in small batches, whose fixed cost then competes with the vocoding for the CPU.
 
 Each row is prepared (phonemised) inside the batch: a row that fails fails alone, with its error, and its
 batch-mates are decoded. If the decoder itself fails, the rows are retried one by one so that only the bad
-one fails. After the AR and NAR, rows are vocoded and answered shortest first: a short row waits for the
+one fails. After the AR and NAR, a batch's rows are vocoded together (TTS.decode_rows: EnCodec's LSTM once over the
+padded batch) and answered shortest first, each as soon as its audio is made: a short row waits for the
 batch's AR loop, not for its longer mates' audio.
 
 Not continuous batching: the AR is one compiled `while_loop` that returns to the host only when every row
@@ -120,6 +124,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="valle-batcher", daemon=True)
         # vocoding (torch) runs beside the next batch's decoding (XLA): one thread keeps answers in order
         self._vocoding = ThreadPoolExecutor(1, thread_name_prefix="valle-vocoder")
+        self._vocoder_free = threading.Semaphore(1)  # one batch vocoding, the next one decoding (module doc)
 
     # ---- the server's side ------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -167,7 +172,8 @@ class Engine:
         ids = [1] + [3] * (text_tokens - 2) + [2]
         for b in sizes:
             inputs = make_inputs([ids] * b, [voice.codes] * b, [0] * b, self.tts.cfg.n_prom_levels)
-            self.tts.decoder.generate(inputs, settings)
+            out = self.tts.decoder.generate(inputs, settings)
+        list(self.tts.decode_rows(out.codes[:2]))  # the vocoder's first call (its one-time set-up)
         return time.perf_counter() - t0
 
     # ---- the worker ---------------------------------------------------------------------------------
@@ -228,11 +234,20 @@ class Engine:
             log.warning("a batch of %d failed; decoding its rows one by one", len(ready))
             for row in ready:
                 try:
-                    self._vocoding.submit(self._answer, [row], self._decode([row]), len(jobs), started)
+                    self._vocode([row], self._decode([row]), len(jobs), started)
                 except Exception as e:
                     row[0].future.set_exception(e)
             return
-        self._vocoding.submit(self._answer, ready, outputs, len(jobs), started)
+        self._vocode(ready, outputs, len(jobs), started)
+
+    def _vocode(self, rows: list[tuple], outputs: list, batch_size: int, started: float) -> None:
+        """Hands decoded rows to the vocoder thread once it has finished the batch before."""
+        self._vocoder_free.acquire()
+        try:
+            self._vocoding.submit(self._answer, rows, outputs, batch_size, started)
+        except BaseException:
+            self._vocoder_free.release()
+            raise
 
     def _run_best_of(self, job: Job, started: float) -> None:
         """N candidates as one batch, scored and the best answered; vocoding and scoring stay on this thread
@@ -280,15 +295,25 @@ class Engine:
         return [(codes[i, : length[i], : 1 + levels[i]], bool(stopped[i])) for i in range(n)]
 
     def _answer(self, rows: list[tuple], outputs: list, batch_size: int, started: float) -> None:
-        for i in sorted(range(len(rows)), key=lambda i: len(outputs[i][0])):  # short rows are answered first
-            job, (codes, stopped) = rows[i][0], outputs[i]
+        try:
+            order = sorted(range(len(rows)), key=lambda i: len(outputs[i][0]))  # short rows are answered first
+            for i in order:
+                if len(outputs[i][0]) == 0:
+                    rows[i][0].future.set_exception(
+                        EmptyAudio("the AR produced no frames (the stop token came first): no audio")
+                    )
+            order = [i for i in order if len(outputs[i][0])]
             try:
-                if len(codes) == 0:
-                    raise EmptyAudio("the AR produced no frames (the stop token came first): no audio")
-                wav = self.tts.decode(codes)
-                job.future.set_result(Result(wav, len(codes), stopped, batch_size, started - job.queued_at))
-            except Exception as e:
-                job.future.set_exception(e)
+                wavs = self.tts.decode_rows([outputs[i][0] for i in order])
+                for i, wav in zip(order, wavs):
+                    job, (codes, stopped) = rows[i][0], outputs[i]
+                    job.future.set_result(Result(wav, len(codes), stopped, batch_size, started - job.queued_at))
+            except Exception as e:  # the vocoder failed: the rows still waiting get its error
+                for i in order:
+                    if not rows[i][0].future.done():
+                        rows[i][0].future.set_exception(e)
+        finally:
+            self._vocoder_free.release()
 
 
 def _stack(knobs: list[Knobs]) -> Knobs:
