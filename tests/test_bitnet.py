@@ -3,6 +3,8 @@ activations, the straight-through gradients, the packed 2-bit layout (the kernel
 decoder), training on the mesh, export round trip, synthesis (CLI and API) from an exported model,
 parameter counts."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,7 +148,7 @@ def test_export_keeps_the_weights_packed(tmp_path):
     params = params_of(model)
     float_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bit_bytes = sum(params["backbone"][k].nbytes for k in model.backbone.STEP_MATMULS)
-    on_disk = sum(f.stat().st_size for f in (out / "params").rglob("*") if f.is_file())
+    on_disk = sum(f.stat().st_size for f in (Path(out) / "params").rglob("*") if f.is_file())
     assert on_disk < float_bytes - bit_bytes * 15 / 16 + 64 * 1024, (on_disk, float_bytes, bit_bytes)
     with pytest.raises(ValueError, match="no reference layout"):
         export(params_of(model), cfg, {"a": 1}, {}, tmp_path / "ref.pth")
