@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One pass of the checks and figures worth having from an accelerator machine, in order of value:
 # golden parity of every backbone (default and highest matmul precision), the retnet tests, then
-# decode and training-step figures for llama and retnet side by side.
+# decode and training-step figures for llama and retnet side by side, then the server's load test
+# (issue 22: the half preset, 1/4/16/64 clients, the codec on the CPU).
 #
 #   bash benchmarks/accelerator_report.sh [GOLDEN_DIR] [SIZES]      (SIZES: comma list, default half)
 #   environment: DECODE_BATCHES (default 1,8,32), MEMORY_SECONDS (default 10,30; "" skips), PYTHON
@@ -37,4 +38,6 @@ for arch in llama retnet; do
   step "train step $arch $sizes"
   timeout 120 $py benchmarks/train_step.py --sizes "$sizes" --arch "$arch" --no-tcmalloc
 done
+step "serve load half"
+timeout 420 $py benchmarks/serve_load.py --sizes half --per-client 2
 step done

@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from valle_jax.audio import HOP_LENGTH, SAMPLE_RATE
 from valle_jax.data.text import reference_symmap
+from valle_jax.decoding import Settings
 from valle_jax.serve.app import Limits, Metrics, create_app
 from valle_jax.serve.engine import Engine
 from valle_jax.serve.voices import VoiceStore
@@ -272,3 +273,80 @@ def test_sigterm_drains_the_queue_and_exits_0(model_dir, codec_dir, wav_bytes, t
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_replicas_behind_a_round_robin_balancer_answer_alike(tts, wav_bytes, tmp_path):
+    """The several-machines path: two replicas on one shared --voice-dir behind a balancer that alternates
+    between them. A voice uploaded through one is used through the other, and a greedy request gets the
+    same audio from either. A replica without the folder answers 404 for that id, and uploading the same
+    audio to it gives the same id (content hash), so a client can recover from any replica."""
+    folder = tmp_path / "voices"
+    apps = []
+    for _ in range(2):
+        metrics = Metrics()
+        engine = Engine(tts, observer=metrics.observer(), max_wait_ms=0)
+        apps.append(create_app(engine, VoiceStore(tts, folder, max_audio_seconds=5.0), LIMITS, metrics))
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b, TestClient(make_app(tts)) as alone:
+        turn = iter([a, b] * 4)
+        vid = next(turn).post("/v1/voices", files={"audio": ("v.wav", wav_bytes)}).json()["id"]
+        wavs = [tts_json(next(turn), text="Hello there.", voice=vid) for _ in range(2)]
+        assert [w.status_code for w in wavs] == [200, 200]
+        assert wavs[0].content == wavs[1].content
+        assert {v["id"] for v in b.get("/v1/voices").json()["voices"]} == {vid}
+        missing = tts_json(alone, text="Hello there.", voice=vid)
+        assert missing.status_code == 404 and "upload" in missing.json()["error"]
+        assert alone.post("/v1/voices", files={"audio": ("v.wav", wav_bytes)}).json()["id"] == vid
+        assert tts_json(alone, text="Hello there.", voice=vid).content == wavs[0].content
+
+
+class SlowVocoderTTS:
+    """Just what the engine asks of a TTS, with a vocoder that holds its batch until released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.vocoding = threading.Event()
+
+    def text_ids(self, text, language):
+        return [1, 5, 2]
+
+    def language_id(self, language):
+        return 0
+
+    def decode_rows(self, rows):
+        self.vocoding.set()
+        assert self.release.wait(30)
+        for codes in rows:
+            yield np.zeros(len(codes) * HOP_LENGTH, np.float32)
+
+
+def test_the_decoder_runs_at_most_one_batch_ahead_of_the_vocoder():
+    """Back-pressure: while batch 1 is being vocoded, batch 2 is decoded but not handed over, and batch 3
+    stays in the queue (it is gathered only once batch 1's clients have their audio). Without the bound the
+    worker would decode batch after batch in small pieces while the vocoder falls behind."""
+    tts = SlowVocoderTTS()
+    engine = Engine(tts, max_batch=1, max_wait_ms=0)
+    decoded = []
+
+    def decode(rows):
+        decoded.append(len(rows))
+        return [(np.zeros((4, 8), np.int32), True) for _ in rows]
+
+    engine._decode = decode
+    engine.start()
+    try:
+        first = engine.submit("a", None, "en", Settings())
+        assert tts.vocoding.wait(30)  # batch 1 is at the vocoder, which holds it
+        second = engine.submit("b", None, "en", Settings())
+        deadline = time.time() + 30
+        while len(decoded) < 2:  # batch 2 decoded, now waiting for the vocoder
+            assert time.time() < deadline
+            time.sleep(0.01)
+        third = engine.submit("c", None, "en", Settings())
+        time.sleep(0.3)
+        assert len(decoded) == 2 and engine.depth == 1 and not first.done()
+        tts.release.set()
+        results = [f.result(30) for f in (first, second, third)]
+        assert [r.wav.shape for r in results] == [(4 * HOP_LENGTH,)] * 3 and len(decoded) == 3
+    finally:
+        tts.release.set()
+        engine.stop(30)
