@@ -3,6 +3,7 @@ the same requests served one at a time.
 
     python benchmarks/serve_load.py [--sizes tiny,quarter] [--clients 1,4,16,64] [--audio-seconds 2]
         [--max-batch 16] [--max-wait-ms 20] [--bad 0.1] [--per-client 4] [--vocoder encodec|vocos] [--arch ARCH]
+        [--vocoder-threads N]
 
 For each model size (randomly initialised, saved locally, a random codec built from espeak-ng speech; with
 --vocoder vocos a random Vocos of the real one's size, dim 384 and 8 layers, decodes the audio) the script
@@ -75,7 +76,14 @@ def setup(size: str, arch: str, root: Path) -> tuple[Path, Path, Path]:
 
 class Server:
     def __init__(
-        self, model: Path, codec: Path, steps: int, max_batch: int, max_wait_ms: float, vocos: Path | None = None
+        self,
+        model: Path,
+        codec: Path,
+        steps: int,
+        max_batch: int,
+        max_wait_ms: float,
+        vocos: Path | None = None,
+        vocoder_threads: int = 2,
     ):
         self.port = portpicker.pick_unused_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -97,6 +105,8 @@ class Server:
             "1024",
             "--warm-up-steps",
             str(steps),
+            "--vocoder-threads",
+            str(vocoder_threads),
         ]
         if vocos is not None:
             cmd += ["--vocoder", "vocos", "--vocoder-dir", str(vocos)]
@@ -184,7 +194,7 @@ def bench(size: str, args) -> list[dict]:
             ("sequential", 1, 0.0, [1]),
             ("batched", args.max_batch, args.max_wait_ms, args.clients),
         ):
-            server = Server(model, codec, steps, max_batch, wait, vocos)
+            server = Server(model, codec, steps, max_batch, wait, vocos, args.vocoder_threads)
             vid = httpx.post(
                 f"{server.url}/v1/voices", files={"audio": ("v.wav", voice_wav.read_bytes())}, timeout=120
             ).json()["id"]
@@ -213,6 +223,7 @@ def main() -> int:
     p.add_argument("--max-wait-ms", type=float, default=20.0)
     p.add_argument("--bad", type=float, default=0.1)
     p.add_argument("--vocoder", choices=("encodec", "vocos"), default="encodec")
+    p.add_argument("--vocoder-threads", type=int, default=2, help="the servers' --vocoder-threads")
     p.add_argument("--per-client", type=int, default=4, help="requests per client (at least 16 in all)")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]

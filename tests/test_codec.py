@@ -1,4 +1,5 @@
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -55,6 +56,9 @@ def test_batched_decode_equals_encodecs_own_decode_of_each_row(codec):
             with torch.inference_mode():
                 alone = codec.model.decode([(torch.from_numpy(row.T[None].astype(np.int64)), None)])[0, 0].numpy()
             np.testing.assert_allclose(wav, alone, atol=1e-5)
+    with ThreadPoolExecutor(2) as pool:  # rows upsampled two at a time (the server's --vocoder-threads)
+        threaded = list(codec.decode_rows(rows, pool.map))
+    assert all(np.array_equal(t, w) for t, w in zip(threaded, batched, strict=True))
 
 
 def test_pretrained_loader_reads_torch_hub_cache(codec_dir, tmp_path, monkeypatch, corpus, codec):

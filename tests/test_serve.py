@@ -284,7 +284,7 @@ def test_replicas_behind_a_round_robin_balancer_answer_alike(tts, wav_bytes, tmp
     apps = []
     for _ in range(2):
         metrics = Metrics()
-        engine = Engine(tts, observer=metrics.observer(), max_wait_ms=0)
+        engine = Engine(tts, observer=metrics.observer(), max_wait_ms=0, vocoder_threads=2)
         apps.append(create_app(engine, VoiceStore(tts, folder, max_audio_seconds=5.0), LIMITS, metrics))
     with TestClient(apps[0]) as a, TestClient(apps[1]) as b, TestClient(make_app(tts)) as alone:
         turn = iter([a, b] * 4)
@@ -312,7 +312,7 @@ class SlowVocoderTTS:
     def language_id(self, language):
         return 0
 
-    def decode_rows(self, rows):
+    def decode_rows(self, rows, map_rows=map):
         self.vocoding.set()
         assert self.release.wait(30)
         for codes in rows:

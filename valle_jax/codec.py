@@ -20,7 +20,7 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +207,7 @@ class Codec:
         """int codes [T_i, Q] each -> float32 waveforms of T_i * 320 samples (see `decode_rows`)."""
         return list(self.decode_rows(codes))
 
-    def decode_rows(self, codes: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    def decode_rows(self, codes: Sequence[np.ndarray], map_rows: Callable = map) -> Iterator[np.ndarray]:
         """The waveforms of `codes` [T_i, Q] in order, each yielded as soon as it is made.
 
         The 24 kHz decoder is causal, so a right-padded row decodes to the same samples as the row alone
@@ -216,7 +216,9 @@ class Codec:
         batch; the upsampling convolutions, whose activations at up to 24 kHz fall out of cache when
         batched (2-thread EnCodec, 16 rows of 2 s: 0.237 CPU-s per row batched, 0.132 one at a time,
         0.114 split this way), run row by row, so the caller can answer a row before its batch-mates
-        are done. On an accelerator the whole batch is one call.
+        are done. `map_rows` runs those rows (`map`: one after another on this thread; an executor's
+        `map`: several at once, each on one torch thread, which scales where one op's own threads do
+        not). On an accelerator the whole batch is one call.
         """
         import torch  # noqa: PLC0415 - optional heavy dependency: torch
 
@@ -243,15 +245,17 @@ class Codec:
                 split = next(i for i, m in enumerate(layers) if type(m).__name__ == "SLSTM") + 1
                 front, back = torch.nn.Sequential(*layers[:split]), torch.nn.Sequential(*layers[split:])
                 feats = front(emb)
-        for i, n in enumerate(frames):
+
+        def upsample(i: int) -> np.ndarray:
+            n = frames[i]
             if n == 0:
-                yield np.zeros((0,), np.float32)
-            elif self.device != "cpu":
-                yield whole[i, : n * HOP_LENGTH]
-            else:
-                with torch.inference_mode():
-                    wav = back(feats[i : i + 1, :, :n])[0, 0].cpu().numpy().astype(np.float32)
-                yield wav[: n * HOP_LENGTH]
+                return np.zeros((0,), np.float32)
+            if self.device != "cpu":
+                return whole[i, : n * HOP_LENGTH]
+            with torch.inference_mode():  # thread-local: entered on the thread that runs the row
+                return back(feats[i : i + 1, :, :n])[0, 0, : n * HOP_LENGTH].cpu().numpy().astype(np.float32)
+
+        yield from map_rows(upsample, range(len(codes)))
 
 
 def build_random_codec(wavs: Sequence[np.ndarray], out_dir: str | os.PathLike, seed: int = 0) -> Path:

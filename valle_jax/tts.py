@@ -349,12 +349,13 @@ class TTS:
             return np.zeros((0,), np.float32)
         return self.vocos.decode(codes) if self.vocoder == "vocos" else self.codec.decode(codes)
 
-    def decode_rows(self, codes: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    def decode_rows(self, codes: Sequence[np.ndarray], map_rows: Callable = map) -> Iterator[np.ndarray]:
         """The waveforms of several rows of codes, in order, each as soon as it is made (EnCodec decodes
-        them as one batch: Codec.decode_rows; Vocos one at a time: Vocos.decode_batch)."""
+        them as one batch: Codec.decode_rows; Vocos one at a time). `map_rows` runs the per-row work: `map`
+        on this thread, or an executor's `map` for several rows at once."""
         if self.vocoder == "vocos":
-            return (self.decode(c) for c in codes)
-        return self.codec.decode_rows(codes)
+            return map_rows(self.decode, codes)
+        return self.codec.decode_rows(codes, map_rows)
 
     def synthesize_batch(self, texts: Sequence[str], references: Sequence[Reference], **kwargs) -> list[np.ndarray]:
         return list(self.decode_rows(self.generate_codes(texts, references, **kwargs)))

@@ -16,7 +16,8 @@ Each row is prepared (phonemised) inside the batch: a row that fails fails alone
 batch-mates are decoded. If the decoder itself fails, the rows are retried one by one so that only the bad
 one fails. After the AR and NAR, a batch's rows are vocoded together (TTS.decode_rows: EnCodec's LSTM once over the
 padded batch) and answered shortest first, each as soon as its audio is made: a short row waits for the
-batch's AR loop, not for its longer mates' audio.
+batch's AR loop, not for its longer mates' audio. With `vocoder_threads` > 1 a batch's rows are vocoded that
+many at once, each on its own torch thread (EnCodec, 16 rows of 2 s on 2 cores: 0.83 s against 1.45 s).
 
 Not continuous batching: the AR is one compiled `while_loop` that returns to the host only when every row
 has stopped, and its KV cache is laid out for the batch's text and prompt buckets; refilling a finished row
@@ -112,9 +113,10 @@ class Engine:
         max_queue: int = 64,
         observer: Observer | None = None,
         judge: B.Judge | None = None,
+        vocoder_threads: int = 1,
     ):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or vocoder_threads < 1:
+            raise ValueError("max_batch, max_queue and vocoder_threads must be >= 1 and max_wait_ms >= 0")
         self.tts, self.max_batch, self.max_wait, self.max_queue = tts, max_batch, max_wait_ms / 1000, max_queue
         self.judge = judge or B.Judge()  # what ranks best-of candidates (default: mean AR log-probability)
         self.observer = observer or Observer()
@@ -125,6 +127,10 @@ class Engine:
         # vocoding (torch) runs beside the next batch's decoding (XLA): one thread keeps answers in order
         self._vocoding = ThreadPoolExecutor(1, thread_name_prefix="valle-vocoder")
         self._vocoder_free = threading.Semaphore(1)  # one batch vocoding, the next one decoding (module doc)
+        # a batch's rows vocoded several at once, each on its own torch thread (module doc)
+        self._rows = (
+            ThreadPoolExecutor(vocoder_threads, thread_name_prefix="valle-rows") if vocoder_threads > 1 else None
+        )
 
     # ---- the server's side ------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -173,7 +179,7 @@ class Engine:
         for b in sizes:
             inputs = make_inputs([ids] * b, [voice.codes] * b, [0] * b, self.tts.cfg.n_prom_levels)
             out = self.tts.decoder.generate(inputs, settings)
-        list(self.tts.decode_rows(out.codes[:2]))  # the vocoder's first call (its one-time set-up)
+        list(self._decode_rows(out.codes[:2]))  # the vocoder's first call (its one-time set-up)
         return time.perf_counter() - t0
 
     # ---- the worker ---------------------------------------------------------------------------------
@@ -184,6 +190,8 @@ class Engine:
                     self._cond.wait()
                 if not self._queue:  # draining and nothing left
                     self._vocoding.shutdown(wait=True)
+                    if self._rows is not None:
+                        self._rows.shutdown(wait=True)
                     return
                 deadline = self._queue[0].queued_at + self.max_wait
                 alone = self._queue[0].best_of > 1  # its own batch: nothing to wait for
@@ -294,6 +302,9 @@ class Engine:
             codes = np.asarray(tts.decoder.nar(inputs, ar, nar_settings, knobs=nar_knobs))
         return [(codes[i, : length[i], : 1 + levels[i]], bool(stopped[i])) for i in range(n)]
 
+    def _decode_rows(self, codes: list[np.ndarray]):
+        return self.tts.decode_rows(codes, self._rows.map if self._rows is not None else map)
+
     def _answer(self, rows: list[tuple], outputs: list, batch_size: int, started: float) -> None:
         try:
             order = sorted(range(len(rows)), key=lambda i: len(outputs[i][0]))  # short rows are answered first
@@ -304,7 +315,7 @@ class Engine:
                     )
             order = [i for i in order if len(outputs[i][0])]
             try:
-                wavs = self.tts.decode_rows([outputs[i][0] for i in order])
+                wavs = self._decode_rows([outputs[i][0] for i in order])
                 for i, wav in zip(order, wavs):
                     job, (codes, stopped) = rows[i][0], outputs[i]
                     job.future.set_result(Result(wav, len(codes), stopped, batch_size, started - job.queued_at))
