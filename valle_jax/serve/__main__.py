@@ -25,7 +25,7 @@ from valle_jax.codec import CodecUnavailable
 from valle_jax.decoding import Settings
 from valle_jax.runtime import use_cpu_xla_flags
 from valle_jax.serve.app import Limits, Metrics, create_app
-from valle_jax.serve.engine import Engine
+from valle_jax.serve.engine import VOCODER_THREADS, Engine
 from valle_jax.serve.voices import VoiceStore
 from valle_jax.synthesize import add_vocoder_flags, vocoder_options
 from valle_jax.tts import TTS
@@ -83,9 +83,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vocoder-threads",
         type=int,
-        default=2,
-        help="rows of a batch vocoded at once, each on its own --torch-threads (default 2: the tiny model's "
-        "16-row batches on 2 cores served 1.3x the requests/s of 1; docs/serving.md)",
+        default=VOCODER_THREADS,
+        help=f"rows of a batch vocoded at once, each on its own --torch-threads (default {VOCODER_THREADS}: the "
+        "tiny model's 16-row batches on 2 cores served 1.3x the requests/s of 1; docs/serving.md)",
     )
     p.add_argument("--drain-seconds", type=float, default=300.0, help="on SIGTERM, how long open requests may take")
     return p

@@ -16,8 +16,8 @@ Each row is prepared (phonemised) inside the batch: a row that fails fails alone
 batch-mates are decoded. If the decoder itself fails, the rows are retried one by one so that only the bad
 one fails. After the AR and NAR, a batch's rows are vocoded together (TTS.decode_rows: EnCodec's LSTM once over the
 padded batch) and answered shortest first, each as soon as its audio is made: a short row waits for the
-batch's AR loop, not for its longer mates' audio. With `vocoder_threads` > 1 a batch's rows are vocoded that
-many at once, each on its own torch thread (EnCodec, 16 rows of 2 s on 2 cores: 0.83 s against 1.45 s).
+batch's AR loop, not for its longer mates' audio. A batch's rows are vocoded `vocoder_threads` (default 2) at
+once, each on its own torch thread (EnCodec, 16 rows of 2 s on 2 cores: 0.83 s against 1.45 s).
 
 Not continuous batching: the AR is one compiled `while_loop` that returns to the host only when every row
 has stopped, and its KV cache is laid out for the batch's text and prompt buckets; refilling a finished row
@@ -100,6 +100,10 @@ class Observer:
     best_of: callable = lambda n: None  # noqa: E731
 
 
+# rows of a batch vocoded at once (2 cores, tiny model, 16 clients: 1.3x the requests/s of 1; docs/serving.md)
+VOCODER_THREADS = 2
+
+
 def batch_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -113,7 +117,7 @@ class Engine:
         max_queue: int = 64,
         observer: Observer | None = None,
         judge: B.Judge | None = None,
-        vocoder_threads: int = 1,
+        vocoder_threads: int = VOCODER_THREADS,
     ):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or vocoder_threads < 1:
             raise ValueError("max_batch, max_queue and vocoder_threads must be >= 1 and max_wait_ms >= 0")
@@ -128,9 +132,7 @@ class Engine:
         self._vocoding = ThreadPoolExecutor(1, thread_name_prefix="valle-vocoder")
         self._vocoder_free = threading.Semaphore(1)  # one batch vocoding, the next one decoding (module doc)
         # a batch's rows vocoded several at once, each on its own torch thread (module doc)
-        self._rows = (
-            ThreadPoolExecutor(vocoder_threads, thread_name_prefix="valle-rows") if vocoder_threads > 1 else None
-        )
+        self._rows = ThreadPoolExecutor(vocoder_threads, thread_name_prefix="valle-rows")
 
     # ---- the server's side ------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -190,8 +192,7 @@ class Engine:
                     self._cond.wait()
                 if not self._queue:  # draining and nothing left
                     self._vocoding.shutdown(wait=True)
-                    if self._rows is not None:
-                        self._rows.shutdown(wait=True)
+                    self._rows.shutdown(wait=True)
                     return
                 deadline = self._queue[0].queued_at + self.max_wait
                 alone = self._queue[0].best_of > 1  # its own batch: nothing to wait for
@@ -303,7 +304,7 @@ class Engine:
         return [(codes[i, : length[i], : 1 + levels[i]], bool(stopped[i])) for i in range(n)]
 
     def _decode_rows(self, codes: list[np.ndarray]):
-        return self.tts.decode_rows(codes, self._rows.map if self._rows is not None else map)
+        return self.tts.decode_rows(codes, self._rows.map)
 
     def _answer(self, rows: list[tuple], outputs: list, batch_size: int, started: float) -> None:
         try:
